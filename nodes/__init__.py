@@ -1,0 +1,19 @@
+"""Kiln's ComfyUI nodes: validation and conversion only; the training math lives in trainer_core."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .dataset_nodes import KilnCacheLatents, KilnLoadDataset, KilnMaskSource
+from .lora_nodes import KilnLoraConfig, KilnSaveLora
+from .train_nodes import KilnTrainSD1
+
+NODES: list[type[io.ComfyNode]] = [KilnLoadDataset, KilnMaskSource, KilnCacheLatents, KilnLoraConfig, KilnTrainSD1, KilnSaveLora]
+
+
+class KilnExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> KilnExtension:
+    return KilnExtension()

@@ -1,0 +1,243 @@
+"""The one place that touches ComfyUI internals: ModelPatcher, CLIP, VAE, samplers, progress, server.
+
+Everything else in Kiln sees plain torch modules and callables. Facts this relies on are in
+DESIGN.md ("Facts the design rests on"); the ones that matter most here:
+  * nodes run under torch.inference_mode(): the loaded weights are inference tensors, which autograd
+    refuses to save. ``autograd_views`` swaps in ordinary tensors that alias the same storage (no
+    copy) for the duration of training and puts the original Parameters back afterwards, so the
+    MODEL object other nodes share behaves exactly as before;
+  * MODEL is a ModelPatcher; ``load_models_gpu`` applies its patches (e.g. an upstream LoRA) and
+    places it; the network is ``model.model.diffusion_model``.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+
+import numpy as np
+import torch
+from PIL import Image
+
+import comfy.lora
+import comfy.model_base
+import comfy.model_management
+import comfy.sample
+import comfy.sd
+import comfy.utils
+
+from ..trainer_core.errors import KilnError
+
+log = logging.getLogger("kiln")
+
+# ComfyUI model_config class names per Kiln train node
+SD1_FAMILIES = ("SD15", "SD15_instructpix2pix", "SD20", "SD21UnclipL", "SD21UnclipH", "SD_X4Upscaler", "LotusD")
+SDXL_FAMILIES = ("SDXL", "SDXLRefiner", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B", "SDXL_instructpix2pix")
+SD3_FAMILIES = ("SD3",)
+NODE_FOR_FAMILY = {**{f: "Train LoRA (SD1)" for f in SD1_FAMILIES}, **{f: "Train LoRA (SDXL)" for f in SDXL_FAMILIES},
+                   **{f: "Train LoRA (SD3)" for f in SD3_FAMILIES}}
+
+
+# --- model identity -----------------------------------------------------------------------------
+
+def model_family(model) -> str:
+    return type(model.model.model_config).__name__
+
+
+def require_family(model, allowed: tuple[str, ...], node: str) -> str:
+    fam = model_family(model)
+    if fam not in allowed:
+        hint = NODE_FOR_FAMILY.get(fam)
+        use = f"use the {hint} node instead" if hint else "Kiln does not train this model family yet"
+        raise KilnError(f"{node} got a {fam} model: {use}. ({node} trains {', '.join(allowed[:3])} models.)")
+    return fam
+
+
+def is_v_prediction(model) -> bool:
+    return model.model.model_type == comfy.model_base.ModelType.V_PREDICTION
+
+
+def alphas_cumprod(model) -> torch.Tensor:
+    """ᾱ_t from the model's own discrete schedule (ComfyUI stores σ_t = √((1−ᾱ_t)/ᾱ_t))."""
+    sigmas = model.model.model_sampling.sigmas.detach().double().cpu()
+    return 1.0 / (1.0 + sigmas ** 2)
+
+
+def latent_in(model):
+    """Raw VAE latents -> the latent space the network was trained in (scale/shift)."""
+    fmt = model.model.latent_format
+    return lambda z: fmt.process_in(z)
+
+
+# --- training on the shared, inference-mode model -------------------------------------------------
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """An ordinary tensor over an inference tensor's storage: autograd can save it, nothing is copied."""
+    out = torch.empty(0, dtype=t.dtype, device=t.device)
+    return out.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
+@contextlib.contextmanager
+def autograd_views(module: torch.nn.Module):
+    """Swap inference-mode parameters/buffers for aliases; restore the exact originals afterwards."""
+    swapped = []
+    with torch.inference_mode(False):
+        for m in module.modules():
+            for store in (m._parameters, m._buffers):
+                for name, t in list(store.items()):
+                    if t is not None and t.is_inference():
+                        alias = _alias(t)
+                        store[name] = torch.nn.Parameter(alias, requires_grad=False) if store is m._parameters else alias
+                        swapped.append((store, name, t))
+        try:
+            yield module
+        finally:
+            for store, name, original in reversed(swapped):
+                store[name] = original
+
+
+@contextlib.contextmanager
+def training_session(model):
+    """Load MODEL (with its own patches) and make its network trainable-through for the duration."""
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+    unet = model.model.diffusion_model
+    with torch.inference_mode(False), autograd_views(unet):
+        yield unet
+
+
+def normal_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A non-inference copy of a (small) tensor made inside the node, e.g. conditioning or latents."""
+    with torch.inference_mode(False):
+        return t.clone() if t.is_inference() else t
+
+
+def unet_forward(model, unet):
+    """fn(x_t, t, cond) for compvis UNets (SD1/SD2/SDXL): the call ComfyUI's _apply_model makes."""
+    dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+
+    def forward(x_t, timesteps, cond):
+        extra = {"y": cond["y"].to(dtype)} if "y" in cond else {}
+        return unet(x_t.to(dtype), timesteps, context=cond["context"].to(dtype), **extra)
+    return forward
+
+
+def device_of(model) -> torch.device:
+    return torch.device(model.load_device)
+
+
+def default_precision(model) -> str:
+    """bf16 autocast where the device supports it, else fp32 (CPU, old GPUs)."""
+    dev = device_of(model)
+    if dev.type == "cuda" and comfy.model_management.should_use_bf16(dev):
+        return "bf16"
+    return "fp32"
+
+
+# --- text and images ----------------------------------------------------------------------------
+
+class TextConditioning:
+    """Caption -> conditioning tensors, each caption encoded once (the text encoders stay frozen)."""
+
+    def __init__(self, clip, max_tokens: int = 77):
+        self.clip = clip
+        self.max_tokens = max_tokens
+        self.cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def encode(self, text: str) -> dict[str, torch.Tensor]:
+        if text not in self.cache:
+            with torch.no_grad():
+                cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True)
+            entry = {"context": normal_tensor(cond[0, :self.max_tokens].float().cpu())}
+            if pooled is not None:
+                entry["pooled"] = normal_tensor(pooled[0].float().cpu())
+            self.cache[text] = entry
+        return self.cache[text]
+
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        entries = [self.encode(c) for c in captions]
+        return {"context": torch.stack([e["context"] for e in entries])}
+
+    def comfy_conditioning(self, text: str):
+        """The CONDITIONING list ComfyUI's samplers take."""
+        with torch.no_grad():
+            cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True)
+        return [[cond, {"pooled_output": pooled}]]
+
+
+def vae_encoder(vae):
+    """fn(BCHW pixels in [0,1]) -> raw latents, via ComfyUI's VAE (which wants BHWC)."""
+    return lambda px: vae.encode(px.permute(0, 2, 3, 1).contiguous())
+
+
+def vae_identity(vae) -> str:
+    """A stable id of the VAE's weights (for cache keys): hash of a few tensors' bytes and shapes."""
+    h = hashlib.sha256()
+    sd = vae.first_stage_model.state_dict()
+    for k in sorted(sd)[:8]:
+        t = sd[k].detach().float().cpu().flatten()[:4096]
+        h.update(k.encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def sample_images(model, cond: TextConditioning, vae, prompts: list[str], seed: int, steps: int, cfg: float,
+                  width: int, height: int, sampler: str = "euler", scheduler: str = "normal",
+                  negative: str = "") -> torch.Tensor:
+    """IMAGE [B,H,W,3] from the model as it is right now (LoRA adapters attached or not)."""
+    images = []
+    neg = cond.comfy_conditioning(negative)
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            latent = torch.zeros([1, model.model.latent_format.latent_channels, height // 8, width // 8])
+            noise = comfy.sample.prepare_noise(latent, seed + i)
+            out = comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, cond.comfy_conditioning(prompt),
+                                      neg, latent, seed=seed + i, disable_pbar=True)
+            images.append(vae.decode(out).float().cpu().clamp(0, 1))
+    return torch.cat(images)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    return Image.fromarray((image.clamp(0, 1).numpy() * 255).round().astype(np.uint8))
+
+
+def pil_to_image(im: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+# --- the trained LoRA back into ComfyUI -----------------------------------------------------------
+
+def apply_lora(model, kohya_sd: dict[str, torch.Tensor], strength: float = 1.0):
+    """A clone of MODEL with the LoRA patched in exactly as ComfyUI's LoraLoader would."""
+    patched, _ = comfy.sd.load_lora_for_models(model, None, kohya_sd, strength, 0.0)
+    return patched
+
+
+def unmapped_lora_keys(model, kohya_sd: dict[str, torch.Tensor]) -> list[str]:
+    """LoRA module names ComfyUI cannot map onto this model (should be none)."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    names = {k.rsplit(".lora_down.weight", 1)[0] for k in kohya_sd if k.endswith(".lora_down.weight")}
+    return sorted(n for n in names if n not in key_map)
+
+
+# --- progress, cancel and live events -------------------------------------------------------------
+
+class Progress:
+    """Progress bar + preview image in the graph, Cancel checks, and loss events for the frontend."""
+
+    def __init__(self, total: int, node_id: str | None = None):
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.total = total
+        self.node_id = node_id
+
+    def update(self, value: int, preview: Image.Image | None = None) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.bar.update_absolute(value, self.total, ("JPEG", preview, 512) if preview is not None else None)
+
+    def send(self, event: str, data: dict) -> None:
+        try:
+            from server import PromptServer
+            server = getattr(PromptServer, "instance", None)
+        except ImportError:
+            server = None
+        if server is not None:
+            server.send_sync(event, {"node": self.node_id, **data}, server.client_id)

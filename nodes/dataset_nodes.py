@@ -1,0 +1,124 @@
+"""Load Dataset, Alpha/Mask Source and Cache Latents."""
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import io, ui
+
+import folder_paths
+
+from ..trainer_core.cache import encode_dataset
+from ..trainer_core.data.buckets import BucketConfig
+from ..trainer_core.data.dataset import build_dataset, subsets_from_folder
+from ..trainer_core.data.masks import MASK_MODES
+from ..trainer_core.errors import KilnError
+from . import comfy_bridge as bridge
+from .types import KilnDataset, KilnDatasetType
+
+
+def resolve_folder(path: str, what: str) -> str:
+    """Absolute paths as given; relative ones inside ComfyUI's input folder."""
+    path = path.strip()
+    if not path:
+        raise KilnError(f"{what}: no folder given. Enter the full path of your image folder.")
+    full = path if os.path.isabs(path) else os.path.join(folder_paths.get_input_directory(), path)
+    if not os.path.isdir(full):
+        raise KilnError(f"{what}: folder not found: {full}. Enter the full path of an existing image folder "
+                        f"(relative paths are read inside ComfyUI's input folder).")
+    return full
+
+
+class KilnLoadDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KilnLoadDataset",
+            display_name="Load Dataset",
+            category="Kiln",
+            description="A kohya-style image folder: 'N_name' sub-folders repeat N times with class token 'name'; "
+                        "captions are the .txt files beside the images.",
+            inputs=[
+                io.String.Input("folder", default="", tooltip="Image folder (absolute, or relative to ComfyUI's input folder)."),
+                io.String.Input("caption_extension", default=".txt"),
+                io.String.Input("class_tokens", default="", tooltip="Caption for images without one. Empty: the 'name' of the N_name folder."),
+                io.Int.Input("repeats", default=1, min=1, max=10000, tooltip="Repeats for images directly in the folder (N_name folders carry their own)."),
+                io.Int.Input("resolution", default=512, min=64, max=4096, step=64, tooltip="Training area is resolution²."),
+                io.Int.Input("batch_size", default=1, min=1, max=256),
+                io.Boolean.Input("enable_bucket", default=True, tooltip="Aspect-ratio bucketing (kohya)."),
+                io.Int.Input("min_bucket_reso", default=256, min=64, max=4096, step=64),
+                io.Int.Input("max_bucket_reso", default=1024, min=64, max=8192, step=64),
+                io.Int.Input("bucket_reso_steps", default=64, min=8, max=256, step=8),
+                io.Boolean.Input("bucket_no_upscale", default=False),
+                io.String.Input("regularization_folder", default="", optional=True,
+                                tooltip="DreamBooth regularization images (N_name folders), optional."),
+            ],
+            outputs=[KilnDatasetType.Output(display_name="dataset"), io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def execute(cls, folder, caption_extension, class_tokens, repeats, resolution, batch_size, enable_bucket,
+                min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale, regularization_folder="") -> io.NodeOutput:
+        root = resolve_folder(folder, "Load Dataset")
+        subsets = subsets_from_folder(root, caption_extension, repeats, class_tokens)
+        if not subsets:
+            raise KilnError(f"Load Dataset: no images in {root}. Put images with .txt captions there, or in "
+                            f"kohya-style 'N_name' sub-folders such as '10_mychar'.")
+        if regularization_folder and regularization_folder.strip():
+            reg_root = resolve_folder(regularization_folder, "Load Dataset (regularization)")
+            subsets += subsets_from_folder(reg_root, caption_extension, 1, class_tokens, is_reg=True)
+        buckets = BucketConfig((resolution, resolution), enable_bucket, min(min_bucket_reso, resolution),
+                               max(max_bucket_reso, resolution), bucket_reso_steps, bucket_no_upscale)
+        dataset = build_dataset(subsets, buckets, batch_size)
+        summary = dataset.summary()
+        return io.NodeOutput(KilnDataset(dataset), summary, ui=ui.PreviewText(summary))
+
+
+class KilnMaskSource(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KilnMaskSource",
+            display_name="Alpha/Mask Source",
+            category="Kiln",
+            description="Masked loss: white trains, black is ignored, grey weighs in between.",
+            inputs=[
+                KilnDatasetType.Input("dataset"),
+                io.Combo.Input("mode", options=list(MASK_MODES), default="alpha",
+                               tooltip="alpha: the image's alpha channel; folder: a mask image with the same file name."),
+                io.String.Input("mask_folder", default="", tooltip="For mode 'folder' (absolute, or relative to ComfyUI's input folder)."),
+                io.Boolean.Input("missing_mask_is_white", default=False,
+                                 tooltip="Train the whole image when its mask (or alpha) is missing, instead of stopping."),
+            ],
+            outputs=[KilnDatasetType.Output(display_name="dataset")],
+        )
+
+    @classmethod
+    def execute(cls, dataset: KilnDataset, mode, mask_folder, missing_mask_is_white) -> io.NodeOutput:
+        mask_dir = resolve_folder(mask_folder, "Alpha/Mask Source") if mode == "folder" else None
+        return io.NodeOutput(dataset.replace(dataset=dataset.dataset.with_masks(mode, mask_dir, missing_mask_is_white),
+                                             cache=None))
+
+
+class KilnCacheLatents(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KilnCacheLatents",
+            display_name="Cache Latents",
+            category="Kiln",
+            description="Encodes every image (and mask) once with the VAE, so training never runs the VAE.",
+            inputs=[
+                KilnDatasetType.Input("dataset"),
+                io.Vae.Input("vae"),
+                io.Int.Input("batch_size", default=4, min=1, max=64, tooltip="Images per VAE call."),
+            ],
+            outputs=[KilnDatasetType.Output(display_name="dataset")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, dataset: KilnDataset, vae, batch_size) -> io.NodeOutput:
+        progress = bridge.Progress(len(dataset.dataset.items), cls.hidden.unique_id)
+        cache = encode_dataset(dataset.dataset, bridge.vae_encoder(vae), bridge.vae_identity(vae), batch_size,
+                               lambda done, total: progress.update(done))
+        return io.NodeOutput(dataset.replace(cache=cache, vae=vae))

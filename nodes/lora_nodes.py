@@ -1,0 +1,82 @@
+"""LoRA Config and Save LoRA."""
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import io, ui
+
+import folder_paths
+
+from ..trainer_core.errors import KilnError
+from ..trainer_core.lora.config import LoraConfig
+from ..trainer_core.lora.io import DTYPES, TrainedLora, save_lora_file
+from .types import KilnLoraConfigType, KilnLoraType
+
+
+class KilnLoraConfig(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KilnLoraConfig",
+            display_name="LoRA Config",
+            category="Kiln",
+            description="Shape of the LoRA: rank (network_dim), alpha (scale = alpha / rank), dropouts, conv LoRA.",
+            inputs=[
+                io.Int.Input("rank", default=16, min=1, max=1024, tooltip="kohya network_dim."),
+                io.Float.Input("alpha", default=16.0, min=0.0, max=1024.0, step=0.5, tooltip="kohya network_alpha; scale = alpha / rank."),
+                io.Int.Input("conv_rank", default=0, min=0, max=1024, tooltip="LoRA on 3x3 convolutions (kohya conv_dim); 0 = off."),
+                io.Float.Input("conv_alpha", default=1.0, min=0.0, max=1024.0, step=0.5),
+                io.Float.Input("dropout", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="kohya network_dropout."),
+                io.Float.Input("rank_dropout", default=0.0, min=0.0, max=1.0, step=0.01),
+                io.Float.Input("module_dropout", default=0.0, min=0.0, max=1.0, step=0.01),
+            ],
+            outputs=[KilnLoraConfigType.Output(display_name="lora_config")],
+        )
+
+    @classmethod
+    def execute(cls, rank, alpha, conv_rank, conv_alpha, dropout, rank_dropout, module_dropout) -> io.NodeOutput:
+        return io.NodeOutput(LoraConfig(rank, alpha, conv_rank, conv_alpha, dropout, rank_dropout, module_dropout))
+
+
+def lora_output_path(name: str) -> str:
+    """``name`` inside ComfyUI's first models/loras folder; names that would leave it are refused."""
+    root = os.path.realpath(folder_paths.get_folder_paths("loras")[0])
+    clean = name.strip()
+    if not clean:
+        raise KilnError("Save LoRA: the file name is empty.")
+    if not clean.endswith(".safetensors"):
+        clean += ".safetensors"
+    path = os.path.realpath(os.path.join(root, clean))
+    if os.path.isabs(name.strip()) or os.path.commonpath([root, path]) != root:
+        raise KilnError(f"Save LoRA: {name!r} points outside models/loras ({root}); use a plain name or a "
+                        f"sub-folder such as 'kiln/my_lora'.")
+    return path
+
+
+class KilnSaveLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KilnSaveLora",
+            display_name="Save LoRA",
+            category="Kiln",
+            description="Writes a kohya-format .safetensors LoRA into models/loras (atomically).",
+            inputs=[
+                KilnLoraType.Input("lora"),
+                io.String.Input("filename", default="kiln/my_lora", tooltip="Inside models/loras; sub-folders allowed."),
+                io.Combo.Input("precision", options=list(DTYPES), default="fp16"),
+                io.Boolean.Input("overwrite", default=True, tooltip="Off: stop instead of replacing an existing file."),
+            ],
+            outputs=[io.String.Output(display_name="path")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, lora: TrainedLora, filename, precision, overwrite) -> io.NodeOutput:
+        path = lora_output_path(filename)
+        if os.path.exists(path) and not overwrite:
+            raise KilnError(f"Save LoRA: {path} exists and overwrite is off; choose another name or turn overwrite on.")
+        meta = dict(lora.metadata)
+        meta["ss_output_name"] = os.path.splitext(os.path.basename(path))[0]
+        save_lora_file(path, lora.to_dtype(precision), meta)
+        return io.NodeOutput(path, ui=ui.PreviewText(f"saved {path}"))

@@ -1,0 +1,173 @@
+"""Train LoRA (SD1): validation and conversion around trainer_core.loop.train."""
+from __future__ import annotations
+
+import os
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..trainer_core.cache import CachedSample, LatentCache
+from ..trainer_core.errors import KilnError
+from ..trainer_core.families import sd1
+from ..trainer_core.lora.config import LoraConfig
+from ..trainer_core.lora.io import TrainedLora, build_metadata
+from ..trainer_core.lora.network import LoRANetwork
+from ..trainer_core.loop import PRECISIONS, StepInfo, TrainConfig, train
+from ..trainer_core.losses import LOSS_TYPES
+from ..trainer_core.optim import OPTIMIZERS, SCHEDULERS
+from ..trainer_core.plot import loss_plot
+from . import comfy_bridge as bridge
+from .types import KilnDataset, KilnDatasetType, KilnLoraConfigType, KilnLoraType
+
+
+def common_inputs() -> list:
+    """Schedule, optimizer, precision, loss and sampling options shared by every Train node."""
+    return [
+        io.Int.Input("steps", default=500, min=1, max=1_000_000),
+        io.Float.Input("learning_rate", default=1e-4, min=0.0, max=10.0, step=1e-6),
+        io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="AdamW"),
+        io.Combo.Input("lr_scheduler", options=list(SCHEDULERS), default="constant"),
+        io.Int.Input("warmup_steps", default=0, min=0, max=100_000),
+        io.Int.Input("grad_accum", default=1, min=1, max=1024),
+        io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.1, tooltip="0 = no clipping."),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF),
+        io.Combo.Input("precision", options=["auto"] + list(PRECISIONS), default="auto",
+                       tooltip="Autocast dtype; auto = bf16 on GPUs that support it, else fp32. LoRA weights stay fp32."),
+        io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Less memory, ~30% slower."),
+        io.Combo.Input("loss_type", options=list(LOSS_TYPES), default="l2"),
+        io.Float.Input("min_snr_gamma", default=0.0, min=0.0, max=100.0, step=0.5, tooltip="0 = off; 5 is the paper's value."),
+        io.Boolean.Input("mask_normalize", default=False, tooltip="Mean loss over the masked area, so small subjects weigh as much as large ones."),
+        io.Float.Input("prior_loss_weight", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Loss weight of regularization images."),
+        io.String.Input("sample_prompts", default="", multiline=True,
+                        tooltip="One prompt per line, sampled during and after training. Empty: the first caption."),
+        io.Int.Input("sample_every", default=0, min=0, max=100_000, tooltip="Preview a sample every N steps; 0 = only at the end."),
+        io.Int.Input("sample_steps", default=20, min=1, max=150),
+        io.Float.Input("sample_cfg", default=7.0, min=0.0, max=30.0, step=0.5),
+    ]
+
+
+def train_outputs() -> list:
+    return [
+        io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied."),
+        KilnLoraType.Output(display_name="lora"),
+        io.Image.Output(display_name="samples"),
+        io.Image.Output(display_name="loss_plot"),
+    ]
+
+
+def normal_cache(cache: LatentCache) -> LatentCache:
+    """Cache tensors made inside inference mode, re-made as ordinary tensors autograd may save."""
+    samples = [CachedSample(bridge.normal_tensor(s.latent), None if s.mask is None else bridge.normal_tensor(s.mask),
+                            s.caption, s.repeats, s.is_reg, s.geometry, s.path) for s in cache.samples]
+    return LatentCache(samples, cache.dataset, cache.encoder_id, cache.seconds)
+
+
+def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: LoraConfig, tcfg: TrainConfig,
+                      result, model_name: str) -> dict[str, str]:
+    ds = data.dataset
+    reg = sum(1 for i in ds.items if ds.subsets[i.subset].is_reg)
+    tags: dict[str, dict[str, int]] = {}
+    for s in data.cache.samples:
+        folder = os.path.basename(os.path.dirname(s.path))
+        for tag in (t.strip() for t in s.caption.split(",")):
+            if tag:
+                tags.setdefault(folder, {}).setdefault(tag, 0)
+                tags[folder][tag] += s.repeats
+    base = {
+        "network_dim": lcfg.rank, "network_alpha": lcfg.alpha, "network_args": lcfg.network_args(),
+        "network_dropout": lcfg.dropout, "learning_rate": tcfg.learning_rate, "unet_lr": tcfg.learning_rate,
+        "text_encoder_lr": 0, "max_train_steps": tcfg.steps, "steps": result.steps,
+        "num_train_images": len(ds.items) - reg, "num_reg_images": reg, "batch_size_per_device": ds.batch_size,
+        "gradient_accumulation_steps": tcfg.grad_accum, "optimizer": tcfg.optimizer, "lr_scheduler": tcfg.lr_scheduler,
+        "lr_warmup_steps": tcfg.warmup_steps, "seed": tcfg.seed, "mixed_precision": tcfg.precision,
+        "min_snr_gamma": tcfg.min_snr_gamma, "prior_loss_weight": tcfg.prior_loss_weight,
+        "max_grad_norm": tcfg.max_grad_norm, "gradient_checkpointing": tcfg.gradient_checkpointing,
+        "resolution": f"{ds.buckets.resolution[0]}x{ds.buckets.resolution[1]}", "enable_bucket": ds.buckets.enable_bucket,
+        "min_bucket_reso": ds.buckets.min_bucket_reso, "max_bucket_reso": ds.buckets.max_bucket_reso,
+        "base_model_version": family_version, "v2": family_version.startswith("sd_v2"),
+        "v_parameterization": arch.endswith("-v/lora"), "sd_model_name": model_name,
+        "masked_loss": data.cache.has_masks, "tag_frequency": tags,
+        "dataset_dirs": {os.path.basename(s.image_dir.rstrip("/")): {"n_repeats": s.num_repeats,
+                         "img_count": sum(1 for i in ds.items if i.subset == k)} for k, s in enumerate(ds.subsets)},
+    }
+    meta = build_metadata(arch, base, model_name or "kiln lora")
+    meta["kiln_probe_loss_start"] = repr(result.probe_loss_start)
+    meta["kiln_probe_loss_end"] = repr(result.probe_loss_end)
+    meta["kiln_seconds_per_step"] = f"{result.seconds_per_step:.4f}"
+    return meta
+
+
+class KilnTrainSD1(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KilnTrainSD1",
+            display_name="Train LoRA (SD1)",
+            category="Kiln",
+            description="Trains a LoRA on the loaded SD 1.x/2.x model in place (no second copy), with live loss and samples.",
+            inputs=[io.Model.Input("model"), io.Clip.Input("clip"), KilnDatasetType.Input("dataset"),
+                    KilnLoraConfigType.Input("lora_config")] + common_inputs(),
+            outputs=train_outputs(),
+            hidden=[io.Hidden.unique_id],
+            not_idempotent=False,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
+        fam = bridge.require_family(model, bridge.SD1_FAMILIES, "Train LoRA (SD1)")
+        if dataset.cache is None:
+            raise KilnError("Train LoRA (SD1): the dataset has no cached latents. Connect Load Dataset → "
+                            "(Alpha/Mask Source →) Cache Latents → this node's dataset input.")
+        is_v = bridge.is_v_prediction(model)
+        is_sd2 = fam != "SD15" and fam != "SD15_instructpix2pix"
+        precision = bridge.default_precision(model) if opts["precision"] == "auto" else opts["precision"]
+        tcfg = TrainConfig(steps=opts["steps"], learning_rate=opts["learning_rate"], batch_size=dataset.dataset.batch_size,
+                           grad_accum=opts["grad_accum"], optimizer=opts["optimizer"], lr_scheduler=opts["lr_scheduler"],
+                           warmup_steps=opts["warmup_steps"], max_grad_norm=opts["max_grad_norm"], seed=opts["seed"],
+                           loss_type=opts["loss_type"], min_snr_gamma=opts["min_snr_gamma"],
+                           mask_normalize=opts["mask_normalize"], prior_loss_weight=opts["prior_loss_weight"],
+                           precision=precision, gradient_checkpointing=opts["gradient_checkpointing"])
+        prompts = [p.strip() for p in opts["sample_prompts"].splitlines() if p.strip()] or [dataset.cache.samples[0].caption]
+        width, height = dataset.cache.samples[0].geometry.bucket
+        cond = bridge.TextConditioning(clip)
+        for s in dataset.cache.samples:  # encode every caption once, before the loop
+            cond.encode(s.caption)
+        cache = normal_cache(dataset.cache)
+        progress = bridge.Progress(tcfg.steps, cls.hidden.unique_id)
+
+        def preview(step: int, net: LoRANetwork) -> torch.Tensor:
+            net.eval()
+            images = bridge.sample_images(model, cond, dataset.vae, prompts, tcfg.seed, opts["sample_steps"],
+                                          opts["sample_cfg"], width, height)
+            net.train()
+            return images
+
+        with bridge.training_session(model) as unet:
+            network = LoRANetwork(unet, sd1.unet_rules(lora_config.rank, lora_config.alpha, lora_config.conv_rank,
+                                                       lora_config.conv_alpha), sd1.unet_namer(unet),
+                                  lora_config.dropout, lora_config.rank_dropout, lora_config.module_dropout)
+            objective = sd1.SD1Objective(bridge.alphas_cumprod(model), "v" if is_v else "eps")
+            every = opts["sample_every"]
+
+            def on_step(info: StepInfo) -> None:
+                image = None
+                if every and info.step % every == 0 and info.step < info.total:
+                    image = bridge.to_pil(preview(info.step, network)[0])
+                progress.update(info.step, image)
+                progress.send("kiln.loss", {"step": info.step, "total": info.total, "loss": info.loss, "lr": info.lr,
+                                            "seconds": info.seconds})
+
+            with network.attached():
+                result = train(network, objective, bridge.unet_forward(model, unet), cond, cache, bridge.latent_in(model),
+                               tcfg, bridge.device_of(model), sd1.checkpoint_blocks(unet), on_step)
+                samples = preview(tcfg.steps, network)
+            lora_sd = network.kohya_state_dict()
+
+        arch = sd1.modelspec_architecture(is_v, is_sd2)
+        version = ("sd_v2" if is_sd2 else "sd_v1") + ("_v" if is_v else "")
+        meta = training_metadata(version, arch, dataset, lora_config, tcfg, result, "")
+        plot = bridge.pil_to_image(loss_plot(result.losses))
+        text = (f"{len(network)} LoRA modules, {result.steps} steps in {result.seconds:.1f}s "
+                f"({result.seconds_per_step:.3f}s/step); probe loss {result.probe_loss_start:.4f} → {result.probe_loss_end:.4f}")
+        lora = TrainedLora(lora_sd, meta, fam)
+        return io.NodeOutput(bridge.apply_lora(model, lora_sd), lora, samples, plot, ui=ui.PreviewText(text))

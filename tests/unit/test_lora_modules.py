@@ -1,0 +1,71 @@
+import torch
+from torch import nn
+
+from trainer_core.lora.modules import LoRAModule
+from trainer_core.lora.network import LoRANetwork
+from trainer_core.lora.targets import TargetRule, select_targets
+
+
+def test_zero_init_leaves_base_output_unchanged_and_detach_restores():
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6)
+    x = torch.randn(3, 8)
+    ref = base(x)
+    lora = LoRAModule("lora_unet_x", base, rank=4, alpha=2)
+    lora.attach()
+    assert torch.equal(base(x), ref)
+    lora.detach()
+    assert "forward" not in base.__dict__
+    assert torch.equal(base(x), ref)
+
+
+def test_linear_and_conv_add_exactly_their_delta_weight():
+    torch.manual_seed(0)
+    for base, x in [(nn.Linear(8, 6), torch.randn(2, 5, 8)), (nn.Conv2d(4, 5, 3, padding=1), torch.randn(2, 4, 7, 7))]:
+        lora = LoRAModule("n", base, rank=3, alpha=1.5)
+        nn.init.normal_(lora.lora_up.weight)
+        lora.attach()
+        got = base(x)
+        lora.detach()
+        w = base.weight + lora.delta_weight()
+        want = nn.functional.linear(x, w, base.bias) if isinstance(base, nn.Linear) else \
+            nn.functional.conv2d(x, w, base.bias, padding=1)
+        assert torch.allclose(got, want, atol=1e-5)
+        assert abs(lora.scale - 0.5) < 1e-9
+
+
+def test_rank_dropout_runs_for_3d_linear_and_conv():
+    for base, x in [(nn.Linear(8, 6), torch.randn(2, 5, 8)), (nn.Conv2d(4, 5, 1), torch.randn(2, 4, 3, 3))]:
+        lora = LoRAModule("n", base, rank=4, alpha=4, rank_dropout=0.5).train()
+        nn.init.normal_(lora.lora_up.weight)
+        lora.attach()
+        assert base(x).shape == (base(x)).shape
+        lora.detach()
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)) for _ in range(2)])
+        self.conv = nn.Conv2d(2, 2, 3)
+        self.norm = nn.LayerNorm(4)
+
+
+def test_rules_select_first_match_and_rank_zero_excludes():
+    toy = Toy()
+    rules = [TargetRule(r"blocks\.1\..*", ("linear",), 0, 1), TargetRule(r"blocks\.\d+\.\d+", ("linear",), 4, 4),
+             TargetRule(r"conv", ("conv3x3",), 2, 1)]
+    names = [p for p, *_ in select_targets(toy, rules)]
+    assert names == ["blocks.0.0", "blocks.0.2", "conv"]
+
+
+def test_network_kohya_state_dict_round_trip():
+    toy = Toy()
+    net = LoRANetwork(toy, [TargetRule(r"blocks\.\d+\.\d+", ("linear",), 2, 1.0)], lambda p: "lora_unet_" + p.replace(".", "_"))
+    assert len(net) == 4
+    sd = net.kohya_state_dict()
+    assert set(sd) == {f"lora_unet_blocks_{b}_{i}.{k}" for b in (0, 1) for i in (0, 2)
+                       for k in ("lora_down.weight", "lora_up.weight", "alpha")}
+    other = LoRANetwork(Toy(), [TargetRule(r"blocks\.\d+\.\d+", ("linear",), 2, 1.0)], lambda p: "lora_unet_" + p.replace(".", "_"))
+    other.load_kohya_state_dict(sd)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values()))

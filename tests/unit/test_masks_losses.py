@@ -1,0 +1,47 @@
+import pytest
+import torch
+from PIL import Image
+
+from trainer_core.data.masks import load_mask
+from trainer_core.errors import KilnError
+from trainer_core.losses import elementwise, per_sample_loss
+
+
+def test_alpha_and_folder_masks(tmp_path):
+    rgba = Image.new("RGBA", (8, 8), (10, 20, 30, 0))
+    rgba.putpixel((1, 1), (10, 20, 30, 255))
+    m = load_mask("a.png", rgba, "alpha", None)
+    assert m.getpixel((1, 1)) == 255 and m.getpixel((0, 0)) == 0
+    (tmp_path / "masks").mkdir()
+    Image.new("RGB", (16, 16), (127, 0, 0)).save(tmp_path / "masks" / "a.png")  # R channel counts, other size
+    m = load_mask(str(tmp_path / "a.jpg"), Image.new("RGB", (8, 8)), "folder", str(tmp_path / "masks"))
+    assert m.size == (8, 8) and m.getpixel((3, 3)) == 127
+
+
+def test_missing_masks_are_errors_unless_white_is_asked_for(tmp_path):
+    with pytest.raises(KilnError, match="b.png.*same file name"):
+        load_mask(str(tmp_path / "b.png"), Image.new("RGB", (4, 4)), "folder", str(tmp_path))
+    with pytest.raises(KilnError, match="no alpha channel"):
+        load_mask("c.png", Image.new("RGB", (4, 4)), "alpha", None)
+    m = load_mask("c.png", Image.new("RGB", (4, 4)), "alpha", None, missing_is_white=True)
+    assert m.getextrema() == (255, 255)
+
+
+def test_masked_region_gives_zero_gradient_and_grey_gives_half():
+    target = torch.zeros(1, 4, 2, 2)
+    mask = torch.tensor([[[[0.0, 1.0], [127 / 255, 1.0]]]])
+    pred = torch.ones(1, 4, 2, 2, requires_grad=True)
+    per_sample_loss(elementwise(pred, target), mask).sum().backward()
+    g = pred.grad[0, 0]
+    assert g[0, 0] == 0
+    assert torch.isclose(g[1, 0] / g[0, 1], torch.tensor(127 / 255))
+
+
+def test_normalize_by_area_makes_small_subjects_weigh_the_same():
+    err = torch.ones(2, 4, 4, 4)
+    small = torch.zeros(2, 1, 4, 4)
+    small[0, :, 0, 0] = 1
+    small[1] = 1
+    plain = per_sample_loss(err, small)
+    norm = per_sample_loss(err, small, normalize_by_area=True)
+    assert plain[0] < plain[1] and torch.allclose(norm, torch.ones(2))

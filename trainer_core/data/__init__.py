@@ -1,0 +1,1 @@
+"""Dataset semantics (kohya-compatible): folders, repeats, captions, buckets, masks."""

@@ -1,0 +1,117 @@
+"""The dataset definition: subsets of images with repeats, captions, masks and bucket settings.
+
+A folder is read the kohya way: every ``N_name`` sub-folder is a subset repeated N times whose class
+token is ``name``; images directly in the folder form a subset of their own.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+from ..errors import KilnError
+from .buckets import BucketConfig, bucket_resolutions, choose_bucket
+from .captions import read_caption
+from .images import check_dir, is_image_file
+
+log = logging.getLogger("kiln")
+
+REPEAT_DIR = re.compile(r"^(\d+)_(.+)$")
+
+
+@dataclass(frozen=True)
+class Subset:
+    image_dir: str
+    num_repeats: int = 1
+    class_tokens: str = ""
+    caption_extension: str = ".txt"
+    is_reg: bool = False
+    mask_mode: str = "none"          # none | alpha | folder
+    mask_dir: str | None = None
+    missing_mask_is_white: bool = False
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    path: str
+    caption: str
+    size: tuple[int, int]            # (w, h) of the upright image
+    bucket: tuple[int, int]
+    subset: int
+
+
+@dataclass
+class Dataset:
+    subsets: list[Subset]
+    items: list[ImageItem]
+    buckets: BucketConfig
+    batch_size: int = 1
+    skipped_files: int = 0
+    report: list[str] = field(default_factory=list)
+
+    def with_masks(self, mode: str, mask_dir: str | None, missing_is_white: bool) -> "Dataset":
+        subsets = [replace(s, mask_mode=mode, mask_dir=mask_dir or s.mask_dir, missing_mask_is_white=missing_is_white)
+                   for s in self.subsets]
+        return replace(self, subsets=subsets)
+
+    def summary(self) -> str:
+        lines = list(self.report)
+        per_subset = Counter(i.subset for i in self.items)
+        for k, s in enumerate(self.subsets):
+            lines.append(f"subset {k}: {os.path.basename(s.image_dir.rstrip('/'))} — {per_subset[k]} images × "
+                         f"{s.num_repeats} repeats{' (regularization)' if s.is_reg else ''}")
+        hist = Counter(i.bucket for i in self.items)
+        lines.append("buckets: " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(hist.items())))
+        if self.skipped_files:
+            lines.append(f"skipped {self.skipped_files} non-image files")
+        return "\n".join(lines)
+
+
+def subsets_from_folder(folder: str, caption_extension: str = ".txt", default_repeats: int = 1,
+                        class_tokens: str = "", is_reg: bool = False) -> list[Subset]:
+    """``N_name`` sub-folders become subsets (N repeats, class token ``name``); loose images one more."""
+    check_dir(folder, "dataset")
+    subsets = []
+    for entry in sorted(os.listdir(folder)):
+        m = REPEAT_DIR.match(entry)
+        if m and os.path.isdir(os.path.join(folder, entry)):
+            subsets.append(Subset(os.path.join(folder, entry), int(m.group(1)), class_tokens or m.group(2),
+                                  caption_extension, is_reg))
+    if any(is_image_file(e) for e in os.listdir(folder)):
+        subsets.append(Subset(folder, default_repeats, class_tokens, caption_extension, is_reg))
+    return subsets
+
+
+def build_dataset(subsets: list[Subset], buckets: BucketConfig, batch_size: int = 1) -> Dataset:
+    """Scan every subset: captions, upright sizes (header only) and bucket assignment."""
+    from PIL import Image  # local: only the header is read here
+
+    if not subsets:
+        raise KilnError("the dataset has no images: put images (with .txt captions) in the folder, or in "
+                        "kohya-style 'N_name' sub-folders such as '10_mychar'.")
+    table = bucket_resolutions(buckets) if buckets.enable_bucket else None
+    items, skipped = [], 0
+    for k, s in enumerate(subsets):
+        check_dir(s.image_dir, "image")
+        names = sorted(os.listdir(s.image_dir))
+        images = [n for n in names if is_image_file(n) and os.path.isfile(os.path.join(s.image_dir, n))]
+        caption_files = {n for n in names if n.lower().endswith(s.caption_extension.lower())}
+        skipped += sum(1 for n in names if os.path.isfile(os.path.join(s.image_dir, n))
+                       and n not in images and n not in caption_files)
+        for n in images:
+            path = os.path.join(s.image_dir, n)
+            try:
+                with Image.open(path) as im:
+                    size = im.size
+                    orientation = im.getexif().get(0x0112, 1)
+            except Exception as e:
+                raise KilnError(f"cannot read image {path}: {e}. Re-export it as PNG/JPEG or remove it.") from e
+            if orientation in (5, 6, 7, 8):  # EXIF rotations by 90°: width and height swap
+                size = (size[1], size[0])
+            caption, _ = read_caption(path, s.caption_extension, s.class_tokens)
+            items.append(ImageItem(path, caption, size, choose_bucket(size, buckets, table), k))
+        if not images:
+            raise KilnError(f"no images in {s.image_dir}: add PNG/JPEG/WebP files, or remove the folder.")
+    return Dataset(list(subsets), items, buckets, batch_size, skipped)

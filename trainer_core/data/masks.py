@@ -1,0 +1,58 @@
+"""Loss masks from a mask folder (same file name, R channel) or from the image's alpha channel."""
+from __future__ import annotations
+
+import logging
+import os
+
+from PIL import Image
+
+from ..errors import KilnError
+from .images import IMAGE_EXTENSIONS, open_image, read_mask
+
+log = logging.getLogger("kiln")
+
+MASK_MODES = ("none", "alpha", "folder")
+
+
+def find_mask_file(image_path: str, mask_dir: str) -> str | None:
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS):
+        p = os.path.join(mask_dir, stem + ext)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def load_mask(image_path: str, image: Image.Image, mode: str, mask_dir: str | None,
+              missing_is_white: bool = False) -> Image.Image | None:
+    """An 'L' mask the size of ``image`` (255 = train), or None when masks are off."""
+    if mode == "none":
+        return None
+    if mode == "alpha":
+        if image.mode == "RGBA":
+            return image.getchannel("A")
+        if not missing_is_white:
+            raise KilnError(f"alpha mask mode, but {image_path} has no alpha channel. Save it as an RGBA PNG, "
+                            f"or enable 'missing mask = all white' on Alpha/Mask Source.")
+        return Image.new("L", image.size, 255)
+    if mode == "folder":
+        path = find_mask_file(image_path, mask_dir or "")
+        if path is None:
+            if not missing_is_white:
+                raise KilnError(f"no mask for {os.path.basename(image_path)} in {mask_dir}: add a mask image with the "
+                                f"same file name, or enable 'missing mask = all white' on Alpha/Mask Source.")
+            return Image.new("L", image.size, 255)
+        mask = read_mask(path)
+        if mask.size != image.size:
+            log.warning("kiln: mask %s is %sx%s but its image is %sx%s; resizing the mask to match",
+                        path, *mask.size, *image.size)
+            mask = mask.resize(image.size, Image.Resampling.BILINEAR)
+        return mask
+    raise KilnError(f"unknown mask mode {mode!r}; use one of {MASK_MODES}")
+
+
+def image_rgb(image: Image.Image) -> Image.Image:
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+__all__ = ["MASK_MODES", "find_mask_file", "load_mask", "image_rgb", "open_image"]

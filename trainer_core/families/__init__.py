@@ -1,0 +1,1 @@
+"""Per-family training facts: objective, timestep sampling, conditioning keys, LoRA targets, names."""

@@ -1,0 +1,86 @@
+"""SD 1.x / 2.x: DDPM noise schedule from the model itself, epsilon or v-prediction, compvis UNet.
+
+Targets follow kohya's networks/lora.py: every Linear and 1x1 Conv inside the transformer blocks
+(attention q/k/v/out, feed-forward, proj_in/out); with a conv rank, also the ResNet, down- and
+up-sampler convolutions (3x3 at the conv rank, the rest at the normal rank).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..lora.kohya_names import CompvisToDiffusers, kohya_name
+from ..lora.targets import TargetRule
+
+UNET_PREFIX = "lora_unet"
+_TRANSFORMER = r"(input_blocks\.\d+|middle_block|output_blocks\.\d+)\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\..+)"
+_RESNET_AND_SAMPLERS = r"(input_blocks\.\d+|middle_block|output_blocks\.\d+)\.\d+\.(in_layers|out_layers|emb_layers|skip_connection|op|conv)(\.\d+)?"
+
+
+def unet_rules(rank: int, alpha: float, conv_rank: int = 0, conv_alpha: float = 1.0) -> list[TargetRule]:
+    rules = [TargetRule(_TRANSFORMER, ("linear", "conv1x1"), rank, alpha)]
+    if conv_rank > 0:
+        rules += [TargetRule(_RESNET_AND_SAMPLERS, ("conv3x3",), conv_rank, conv_alpha),
+                  TargetRule(_RESNET_AND_SAMPLERS, ("linear", "conv1x1"), rank, alpha)]
+    return rules
+
+
+def unet_namer(unet: nn.Module):
+    to_diffusers = CompvisToDiffusers(unet)
+    return lambda path: kohya_name(UNET_PREFIX, to_diffusers(path))
+
+
+def checkpoint_blocks(unet: nn.Module) -> list[nn.Module]:
+    """The UNet's top-level blocks: the unit of gradient checkpointing."""
+    return list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks)
+
+
+@dataclass
+class NoisyBatch:
+    x_t: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    snr: torch.Tensor
+
+
+class SD1Objective:
+    """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε at integer t, target ε (or v = √ᾱ_t·ε − √(1−ᾱ_t)·x0)."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, prediction: str = "eps",
+                 min_timestep: int = 0, max_timestep: int | None = None, noise_offset: float = 0.0):
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"SD1/SD2 prediction must be eps or v, got {prediction}")
+        self.acp = alphas_cumprod.double().cpu()
+        self.prediction = prediction
+        self.min_t = min_timestep
+        self.max_t = len(self.acp) if max_timestep is None else max_timestep
+        self.noise_offset = noise_offset
+
+    def sample(self, x0: torch.Tensor, generator: torch.Generator) -> NoisyBatch:
+        b = x0.shape[0]
+        t = torch.randint(self.min_t, self.max_t, (b,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        if self.noise_offset:
+            noise = noise + self.noise_offset * torch.randn((b, x0.shape[1], 1, 1), generator=generator)
+        return self.at(x0, t, noise.to(x0.device, x0.dtype))
+
+    def at(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> NoisyBatch:
+        acp = self.acp[t].to(x0.device)
+        a = acp.sqrt().to(x0.dtype).view(-1, 1, 1, 1)
+        s = (1 - acp).sqrt().to(x0.dtype).view(-1, 1, 1, 1)
+        x_t = a * x0 + s * noise
+        target = noise if self.prediction == "eps" else a * noise - s * x0
+        return NoisyBatch(x_t, t.to(x0.device).float(), target, (acp / (1 - acp)).float())
+
+    def min_snr_weight(self, snr: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-γ (Hang et al. 2023) as kohya applies it, per sample."""
+        w = torch.clamp(snr, max=gamma) / snr
+        return w if self.prediction == "eps" else torch.clamp(snr, max=gamma) / (snr + 1)
+
+
+def modelspec_architecture(is_v: bool, is_sd2: bool) -> str:
+    if is_sd2:
+        return "stable-diffusion-v2-768-v/lora" if is_v else "stable-diffusion-v2-512/lora"
+    return "stable-diffusion-v1/lora"

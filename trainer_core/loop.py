@@ -1,0 +1,172 @@
+"""The training loop: one function to read top to bottom (nanoGPT-style).
+
+Everything host-specific comes in as plain callables: ``forward`` runs the frozen network (with the
+LoRA adapters attached) and ``conditioning`` turns captions into the network's conditioning tensors.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .cache import LatentCache
+from .checkpointing import gradient_checkpointing
+from .errors import KilnError
+from .losses import elementwise, per_sample_loss
+from .lora.network import LoRANetwork
+from .optim import build_optimizer, build_scheduler
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    learning_rate: float = 1e-4
+    batch_size: int = 1
+    grad_accum: int = 1
+    optimizer: str = "AdamW"
+    weight_decay: float = 0.01
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    loss_type: str = "l2"
+    min_snr_gamma: float = 0.0
+    mask_normalize: bool = False
+    prior_loss_weight: float = 1.0
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class StepInfo:
+    step: int
+    total: int
+    loss: float
+    lr: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    probe_loss_start: float = float("nan")
+    probe_loss_end: float = float("nan")
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / max(1, self.steps)
+
+
+def epoch_batches(cache: LatentCache, batch_size: int, rng: random.Random) -> list[list[int]]:
+    """kohya's epoch: every sample ``repeats`` times, batches never mix buckets, batch order shuffled."""
+    by_bucket = defaultdict(list)
+    for i, s in enumerate(cache.samples):
+        by_bucket[tuple(s.latent.shape)].extend([i] * s.repeats)
+    batches = []
+    for key in sorted(by_bucket):
+        idx = by_bucket[key]
+        rng.shuffle(idx)
+        batches += [idx[b:b + batch_size] for b in range(0, len(idx), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def batch_iterator(cache: LatentCache, batch_size: int, seed: int):
+    rng = random.Random(seed)
+    while True:
+        yield from epoch_batches(cache, batch_size, rng)
+
+
+def train(network: LoRANetwork, objective, forward: Callable, conditioning: Callable[[list[str]], dict],
+          cache: LatentCache, latent_in: Callable[[torch.Tensor], torch.Tensor], cfg: TrainConfig,
+          device: torch.device, checkpoint_blocks=(), on_step: Callable[[StepInfo], None] | None = None) -> TrainResult:
+    """Train ``network`` (already attached to the frozen host network) for ``cfg.steps`` optimizer steps."""
+    if not cache.samples:
+        raise KilnError("the cached dataset is empty: nothing to train on.")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    network.to(device=device, dtype=torch.float32).train()
+    params = [p for p in network.parameters() if p.requires_grad]
+    opt = build_optimizer(cfg.optimizer, params, cfg.learning_rate, cfg.weight_decay)
+    sched = build_scheduler(opt, cfg.lr_scheduler, cfg.steps, cfg.warmup_steps)
+    if hasattr(opt, "train"):
+        opt.train()  # schedule-free optimizers keep separate train/eval weights
+    autocast_dtype = PRECISIONS[cfg.precision]
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+
+    def autocast():
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=autocast_dtype)
+
+    def batch_tensors(indices):
+        samples = [cache.samples[i] for i in indices]
+        x0 = latent_in(torch.stack([s.latent for s in samples]).to(device))
+        masks = [s.mask for s in samples]
+        mask = torch.stack(masks).to(device) if all(m is not None for m in masks) else None
+        weights = torch.tensor([cfg.prior_loss_weight if s.is_reg else 1.0 for s in samples], device=device)
+        cond = {k: v.to(device) for k, v in conditioning([s.caption for s in samples]).items()}
+        return x0, mask, weights, cond
+
+    def loss_of(indices, generator):
+        x0, mask, weights, cond = batch_tensors(indices)
+        nb = objective.sample(x0, generator)
+        with autocast():
+            pred = forward(nb.x_t, nb.timesteps, cond)
+        per_sample = per_sample_loss(elementwise(pred, nb.target, cfg.loss_type), mask, cfg.mask_normalize)
+        if cfg.min_snr_gamma:
+            per_sample = per_sample * objective.min_snr_weight(nb.snr, cfg.min_snr_gamma).to(device)
+        return (per_sample * weights).mean()
+
+    # a fixed probe batch (same samples, noise and timesteps) measured before and after training
+    probe = sorted(range(len(cache.samples)), key=lambda i: tuple(cache.samples[i].latent.shape))[:max(1, cfg.batch_size)]
+    probe = [i for i in probe if cache.samples[i].latent.shape == cache.samples[probe[0]].latent.shape]
+
+    def probe_loss() -> float:
+        with torch.no_grad():
+            return float(loss_of(probe, torch.Generator().manual_seed(cfg.seed + 1)))
+
+    result = TrainResult(probe_loss_start=probe_loss())
+    batches = batch_iterator(cache, cfg.batch_size, cfg.seed)
+    start = time.perf_counter()
+    with gradient_checkpointing(list(checkpoint_blocks), cfg.gradient_checkpointing):
+        for step in range(1, cfg.steps + 1):
+            total = 0.0
+            for _ in range(cfg.grad_accum):
+                loss = loss_of(next(batches), gen)
+                if not torch.isfinite(loss):
+                    raise KilnError(f"the loss became {float(loss)} at step {step}: lower the learning rate "
+                                    f"(now {cfg.learning_rate:g}), or train in fp32/bf16 instead of fp16.")
+                scaled = loss / cfg.grad_accum
+                (scaler.scale(scaled) if scaler else scaled).backward()
+                total += float(loss) / cfg.grad_accum
+            if scaler:
+                scaler.unscale_(opt)
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            result.losses.append(total)
+            result.steps = step
+            result.seconds = time.perf_counter() - start
+            if on_step:
+                on_step(StepInfo(step, cfg.steps, total, sched.get_last_lr()[0], result.seconds))
+    if hasattr(opt, "eval"):
+        opt.eval()
+    network.eval()
+    result.probe_loss_end = probe_loss()
+    return result

@@ -1,0 +1,72 @@
+"""A set of LoRA adapters over one host network, keyed by their kohya names."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .modules import LoRAModule
+from .targets import TargetRule, select_targets
+
+
+class LoRANetwork(nn.Module):
+    """All adapters of one training run. ``name_of(path)`` turns a host module path into a kohya
+    name (e.g. ``lora_unet_down_blocks_0_attentions_0_proj_in``)."""
+
+    def __init__(self, root: nn.Module, rules: list[TargetRule], name_of: Callable[[str], str],
+                 dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0):
+        super().__init__()
+        self.adapters = nn.ModuleDict()
+        self.paths: dict[str, str] = {}  # kohya name -> host module path
+        for path, module, rank, alpha in select_targets(root, rules):
+            name = name_of(path)
+            if name in self.adapters:
+                raise RuntimeError(f"two modules map to the LoRA name {name}")
+            self.adapters[name] = LoRAModule(name, module, rank, alpha, dropout, rank_dropout, module_dropout)
+            self.paths[name] = path
+
+    def __len__(self):
+        return len(self.adapters)
+
+    def attach(self) -> None:
+        for a in self.adapters.values():
+            a.attach()
+
+    def detach(self) -> None:
+        for a in self.adapters.values():
+            a.detach()
+
+    @contextlib.contextmanager
+    def attached(self):
+        self.attach()
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    def set_enabled(self, on: bool) -> None:
+        for a in self.adapters.values():
+            a.enabled = on
+
+    def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """``<name>.lora_down.weight``, ``<name>.lora_up.weight``, ``<name>.alpha`` per adapter."""
+        sd = {}
+        for name, a in self.adapters.items():
+            sd[f"{name}.lora_down.weight"] = a.lora_down.weight.detach().to("cpu", dtype).contiguous()
+            sd[f"{name}.lora_up.weight"] = a.lora_up.weight.detach().to("cpu", dtype).contiguous()
+            sd[f"{name}.alpha"] = torch.tensor(a.alpha, dtype=dtype)
+        return sd
+
+    def load_kohya_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Resume from a saved file: every adapter must be present with the same rank."""
+        missing = [n for n in self.adapters if f"{n}.lora_down.weight" not in sd]
+        if missing:
+            raise KeyError(f"{len(missing)} LoRA modules missing from the file, e.g. {missing[0]}")
+        for name, a in self.adapters.items():
+            with torch.no_grad():
+                a.lora_down.weight.copy_(sd[f"{name}.lora_down.weight"])
+                a.lora_up.weight.copy_(sd[f"{name}.lora_up.weight"])
+                if f"{name}.alpha" in sd:
+                    a.alpha = float(sd[f"{name}.alpha"])
