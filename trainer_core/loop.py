@@ -144,11 +144,11 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
             for _ in range(cfg.grad_accum):
                 loss = loss_of(next(batches), gen)
                 if not torch.isfinite(loss):
-                    raise KilnError(f"the loss became {float(loss)} at step {step}: lower the learning rate "
+                    raise KilnError(f"the loss became {loss.item()} at step {step}: lower the learning rate "
                                     f"(now {cfg.learning_rate:g}), or train in fp32/bf16 instead of fp16.")
                 scaled = loss / cfg.grad_accum
                 (scaler.scale(scaled) if scaler else scaled).backward()
-                total += float(loss) / cfg.grad_accum
+                total += loss.item() / cfg.grad_accum
             if scaler:
                 scaler.unscale_(opt)
             if cfg.max_grad_norm:

@@ -1,0 +1,86 @@
+"""Train SD1 in process, on the tiny SD1 checkpoint loaded by ComfyUI's own CheckpointLoaderSimple."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+TRAIN = dict(steps=30, learning_rate=2e-3, optimizer="AdamW", lr_scheduler="constant", warmup_steps=0, grad_accum=1,
+             max_grad_norm=1.0, seed=1, precision="auto", gradient_checkpointing=False, loss_type="l2",
+             min_snr_gamma=0.0, mask_normalize=False, prior_loss_weight=1.0, sample_prompts="a kiln toy",
+             sample_every=10, sample_steps=4, sample_cfg=5.0)
+DATASET = dict(caption_extension=".txt", class_tokens="", repeats=1, resolution=64, batch_size=2, enable_bucket=True,
+               min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32, bucket_no_upscale=False)
+
+
+def ksample(comfy, model, clip, seed=7):
+    pos = comfy.run_node("CLIPTextEncode", clip=clip, text="a kiln toy")[0]
+    neg = comfy.run_node("CLIPTextEncode", clip=clip, text="")[0]
+    latent = comfy.run_node("EmptyLatentImage", width=64, height=64, batch_size=1)[0]
+    out = comfy.run_node("KSampler", model=model, seed=seed, steps=4, cfg=5.0, sampler_name="euler",
+                         scheduler="normal", positive=pos, negative=neg, latent_image=latent, denoise=1.0)[0]
+    return out["samples"].clone()
+
+
+@pytest.fixture(scope="module")
+def loaded(comfy, sd1_checkpoint):
+    return comfy.run_node("CheckpointLoaderSimple", ckpt_name=sd1_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def cached(comfy, loaded, dataset_dir):
+    ds = comfy.run_node("KilnLoadDataset", folder=str(dataset_dir["train_dir"]), **DATASET)[0]
+    ds = comfy.run_node("KilnMaskSource", dataset=ds, mode="alpha", mask_folder="", missing_mask_is_white=True)[0]
+    return comfy.run_node("KilnCacheLatents", dataset=ds, vae=loaded[2], batch_size=4)[0]
+
+
+@pytest.fixture(scope="module")
+def trained(comfy, loaded, cached):
+    model, clip, _ = loaded
+    unet = model.model.diffusion_model
+    params_before = {n: (p, p.data_ptr()) for n, p in unet.named_parameters()}
+    before = ksample(comfy, model, clip)
+    cfg = comfy.run_node("KilnLoraConfig", rank=4, alpha=4.0, conv_rank=0, conv_alpha=1.0, dropout=0.0,
+                         rank_dropout=0.0, module_dropout=0.0)[0]
+    out = comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=cfg, **TRAIN)
+    progress = list(comfy.progress)
+    events = list(comfy.events)
+    after = ksample(comfy, model, clip)
+    return dict(out=out, before=before, after=after, params_before=params_before, progress=progress, events=events,
+                model=model, clip=clip)
+
+
+def test_original_model_behaves_exactly_as_before(trained):
+    assert torch.equal(trained["before"], trained["after"])
+
+
+def test_no_second_copy_and_parameters_restored(trained):
+    unet = trained["model"].model.diffusion_model
+    now = dict(unet.named_parameters())
+    assert now.keys() == trained["params_before"].keys()
+    for name, (p, ptr) in trained["params_before"].items():
+        assert now[name] is p and p.data_ptr() == ptr, name
+    assert not any("forward" in m.__dict__ for m in unet.modules())
+
+
+def test_lora_learns_and_every_key_maps_onto_the_model(comfy, trained):
+    model_out, lora, samples, plot = trained["out"]
+    meta = lora.metadata
+    assert float(meta["kiln_probe_loss_end"]) < float(meta["kiln_probe_loss_start"])
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["ss_network_dim"] == "4" and meta["ss_base_model_version"] == "sd_v1"
+    names = {k.split(".")[0] for k in lora.state_dict}
+    assert any(n.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q") for n in names)
+    bridge = comfy.node_class("KilnTrainSD1").__module__.rsplit(".", 1)[0] + ".comfy_bridge"
+    import sys
+    assert sys.modules[bridge].unmapped_lora_keys(trained["model"], lora.state_dict) == []
+    # the MODEL output samples differently from the base model
+    assert not torch.equal(ksample(comfy, model_out, trained["clip"]), trained["before"])
+    assert samples.shape == (1, 64, 64, 3) and plot.shape[-1] == 3
+
+
+def test_progress_previews_and_loss_events(trained):
+    values = [v for v, total, _ in trained["progress"] if total == TRAIN["steps"]]
+    assert values[-1] == TRAIN["steps"]
+    assert any(prev is not None for *_, prev in trained["progress"])
+    losses = [d for e, d in trained["events"] if e == "kiln.loss"]
+    assert len(losses) == TRAIN["steps"] and all(d["loss"] > 0 for d in losses)
