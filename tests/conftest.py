@@ -1,0 +1,421 @@
+"""Shared fixtures: the provisioned ComfyUI in process (`comfy`) and as a real server (`comfy_server`),
+plus generated tiny checkpoints and datasets (no downloads; see tests/fixtures/).
+
+`scripts/provision.sh` writes `.kiln/env` (KILN_PYTHON, KILN_COMFYUI); environment variables of the same
+name win. ComfyUI is imported lazily, only by tests that ask for it, so unit tests of trainer_core stay
+ComfyUI-free. Set KILN_TEST_GPU=1 to let ComfyUI pick its own device instead of being forced to the CPU.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:  # `import fixtures` must work whatever pytest's rootdir/import mode is
+    sys.path.insert(0, str(TESTS))
+
+from fixtures.datasets import make_dataset  # noqa: E402
+from fixtures import tiny_models  # noqa: E402
+
+PACK_NAME = "comfyui-kiln"  # the folder name ComfyUI sees for this pack (as provision.sh links it)
+FORCE_CPU = os.environ.get("KILN_TEST_GPU", "") not in ("1", "true", "yes")
+
+
+# --- provisioned environment ---------------------------------------------------------------------------
+
+def read_kiln_env() -> dict:
+    """KILN_PYTHON / KILN_COMFYUI from the environment, else from .kiln/env."""
+    env = {}
+    env_file = REPO / ".kiln" / "env"
+    if env_file.is_file():
+        for line in env_file.read_text().splitlines():
+            key, sep, value = line.strip().partition("=")
+            if sep and not key.startswith("#"):
+                env[key] = value
+    for key in ("KILN_PYTHON", "KILN_COMFYUI"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    return env
+
+
+@pytest.fixture(scope="session")
+def kiln_env() -> SimpleNamespace:
+    """`.python` (str) and `.comfyui` (Path) of the provisioned setup; fails clearly when there is none."""
+    env = read_kiln_env()
+    comfyui = env.get("KILN_COMFYUI")
+    if not comfyui or not (Path(comfyui) / "main.py").is_file():
+        pytest.fail("ComfyUI is not provisioned (KILN_COMFYUI unset or has no main.py): "
+                    "run 'bash scripts/provision.sh' and use 'bash scripts/test.sh'", pytrace=False)
+    return SimpleNamespace(python=env.get("KILN_PYTHON") or sys.executable, comfyui=Path(comfyui))
+
+
+def _import_comfy_core(comfyui: Path) -> None:
+    """Make `comfy` importable and CPU-bound before comfy.model_management reads its args at import."""
+    tiny_models.ensure_comfy_importable(str(comfyui))
+    shadow = sys.modules.get("nodes")
+    if shadow is not None and not str(getattr(shadow, "__file__", "")).startswith(str(comfyui)):
+        pytest.fail(f"'nodes' is already imported from {shadow.__file__}, not from ComfyUI: this repo's nodes/ "
+                    "package shadows ComfyUI's nodes.py. Import Kiln's nodes as part of the pack instead.")
+    import comfy.options  # noqa: F401  (args parsing stays off: pytest's argv must not reach ComfyUI's parser)
+    from comfy.cli_args import args
+    if FORCE_CPU:
+        mm = sys.modules.get("comfy.model_management")
+        if mm is not None and mm.cpu_state != mm.CPUState.CPU:
+            pytest.fail("comfy.model_management was imported before the test fixtures could force the CPU")
+        args.cpu = True
+
+
+@pytest.fixture(scope="session")
+def fixture_cache() -> Path:
+    """Persistent cache for generated models (names carry FORMAT_VERSION); KILN_FIXTURE_CACHE overrides."""
+    path = Path(os.environ.get("KILN_FIXTURE_CACHE") or REPO / ".kiln" / "fixtures")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_path(kiln_env, fixture_cache) -> Path:
+    """The tiny SD1 checkpoint file in the cache (built on first use, ~5 s)."""
+    _import_comfy_core(kiln_env.comfyui)
+    path = fixture_cache / tiny_models.default_name("sd1")
+    return Path(tiny_models.build_sd1_checkpoint(str(path)))
+
+
+def _link_pack(custom_nodes: Path) -> None:
+    """Expose only this repo to ComfyUI's custom-node loader, under the name users install it as."""
+    custom_nodes.mkdir(parents=True, exist_ok=True)
+    (custom_nodes / PACK_NAME).symlink_to(REPO, target_is_directory=True)
+
+
+# --- ComfyUI in process ----------------------------------------------------------------------------------
+
+class _UiRecorder:
+    """Stands in for server.PromptServer.instance in process: records what nodes send to the frontend."""
+
+    def __init__(self):
+        from aiohttp import web
+        self.routes = web.RouteTableDef()  # packs may register HTTP routes at import time
+        self.client_id = None
+        self.last_node_id = None
+        self.events: list[tuple[str, object]] = []    # (event, data) from send_sync / send_progress_text
+        self.progress: list[tuple[int, int, object]] = []  # (value, total, preview) from comfy.utils.ProgressBar
+
+    def send_sync(self, event, data, sid=None):
+        self.events.append((event, data))
+
+    def send_progress_text(self, text, node_id, sid=None):
+        self.events.append(("progress_text", {"text": text, "node": node_id}))
+
+    def progress_hook(self, value, total, preview=None, prompt_id=None, node_id=None):
+        self.progress.append((value, total, preview))
+
+
+class NodeResult(tuple):
+    """A node's outputs as a tuple (one value per output, a list where OUTPUT_IS_LIST); `.ui` holds its UI dict."""
+    ui: dict
+
+
+class ComfyInProcess:
+    """ComfyUI imported in this process with Kiln loaded by ComfyUI's own custom-node loader.
+
+    Attributes: nodes, folder_paths, execution (ComfyUI modules); root, checkpoints_dir, loras_dir,
+    input_dir, output_dir, temp_dir (Paths); startup_log (str: log lines from node loading);
+    events / progress (lists, what the last run_node sent to the UI, see _UiRecorder).
+    """
+
+    def __init__(self, root: Path, comfyui: Path):
+        _import_comfy_core(comfyui)
+        # main.py's order: ComfyUI's `utils` package must be imported before nodes.py, which puts comfy/
+        # (holding a utils.py) at the front of sys.path.
+        import utils.extra_config  # noqa: F401
+        import comfy.utils
+        import folder_paths
+        import server
+        import execution
+        import nodes
+
+        self.nodes, self.folder_paths, self.execution = nodes, folder_paths, execution
+        self.root = root
+        self.checkpoints_dir, self.loras_dir = root / "models" / "checkpoints", root / "models" / "loras"
+        self.input_dir, self.output_dir, self.temp_dir = root / "input", root / "output", root / "temp"
+        for d in (self.checkpoints_dir, self.loras_dir, self.input_dir, self.output_dir, self.temp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        exts = folder_paths.supported_pt_extensions
+        folder_paths.folder_names_and_paths["checkpoints"] = ([str(self.checkpoints_dir)], exts)
+        folder_paths.folder_names_and_paths["loras"] = ([str(self.loras_dir)], exts)
+        folder_paths.set_input_directory(str(self.input_dir))
+        folder_paths.set_output_directory(str(self.output_dir))
+        folder_paths.set_temp_directory(str(self.temp_dir))
+        _link_pack(root / "custom_nodes")
+        folder_paths.folder_names_and_paths["custom_nodes"] = ([str(root / "custom_nodes")], set())
+
+        if getattr(server.PromptServer, "instance", None) is None:
+            server.PromptServer.instance = _UiRecorder()
+        self.ui = server.PromptServer.instance
+        if isinstance(self.ui, _UiRecorder):
+            comfy.utils.set_progress_bar_global_hook(self.ui.progress_hook)
+
+        self.startup_log = self._capture_log(
+            lambda: asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False)))
+        self._ids = itertools.count(1)
+
+    @staticmethod
+    def _capture_log(fn) -> str:
+        """Run fn with INFO logging captured (the loader reports import failures only in the log)."""
+        lines: list[str] = []
+        handler = logging.Handler(logging.INFO)
+        handler.emit = lambda record: lines.append(record.getMessage())
+        root_logger = logging.getLogger()
+        old_level = root_logger.level
+        root_logger.addHandler(handler)
+        root_logger.setLevel(logging.INFO)
+        try:
+            fn()
+        finally:
+            root_logger.removeHandler(handler)
+            root_logger.setLevel(old_level)
+        return "\n".join(lines)
+
+    @property
+    def events(self):
+        return getattr(self.ui, "events", [])
+
+    @property
+    def progress(self):
+        return getattr(self.ui, "progress", [])
+
+    def node_class_mappings(self) -> dict:
+        """All registered node classes (core, comfy_extras and custom packs) by class_type."""
+        return self.nodes.NODE_CLASS_MAPPINGS
+
+    def node_class(self, class_type: str):
+        try:
+            return self.nodes.NODE_CLASS_MAPPINGS[class_type]
+        except KeyError:
+            raise KeyError(f"unknown class_type {class_type!r}; node loading said:\n{self.startup_log[-3000:]}") from None
+
+    def run_node(self, class_type: str, /, **inputs) -> NodeResult:
+        """Execute one node as ComfyUI's executor does: inputs resolved by execution.get_input_data
+        (hidden inputs included), a fresh node object, execution.get_output_data (V1 FUNCTION and V3
+        io.ComfyNode alike), all under torch.inference_mode(). Validation (VALIDATE_INPUTS, combo
+        values) and graph expansion are the server's business: use comfy_server for those.
+        """
+        import torch
+
+        cls = self.node_class(class_type)
+        unique_id = str(next(self._ids))
+        self.events.clear()
+        self.progress.clear()
+        ex = self.execution
+
+        async def run():
+            input_data, _missing, hidden = ex.get_input_data(inputs, cls, unique_id)
+            unknown = set(inputs) - set(input_data)
+            if unknown:
+                raise TypeError(f"{class_type} has no inputs named {sorted(unknown)}")
+            obj = cls()
+            output, ui, expanded, pending = await ex.get_output_data(
+                "kiln-test", unique_id, obj, input_data, hidden_inputs=hidden)
+            if pending:
+                results = await ex.resolve_map_node_over_list_results(output)
+                output, ui, expanded = ex.get_output_from_returns(results, obj)
+            if expanded:
+                raise NotImplementedError(f"{class_type} expanded into a subgraph; run it through comfy_server")
+            return output, ui
+
+        with torch.inference_mode():
+            output, ui = asyncio.run(run())
+        is_list = getattr(cls, "OUTPUT_IS_LIST", None) or [False] * len(output)
+        result = NodeResult(values if listed else values[0] for values, listed in zip(output, is_list))
+        result.ui = ui
+        return result
+
+
+@pytest.fixture(scope="session")
+def comfy(kiln_env, tmp_path_factory) -> ComfyInProcess:
+    """ComfyUI in this process (CPU), with its models/input/output/temp dirs in a session tmp dir."""
+    return ComfyInProcess(tmp_path_factory.mktemp("comfy"), kiln_env.comfyui)
+
+
+@pytest.fixture(scope="session")
+def sd1_checkpoint(comfy, tiny_sd1_path) -> str:
+    """File name (for ckpt_name) of the tiny SD1 checkpoint, linked into comfy's models/checkpoints."""
+    link = comfy.checkpoints_dir / tiny_sd1_path.name
+    if not link.exists():
+        link.symlink_to(tiny_sd1_path)
+    return link.name
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(tmp_path_factory) -> dict:
+    """The generated dataset: make_dataset's dict (root, image_dir, mask_dir, images, masks, ...)."""
+    return make_dataset(tmp_path_factory.mktemp("dataset"))
+
+
+# --- a real ComfyUI server -------------------------------------------------------------------------------
+
+class ComfyServerError(Exception):
+    """The server rejected a prompt or its execution failed; `.payload` is the server's JSON."""
+
+    def __init__(self, message: str, payload=None):
+        super().__init__(message)
+        self.payload = payload
+
+
+class ComfyServer:
+    """A `main.py --cpu` subprocess on 127.0.0.1 with its own base directory (models, input, output,
+    custom_nodes with only this pack, user) and an in-memory database.
+
+    Attributes: url, port, process, base_dir, models_dir, checkpoints_dir, loras_dir, input_dir,
+    output_dir, log_path, start_seconds; Error (= ComfyServerError, for pytest.raises without importing
+    conftest, whose module name other conftest.py files share).
+    """
+
+    Error = ComfyServerError
+
+    def __init__(self, python: str, comfyui: Path, base: Path, start_timeout: float = 120.0):
+        self.base_dir = base
+        self.models_dir = base / "models"
+        self.checkpoints_dir, self.loras_dir = self.models_dir / "checkpoints", self.models_dir / "loras"
+        self.input_dir, self.output_dir = base / "input", base / "output"
+        for d in (self.checkpoints_dir, self.loras_dir, self.input_dir, self.output_dir, base / "user"):
+            d.mkdir(parents=True, exist_ok=True)
+        _link_pack(base / "custom_nodes")
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = base / "server.log"
+        cmd = [python, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
+        if FORCE_CPU:
+            cmd.append("--cpu")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        started = time.monotonic()
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(cmd, cwd=comfyui, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        try:
+            self._wait_until_up(started + start_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.start_seconds = time.monotonic() - started
+
+    def _wait_until_up(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.process.returncode} while starting:\n{self.log_tail()}")
+            try:
+                self.get("/system_stats")
+                return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.5)
+        raise TimeoutError(f"ComfyUI did not answer /system_stats in time:\n{self.log_tail()}")
+
+    def log_text(self) -> str:
+        """Everything the server wrote to stdout/stderr so far."""
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return self.log_text()[-chars:]
+
+    def _request(self, path: str, body=None, timeout: float = 30.0):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+        return json.loads(raw) if raw else None
+
+    def get(self, path: str, timeout: float = 30.0):
+        """GET a JSON endpoint, e.g. get("/object_info")."""
+        return self._request(path, timeout=timeout)
+
+    def post_prompt(self, workflow: dict, client_id: str | None = None) -> str:
+        """Queue an API-format workflow; returns its prompt_id. A rejected prompt raises ComfyServerError
+        carrying the server's error JSON (error + node_errors)."""
+        body = {"prompt": workflow}
+        if client_id:
+            body["client_id"] = client_id
+        try:
+            return self._request("/prompt", body)["prompt_id"]
+        except urllib.error.HTTPError as e:
+            text = e.read().decode("utf-8", "replace")
+            try:
+                payload = json.loads(text)
+            except ValueError:
+                payload = text
+            raise ComfyServerError(f"/prompt rejected ({e.code}): {json.dumps(payload, indent=1)[:6000]}", payload) from None
+
+    def wait(self, prompt_id: str, timeout: float = 600.0) -> dict:
+        """Poll /history/<id> until the prompt finishes; returns its history entry (outputs, status, ...).
+        An execution error raises ComfyServerError with the error messages."""
+        deadline = time.monotonic() + timeout
+        delay = 0.1
+        while time.monotonic() < deadline:
+            entry = (self.get(f"/history/{prompt_id}") or {}).get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                status = entry["status"]
+                if status.get("status_str") == "error":
+                    errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
+                    brief = "\n".join(f"{e.get('node_type')} (node {e.get('node_id')}): {e.get('exception_type')}: "
+                                      f"{e.get('exception_message')}\n{''.join(e.get('traceback', []))}" for e in errors)
+                    raise ComfyServerError(f"prompt {prompt_id} failed:\n{brief or status}", entry)
+                return entry
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI died while running {prompt_id}:\n{self.log_tail()}")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s:\n{self.log_tail()}")
+
+    def install(self, src: Path, folder: str = "checkpoints") -> str:
+        """Link a model file into the server's models/<folder>; returns the name nodes refer to it by."""
+        dest = self.models_dir / folder / Path(src).name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not dest.exists():
+            dest.symlink_to(Path(src).resolve())
+        return dest.name
+
+    def stop(self) -> None:
+        """Terminate the server process group we started (SIGTERM, then SIGKILL after 15 s)."""
+        if self.process.poll() is not None:
+            return
+        import signal
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=15)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def comfy_server(kiln_env, tmp_path_factory):
+    """A real ComfyUI server for the session (see ComfyServer); stopped at session end."""
+    srv = ComfyServer(kiln_env.python, kiln_env.comfyui, tmp_path_factory.mktemp("server"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def server_sd1_checkpoint(comfy_server, tiny_sd1_path) -> str:
+    """File name of the tiny SD1 checkpoint in comfy_server's models/checkpoints."""
+    return comfy_server.install(tiny_sd1_path, "checkpoints")
