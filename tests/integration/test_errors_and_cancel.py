@@ -1,0 +1,79 @@
+"""Errors a user can act on, and Cancel, through ComfyUI's own execution path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fixtures.datasets import make_empty_dataset, write_corrupt_image
+
+DATASET = dict(caption_extension=".txt", class_tokens="", repeats=1, resolution=64, batch_size=2, enable_bucket=True,
+               min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32, bucket_no_upscale=False)
+TRAIN = dict(learning_rate=1e-3, optimizer="AdamW", lr_scheduler="constant", warmup_steps=0, grad_accum=1,
+             max_grad_norm=1.0, seed=0, precision="fp32", gradient_checkpointing=False, loss_type="l2",
+             min_snr_gamma=0.0, mask_normalize=False, prior_loss_weight=1.0, sample_prompts="", sample_every=0,
+             sample_steps=1, sample_cfg=1.0)
+
+
+def kiln_error(excinfo) -> str:
+    assert type(excinfo.value).__name__ == "KilnError", repr(excinfo.value)
+    return str(excinfo.value)
+
+
+def test_empty_and_missing_dataset_folders(comfy, tmp_path):
+    with pytest.raises(Exception) as e:
+        comfy.run_node("KilnLoadDataset", folder=str(make_empty_dataset(tmp_path / "empty")), **DATASET)
+    assert "no images" in kiln_error(e) and "N_name" in str(e.value)
+    with pytest.raises(Exception) as e:
+        comfy.run_node("KilnLoadDataset", folder=str(tmp_path / "does-not-exist"), **DATASET)
+    assert "folder not found" in kiln_error(e) and "does-not-exist" in str(e.value)
+
+
+def test_unreadable_image_is_named(comfy, tmp_path):
+    folder = tmp_path / "ds" / "3_thing"
+    folder.mkdir(parents=True)
+    write_corrupt_image(folder / "broken.png")
+    with pytest.raises(Exception) as e:
+        comfy.run_node("KilnLoadDataset", folder=str(tmp_path / "ds"), **DATASET)
+    assert "broken.png" in kiln_error(e)
+
+
+@pytest.mark.parametrize("name", ["../escape", "/tmp/abs_lora", "kiln/../../escape", "a/../../../etc/x"])
+def test_save_lora_refuses_names_outside_models_loras(comfy, name):
+    lora_io = __import__(comfy.node_class("KilnSaveLora").__module__.rsplit(".", 2)[0] + ".trainer_core.lora.io",
+                         fromlist=["TrainedLora"])
+    lora = lora_io.TrainedLora({"x.alpha": torch.tensor(1.0)}, {}, "SD15")
+    with pytest.raises(Exception) as e:
+        comfy.run_node("KilnSaveLora", lora=lora, filename=name, precision="fp16", overwrite=True)
+    assert "outside models/loras" in kiln_error(e)
+    assert not any(comfy.loras_dir.parent.parent.rglob("escape*"))
+
+
+def test_cancel_stops_within_one_step_and_restores_the_model(comfy, sd1_checkpoint, dataset_dir):
+    import importlib
+    mm = importlib.import_module("comfy.model_management")
+    cutils = importlib.import_module("comfy.utils")
+
+    model, clip, vae = comfy.run_node("CheckpointLoaderSimple", ckpt_name=sd1_checkpoint)
+    ds = comfy.run_node("KilnLoadDataset", folder=str(dataset_dir["train_dir"]), **DATASET)[0]
+    ds = comfy.run_node("KilnCacheLatents", dataset=ds, vae=vae, batch_size=4)[0]
+    cfg = comfy.run_node("KilnLoraConfig", rank=2, alpha=2.0, conv_rank=0, conv_alpha=1.0, dropout=0.0,
+                         rank_dropout=0.0, module_dropout=0.0)[0]
+    seen = []
+    previous_hook = cutils.PROGRESS_BAR_HOOK
+
+    def cancel_at_3(value, total, preview=None, prompt_id=None, node_id=None):
+        seen.append(value)
+        if value == 3:
+            mm.interrupt_current_processing(True)  # what the Cancel button / POST /interrupt does
+    cutils.set_progress_bar_global_hook(cancel_at_3)
+    params = {n: p for n, p in model.model.diffusion_model.named_parameters()}
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=ds, lora_config=cfg, steps=200, **TRAIN)
+    finally:
+        mm.interrupt_current_processing(False)
+        cutils.set_progress_bar_global_hook(previous_hook)
+    assert max(seen) == 3, seen
+    unet = model.model.diffusion_model
+    assert all(p is params[n] and p.is_inference() for n, p in unet.named_parameters())
+    assert not any("forward" in m.__dict__ for m in unet.modules())
