@@ -9,15 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,6 +24,9 @@ if str(TESTS) not in sys.path:  # `import fixtures` must work whatever pytest's 
 
 from fixtures.datasets import make_dataset  # noqa: E402
 from fixtures import tiny_models  # noqa: E402
+
+sys.path.insert(1, str(REPO / "scripts"))
+from comfy_server import ComfyServer, ComfyServerError  # noqa: E402,F401
 
 PACK_NAME = "comfyui-kiln"  # the folder name ComfyUI sees for this pack (as provision.sh links it)
 FORCE_CPU = os.environ.get("KILN_TEST_GPU", "") not in ("1", "true", "yes")
@@ -89,7 +86,7 @@ def fixture_cache() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sd1_path(kiln_env, fixture_cache) -> Path:
-    """The tiny SD1 checkpoint file in the cache (built on first use, ~5 s)."""
+    """The tiny SD1 checkpoint file in the cache (built on first use: 2-5 s, 325 MiB)."""
     _import_comfy_core(kiln_env.comfyui)
     path = fixture_cache / tiny_models.default_name("sd1")
     return Path(tiny_models.build_sd1_checkpoint(str(path)))
@@ -268,149 +265,12 @@ def dataset_dir(tmp_path_factory) -> dict:
 
 # --- a real ComfyUI server -------------------------------------------------------------------------------
 
-class ComfyServerError(Exception):
-    """The server rejected a prompt or its execution failed; `.payload` is the server's JSON."""
-
-    def __init__(self, message: str, payload=None):
-        super().__init__(message)
-        self.payload = payload
-
-
-class ComfyServer:
-    """A `main.py --cpu` subprocess on 127.0.0.1 with its own base directory (models, input, output,
-    custom_nodes with only this pack, user) and an in-memory database.
-
-    Attributes: url, port, process, base_dir, models_dir, checkpoints_dir, loras_dir, input_dir,
-    output_dir, log_path, start_seconds; Error (= ComfyServerError, for pytest.raises without importing
-    conftest, whose module name other conftest.py files share).
-    """
-
-    Error = ComfyServerError
-
-    def __init__(self, python: str, comfyui: Path, base: Path, start_timeout: float = 120.0):
-        self.base_dir = base
-        self.models_dir = base / "models"
-        self.checkpoints_dir, self.loras_dir = self.models_dir / "checkpoints", self.models_dir / "loras"
-        self.input_dir, self.output_dir = base / "input", base / "output"
-        for d in (self.checkpoints_dir, self.loras_dir, self.input_dir, self.output_dir, base / "user"):
-            d.mkdir(parents=True, exist_ok=True)
-        _link_pack(base / "custom_nodes")
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = base / "server.log"
-        cmd = [python, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
-        if FORCE_CPU:
-            cmd.append("--cpu")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        started = time.monotonic()
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(cmd, cwd=comfyui, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        try:
-            self._wait_until_up(started + start_timeout)
-        except BaseException:
-            self.stop()
-            raise
-        self.start_seconds = time.monotonic() - started
-
-    def _wait_until_up(self, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.process.returncode} while starting:\n{self.log_tail()}")
-            try:
-                self.get("/system_stats")
-                return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.5)
-        raise TimeoutError(f"ComfyUI did not answer /system_stats in time:\n{self.log_tail()}")
-
-    def log_text(self) -> str:
-        """Everything the server wrote to stdout/stderr so far."""
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def log_tail(self, chars: int = 6000) -> str:
-        return self.log_text()[-chars:]
-
-    def _request(self, path: str, body=None, timeout: float = 30.0):
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
-        return json.loads(raw) if raw else None
-
-    def get(self, path: str, timeout: float = 30.0):
-        """GET a JSON endpoint, e.g. get("/object_info")."""
-        return self._request(path, timeout=timeout)
-
-    def post_prompt(self, workflow: dict, client_id: str | None = None) -> str:
-        """Queue an API-format workflow; returns its prompt_id. A rejected prompt raises ComfyServerError
-        carrying the server's error JSON (error + node_errors)."""
-        body = {"prompt": workflow}
-        if client_id:
-            body["client_id"] = client_id
-        try:
-            return self._request("/prompt", body)["prompt_id"]
-        except urllib.error.HTTPError as e:
-            text = e.read().decode("utf-8", "replace")
-            try:
-                payload = json.loads(text)
-            except ValueError:
-                payload = text
-            raise ComfyServerError(f"/prompt rejected ({e.code}): {json.dumps(payload, indent=1)[:6000]}", payload) from None
-
-    def wait(self, prompt_id: str, timeout: float = 600.0) -> dict:
-        """Poll /history/<id> until the prompt finishes; returns its history entry (outputs, status, ...).
-        An execution error raises ComfyServerError with the error messages."""
-        deadline = time.monotonic() + timeout
-        delay = 0.1
-        while time.monotonic() < deadline:
-            entry = (self.get(f"/history/{prompt_id}") or {}).get(prompt_id)
-            if entry and entry.get("status", {}).get("completed") is not None:
-                status = entry["status"]
-                if status.get("status_str") == "error":
-                    errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
-                    brief = "\n".join(f"{e.get('node_type')} (node {e.get('node_id')}): {e.get('exception_type')}: "
-                                      f"{e.get('exception_message')}\n{''.join(e.get('traceback', []))}" for e in errors)
-                    raise ComfyServerError(f"prompt {prompt_id} failed:\n{brief or status}", entry)
-                return entry
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI died while running {prompt_id}:\n{self.log_tail()}")
-            time.sleep(delay)
-            delay = min(delay * 1.5, 1.0)
-        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s:\n{self.log_tail()}")
-
-    def install(self, src: Path, folder: str = "checkpoints") -> str:
-        """Link a model file into the server's models/<folder>; returns the name nodes refer to it by."""
-        dest = self.models_dir / folder / Path(src).name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if not dest.exists():
-            dest.symlink_to(Path(src).resolve())
-        return dest.name
-
-    def stop(self) -> None:
-        """Terminate the server process group we started (SIGTERM, then SIGKILL after 15 s)."""
-        if self.process.poll() is not None:
-            return
-        import signal
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=15)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def comfy_server(kiln_env, tmp_path_factory):
     """A real ComfyUI server for the session (see ComfyServer); stopped at session end."""
-    srv = ComfyServer(kiln_env.python, kiln_env.comfyui, tmp_path_factory.mktemp("server"))
+    base = tmp_path_factory.mktemp("server")
+    _link_pack(base / "custom_nodes")  # only this pack, under the name users install it as
+    srv = ComfyServer(kiln_env.python, kiln_env.comfyui, base, cpu=FORCE_CPU)
     yield srv
     srv.stop()
 
