@@ -30,7 +30,7 @@ def common_inputs() -> list:
         io.Int.Input("warmup_steps", default=0, min=0, max=100_000),
         io.Int.Input("grad_accum", default=1, min=1, max=1024),
         io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.1, tooltip="0 = no clipping."),
-        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=True),
         io.Combo.Input("precision", options=["auto"] + list(PRECISIONS), default="auto",
                        tooltip="Autocast dtype; auto = bf16 on GPUs that support it, else fp32. LoRA weights stay fp32."),
         io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Less memory, ~30% slower."),

@@ -89,6 +89,10 @@ class ComfyServer:
             raw = resp.read()
         return json.loads(raw) if raw else None
 
+    def post(self, path: str, body, timeout: float = 30.0):
+        """POST JSON to an endpoint, e.g. post("/settings/Comfy.TutorialCompleted", True)."""
+        return self._request(path, body, timeout=timeout)
+
     def get(self, path: str, timeout: float = 30.0):
         """GET a JSON endpoint, e.g. get("/object_info")."""
         return self._request(path, timeout=timeout)

@@ -22,6 +22,12 @@ def is_widget(spec: list) -> bool:
     return isinstance(kind, list) or kind in WIDGET_TYPES
 
 
+def has_seed_control(name: str, spec: list) -> bool:
+    """The frontend adds a 'control after generate' widget after these INT inputs."""
+    opts = spec[1] if len(spec) > 1 else {}
+    return spec[0] == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed"))
+
+
 def ordered_inputs(info: dict) -> list[tuple[str, list]]:
     order = info.get("input_order") or {k: list(v) for k, v in info["input"].items()}
     return [(name, info["input"][group][name]) for group in ("required", "optional") for name in order.get(group, [])]
@@ -59,6 +65,8 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
             value = node["inputs"].get(name)
             if is_widget(spec):
                 widgets.append(value if name in node["inputs"] else spec[1].get("default") if len(spec) > 1 else None)
+                if has_seed_control(name, spec):
+                    widgets.append("fixed")  # the frontend's extra "control after generate" widget
             else:
                 link = next((l for l in links if l[3] == int(nid) and l[6] == name), None)
                 if link is not None:

@@ -92,6 +92,15 @@ def tiny_sd1_path(kiln_env, fixture_cache) -> Path:
     return Path(tiny_models.build_sd1_checkpoint(str(path)))
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_path(kiln_env, fixture_cache) -> Path:
+    """The tiny SD3 checkpoint (MMDiT depth 2 + CLIP-L + 16-channel TAESD) in the cache (built on first use:
+    4-7 s, 245 MiB). No SDXL twin: see tiny_models' docstring."""
+    _import_comfy_core(kiln_env.comfyui)
+    path = fixture_cache / tiny_models.default_name("sd3")
+    return Path(tiny_models.build_sd3_checkpoint(str(path)))
+
+
 def _link_pack(custom_nodes: Path) -> None:
     """Expose only this repo to ComfyUI's custom-node loader, under the name users install it as."""
     custom_nodes.mkdir(parents=True, exist_ok=True)
@@ -254,6 +263,15 @@ def sd1_checkpoint(comfy, tiny_sd1_path) -> str:
     link = comfy.checkpoints_dir / tiny_sd1_path.name
     if not link.exists():
         link.symlink_to(tiny_sd1_path)
+    return link.name
+
+
+@pytest.fixture(scope="session")
+def sd3_checkpoint(comfy, tiny_sd3_path) -> str:
+    """File name (for ckpt_name) of the tiny SD3 checkpoint, linked into comfy's models/checkpoints."""
+    link = comfy.checkpoints_dir / tiny_sd3_path.name
+    if not link.exists():
+        link.symlink_to(tiny_sd3_path)
     return link.name
 
 
