@@ -204,6 +204,13 @@ class ComfyInProcess:
     def progress(self):
         return getattr(self.ui, "progress", [])
 
+    def install_checkpoint(self, src: Path) -> str:
+        """Link a checkpoint file into models/checkpoints; returns the name nodes refer to it by."""
+        link = self.checkpoints_dir / Path(src).name
+        if not link.exists():
+            link.symlink_to(Path(src).resolve())
+        return link.name
+
     def node_class_mappings(self) -> dict:
         """All registered node classes (core, comfy_extras and custom packs) by class_type."""
         return self.nodes.NODE_CLASS_MAPPINGS
@@ -260,19 +267,13 @@ def comfy(kiln_env, tmp_path_factory) -> ComfyInProcess:
 @pytest.fixture(scope="session")
 def sd1_checkpoint(comfy, tiny_sd1_path) -> str:
     """File name (for ckpt_name) of the tiny SD1 checkpoint, linked into comfy's models/checkpoints."""
-    link = comfy.checkpoints_dir / tiny_sd1_path.name
-    if not link.exists():
-        link.symlink_to(tiny_sd1_path)
-    return link.name
+    return comfy.install_checkpoint(tiny_sd1_path)
 
 
 @pytest.fixture(scope="session")
 def sd3_checkpoint(comfy, tiny_sd3_path) -> str:
     """File name (for ckpt_name) of the tiny SD3 checkpoint, linked into comfy's models/checkpoints."""
-    link = comfy.checkpoints_dir / tiny_sd3_path.name
-    if not link.exists():
-        link.symlink_to(tiny_sd3_path)
-    return link.name
+    return comfy.install_checkpoint(tiny_sd3_path)
 
 
 @pytest.fixture(scope="session")
