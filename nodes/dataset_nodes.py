@@ -11,17 +11,22 @@ from ..trainer_core.cache import encode_dataset
 from ..trainer_core.data.buckets import BucketConfig
 from ..trainer_core.data.dataset import build_dataset, subsets_from_folder
 from ..trainer_core.data.masks import MASK_MODES
+from ..trainer_core.data.toml_config import load_dataset_toml
 from ..trainer_core.errors import KilnError
 from . import comfy_bridge as bridge
 from .types import KilnDataset, KilnDatasetType
 
 
-def resolve_folder(path: str, what: str) -> str:
+def resolve_folder(path: str, what: str, allow_toml: bool = False) -> str:
     """Absolute paths as given; relative ones inside ComfyUI's input folder."""
     path = path.strip()
     if not path:
         raise KilnError(f"{what}: no folder given. Enter the full path of your image folder.")
     full = path if os.path.isabs(path) else os.path.join(folder_paths.get_input_directory(), path)
+    if allow_toml and full.lower().endswith(".toml"):
+        if not os.path.isfile(full):
+            raise KilnError(f"{what}: dataset config not found: {full}.")
+        return full
     if not os.path.isdir(full):
         raise KilnError(f"{what}: folder not found: {full}. Enter the full path of an existing image folder "
                         f"(relative paths are read inside ComfyUI's input folder).")
@@ -38,7 +43,9 @@ class KilnLoadDataset(io.ComfyNode):
             description="A kohya-style image folder: 'N_name' sub-folders repeat N times with class token 'name'; "
                         "captions are the .txt files beside the images.",
             inputs=[
-                io.String.Input("folder", default="", tooltip="Image folder (absolute, or relative to ComfyUI's input folder)."),
+                io.String.Input("folder", default="", tooltip="Image folder, or a kohya dataset .toml (absolute, or relative to "
+                                "ComfyUI's input folder). A .toml brings its own repeats, captions, resolution, buckets "
+                                "and batch size; the widgets below are then not used."),
                 io.String.Input("caption_extension", default=".txt"),
                 io.String.Input("class_tokens", default="", tooltip="Caption for images without one. Empty: the 'name' of the N_name folder."),
                 io.Int.Input("repeats", default=1, min=1, max=10000, tooltip="Repeats for images directly in the folder (N_name folders carry their own)."),
@@ -58,7 +65,12 @@ class KilnLoadDataset(io.ComfyNode):
     @classmethod
     def execute(cls, folder, caption_extension, class_tokens, repeats, resolution, batch_size, enable_bucket,
                 min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale, regularization_folder="") -> io.NodeOutput:
-        root = resolve_folder(folder, "Load Dataset")
+        root = resolve_folder(folder, "Load Dataset", allow_toml=True)
+        if root.lower().endswith(".toml"):
+            subsets, buckets, batch = load_dataset_toml(root)
+            dataset = build_dataset(subsets, buckets, batch)
+            summary = dataset.summary()
+            return io.NodeOutput(KilnDataset(dataset), summary, ui=ui.PreviewText(summary))
         subsets = subsets_from_folder(root, caption_extension, repeats, class_tokens)
         if not subsets:
             raise KilnError(f"Load Dataset: no images in {root}. Put images with .txt captions there, or in "

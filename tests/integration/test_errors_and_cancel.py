@@ -77,3 +77,18 @@ def test_cancel_stops_within_one_step_and_restores_the_model(comfy, sd1_checkpoi
     unet = model.model.diffusion_model
     assert all(p is params[n] and p.is_inference() for n, p in unet.named_parameters())
     assert not any("forward" in m.__dict__ for m in unet.modules())
+
+
+def test_load_dataset_reads_a_kohya_toml(comfy, dataset_dir, tmp_path):
+    toml = tmp_path / "ds.toml"
+    toml.write_text(f'[general]\ncaption_extension = ".txt"\nenable_bucket = true\nmin_bucket_reso = 32\n'
+                    f'max_bucket_reso = 128\nbucket_reso_steps = 32\nresolution = 64\nbatch_size = 2\n\n'
+                    f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{dataset_dir["image_dir"]}"\n'
+                    f'  num_repeats = 3\n  class_tokens = "toy"\n')
+    ds, summary = comfy.run_node("KilnLoadDataset", folder=str(toml), **DATASET)
+    assert ds.dataset.batch_size == 2 and ds.dataset.subsets[0].num_repeats == 3
+    assert "× 3 repeats" in summary and len(ds.dataset.items) == len(dataset_dir["images"])
+    toml.write_text(toml.read_text() + "  flip_aug = true\n")
+    with pytest.raises(Exception) as e:
+        comfy.run_node("KilnLoadDataset", folder=str(toml), **DATASET)
+    assert "flip_aug" in kiln_error(e) and "line 15" in str(e.value)
