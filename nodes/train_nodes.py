@@ -145,7 +145,7 @@ class KilnTrainSD1(io.ComfyNode):
         with bridge.training_session(model) as unet:
             network = LoRANetwork(unet, sd1.unet_rules(lora_config.rank, lora_config.alpha, lora_config.conv_rank,
                                                        lora_config.conv_alpha), sd1.unet_namer(unet),
-                                  lora_config.dropout, lora_config.rank_dropout, lora_config.module_dropout)
+                                  lora_config.dropout, lora_config.rank_dropout, lora_config.module_dropout, tcfg.seed)
             objective = sd1.SD1Objective(bridge.alphas_cumprod(model), "v" if is_v else "eps")
             every = opts["sample_every"]
 

@@ -84,3 +84,22 @@ def test_progress_previews_and_loss_events(trained):
     assert any(prev is not None for *_, prev in trained["progress"])
     losses = [d for e, d in trained["events"] if e == "kiln.loss"]
     assert len(losses) == TRAIN["steps"] and all(d["loss"] > 0 for d in losses)
+
+
+def test_conv_lora_maps_onto_the_model_and_training_is_seeded(comfy, loaded, cached):
+    model, clip, _ = loaded
+    cfg = comfy.run_node("KilnLoraConfig", rank=2, alpha=1.0, conv_rank=2, conv_alpha=1.0, dropout=0.0,
+                         rank_dropout=0.0, module_dropout=0.0)[0]
+    opts = {**TRAIN, "steps": 2, "sample_every": 0, "sample_steps": 1, "precision": "fp32"}
+    a = comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=cfg, **opts)[1]
+    b = comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=cfg, **opts)[1]
+    names = {k.split(".")[0] for k in a.state_dict}
+    for part in ("resnets_0_conv1", "resnets_0_conv2", "resnets_0_time_emb_proj", "downsamplers_0_conv",
+                 "upsamplers_0_conv", "mid_block_resnets_1_conv2"):
+        assert any(part in n for n in names), part
+    import sys
+    bridge = sys.modules[comfy.node_class("KilnTrainSD1").__module__.rsplit(".", 1)[0] + ".comfy_bridge"]
+    assert bridge.unmapped_lora_keys(model, a.state_dict) == []
+    assert a.metadata["ss_network_args"] == '{"conv_dim": "2", "conv_alpha": "1.0"}'
+    assert a.state_dict.keys() == b.state_dict.keys()
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)

@@ -16,7 +16,7 @@ class LoRAModule(nn.Module):
     """y = base(x) + up(down(dropout(x))) * alpha / rank."""
 
     def __init__(self, name: str, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
-                 rank_dropout: float = 0.0, module_dropout: float = 0.0):
+                 rank_dropout: float = 0.0, module_dropout: float = 0.0, generator: torch.Generator | None = None):
         super().__init__()
         self.name = name
         self.rank = int(rank)
@@ -35,7 +35,7 @@ class LoRAModule(nn.Module):
         else:
             raise TypeError(f"LoRA supports Linear and Conv2d, not {type(base).__name__} ({name})")
         # kohya / peft init: down ~ kaiming, up = 0, so training starts from the base model exactly.
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(self.lora_up.weight)
         self.enabled = True
         self._base = [base]  # a list keeps the base out of this module's parameters and state dict

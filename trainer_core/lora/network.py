@@ -16,15 +16,16 @@ class LoRANetwork(nn.Module):
     name (e.g. ``lora_unet_down_blocks_0_attentions_0_proj_in``)."""
 
     def __init__(self, root: nn.Module, rules: list[TargetRule], name_of: Callable[[str], str],
-                 dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0):
+                 dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0, seed: int = 0):
         super().__init__()
+        init = torch.Generator().manual_seed(seed)  # the same seed gives the same starting adapters
         self.adapters = nn.ModuleDict()
         self.paths: dict[str, str] = {}  # kohya name -> host module path
         for path, module, rank, alpha in select_targets(root, rules):
             name = name_of(path)
             if name in self.adapters:
                 raise RuntimeError(f"two modules map to the LoRA name {name}")
-            self.adapters[name] = LoRAModule(name, module, rank, alpha, dropout, rank_dropout, module_dropout)
+            self.adapters[name] = LoRAModule(name, module, rank, alpha, dropout, rank_dropout, module_dropout, init)
             self.paths[name] = path
 
     def __len__(self):
