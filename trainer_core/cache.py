@@ -61,6 +61,7 @@ def encode_dataset(dataset: Dataset, encode: Callable[[torch.Tensor], torch.Tens
     for idx, item in enumerate(dataset.items):
         by_bucket[item.bucket].append(idx)
     samples: list[CachedSample | None] = [None] * len(dataset.items)
+    repeats = dataset.sample_repeats()
     done, total = 0, len(dataset.items)
     for bucket, indices in by_bucket.items():
         for b in range(0, len(indices), batch_size):
@@ -75,7 +76,7 @@ def encode_dataset(dataset: Dataset, encode: Callable[[torch.Tensor], torch.Tens
                 item = dataset.items[i]
                 subset = dataset.subsets[item.subset]
                 m = F.interpolate(mask[None], size=lat.shape[-2:], mode="area")[0] if mask is not None else None
-                samples[i] = CachedSample(lat, m, item.caption, subset.num_repeats, subset.is_reg, g, item.path)
+                samples[i] = CachedSample(lat, m, item.caption, repeats[i], subset.is_reg, g, item.path)
             done += len(chunk)
             if progress:
                 progress(done, total)

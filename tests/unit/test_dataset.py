@@ -65,3 +65,25 @@ def test_exif_orientation_and_odd_modes(tmp_path):
     assert open_image(str(tmp_path / "g16.png")).getpixel((0, 0))[0] == 255
     assert open_image(str(tmp_path / "c.jpg")).mode == "RGB"
     assert open_image(str(tmp_path / "p.png")).mode == "RGBA"
+
+
+def test_regularization_images_are_balanced_like_kohya(tmp_path):
+    train, reg = tmp_path / "train" / "3_sks dog", tmp_path / "reg" / "1_dog"
+    train.mkdir(parents=True)
+    reg.mkdir(parents=True)
+    for i in range(4):
+        _img(train / f"t{i}.png")
+    for i in range(5):
+        _img(reg / f"r{i}.png")
+    subsets = subsets_from_folder(str(tmp_path / "train")) + subsets_from_folder(str(tmp_path / "reg"), is_reg=True)
+    ds = build_dataset(subsets, CFG)
+    reps = ds.sample_repeats()
+    is_reg = [ds.subsets[i.subset].is_reg for i in ds.items]
+    train_n = sum(r for r, g in zip(reps, is_reg) if not g)
+    reg_reps = [r for r, g in zip(reps, is_reg) if g]
+    assert train_n == 12 and sum(reg_reps) == 12
+    assert reg_reps == [3, 3, 2, 2, 2]  # 5 once, then one more each round-robin until 12
+    # fewer training samples than reg images: kohya registers reg images until the count is reached
+    small = build_dataset(subsets_from_folder(str(tmp_path / "reg"), is_reg=True)
+                          + [subsets[0].__class__(str(train), 1, "sks dog")], CFG)
+    assert sum(r for r, i in zip(small.sample_repeats(), small.items) if small.subsets[i.subset].is_reg) == 4

@@ -51,6 +51,31 @@ class Dataset:
     skipped_files: int = 0
     report: list[str] = field(default_factory=list)
 
+    def sample_repeats(self) -> list[int]:
+        """Repeats per item for one epoch, with regularization images balanced the way kohya does:
+        reg images are repeated (round-robin, one extra repeat at a time after their own repeats) until
+        an epoch holds as many reg samples as training samples."""
+        repeats = [self.subsets[i.subset].num_repeats for i in self.items]
+        reg = [k for k, i in enumerate(self.items) if self.subsets[i.subset].is_reg]
+        if not reg:
+            return repeats
+        reg_set = set(reg)
+        n_train = sum(r for k, r in enumerate(repeats) if k not in reg_set)
+        out = [0 if k in reg_set else r for k, r in enumerate(repeats)]
+        n, first = 0, True
+        while n < n_train:
+            for k in reg:
+                if first:
+                    out[k] = repeats[k]
+                    n += repeats[k]
+                else:
+                    out[k] += 1
+                    n += 1
+                if n >= n_train:
+                    break
+            first = False
+        return out
+
     def with_masks(self, mode: str, mask_dir: str | None, missing_is_white: bool) -> "Dataset":
         subsets = [replace(s, mask_mode=mode, mask_dir=mask_dir or s.mask_dir, missing_mask_is_white=missing_is_white)
                    for s in self.subsets]
