@@ -88,7 +88,25 @@ def test_stock_lora_loader_applies_every_key_and_changes_the_output(comfy_server
     assert diff.mean() > 0.5, f"LoRA made no visible difference (mean abs diff {diff.mean():.3f})"
 
 
-def test_ui_workflow_is_the_api_workflow_for_this_server(comfy_server):
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "example_workflows" / "api").glob("*.json")))
+def test_ui_workflow_is_the_api_workflow_for_this_server(comfy_server, name):
     object_info = comfy_server.get("/object_info")
-    committed = json.loads((REPO / "example_workflows" / "sd1_lora.json").read_text())
-    assert committed == api_to_ui(API, object_info), "regenerate with: python scripts/workflows.py --server URL"
+    api = json.loads((REPO / "example_workflows" / "api" / name).read_text())
+    committed = json.loads((REPO / "example_workflows" / name).read_text())
+    assert committed == api_to_ui(api, object_info), "regenerate with: python scripts/workflows.py --server URL"
+
+
+@pytest.mark.parametrize("name, check", [
+    ("sd1_masked_lora", lambda meta: meta["ss_masked_loss"] == "true"),
+    ("sd1_dreambooth_reg", lambda meta: int(meta["ss_num_reg_images"]) > 0 and meta["ss_prior_loss_weight"] == "1.0"),
+])
+def test_masked_and_dreambooth_examples_train(comfy_server, trained, name, check):
+    wf = json.loads((REPO / "example_workflows" / "api" / f"{name}.json").read_text())
+    if not (comfy_server.input_dir / "kiln_reg" / "train").is_dir():
+        make_dataset(comfy_server.input_dir / "kiln_reg", seed=1)
+    comfy_server.wait(comfy_server.post_prompt(wf), timeout=900)
+    path = comfy_server.loras_dir / (wf["7"]["inputs"]["filename"] + ".safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert check(meta), {k: v for k, v in meta.items() if k.startswith(("ss_masked", "ss_num_reg", "ss_prior"))}
+    assert float(meta["kiln_probe_loss_end"]) < float(meta["kiln_probe_loss_start"])
