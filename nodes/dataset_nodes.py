@@ -100,14 +100,16 @@ class KilnMaskSource(io.ComfyNode):
                 io.String.Input("mask_folder", default="", tooltip="For mode 'folder' (absolute, or relative to ComfyUI's input folder)."),
                 io.Boolean.Input("missing_mask_is_white", default=False,
                                  tooltip="Train the whole image when its mask (or alpha) is missing, instead of stopping."),
+                io.Int.Input("dilation", default=0, min=0, max=16,
+                             tooltip="Grow masks by this many latent pixels (8 image pixels each) to keep fine edges."),
             ],
             outputs=[KilnDatasetType.Output(display_name="dataset")],
         )
 
     @classmethod
-    def execute(cls, dataset: KilnDataset, mode, mask_folder, missing_mask_is_white) -> io.NodeOutput:
+    def execute(cls, dataset: KilnDataset, mode, mask_folder, missing_mask_is_white, dilation=0) -> io.NodeOutput:
         mask_dir = resolve_folder(mask_folder, "Alpha/Mask Source") if mode == "folder" else None
-        return io.NodeOutput(dataset.replace(dataset=dataset.dataset.with_masks(mode, mask_dir, missing_mask_is_white),
+        return io.NodeOutput(dataset.replace(dataset=dataset.dataset.with_masks(mode, mask_dir, missing_mask_is_white, dilation),
                                              cache=None))
 
 

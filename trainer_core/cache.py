@@ -53,6 +53,14 @@ def load_pixels(path: str, bucket, subset, flip: bool = False):
     return pixels, m, g
 
 
+def latent_mask(mask: torch.Tensor, size, dilation: int = 0) -> torch.Tensor:
+    """1HW pixel mask -> latent size by area averaging, then optionally grown by ``dilation`` latent pixels."""
+    m = F.interpolate(mask[None], size=tuple(size), mode="area")
+    if dilation > 0:
+        m = F.max_pool2d(m, 2 * dilation + 1, stride=1, padding=dilation)
+    return m[0]
+
+
 def encode_dataset(dataset: Dataset, encode: Callable[[torch.Tensor], torch.Tensor], encoder_id: str,
                    batch_size: int = 4, progress: Callable[[int, int], None] | None = None) -> LatentCache:
     """Encode all images in same-bucket batches; masks are reduced to latent size by area averaging."""
@@ -75,7 +83,7 @@ def encode_dataset(dataset: Dataset, encode: Callable[[torch.Tensor], torch.Tens
             for i, (_, mask, g), lat in zip(chunk, loaded, latents):
                 item = dataset.items[i]
                 subset = dataset.subsets[item.subset]
-                m = F.interpolate(mask[None], size=lat.shape[-2:], mode="area")[0] if mask is not None else None
+                m = latent_mask(mask, lat.shape[-2:], subset.mask_dilation) if mask is not None else None
                 samples[i] = CachedSample(lat, m, item.caption, repeats[i], subset.is_reg, g, item.path)
             done += len(chunk)
             if progress:

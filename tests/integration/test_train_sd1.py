@@ -29,7 +29,8 @@ def loaded(comfy, sd1_checkpoint):
 @pytest.fixture(scope="module")
 def cached(comfy, loaded, dataset_dir):
     ds = comfy.run_node("KilnLoadDataset", folder=str(dataset_dir["train_dir"]), **DATASET)[0]
-    ds = comfy.run_node("KilnMaskSource", dataset=ds, mode="alpha", mask_folder="", missing_mask_is_white=True)[0]
+    ds = comfy.run_node("KilnMaskSource", dataset=ds, mode="alpha", mask_folder="", missing_mask_is_white=True,
+                        dilation=0)[0]
     return comfy.run_node("KilnCacheLatents", dataset=ds, vae=loaded[2], batch_size=4)[0]
 
 

@@ -45,3 +45,14 @@ def test_normalize_by_area_makes_small_subjects_weigh_the_same():
     plain = per_sample_loss(err, small)
     norm = per_sample_loss(err, small, normalize_by_area=True)
     assert plain[0] < plain[1] and torch.allclose(norm, torch.ones(2))
+
+
+def test_latent_mask_area_average_and_dilation():
+    from trainer_core.cache import latent_mask
+    m = torch.zeros(1, 64, 64)
+    m[:, 32:40, 32:40] = 1.0          # exactly one latent pixel at (4, 4)
+    m[:, 0:4, 0:8] = 1.0              # half of latent pixel (0, 0)
+    lm = latent_mask(m, (8, 8))
+    assert lm[0, 4, 4] == 1 and lm[0, 0, 0] == 0.5 and lm.sum() == 1.5
+    grown = latent_mask(m, (8, 8), dilation=1)
+    assert (grown[0, 3:6, 3:6] == 1).all() and grown[0, 2, 2] == 0

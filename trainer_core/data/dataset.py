@@ -31,6 +31,7 @@ class Subset:
     mask_mode: str = "none"          # none | alpha | folder
     mask_dir: str | None = None
     missing_mask_is_white: bool = False
+    mask_dilation: int = 0           # grow masks by this many latent pixels (keeps thin details in)
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,9 @@ class Dataset:
             first = False
         return out
 
-    def with_masks(self, mode: str, mask_dir: str | None, missing_is_white: bool) -> "Dataset":
-        subsets = [replace(s, mask_mode=mode, mask_dir=mask_dir or s.mask_dir, missing_mask_is_white=missing_is_white)
-                   for s in self.subsets]
+    def with_masks(self, mode: str, mask_dir: str | None, missing_is_white: bool, dilation: int = 0) -> "Dataset":
+        subsets = [replace(s, mask_mode=mode, mask_dir=mask_dir or s.mask_dir, missing_mask_is_white=missing_is_white,
+                           mask_dilation=dilation) for s in self.subsets]
         return replace(self, subsets=subsets)
 
     def summary(self) -> str:
