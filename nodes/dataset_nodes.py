@@ -67,19 +67,17 @@ class KilnLoadDataset(io.ComfyNode):
                 min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale, regularization_folder="") -> io.NodeOutput:
         root = resolve_folder(folder, "Load Dataset", allow_toml=True)
         if root.lower().endswith(".toml"):
-            subsets, buckets, batch = load_dataset_toml(root)
-            dataset = build_dataset(subsets, buckets, batch)
-            summary = dataset.summary()
-            return io.NodeOutput(KilnDataset(dataset), summary, ui=ui.PreviewText(summary))
-        subsets = subsets_from_folder(root, caption_extension, repeats, class_tokens)
-        if not subsets:
-            raise KilnError(f"Load Dataset: no images in {root}. Put images with .txt captions there, or in "
-                            f"kohya-style 'N_name' sub-folders such as '10_mychar'.")
-        if regularization_folder and regularization_folder.strip():
-            reg_root = resolve_folder(regularization_folder, "Load Dataset (regularization)")
-            subsets += subsets_from_folder(reg_root, caption_extension, 1, class_tokens, is_reg=True)
-        buckets = BucketConfig((resolution, resolution), enable_bucket, min(min_bucket_reso, resolution),
-                               max(max_bucket_reso, resolution), bucket_reso_steps, bucket_no_upscale)
+            subsets, buckets, batch_size = load_dataset_toml(root)
+        else:
+            subsets = subsets_from_folder(root, caption_extension, repeats, class_tokens)
+            if not subsets:
+                raise KilnError(f"Load Dataset: no images in {root}. Put images with .txt captions there, or in "
+                                f"kohya-style 'N_name' sub-folders such as '10_mychar'.")
+            if regularization_folder and regularization_folder.strip():
+                reg_root = resolve_folder(regularization_folder, "Load Dataset (regularization)")
+                subsets += subsets_from_folder(reg_root, caption_extension, 1, class_tokens, is_reg=True)
+            buckets = BucketConfig((resolution, resolution), enable_bucket, min(min_bucket_reso, resolution),
+                                   max(max_bucket_reso, resolution), bucket_reso_steps, bucket_no_upscale)
         dataset = build_dataset(subsets, buckets, batch_size)
         summary = dataset.summary()
         return io.NodeOutput(KilnDataset(dataset), summary, ui=ui.PreviewText(summary))
