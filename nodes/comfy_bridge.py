@@ -136,31 +136,33 @@ def default_precision(model) -> str:
 # --- text and images ----------------------------------------------------------------------------
 
 class TextConditioning:
-    """Caption -> conditioning tensors, each caption encoded once (the text encoders stay frozen)."""
+    """Caption -> conditioning tensors, each text encoded once (the text encoders stay frozen); serves the
+    training batches and the sample previews alike."""
 
     def __init__(self, clip, max_tokens: int = 77):
         self.clip = clip
         self.max_tokens = max_tokens
-        self.cache: dict[str, dict[str, torch.Tensor]] = {}
+        self.raw: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.cache: dict[str, torch.Tensor] = {}
 
-    def encode(self, text: str) -> dict[str, torch.Tensor]:
-        if text not in self.cache:
+    def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if text not in self.raw:
             with torch.no_grad():
-                cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True)
-            entry = {"context": normal_tensor(cond[0, :self.max_tokens].float().cpu())}
-            if pooled is not None:
-                entry["pooled"] = normal_tensor(pooled[0].float().cpu())
-            self.cache[text] = entry
+                self.raw[text] = self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True)
+        return self.raw[text]
+
+    def encode(self, text: str) -> torch.Tensor:
+        """The training context [tokens, dim] (first 77 tokens, like kohya's default), autograd-safe."""
+        if text not in self.cache:
+            self.cache[text] = normal_tensor(self._encode(text)[0][0, :self.max_tokens].float().cpu())
         return self.cache[text]
 
     def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        entries = [self.encode(c) for c in captions]
-        return {"context": torch.stack([e["context"] for e in entries])}
+        return {"context": torch.stack([self.encode(c) for c in captions])}
 
     def comfy_conditioning(self, text: str):
         """The CONDITIONING list ComfyUI's samplers take."""
-        with torch.no_grad():
-            cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True)
+        cond, pooled = self._encode(text)
         return [[cond, {"pooled_output": pooled}]]
 
 
