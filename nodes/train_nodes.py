@@ -135,7 +135,7 @@ class KilnTrainSD1(io.ComfyNode):
         cache = normal_cache(dataset.cache)
         progress = bridge.Progress(tcfg.steps, cls.hidden.unique_id)
 
-        def preview(step: int, net: LoRANetwork) -> torch.Tensor:
+        def preview(net: LoRANetwork) -> torch.Tensor:
             net.eval()
             images = bridge.sample_images(model, cond, dataset.vae, prompts, tcfg.seed, opts["sample_steps"],
                                           opts["sample_cfg"], width, height)
@@ -152,7 +152,7 @@ class KilnTrainSD1(io.ComfyNode):
             def on_step(info: StepInfo) -> None:
                 image = None
                 if every and info.step % every == 0 and info.step < info.total:
-                    image = bridge.to_pil(preview(info.step, network)[0])
+                    image = bridge.to_pil(preview(network)[0])
                 progress.update(info.step, image)
                 progress.send("kiln.loss", {"step": info.step, "total": info.total, "loss": info.loss, "lr": info.lr,
                                             "seconds": info.seconds})
@@ -160,7 +160,7 @@ class KilnTrainSD1(io.ComfyNode):
             with network.attached():
                 result = train(network, objective, bridge.unet_forward(model, unet), cond, cache, bridge.latent_in(model),
                                tcfg, bridge.device_of(model), sd1.checkpoint_blocks(unet), on_step)
-                samples = preview(tcfg.steps, network)
+                samples = preview(network)
             lora_sd = network.kohya_state_dict()
 
         arch = sd1.modelspec_architecture(is_v, is_sd2)
