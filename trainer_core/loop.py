@@ -132,8 +132,12 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
     probe = [i for i in probe if cache.samples[i].latent.shape == cache.samples[probe[0]].latent.shape]
 
     def probe_loss() -> float:
+        was_training = network.training
+        network.eval()  # no dropout: before and after are measured the same way
         with torch.no_grad():
-            return float(loss_of(probe, torch.Generator().manual_seed(cfg.seed + 1)))
+            loss = float(loss_of(probe, torch.Generator().manual_seed(cfg.seed + 1)))
+        network.train(was_training)
+        return loss
 
     result = TrainResult(probe_loss_start=probe_loss())
     batches = batch_iterator(cache, cfg.batch_size, cfg.seed)
