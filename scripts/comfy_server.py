@@ -43,7 +43,7 @@ class ComfyServer:
         self.input_dir, self.output_dir = self.base_dir / "input", self.base_dir / "output"
         for d in (self.checkpoints_dir, self.loras_dir, self.input_dir, self.output_dir, self.base_dir / "user"):
             d.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path) if log_path else self.base_dir / "server.log"
         cmd = [python, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
@@ -155,7 +155,7 @@ class ComfyServer:
             self.process.wait(timeout=15)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

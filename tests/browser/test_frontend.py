@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -14,18 +13,13 @@ from fixtures.datasets import make_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cdp import Browser  # noqa: E402
+from comfy_server import free_port  # noqa: E402  (scripts/ is on sys.path via conftest)
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 REPO = Path(__file__).resolve().parents[2]
 UI = json.loads((REPO / "example_workflows" / "sd1_lora.json").read_text())
 API = json.loads((REPO / "example_workflows" / "api" / "sd1_lora.json").read_text())
 SCREENSHOTS = REPO / ".kiln" / "screenshots"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def strip_meta(prompt: dict) -> dict:

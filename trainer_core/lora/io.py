@@ -10,7 +10,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import save, save_file
 
 from ..errors import KilnError
 
@@ -75,5 +75,4 @@ def save_lora_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[s
 def load_lora_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
     with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-    return load_file(path), meta
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
