@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import random
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ import comfy.sd
 import comfy.utils
 
 from ..trainer_core.errors import KilnError
+from ..trainer_core.families import sd3
 
 log = logging.getLogger("kiln")
 
@@ -112,13 +114,42 @@ def normal_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def unet_forward(model, unet):
-    """fn(x_t, t, cond) for compvis UNets (SD1/SD2/SDXL): the call ComfyUI's _apply_model makes."""
+    """fn(x_t, t, cond) for the diffusion network (compvis UNet or MMDiT): the call ComfyUI's _apply_model
+    makes, with ``t`` in the model's own timestep units (DDPM index, or σ·1000 for flow models)."""
     dtype = model.model.manual_cast_dtype or model.model.get_dtype()
 
     def forward(x_t, timesteps, cond):
         extra = {"y": cond["y"].to(dtype)} if "y" in cond else {}
         return unet(x_t.to(dtype), timesteps, context=cond["context"].to(dtype), **extra)
     return forward
+
+
+@contextlib.contextmanager
+def random_pos_embed_crop(mmdit, rate: float, seed: int):
+    """SD3.5's pos_emb_random_crop_rate (kohya): while gradients are on (training steps, not the probe or
+    previews), the MMDiT's position-embedding crop is taken at a random offset with probability ``rate``
+    instead of the centre. Installed as an instance attribute over ComfyUI's method and removed after."""
+    if rate <= 0 or getattr(mmdit, "pos_embed", None) is None:
+        yield
+        return
+    rng = random.Random(seed)
+    centred = mmdit.cropped_pos_embed
+    size = mmdit.pos_embed_max_size
+
+    def cropped(hw, device=None):
+        if not torch.is_grad_enabled() or rng.random() >= rate:
+            return centred(hw, device=device)
+        p = mmdit.x_embedder.patch_size[0]
+        h, w = (hw[0] + 1) // p, (hw[1] + 1) // p
+        top, left = rng.randint(0, size - h), rng.randint(0, size - w)
+        grid = mmdit.pos_embed.reshape(1, size, size, -1)[:, top:top + h, left:left + w, :]
+        return grid.reshape(1, h * w, -1).to(device)
+
+    mmdit.cropped_pos_embed = cropped
+    try:
+        yield
+    finally:
+        del mmdit.__dict__["cropped_pos_embed"]
 
 
 def device_of(model) -> torch.device:
@@ -145,10 +176,13 @@ class TextConditioning:
         self.raw: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.cache: dict[str, torch.Tensor] = {}
 
+    def tokens(self, text: str) -> dict:
+        return self.clip.tokenize(text)
+
     def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         if text not in self.raw:
             with torch.no_grad():
-                self.raw[text] = self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True)
+                self.raw[text] = self.clip.encode_from_tokens(self.tokens(text), return_pooled=True)
         return self.raw[text]
 
     def encode(self, text: str) -> torch.Tensor:
@@ -157,13 +191,66 @@ class TextConditioning:
             self.cache[text] = normal_tensor(self._encode(text)[0][0, :self.max_tokens].float().cpu())
         return self.cache[text]
 
-    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, captions: list[str], train: bool = False) -> dict[str, torch.Tensor]:
         return {"context": torch.stack([self.encode(c) for c in captions])}
 
     def comfy_conditioning(self, text: str):
         """The CONDITIONING list ComfyUI's samplers take."""
         cond, pooled = self._encode(text)
         return [[cond, {"pooled_output": pooled}]]
+
+
+def _real_length(pairs: list, end_token) -> int:
+    """Tokens up to and including the first end token (the rest is padding)."""
+    for i, pair in enumerate(pairs):
+        if pair[0] == end_token:
+            return i + 1
+    return len(pairs)
+
+
+class SD3TextConditioning(TextConditioning):
+    """SD3's CLIP-L/G + T5 outputs the kohya way: one 77-token CLIP chunk, T5 padded/cut to
+    ``t5_tokens``, optional zeroing of padding outputs, and per-encoder dropout while training."""
+
+    def __init__(self, clip, t5_tokens: int = 256, lg_mask: bool = False, t5_mask: bool = False,
+                 dropout: dict[str, float] | None = None, seed: int = 0):
+        super().__init__(clip)
+        model = clip.cond_stage_model
+        has = {n: getattr(model, n, None) is not None for n in ("clip_l", "clip_g", "t5xxl")}
+        self.layout = sd3.TextLayout(77 if has["clip_l"] or has["clip_g"] else 0)
+        self.t5_tokens, self.lg_mask, self.t5_mask = t5_tokens, lg_mask, t5_mask
+        self.dropout = {k: v for k, v in (dropout or {}).items()
+                        if v > 0 and has[{"clip_l": "clip_l", "clip_g": "clip_g", "t5": "t5xxl"}[k]]}
+        self.rng = random.Random(seed)
+        self.lengths: dict[str, tuple[int, int]] = {}
+        self.pooled: dict[str, torch.Tensor] = {}
+
+    def tokens(self, text: str) -> dict:
+        tok = self.clip.tokenizer
+        tokens = self.clip.tokenize(text, tokenizer_options={"t5xxl_min_length": self.t5_tokens})
+        for key in ("l", "g"):
+            tokens[key] = tokens[key][:1]  # kohya encodes one 77-token chunk per CLIP
+        t5 = [p for chunk in tokens["t5xxl"] for p in chunk]
+        if len(t5) > self.t5_tokens:  # cut like a max_length tokenizer: keep the end token last
+            t5 = t5[:self.t5_tokens - 1] + [(tok.t5xxl.end_token,) + tuple(t5[-1][1:])]
+        tokens["t5xxl"] = [t5]
+        self.lengths[text] = (_real_length(tokens["l"][0], tok.clip_l.end_token), _real_length(t5, tok.t5xxl.end_token))
+        return tokens
+
+    def encode(self, text: str) -> torch.Tensor:
+        if text not in self.cache:
+            cond, pooled = self._encode(text)
+            clip_len, t5_len = self.lengths[text]
+            context = sd3.mask_padding(cond[0].float().cpu(), self.layout, clip_len, t5_len, self.lg_mask, self.t5_mask)
+            self.cache[text] = normal_tensor(context)
+            self.pooled[text] = normal_tensor(pooled[0].float().cpu())
+        return self.cache[text]
+
+    def __call__(self, captions: list[str], train: bool = False) -> dict[str, torch.Tensor]:
+        pairs = [(self.encode(c), self.pooled[c]) for c in captions]
+        if train and self.dropout:
+            pairs = [sd3.drop_encoders(c, p, self.layout, self.dropout, self.rng) for c, p in pairs]
+        return {"context": torch.stack([c for c, _ in pairs]), "y": torch.stack([p for _, p in pairs])}
 
 
 def vae_encoder(vae):

@@ -10,6 +10,7 @@ import folder_paths
 from ..trainer_core.errors import KilnError
 from ..trainer_core.lora.config import LoraConfig
 from ..trainer_core.lora.io import DTYPES, TrainedLora, save_lora_file
+from ..trainer_core.lora.network_args import parse_network_args
 from .types import KilnLoraConfigType, KilnLoraType
 
 
@@ -29,13 +30,19 @@ class KilnLoraConfig(io.ComfyNode):
                 io.Float.Input("dropout", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="kohya network_dropout."),
                 io.Float.Input("rank_dropout", default=0.0, min=0.0, max=1.0, step=0.01),
                 io.Float.Input("module_dropout", default=0.0, min=0.0, max=1.0, step=0.01),
+                io.String.Input("network_args", default="", multiline=True, optional=True,
+                                tooltip="kohya --network_args, key=value pairs, e.g. for SD3: context_attn_dim=16 "
+                                        "x_mlp_dim=8 emb_dims=[0,0,0,0,0,0] train_block_indices=0-11 verbose=True. "
+                                        "The Train node says which keys it reads."),
             ],
             outputs=[KilnLoraConfigType.Output(display_name="lora_config")],
         )
 
     @classmethod
-    def execute(cls, rank, alpha, conv_rank, conv_alpha, dropout, rank_dropout, module_dropout) -> io.NodeOutput:
-        return io.NodeOutput(LoraConfig(rank, alpha, conv_rank, conv_alpha, dropout, rank_dropout, module_dropout))
+    def execute(cls, rank, alpha, conv_rank, conv_alpha, dropout, rank_dropout, module_dropout, network_args="") -> io.NodeOutput:
+        parse_network_args(network_args)  # a typo is reported here, on this node
+        return io.NodeOutput(LoraConfig(rank, alpha, conv_rank, conv_alpha, dropout, rank_dropout, module_dropout,
+                                        network_args.strip()))
 
 
 def lora_output_path(name: str) -> str:

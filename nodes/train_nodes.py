@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+from torch import nn
 from comfy_api.latest import io, ui
 
 from ..trainer_core.cache import CachedSample, LatentCache
 from ..trainer_core.errors import KilnError
-from ..trainer_core.families import sd1
+from ..trainer_core.families import sd1, sd3
 from ..trainer_core.lora.config import LoraConfig
 from ..trainer_core.lora.io import TrainedLora, build_metadata
+from ..trainer_core.lora.network_args import check_keys, parse_network_args
 from ..trainer_core.lora.network import LoRANetwork
 from ..trainer_core.loop import PRECISIONS, StepInfo, TrainConfig, train
 from ..trainer_core.losses import LOSS_TYPES
@@ -20,9 +24,9 @@ from . import comfy_bridge as bridge
 from .types import KilnDataset, KilnDatasetType, KilnLoraConfigType, KilnLoraType
 
 
-def common_inputs() -> list:
+def common_inputs(min_snr: bool = True, sample_cfg: float = 7.0) -> list:
     """Schedule, optimizer, precision, loss and sampling options shared by every Train node."""
-    return [
+    inputs = [
         io.Int.Input("steps", default=500, min=1, max=1_000_000),
         io.Float.Input("learning_rate", default=1e-4, min=0.0, max=10.0, step=1e-6),
         io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="AdamW"),
@@ -42,8 +46,9 @@ def common_inputs() -> list:
                         tooltip="One prompt per line, sampled during and after training. Empty: the first caption."),
         io.Int.Input("sample_every", default=0, min=0, max=100_000, tooltip="Preview a sample every N steps; 0 = only at the end."),
         io.Int.Input("sample_steps", default=20, min=1, max=150),
-        io.Float.Input("sample_cfg", default=7.0, min=0.0, max=30.0, step=0.5),
+        io.Float.Input("sample_cfg", default=sample_cfg, min=0.0, max=30.0, step=0.5),
     ]
+    return [i for i in inputs if min_snr or i.id != "min_snr_gamma"]
 
 
 def train_outputs() -> list:
@@ -97,6 +102,98 @@ def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: L
     return meta
 
 
+VERBOSE = {"verbose": "list every module and its rank in the node's output text (True/False)"}
+
+
+@dataclass
+class FamilyPlan:
+    """What a Train node decides for its family; ``run_training`` does the rest the same way for all."""
+    node: str                                    # display name, for messages
+    rules: Callable[[nn.Module], list]           # network -> TargetRules
+    namer: Callable[[nn.Module], Callable[[str], str]]
+    checkpoint_blocks: Callable[[nn.Module], list]
+    architecture: Callable[[nn.Module], str]     # modelspec.architecture
+    version: str                                 # ss_base_model_version
+    objective: object
+    conditioning: bridge.TextConditioning
+    network_args: dict = field(default_factory=lambda: dict(VERBOSE))  # network_args keys this family reads
+
+
+def train_config(model, dataset: KilnDataset, opts: dict) -> TrainConfig:
+    precision = bridge.default_precision(model) if opts["precision"] == "auto" else opts["precision"]
+    return TrainConfig(steps=opts["steps"], learning_rate=opts["learning_rate"], batch_size=dataset.dataset.batch_size,
+                       grad_accum=opts["grad_accum"], optimizer=opts["optimizer"], lr_scheduler=opts["lr_scheduler"],
+                       warmup_steps=opts["warmup_steps"], max_grad_norm=opts["max_grad_norm"], seed=opts["seed"],
+                       loss_type=opts["loss_type"], min_snr_gamma=opts.get("min_snr_gamma", 0.0),
+                       mask_normalize=opts["mask_normalize"], prior_loss_weight=opts["prior_loss_weight"],
+                       precision=precision, gradient_checkpointing=opts["gradient_checkpointing"])
+
+
+def require_cache(dataset: KilnDataset, node: str) -> None:
+    if dataset.cache is None:
+        raise KilnError(f"{node}: the dataset has no cached latents. Connect Load Dataset → "
+                        "(Alpha/Mask Source →) Cache Latents → this node's dataset input.")
+
+
+def run_training(model, dataset: KilnDataset, lora_config: LoraConfig, tcfg: TrainConfig, plan: FamilyPlan,
+                 opts: dict, node_id, family: str) -> io.NodeOutput:
+    """Train on the shared MODEL in place, report progress, and return the node's four outputs."""
+    check_keys(parse_network_args(lora_config.args), plan.network_args, plan.node)
+    prompts = [p.strip() for p in opts["sample_prompts"].splitlines() if p.strip()] or [dataset.cache.samples[0].caption]
+    width, height = dataset.cache.samples[0].geometry.bucket
+    cond = plan.conditioning
+    for s in dataset.cache.samples:  # encode every caption once, before the loop
+        cond.encode(s.caption)
+    cache = normal_cache(dataset.cache)
+    progress = bridge.Progress(tcfg.steps, node_id)
+
+    def preview(net: LoRANetwork) -> torch.Tensor:
+        net.eval()
+        images = bridge.sample_images(model, cond, dataset.vae, prompts, tcfg.seed, opts["sample_steps"],
+                                      opts["sample_cfg"], width, height)
+        net.train()
+        return images
+
+    with bridge.training_session(model) as net_host:
+        network = LoRANetwork(net_host, plan.rules(net_host), plan.namer(net_host), lora_config.dropout,
+                              lora_config.rank_dropout, lora_config.module_dropout, tcfg.seed)
+        if not len(network):
+            raise KilnError(f"{plan.node}: no layer got a LoRA; check rank and network_args "
+                            f"({lora_config.args or 'none'}).")
+        every = opts["sample_every"]
+
+        def on_step(info: StepInfo) -> None:
+            image = None
+            if every and info.step % every == 0 and info.step < info.total:
+                image = bridge.to_pil(preview(network)[0])
+            progress.update(info.step, image)
+            progress.send("kiln.loss", {"step": info.step, "total": info.total, "loss": info.loss, "lr": info.lr,
+                                        "seconds": info.seconds})
+
+        with network.attached():
+            result = train(network, plan.objective, bridge.unet_forward(model, net_host), cond, cache,
+                           bridge.latent_in(model), tcfg, bridge.device_of(model), plan.checkpoint_blocks(net_host), on_step)
+            samples = preview(network)
+        lora_sd = network.kohya_state_dict()
+        arch = plan.architecture(net_host)
+
+    meta = training_metadata(plan.version, arch, dataset, lora_config, tcfg, result, "")
+    plot = bridge.pil_to_image(loss_plot(result.losses))
+    text = (f"{len(network)} LoRA modules, {result.steps} steps in {result.seconds:.1f}s "
+            f"({result.seconds_per_step:.3f}s/step); probe loss {result.probe_loss_start:.4f} → {result.probe_loss_end:.4f}")
+    if parse_network_args(lora_config.args).get("verbose", "").lower() in ("true", "1", "yes"):
+        text += "\n" + describe_modules(network)
+    lora = TrainedLora(lora_sd, meta, family)
+    return io.NodeOutput(bridge.apply_lora(model, lora_sd), lora, samples, plot, ui=ui.PreviewText(text))
+
+
+def describe_modules(network: LoRANetwork) -> str:
+    """Which layer got which rank (kohya's verbose listing), for the node's output text."""
+    rows = [(name, a.rank, a.alpha) for name, a in network.adapters.items()]
+    width = max(len(n) for n, _, _ in rows)
+    return "\n".join(f"{n:{width}}  rank {r}, alpha {a:g}" for n, r, a in rows)
+
+
 class KilnTrainSD1(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -114,60 +211,78 @@ class KilnTrainSD1(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
-        fam = bridge.require_family(model, bridge.SD1_FAMILIES, "Train LoRA (SD1)")
-        if dataset.cache is None:
-            raise KilnError("Train LoRA (SD1): the dataset has no cached latents. Connect Load Dataset → "
-                            "(Alpha/Mask Source →) Cache Latents → this node's dataset input.")
+        node = "Train LoRA (SD1)"
+        fam = bridge.require_family(model, bridge.SD1_FAMILIES, node)
+        require_cache(dataset, node)
         is_v = bridge.is_v_prediction(model)
-        is_sd2 = fam != "SD15" and fam != "SD15_instructpix2pix"
-        precision = bridge.default_precision(model) if opts["precision"] == "auto" else opts["precision"]
-        tcfg = TrainConfig(steps=opts["steps"], learning_rate=opts["learning_rate"], batch_size=dataset.dataset.batch_size,
-                           grad_accum=opts["grad_accum"], optimizer=opts["optimizer"], lr_scheduler=opts["lr_scheduler"],
-                           warmup_steps=opts["warmup_steps"], max_grad_norm=opts["max_grad_norm"], seed=opts["seed"],
-                           loss_type=opts["loss_type"], min_snr_gamma=opts["min_snr_gamma"],
-                           mask_normalize=opts["mask_normalize"], prior_loss_weight=opts["prior_loss_weight"],
-                           precision=precision, gradient_checkpointing=opts["gradient_checkpointing"])
-        prompts = [p.strip() for p in opts["sample_prompts"].splitlines() if p.strip()] or [dataset.cache.samples[0].caption]
-        width, height = dataset.cache.samples[0].geometry.bucket
-        cond = bridge.TextConditioning(clip)
-        for s in dataset.cache.samples:  # encode every caption once, before the loop
-            cond.encode(s.caption)
-        cache = normal_cache(dataset.cache)
-        progress = bridge.Progress(tcfg.steps, cls.hidden.unique_id)
+        is_sd2 = fam not in ("SD15", "SD15_instructpix2pix")
+        tcfg = train_config(model, dataset, opts)
+        lc = lora_config
+        plan = FamilyPlan(
+            node=node,
+            rules=lambda unet: sd1.unet_rules(lc.rank, lc.alpha, lc.conv_rank, lc.conv_alpha),
+            namer=sd1.unet_namer, checkpoint_blocks=sd1.checkpoint_blocks,
+            architecture=lambda unet: sd1.modelspec_architecture(is_v, is_sd2),
+            version=("sd_v2" if is_sd2 else "sd_v1") + ("_v" if is_v else ""),
+            objective=sd1.SD1Objective(bridge.alphas_cumprod(model), "v" if is_v else "eps"),
+            conditioning=bridge.TextConditioning(clip))
+        return run_training(model, dataset, lora_config, tcfg, plan, opts, cls.hidden.unique_id, fam)
 
-        def preview(net: LoRANetwork) -> torch.Tensor:
-            net.eval()
-            images = bridge.sample_images(model, cond, dataset.vae, prompts, tcfg.seed, opts["sample_steps"],
-                                          opts["sample_cfg"], width, height)
-            net.train()
-            return images
 
-        with bridge.training_session(model) as unet:
-            network = LoRANetwork(unet, sd1.unet_rules(lora_config.rank, lora_config.alpha, lora_config.conv_rank,
-                                                       lora_config.conv_alpha), sd1.unet_namer(unet),
-                                  lora_config.dropout, lora_config.rank_dropout, lora_config.module_dropout, tcfg.seed)
-            objective = sd1.SD1Objective(bridge.alphas_cumprod(model), "v" if is_v else "eps")
-            every = opts["sample_every"]
+def sd3_inputs() -> list:
+    """kohya's sd3_train_network options (same names)."""
+    return [
+        io.Combo.Input("weighting_scheme", options=list(sd3.WEIGHTING_SCHEMES), default="uniform",
+                       tooltip="Timestep density (uniform, logit_normal, mode) or loss weighting (cosmap, sigma_sqrt)."),
+        io.Float.Input("logit_mean", default=0.0, min=-10.0, max=10.0, step=0.1),
+        io.Float.Input("logit_std", default=1.0, min=0.01, max=10.0, step=0.1),
+        io.Float.Input("mode_scale", default=1.29, min=-10.0, max=10.0, step=0.01),
+        io.Float.Input("training_shift", default=1.0, min=0.01, max=100.0, step=0.1,
+                       tooltip=">1 samples noisier timesteps (structure), <1 cleaner ones (detail)."),
+        io.Int.Input("t5xxl_max_token_length", default=256, min=1, max=512),
+        io.Boolean.Input("apply_lg_attn_mask", default=False, tooltip="Zero CLIP-L/G outputs at padding tokens."),
+        io.Boolean.Input("apply_t5_attn_mask", default=False, tooltip="Zero T5 outputs at padding tokens."),
+        io.Float.Input("clip_l_dropout_rate", default=0.0, min=0.0, max=1.0, step=0.01),
+        io.Float.Input("clip_g_dropout_rate", default=0.0, min=0.0, max=1.0, step=0.01),
+        io.Float.Input("t5_dropout_rate", default=0.0, min=0.0, max=1.0, step=0.01),
+        io.Float.Input("pos_emb_random_crop_rate", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="SD3.5: probability of a random (not centred) position-embedding crop per step."),
+    ]
 
-            def on_step(info: StepInfo) -> None:
-                image = None
-                if every and info.step % every == 0 and info.step < info.total:
-                    image = bridge.to_pil(preview(network)[0])
-                progress.update(info.step, image)
-                progress.send("kiln.loss", {"step": info.step, "total": info.total, "loss": info.loss, "lr": info.lr,
-                                            "seconds": info.seconds})
 
-            with network.attached():
-                result = train(network, objective, bridge.unet_forward(model, unet), cond, cache, bridge.latent_in(model),
-                               tcfg, bridge.device_of(model), sd1.checkpoint_blocks(unet), on_step)
-                samples = preview(network)
-            lora_sd = network.kohya_state_dict()
+class KilnTrainSD3(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KilnTrainSD3",
+            display_name="Train LoRA (SD3)",
+            category="Kiln",
+            description="Trains a LoRA on the loaded SD3 / SD3.5 model in place (rectified flow, kohya's SD3 options).",
+            inputs=[io.Model.Input("model"), io.Clip.Input("clip"), KilnDatasetType.Input("dataset"),
+                    KilnLoraConfigType.Input("lora_config")] + common_inputs(min_snr=False, sample_cfg=5.0) + sd3_inputs(),
+            outputs=train_outputs(),
+            hidden=[io.Hidden.unique_id],
+            not_idempotent=False,
+        )
 
-        arch = sd1.modelspec_architecture(is_v, is_sd2)
-        version = ("sd_v2" if is_sd2 else "sd_v1") + ("_v" if is_v else "")
-        meta = training_metadata(version, arch, dataset, lora_config, tcfg, result, "")
-        plot = bridge.pil_to_image(loss_plot(result.losses))
-        text = (f"{len(network)} LoRA modules, {result.steps} steps in {result.seconds:.1f}s "
-                f"({result.seconds_per_step:.3f}s/step); probe loss {result.probe_loss_start:.4f} → {result.probe_loss_end:.4f}")
-        lora = TrainedLora(lora_sd, meta, fam)
-        return io.NodeOutput(bridge.apply_lora(model, lora_sd), lora, samples, plot, ui=ui.PreviewText(text))
+    @classmethod
+    def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
+        node = "Train LoRA (SD3)"
+        fam = bridge.require_family(model, bridge.SD3_FAMILIES, node)
+        require_cache(dataset, node)
+        tcfg = train_config(model, dataset, opts)
+        args = parse_network_args(lora_config.args)
+        depth = sd3.depth_of(model.model.diffusion_model)
+        ranks = sd3.SD3LayerRanks.from_args(args, lora_config.rank, depth)
+        conditioning = bridge.SD3TextConditioning(
+            clip, opts["t5xxl_max_token_length"], opts["apply_lg_attn_mask"], opts["apply_t5_attn_mask"],
+            {"clip_l": opts["clip_l_dropout_rate"], "clip_g": opts["clip_g_dropout_rate"], "t5": opts["t5_dropout_rate"]},
+            tcfg.seed)
+        plan = FamilyPlan(
+            node=node, rules=lambda mmdit: ranks.rules(lora_config.alpha), namer=lambda mmdit: sd3.unet_namer,
+            checkpoint_blocks=sd3.checkpoint_blocks, architecture=sd3.modelspec_architecture, version="sd3",
+            objective=sd3.SD3Objective(opts["weighting_scheme"], opts["logit_mean"], opts["logit_std"],
+                                       opts["mode_scale"], opts["training_shift"]),
+            conditioning=conditioning, network_args=sd3.NETWORK_ARGS)
+        with bridge.random_pos_embed_crop(model.model.diffusion_model, opts["pos_emb_random_crop_rate"], tcfg.seed):
+            return run_training(model, dataset, lora_config, tcfg, plan, opts, cls.hidden.unique_id, fam)

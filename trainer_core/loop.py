@@ -1,7 +1,8 @@
 """The training loop: one function to read top to bottom (nanoGPT-style).
 
 Everything host-specific comes in as plain callables: ``forward`` runs the frozen network (with the
-LoRA adapters attached) and ``conditioning`` turns captions into the network's conditioning tensors.
+LoRA adapters attached) and ``conditioning(captions, train=...)`` turns captions into the network's
+conditioning tensors (``train=False`` for the fixed probe batch: no random text-encoder dropout).
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def batch_iterator(cache: LatentCache, batch_size: int, seed: int):
         yield from epoch_batches(cache, batch_size, rng)
 
 
-def train(network: LoRANetwork, objective, forward: Callable, conditioning: Callable[[list[str]], dict],
+def train(network: LoRANetwork, objective, forward: Callable, conditioning: Callable[..., dict],
           cache: LatentCache, latent_in: Callable[[torch.Tensor], torch.Tensor], cfg: TrainConfig,
           device: torch.device, checkpoint_blocks=(), on_step: Callable[[StepInfo], None] | None = None) -> TrainResult:
     """Train ``network`` (already attached to the frozen host network) for ``cfg.steps`` optimizer steps."""
@@ -108,21 +109,24 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=autocast_dtype)
 
-    def batch_tensors(indices):
+    def batch_tensors(indices, train):
         samples = [cache.samples[i] for i in indices]
         x0 = latent_in(torch.stack([s.latent for s in samples]).to(device))
         masks = [s.mask for s in samples]
         mask = torch.stack(masks).to(device) if all(m is not None for m in masks) else None
         weights = torch.tensor([cfg.prior_loss_weight if s.is_reg else 1.0 for s in samples], device=device)
-        cond = {k: v.to(device) for k, v in conditioning([s.caption for s in samples]).items()}
+        cond = {k: v.to(device) for k, v in conditioning([s.caption for s in samples], train=train).items()}
         return x0, mask, weights, cond
 
-    def loss_of(indices, generator):
-        x0, mask, weights, cond = batch_tensors(indices)
+    def loss_of(indices, generator, train=True):
+        x0, mask, weights, cond = batch_tensors(indices, train)
         nb = objective.sample(x0, generator)
         with autocast():
             pred = forward(nb.x_t, nb.timesteps, cond)
-        per_sample = per_sample_loss(elementwise(pred, nb.target, cfg.loss_type), mask, cfg.mask_normalize)
+        err = elementwise(objective.output(pred, nb), nb.target, cfg.loss_type)
+        per_sample = per_sample_loss(err, mask, cfg.mask_normalize)
+        if nb.weight is not None:
+            per_sample = per_sample * nb.weight.to(device)
         if cfg.min_snr_gamma:
             per_sample = per_sample * objective.min_snr_weight(nb.snr, cfg.min_snr_gamma).to(device)
         return (per_sample * weights).mean()
@@ -135,7 +139,7 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
         was_training = network.training
         network.eval()  # no dropout: before and after are measured the same way
         with torch.no_grad():
-            loss = float(loss_of(probe, torch.Generator().manual_seed(cfg.seed + 1)))
+            loss = float(loss_of(probe, torch.Generator().manual_seed(cfg.seed + 1), train=False))
         network.train(was_training)
         return loss
 

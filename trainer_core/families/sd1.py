@@ -6,13 +6,12 @@ up-sampler convolutions (3x3 at the conv rank, the rest at the normal rank).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from ..lora.kohya_names import CompvisToDiffusers, kohya_name
 from ..lora.targets import TargetRule
+from .common import NoisyBatch
 
 UNET_PREFIX = "lora_unet"
 _TRANSFORMER = r"(input_blocks\.\d+|middle_block|output_blocks\.\d+)\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\..+)"
@@ -35,14 +34,6 @@ def unet_namer(unet: nn.Module):
 def checkpoint_blocks(unet: nn.Module) -> list[nn.Module]:
     """The UNet's top-level blocks: the unit of gradient checkpointing."""
     return list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks)
-
-
-@dataclass
-class NoisyBatch:
-    x_t: torch.Tensor
-    timesteps: torch.Tensor
-    target: torch.Tensor
-    snr: torch.Tensor
 
 
 class SD1Objective:
@@ -73,6 +64,10 @@ class SD1Objective:
         x_t = a * x0 + s * noise
         target = noise if self.prediction == "eps" else a * noise - s * x0
         return NoisyBatch(x_t, t.to(x0.device).float(), target, (acp / (1 - acp)).float())
+
+    def output(self, pred: torch.Tensor, nb: NoisyBatch) -> torch.Tensor:
+        """The prediction in the space of ``nb.target`` (SD1/SD2 compare it as it is)."""
+        return pred
 
     def min_snr_weight(self, snr: torch.Tensor, gamma: float) -> torch.Tensor:
         """Min-SNR-γ (Hang et al. 2023) as kohya applies it, per sample."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, asdict
 
+from .network_args import parse_network_args
+
 
 @dataclass(frozen=True)
 class LoraConfig:
@@ -13,6 +15,7 @@ class LoraConfig:
     dropout: float = 0.0        # kohya network_dropout (on the down projection's input)
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
+    args: str = ""              # kohya --network_args text (family-specific keys, read by the Train node)
 
     def network_args(self) -> dict:
         """kohya's ss_network_args (only the non-default extras)."""
@@ -23,6 +26,7 @@ class LoraConfig:
             args["rank_dropout"] = str(self.rank_dropout)
         if self.module_dropout:
             args["module_dropout"] = str(self.module_dropout)
+        args.update(parse_network_args(self.args))
         return args
 
     def as_dict(self) -> dict:

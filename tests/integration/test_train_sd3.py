@@ -1,0 +1,81 @@
+"""Train SD3 in process on the tiny SD3 checkpoint (MMDiT + CLIP-L) that ComfyUI's loader detects as SD3."""
+from __future__ import annotations
+
+import re
+import sys
+
+import pytest
+import torch
+
+from test_train_sd1 import DATASET, TRAIN
+
+SD3_OPTS = dict(weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, training_shift=1.0,
+                t5xxl_max_token_length=256, apply_lg_attn_mask=False, apply_t5_attn_mask=False, clip_l_dropout_rate=0.0,
+                clip_g_dropout_rate=0.0, t5_dropout_rate=0.0, pos_emb_random_crop_rate=0.0)
+SD3_TRAIN = {k: v for k, v in TRAIN.items() if k != "min_snr_gamma"} | dict(steps=25, learning_rate=3e-3)
+
+
+def lora_config(comfy, args="", rank=4):
+    return comfy.run_node("KilnLoraConfig", rank=rank, alpha=float(rank), conv_rank=0, conv_alpha=1.0, dropout=0.0,
+                          rank_dropout=0.0, module_dropout=0.0, network_args=args)[0]
+
+
+@pytest.fixture(scope="module")
+def sd3(comfy, sd3_checkpoint, dataset_dir):
+    model, clip, vae = comfy.run_node("CheckpointLoaderSimple", ckpt_name=sd3_checkpoint)
+    ds = comfy.run_node("KilnLoadDataset", folder=str(dataset_dir["train_dir"]), **DATASET)[0]
+    cached = comfy.run_node("KilnCacheLatents", dataset=ds, vae=vae, batch_size=4)[0]
+    return model, clip, cached
+
+
+def bridge_of(comfy):
+    return sys.modules[comfy.node_class("KilnTrainSD3").__module__.rsplit(".", 1)[0] + ".comfy_bridge"]
+
+
+def test_sd3_lora_trains_maps_and_restores_the_model(comfy, sd3):
+    model, clip, cached = sd3
+    mmdit = model.model.diffusion_model
+    before = {n: (p, p.data_ptr()) for n, p in mmdit.named_parameters()}
+    out = comfy.run_node("KilnTrainSD3", model=model, clip=clip, dataset=cached, lora_config=lora_config(comfy),
+                         **SD3_TRAIN, **SD3_OPTS)
+    model_out, lora, samples, plot = out
+    meta = lora.metadata
+    assert float(meta["kiln_probe_loss_end"]) < 0.9 * float(meta["kiln_probe_loss_start"])
+    assert meta["modelspec.architecture"] == "stable-diffusion-3-medium/lora"
+    names = {k.split(".")[0] for k in lora.state_dict}
+    # default targets: attention qkv/proj of both streams of every joint block, nothing else
+    assert names == {f"lora_unet_joint_blocks_{b}_{s}_attn_{m}" for b in (0, 1) for s in ("context_block", "x_block")
+                     for m in ("qkv", "proj")} - {"lora_unet_joint_blocks_1_context_block_attn_proj"}
+    assert bridge_of(comfy).unmapped_lora_keys(model, lora.state_dict) == []
+    now = dict(mmdit.named_parameters())
+    assert all(now[n] is p and p.data_ptr() == ptr for n, (p, ptr) in before.items())
+    assert not any("forward" in m.__dict__ or "cropped_pos_embed" in m.__dict__ for m in mmdit.modules())
+    assert samples.shape == (1, 64, 64, 3) and model_out is not model
+
+
+def test_sd3_per_layer_ranks_embedders_and_block_selection(comfy, sd3):
+    model, clip, cached = sd3
+    args = "context_attn_dim=0 x_attn_dim=2 x_mlp_dim=3 x_mod_dim=1 emb_dims=[0,5,6,0,0,7] train_block_indices=1 verbose=True"
+    opts = SD3_OPTS | dict(weighting_scheme="mode", apply_lg_attn_mask=True, clip_l_dropout_rate=0.5,
+                           pos_emb_random_crop_rate=0.5)
+    out = comfy.run_node("KilnTrainSD3", model=model, clip=clip, dataset=cached, lora_config=lora_config(comfy, args),
+                         **(SD3_TRAIN | dict(steps=3)), **opts)
+    sd = out[1].state_dict
+    ranks = {k.split(".")[0]: v.shape[0] for k, v in sd.items() if k.endswith("lora_down.weight")}
+    assert ranks == {
+        "lora_unet_joint_blocks_1_x_block_attn_qkv": 2, "lora_unet_joint_blocks_1_x_block_attn_proj": 2,
+        "lora_unet_joint_blocks_1_x_block_mlp_fc1": 3, "lora_unet_joint_blocks_1_x_block_mlp_fc2": 3,
+        "lora_unet_joint_blocks_1_x_block_adaLN_modulation_1": 1,
+        "lora_unet_t_embedder_mlp_0": 5, "lora_unet_t_embedder_mlp_2": 5, "lora_unet_x_embedder_proj": 6,
+        "lora_unet_final_layer_linear": 7}
+    assert bridge_of(comfy).unmapped_lora_keys(model, sd) == []
+    text = " ".join(map(str, out.ui["text"]))  # the verbose listing is shown on the node
+    assert "9 LoRA modules" in text and re.search(r"lora_unet_x_embedder_proj +rank 6, alpha 4", text)
+
+
+def test_sd3_node_refuses_keys_it_does_not_read(comfy, sd3):
+    model, clip, cached = sd3
+    with pytest.raises(Exception) as err:
+        comfy.run_node("KilnTrainSD3", model=model, clip=clip, dataset=cached,
+                       lora_config=lora_config(comfy, "x_atn_dim=4"), **(SD3_TRAIN | dict(steps=1)), **SD3_OPTS)
+    assert type(err.value).__name__ == "KilnError" and "x_atn_dim" in str(err.value) and "x_attn_dim" in str(err.value)

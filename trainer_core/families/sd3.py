@@ -1,0 +1,200 @@
+"""SD3 / SD3.5: rectified flow on the MMDiT, with kohya's timestep sampling, loss weighting and LoRA layout.
+
+Objective (kohya's sd3_train_network, itself the diffusers SD3 recipe):
+  u ~ weighting_scheme (uniform | logit_normal(logit_mean, logit_std) | mode(mode_scale)), shifted by
+  training_shift as u·s / (1 + (s−1)·u); t = ⌊u·(t_max − t_min) + t_min⌋, σ = t / 1000;
+  x_t = (1 − σ)·x0 + σ·ε. The network predicts the velocity ε − x0; like kohya the loss compares the
+  implied x0 = x_t − σ·v̂ with x0, weighted per sample by cosmap or sigma_sqrt (else 1).
+
+LoRA layout: kohya's lora_sd3 names (``lora_unet_`` + MMDiT module path), per-layer ranks for the six
+(context|x) × (attn|mlp|mod) groups, six embedding ranks and a block selection.
+"""
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..lora.network_args import block_selection, int_arg, int_list_arg
+from ..lora.targets import TargetRule
+from .common import NoisyBatch
+
+UNET_PREFIX = "lora_unet"
+WEIGHTING_SCHEMES = ("uniform", "logit_normal", "mode", "cosmap", "sigma_sqrt")
+
+# network_args this family reads (kohya's lora_sd3 keys), with what they do
+NETWORK_ARGS = {
+    "context_attn_dim": "rank of context_block attn qkv/proj (default: the LoRA rank)",
+    "context_mlp_dim": "rank of context_block mlp fc1/fc2 (default 0 = none)",
+    "context_mod_dim": "rank of context_block adaLN modulation (default 0)",
+    "x_attn_dim": "rank of x_block attn (and SD3.5 attn2) qkv/proj (default: the LoRA rank)",
+    "x_mlp_dim": "rank of x_block mlp fc1/fc2 (default 0)",
+    "x_mod_dim": "rank of x_block adaLN modulation (default 0)",
+    "emb_dims": "six ranks: context_embedder, t_embedder, x_embedder, y_embedder, final_layer adaLN, final_layer linear",
+    "train_block_indices": "joint blocks that get LoRA: all, none, or e.g. 0,1,4-5,7",
+    "verbose": "list every module and its rank in the node's output text (True/False)",
+}
+# group -> (block part, regex of the module inside that part)
+_GROUPS = {
+    "context_attn_dim": ("context_block", r"attn2?\.(qkv|proj)"),
+    "context_mlp_dim": ("context_block", r"mlp\.fc[12]"),
+    "context_mod_dim": ("context_block", r"adaLN_modulation\.1"),
+    "x_attn_dim": ("x_block", r"attn2?\.(qkv|proj)"),
+    "x_mlp_dim": ("x_block", r"mlp\.fc[12]"),
+    "x_mod_dim": ("x_block", r"adaLN_modulation\.1"),
+}
+_EMBEDDERS = (r"context_embedder", r"t_embedder\.mlp\.[02]", r"x_embedder\.proj", r"y_embedder\.mlp\.[02]",
+              r"final_layer\.adaLN_modulation\.1", r"final_layer\.linear")
+
+
+@dataclass(frozen=True)
+class SD3LayerRanks:
+    """Which MMDiT layers get LoRA and at which rank (kohya's lora_sd3 network_args)."""
+    group_dims: dict = field(default_factory=dict)   # _GROUPS key -> rank (0 = none)
+    emb_dims: tuple = (0, 0, 0, 0, 0, 0)
+    blocks: tuple = ()                               # bool per joint block
+    verbose: bool = False
+
+    @classmethod
+    def from_args(cls, args: dict[str, str], rank: int, depth: int) -> "SD3LayerRanks":
+        dims = {k: int_arg(args, k, rank if k.endswith("attn_dim") else 0) for k in _GROUPS}
+        emb = int_list_arg(args, "emb_dims", 6) or [0] * 6
+        blocks = block_selection(args.get("train_block_indices"), depth)
+        verbose = args.get("verbose", "False").strip().lower() in ("true", "1", "yes")
+        return cls(dims, tuple(emb), tuple(blocks), verbose)
+
+    def rules(self, alpha: float) -> list[TargetRule]:
+        """Target rules over the MMDiT's module paths; one alpha for every rank, as in kohya."""
+        chosen = "|".join(str(i) for i, on in enumerate(self.blocks) if on)
+        rules = []
+        if chosen:
+            for key, (part, inner) in _GROUPS.items():
+                rules.append(TargetRule(rf"joint_blocks\.({chosen})\.{part}\.{inner}", ("linear",), self.group_dims[key], alpha))
+        for pattern, rank in zip(_EMBEDDERS, self.emb_dims):
+            rules.append(TargetRule(pattern, ("linear", "conv1x1", "conv3x3"), rank, alpha))
+        return rules
+
+
+def unet_namer(path: str) -> str:
+    return f"{UNET_PREFIX}_{path.replace('.', '_')}"
+
+
+def depth_of(mmdit: nn.Module) -> int:
+    return len(mmdit.joint_blocks)
+
+
+def checkpoint_blocks(mmdit: nn.Module) -> list[nn.Module]:
+    return list(mmdit.joint_blocks)
+
+
+def modelspec_architecture(mmdit: nn.Module) -> str:
+    """kohya's names: SD3 medium (24 blocks), SD3.5 medium (x-block self-attention), SD3.5 large (38 blocks)."""
+    if depth_of(mmdit) >= 38:
+        return "stable-diffusion-3.5-large/lora"
+    if any(getattr(b.x_block, "x_block_self_attn", False) for b in mmdit.joint_blocks):
+        return "stable-diffusion-3.5-medium/lora"
+    return "stable-diffusion-3-medium/lora"
+
+
+# --- objective ------------------------------------------------------------------------------------
+
+def sample_u(scheme: str, n: int, generator: torch.Generator, logit_mean: float = 0.0, logit_std: float = 1.0,
+             mode_scale: float = 1.29) -> torch.Tensor:
+    """Timestep density in [0, 1] (diffusers' compute_density_for_timestep_sampling)."""
+    if scheme == "logit_normal":
+        return torch.sigmoid(torch.randn(n, generator=generator, dtype=torch.float64) * logit_std + logit_mean)
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    if scheme == "mode":
+        return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    return u
+
+
+def loss_weight(scheme: str, sigma: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss weight (diffusers' compute_loss_weighting_for_sd3)."""
+    if scheme == "sigma_sqrt":
+        return sigma.clamp_min(1e-3) ** -2.0
+    if scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigma + 2 * sigma ** 2))
+    return torch.ones_like(sigma)
+
+
+def shift_u(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """kohya's training_shift: > 1 moves timesteps to the noisy side, < 1 to the clean side."""
+    return u * shift / (1 + (shift - 1) * u)
+
+
+class SD3Objective:
+    def __init__(self, weighting_scheme: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
+                 mode_scale: float = 1.29, training_shift: float = 1.0, min_timestep: int = 0, max_timestep: int = 1000):
+        if weighting_scheme not in WEIGHTING_SCHEMES:
+            raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {weighting_scheme!r}")
+        self.scheme = weighting_scheme
+        self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
+        self.shift = training_shift
+        self.min_t, self.max_t = min_timestep, max_timestep
+
+    def sample(self, x0: torch.Tensor, generator: torch.Generator) -> NoisyBatch:
+        b = x0.shape[0]
+        u = shift_u(sample_u(self.scheme, b, generator, self.logit_mean, self.logit_std, self.mode_scale), self.shift)
+        t = (u * (self.max_t - self.min_t) + self.min_t).long()
+        noise = torch.randn(x0.shape, generator=generator)
+        return self.at(x0, t, noise.to(x0.device, x0.dtype))
+
+    def at(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> NoisyBatch:
+        sigma = (t.double() / 1000).to(x0.device)
+        s = sigma.to(x0.dtype).view(-1, 1, 1, 1)
+        x_t = (1 - s) * x0 + s * noise
+        snr = ((1 - sigma) / sigma.clamp_min(1e-3)) ** 2
+        return NoisyBatch(x_t, t.to(x0.device).float(), x0, snr.float(), loss_weight(self.scheme, sigma).float(), s)
+
+    def output(self, pred: torch.Tensor, nb: NoisyBatch) -> torch.Tensor:
+        """Velocity prediction -> implied x0 (kohya's preconditioning), compared with x0."""
+        return nb.x_t.float() - nb.sigma.float() * pred.float()
+
+
+# --- text-encoder outputs -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TextLayout:
+    """Where each text encoder sits in ComfyUI's SD3 conditioning: context = [CLIP-L|CLIP-G|0] over the first
+    ``clip_tokens`` tokens (channels 0:768 and 768:2048), then T5; pooled = [CLIP-L 768 | CLIP-G 1280]."""
+    clip_tokens: int  # 77 when a CLIP encoder is loaded, else 0
+
+    def drop(self, context: torch.Tensor, pooled: torch.Tensor, which: str) -> None:
+        """Zero one encoder's outputs in place (kohya's clip_l/clip_g/t5 dropout)."""
+        c = self.clip_tokens
+        if which == "clip_l":
+            context[:c, :768] = 0
+            pooled[:768] = 0
+        elif which == "clip_g":
+            context[:c, 768:2048] = 0
+            pooled[768:2048] = 0
+        elif which == "t5":
+            context[c:] = 0
+
+
+def mask_padding(context: torch.Tensor, layout: TextLayout, clip_len: int, t5_len: int, lg: bool, t5: bool) -> torch.Tensor:
+    """kohya's apply_lg_attn_mask / apply_t5_attn_mask: outputs at padding positions set to zero."""
+    out = context.clone()
+    if lg and layout.clip_tokens:
+        out[clip_len:layout.clip_tokens] = 0
+    if t5:
+        out[layout.clip_tokens + t5_len:] = 0
+    return out
+
+
+def drop_encoders(context: torch.Tensor, pooled: torch.Tensor, layout: TextLayout, rates: dict[str, float],
+                  rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, each encoder's output is zeroed with its dropout rate (one draw per encoder, in a fixed order)."""
+    draws = {name: rng.random() < rate for name, rate in rates.items() if rate > 0}
+    if not any(draws.values()):
+        return context, pooled
+    context, pooled = context.clone(), pooled.clone()
+    for name, dropped in draws.items():
+        if dropped:
+            layout.drop(context, pooled, name)
+    return context, pooled
