@@ -298,3 +298,9 @@ def comfy_server(kiln_env, tmp_path_factory):
 def server_sd1_checkpoint(comfy_server, tiny_sd1_path) -> str:
     """File name of the tiny SD1 checkpoint in comfy_server's models/checkpoints."""
     return comfy_server.install(tiny_sd1_path, "checkpoints")
+
+
+@pytest.fixture(scope="session")
+def server_sd3_checkpoint(comfy_server, tiny_sd3_path) -> str:
+    """File name of the tiny SD3 checkpoint in comfy_server's models/checkpoints."""
+    return comfy_server.install(tiny_sd3_path, "checkpoints")

@@ -21,12 +21,12 @@ pytestmark = pytest.mark.e2e
 API = json.loads((REPO / "example_workflows" / "api" / "sd1_lora.json").read_text())
 
 
-def sample_workflow(ckpt: str, lora: str | None, prefix: str) -> dict:
+def sample_workflow(ckpt: str, lora: str | None, prefix: str, latent: str = "EmptyLatentImage") -> dict:
     wf = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": "a kiln toy"}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": ""}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": latent, "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "6": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["4", 0],
                                                    "latent_image": ["5", 0], "seed": 3, "steps": 6, "cfg": 5.0,
                                                    "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
