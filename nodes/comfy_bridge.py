@@ -107,6 +107,35 @@ def training_session(model):
         yield unet
 
 
+def _clone_input(module, args):
+    return (args[0].clone(),) + tuple(args[1:]) if torch.is_grad_enabled() else None
+
+
+@contextlib.contextmanager
+def text_encoder_session(clip):
+    """Load the CLIP (with its own patches) and make its encoders trainable-through, like the MODEL.
+
+    ComfyUI's CLIP and T5 layers add their residuals in place (``x += attn(norm(x))``), which autograd
+    refuses once the norm saved ``x`` for backward; while gradients are on, each norm gets a copy of its
+    input instead (a forward pre-hook, removed afterwards)."""
+    clip.load_model()
+    encoders = clip.cond_stage_model
+    norms = [m for m in encoders.modules() if isinstance(m, torch.nn.LayerNorm) or type(m).__name__.endswith("LayerNorm")]
+    hooks = [m.register_forward_pre_hook(_clone_input) for m in norms]
+    try:
+        with torch.inference_mode(False), autograd_views(encoders):
+            yield encoders
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def text_encoder_names(clip) -> list[str]:
+    """The encoders this CLIP really has (``clip_l``, ``clip_g``, ``clip_h``, ``t5xxl``), in ComfyUI's attribute names."""
+    model = clip.cond_stage_model
+    return [n for n in ("clip_l", "clip_h", "clip_g", "t5xxl") if getattr(model, n, None) is not None]
+
+
 def normal_tensor(t: torch.Tensor) -> torch.Tensor:
     """A non-inference copy of a (small) tensor made inside the node, e.g. conditioning or latents."""
     with torch.inference_mode(False):
@@ -167,36 +196,68 @@ def default_precision(model) -> str:
 # --- text and images ----------------------------------------------------------------------------
 
 class TextConditioning:
-    """Caption -> conditioning tensors, each text encoded once (the text encoders stay frozen); serves the
-    training batches and the sample previews alike."""
+    """Caption -> conditioning tensors for training batches and sample previews.
+
+    With frozen text encoders each text is encoded once and cached. With ``live`` set (text-encoder LoRA
+    being trained) every call encodes again through the encoders, with gradients when they are enabled.
+    """
 
     def __init__(self, clip, max_tokens: int = 77):
         self.clip = clip
         self.max_tokens = max_tokens
+        self.live = False
+        self.token_cache: dict[str, dict] = {}
         self.raw: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self.cache: dict[str, torch.Tensor] = {}
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def tokens(self, text: str) -> dict:
+    def tokenize(self, text: str) -> dict:
         return self.clip.tokenize(text)
 
+    def tokens(self, text: str) -> dict:
+        if text not in self.token_cache:
+            self.token_cache[text] = self.tokenize(text)
+        return self.token_cache[text]
+
     def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ComfyUI's own encode (clip skip, weights, upstream CLIP LoRAs included): cond [1,T,C], pooled."""
+        if self.live:
+            return self.clip.encode_from_tokens(self.tokens(text), return_pooled=True)
         if text not in self.raw:
             with torch.no_grad():
                 self.raw[text] = self.clip.encode_from_tokens(self.tokens(text), return_pooled=True)
         return self.raw[text]
 
-    def encode(self, text: str) -> torch.Tensor:
-        """The training context [tokens, dim] (first 77 tokens, like kohya's default), autograd-safe."""
+    def post(self, text: str, cond: torch.Tensor, pooled: torch.Tensor | None):
+        """The training view of one text: (context [tokens, dim], pooled or None); the first 77 tokens like kohya."""
+        return cond[0, :self.max_tokens].float(), None
+
+    def pair(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.live:
+            context, pooled = self.post(text, *self._encode(text))
+            return context.to(torch.float32), pooled
         if text not in self.cache:
-            self.cache[text] = normal_tensor(self._encode(text)[0][0, :self.max_tokens].float().cpu())
+            context, pooled = self.post(text, *self._encode(text))
+            self.cache[text] = (normal_tensor(context.cpu()), None if pooled is None else normal_tensor(pooled.cpu()))
         return self.cache[text]
 
+    def encode(self, text: str) -> torch.Tensor:
+        """The training context [tokens, dim] of one text, autograd-safe."""
+        return self.pair(text)[0]
+
+    def batch(self, pairs: list, train: bool) -> list:
+        return pairs
+
     def __call__(self, captions: list[str], train: bool = False) -> dict[str, torch.Tensor]:
-        return {"context": torch.stack([self.encode(c) for c in captions])}
+        pairs = self.batch([self.pair(c) for c in captions], train)
+        out = {"context": torch.stack([c for c, _ in pairs])}
+        if pairs[0][1] is not None:
+            out["y"] = torch.stack([p for _, p in pairs])
+        return out
 
     def comfy_conditioning(self, text: str):
-        """The CONDITIONING list ComfyUI's samplers take."""
-        cond, pooled = self._encode(text)
+        """The CONDITIONING list ComfyUI's samplers take (re-encoded while text-encoder LoRA trains)."""
+        with torch.no_grad():
+            cond, pooled = self._encode(text)
         return [[cond, {"pooled_output": pooled}]]
 
 
@@ -223,9 +284,8 @@ class SD3TextConditioning(TextConditioning):
                         if v > 0 and has[{"clip_l": "clip_l", "clip_g": "clip_g", "t5": "t5xxl"}[k]]}
         self.rng = random.Random(seed)
         self.lengths: dict[str, tuple[int, int]] = {}
-        self.pooled: dict[str, torch.Tensor] = {}
 
-    def tokens(self, text: str) -> dict:
+    def tokenize(self, text: str) -> dict:
         tok = self.clip.tokenizer
         tokens = self.clip.tokenize(text, tokenizer_options={"t5xxl_min_length": self.t5_tokens})
         for key in ("l", "g"):
@@ -237,20 +297,15 @@ class SD3TextConditioning(TextConditioning):
         self.lengths[text] = (_real_length(tokens["l"][0], tok.clip_l.end_token), _real_length(t5, tok.t5xxl.end_token))
         return tokens
 
-    def encode(self, text: str) -> torch.Tensor:
-        if text not in self.cache:
-            cond, pooled = self._encode(text)
-            clip_len, t5_len = self.lengths[text]
-            context = sd3.mask_padding(cond[0].float().cpu(), self.layout, clip_len, t5_len, self.lg_mask, self.t5_mask)
-            self.cache[text] = normal_tensor(context)
-            self.pooled[text] = normal_tensor(pooled[0].float().cpu())
-        return self.cache[text]
+    def post(self, text, cond, pooled):
+        clip_len, t5_len = self.lengths[text]
+        context = sd3.mask_padding(cond[0].float(), self.layout, clip_len, t5_len, self.lg_mask, self.t5_mask)
+        return context, pooled[0].float()
 
-    def __call__(self, captions: list[str], train: bool = False) -> dict[str, torch.Tensor]:
-        pairs = [(self.encode(c), self.pooled[c]) for c in captions]
+    def batch(self, pairs, train):
         if train and self.dropout:
-            pairs = [sd3.drop_encoders(c, p, self.layout, self.dropout, self.rng) for c, p in pairs]
-        return {"context": torch.stack([c for c, _ in pairs]), "y": torch.stack([p for _, p in pairs])}
+            return [sd3.drop_encoders(c, p, self.layout, self.dropout, self.rng) for c, p in pairs]
+        return pairs
 
 
 def vae_encoder(vae):
@@ -295,15 +350,16 @@ def pil_to_image(im: Image.Image) -> torch.Tensor:
 
 # --- the trained LoRA back into ComfyUI -----------------------------------------------------------
 
-def apply_lora(model, kohya_sd: dict[str, torch.Tensor], strength: float = 1.0):
-    """A clone of MODEL with the LoRA patched in exactly as ComfyUI's LoraLoader would."""
-    patched, _ = comfy.sd.load_lora_for_models(model, None, kohya_sd, strength, 0.0)
-    return patched
+def apply_lora(model, clip, kohya_sd: dict[str, torch.Tensor], strength: float = 1.0):
+    """Clones of MODEL and CLIP with the LoRA patched in exactly as ComfyUI's LoraLoader would."""
+    return comfy.sd.load_lora_for_models(model, clip, kohya_sd, strength, strength)
 
 
-def unmapped_lora_keys(model, kohya_sd: dict[str, torch.Tensor]) -> list[str]:
-    """LoRA module names ComfyUI cannot map onto this model (should be none)."""
+def unmapped_lora_keys(model, kohya_sd: dict[str, torch.Tensor], clip=None) -> list[str]:
+    """LoRA module names ComfyUI cannot map onto this model (and CLIP, when given): should be none."""
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
     names = {k.rsplit(".lora_down.weight", 1)[0] for k in kohya_sd if k.endswith(".lora_down.weight")}
     return sorted(n for n in names if n not in key_map)
 

@@ -1,6 +1,8 @@
 """Train LoRA (SD1): validation and conversion around trainer_core.loop.train."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -15,6 +17,7 @@ from ..trainer_core.families import sd1, sd3
 from ..trainer_core.lora.config import LoraConfig
 from ..trainer_core.lora.io import TrainedLora, build_metadata
 from ..trainer_core.lora.network_args import check_keys, parse_network_args
+from ..trainer_core.lora.text_encoders import te_namer, te_rules
 from ..trainer_core.lora.network import LoRANetwork
 from ..trainer_core.loop import PRECISIONS, StepInfo, TrainConfig, train
 from ..trainer_core.losses import LOSS_TYPES
@@ -22,6 +25,14 @@ from ..trainer_core.optim import OPTIMIZERS, SCHEDULERS
 from ..trainer_core.plot import loss_plot
 from . import comfy_bridge as bridge
 from .types import KilnDataset, KilnDatasetType, KilnLoraConfigType, KilnLoraType
+
+
+log = logging.getLogger("kiln")
+
+
+def te_lr_input(name: str, what: str) -> io.Float.Input:
+    return io.Float.Input(name, default=0.0, min=0.0, max=10.0, step=1e-6, optional=True,
+                          tooltip=f"Learning rate of the {what} LoRA; 0 = {what} not trained (kohya: no LR, skipped).")
 
 
 def common_inputs(min_snr: bool = True, sample_cfg: float = 7.0) -> list:
@@ -57,6 +68,8 @@ def train_outputs() -> list:
         KilnLoraType.Output(display_name="lora"),
         io.Image.Output(display_name="samples"),
         io.Image.Output(display_name="loss_plot"),
+        io.Clip.Output(display_name="clip", tooltip="The input CLIP with the text-encoder LoRA applied (as given when "
+                                                   "only the UNet trains)."),
     ]
 
 
@@ -65,6 +78,12 @@ def normal_cache(cache: LatentCache) -> LatentCache:
     samples = [CachedSample(bridge.normal_tensor(s.latent), None if s.mask is None else bridge.normal_tensor(s.mask),
                             s.caption, s.repeats, s.is_reg, s.geometry, s.path) for s in cache.samples]
     return LatentCache(samples, cache.dataset, cache.encoder_id, cache.seconds)
+
+
+def text_encoder_lr(tcfg: TrainConfig):
+    """kohya's ss_text_encoder_lr: one number, or a list when encoders differ; 0 when no encoder trained."""
+    lrs = list(tcfg.group_lrs.values())
+    return 0 if not lrs else lrs[0] if len(set(lrs)) == 1 else lrs
 
 
 def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: LoraConfig, tcfg: TrainConfig,
@@ -81,7 +100,7 @@ def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: L
     base = {
         "network_dim": lcfg.rank, "network_alpha": lcfg.alpha, "network_args": lcfg.network_args(),
         "network_dropout": lcfg.dropout, "learning_rate": tcfg.learning_rate, "unet_lr": tcfg.learning_rate,
-        "text_encoder_lr": 0, "max_train_steps": tcfg.steps, "steps": result.steps,
+        "text_encoder_lr": text_encoder_lr(tcfg), "max_train_steps": tcfg.steps, "steps": result.steps,
         "num_train_images": len(ds.items) - reg, "num_reg_images": reg, "batch_size_per_device": ds.batch_size,
         "gradient_accumulation_steps": tcfg.grad_accum, "optimizer": tcfg.optimizer, "lr_scheduler": tcfg.lr_scheduler,
         "lr_warmup_steps": tcfg.warmup_steps, "seed": tcfg.seed, "mixed_precision": tcfg.precision,
@@ -116,6 +135,8 @@ class FamilyPlan:
     version: str                                 # ss_base_model_version
     objective: object
     conditioning: bridge.TextConditioning
+    te_prefixes: dict = field(default_factory=dict)   # encoder ("clip_l", ...) -> kohya prefix ("lora_te1")
+    te_lrs: dict = field(default_factory=dict)        # encoder -> learning rate; 0 or missing = not trained
     network_args: dict = field(default_factory=lambda: dict(VERBOSE))  # network_args keys this family reads
 
 
@@ -135,15 +156,24 @@ def require_cache(dataset: KilnDataset, node: str) -> None:
                         "(Alpha/Mask Source →) Cache Latents → this node's dataset input.")
 
 
-def run_training(model, dataset: KilnDataset, lora_config: LoraConfig, tcfg: TrainConfig, plan: FamilyPlan,
+def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcfg: TrainConfig, plan: FamilyPlan,
                  opts: dict, node_id, family: str) -> io.NodeOutput:
-    """Train on the shared MODEL in place, report progress, and return the node's four outputs."""
-    check_keys(parse_network_args(lora_config.args), plan.network_args, plan.node)
+    """Train on the shared MODEL (and CLIP, for text-encoder LoRA) in place, report progress, and return the
+    node's outputs."""
+    args = parse_network_args(lora_config.args)
+    check_keys(args, plan.network_args, plan.node)
+    loaded = bridge.text_encoder_names(clip)
+    te_train = [e for e in loaded if plan.te_lrs.get(e, 0) > 0]
+    notes = [f"{e} is not in this CLIP: its text-encoder learning rate is ignored"
+             for e, lr in plan.te_lrs.items() if lr > 0 and e not in loaded and e in plan.te_prefixes]
+    tcfg.group_lrs = {e: plan.te_lrs[e] for e in te_train}
     prompts = [p.strip() for p in opts["sample_prompts"].splitlines() if p.strip()] or [dataset.cache.samples[0].caption]
     width, height = dataset.cache.samples[0].geometry.bucket
     cond = plan.conditioning
-    for s in dataset.cache.samples:  # encode every caption once, before the loop
-        cond.encode(s.caption)
+    cond.live = bool(te_train)
+    if not cond.live:
+        for s in dataset.cache.samples:  # frozen encoders: encode every caption once, before the loop
+            cond.encode(s.caption)
     cache = normal_cache(dataset.cache)
     progress = bridge.Progress(tcfg.steps, node_id)
 
@@ -154,9 +184,12 @@ def run_training(model, dataset: KilnDataset, lora_config: LoraConfig, tcfg: Tra
         net.train()
         return images
 
-    with bridge.training_session(model) as net_host:
+    te_session = bridge.text_encoder_session(clip) if te_train else contextlib.nullcontext()
+    with bridge.training_session(model) as net_host, te_session as encoders:
         network = LoRANetwork(net_host, plan.rules(net_host), plan.namer(net_host), lora_config.dropout,
                               lora_config.rank_dropout, lora_config.module_dropout, tcfg.seed)
+        for e in te_train:
+            network.add(encoders, te_rules([e], lora_config.rank, lora_config.alpha), te_namer(plan.te_prefixes), e)
         if not len(network):
             raise KilnError(f"{plan.node}: no layer got a LoRA; check rank and network_args "
                             f"({lora_config.args or 'none'}).")
@@ -174,17 +207,26 @@ def run_training(model, dataset: KilnDataset, lora_config: LoraConfig, tcfg: Tra
             result = train(network, plan.objective, bridge.unet_forward(model, net_host), cond, cache,
                            bridge.latent_in(model), tcfg, bridge.device_of(model), plan.checkpoint_blocks(net_host), on_step)
             samples = preview(network)
+        cond.live = False
         lora_sd = network.kohya_state_dict()
         arch = plan.architecture(net_host)
 
     meta = training_metadata(plan.version, arch, dataset, lora_config, tcfg, result, "")
     plot = bridge.pil_to_image(loss_plot(result.losses))
-    text = (f"{len(network)} LoRA modules, {result.steps} steps in {result.seconds:.1f}s "
-            f"({result.seconds_per_step:.3f}s/step); probe loss {result.probe_loss_start:.4f} → {result.probe_loss_end:.4f}")
-    if parse_network_args(lora_config.args).get("verbose", "").lower() in ("true", "1", "yes"):
+    groups = {g: sum(1 for n in network.groups.values() if n == g) for g in dict.fromkeys(network.groups.values())}
+    text = (f"{len(network)} LoRA modules ({', '.join(f'{g} {k}' for g, k in groups.items())}), {result.steps} steps "
+            f"in {result.seconds:.1f}s ({result.seconds_per_step:.3f}s/step); probe loss "
+            f"{result.probe_loss_start:.4f} → {result.probe_loss_end:.4f}")
+    unmapped = bridge.unmapped_lora_keys(model, lora_sd, clip)
+    if unmapped:  # a bug if it ever happens: say so rather than ship a file ComfyUI half-applies
+        log.warning("kiln: %d LoRA modules do not map onto this model in ComfyUI, e.g. %s", len(unmapped), unmapped[0])
+        notes.append(f"{len(unmapped)} modules do not map in ComfyUI, e.g. {unmapped[0]}")
+    text += "".join(f"\nnote: {n}" for n in notes)
+    if args.get("verbose", "").lower() in ("true", "1", "yes"):
         text += "\n" + describe_modules(network)
     lora = TrainedLora(lora_sd, meta, family)
-    return io.NodeOutput(bridge.apply_lora(model, lora_sd), lora, samples, plot, ui=ui.PreviewText(text))
+    model_out, clip_out = bridge.apply_lora(model, clip, lora_sd)
+    return io.NodeOutput(model_out, lora, samples, plot, clip_out, ui=ui.PreviewText(text))
 
 
 def describe_modules(network: LoRANetwork) -> str:
@@ -203,7 +245,7 @@ class KilnTrainSD1(io.ComfyNode):
             category="Kiln",
             description="Trains a LoRA on the loaded SD 1.x/2.x model in place (no second copy), with live loss and samples.",
             inputs=[io.Model.Input("model"), io.Clip.Input("clip"), KilnDatasetType.Input("dataset"),
-                    KilnLoraConfigType.Input("lora_config")] + common_inputs(),
+                    KilnLoraConfigType.Input("lora_config")] + common_inputs() + [te_lr_input("text_encoder_lr", "text encoder")],
             outputs=train_outputs(),
             hidden=[io.Hidden.unique_id],
             not_idempotent=False,
@@ -225,8 +267,10 @@ class KilnTrainSD1(io.ComfyNode):
             architecture=lambda unet: sd1.modelspec_architecture(is_v, is_sd2),
             version=("sd_v2" if is_sd2 else "sd_v1") + ("_v" if is_v else ""),
             objective=sd1.SD1Objective(bridge.alphas_cumprod(model), "v" if is_v else "eps"),
-            conditioning=bridge.TextConditioning(clip))
-        return run_training(model, dataset, lora_config, tcfg, plan, opts, cls.hidden.unique_id, fam)
+            conditioning=bridge.TextConditioning(clip),
+            te_prefixes={"clip_l": "lora_te", "clip_h": "lora_te"},
+            te_lrs={"clip_l": opts.get("text_encoder_lr", 0.0), "clip_h": opts.get("text_encoder_lr", 0.0)})
+        return run_training(model, clip, dataset, lora_config, tcfg, plan, opts, cls.hidden.unique_id, fam)
 
 
 def sd3_inputs() -> list:
@@ -259,7 +303,9 @@ class KilnTrainSD3(io.ComfyNode):
             category="Kiln",
             description="Trains a LoRA on the loaded SD3 / SD3.5 model in place (rectified flow, kohya's SD3 options).",
             inputs=[io.Model.Input("model"), io.Clip.Input("clip"), KilnDatasetType.Input("dataset"),
-                    KilnLoraConfigType.Input("lora_config")] + common_inputs(min_snr=False, sample_cfg=5.0) + sd3_inputs(),
+                    KilnLoraConfigType.Input("lora_config")] + common_inputs(min_snr=False, sample_cfg=5.0) + sd3_inputs()
+                   + [te_lr_input("text_encoder_lr1", "CLIP-L"), te_lr_input("text_encoder_lr2", "CLIP-G"),
+                      te_lr_input("text_encoder_lr3", "T5-XXL")],
             outputs=train_outputs(),
             hidden=[io.Hidden.unique_id],
             not_idempotent=False,
@@ -283,6 +329,8 @@ class KilnTrainSD3(io.ComfyNode):
             checkpoint_blocks=sd3.checkpoint_blocks, architecture=sd3.modelspec_architecture, version="sd3",
             objective=sd3.SD3Objective(opts["weighting_scheme"], opts["logit_mean"], opts["logit_std"],
                                        opts["mode_scale"], opts["training_shift"]),
-            conditioning=conditioning, network_args=sd3.NETWORK_ARGS)
+            conditioning=conditioning, network_args=sd3.NETWORK_ARGS, te_prefixes=sd3.TE_PREFIXES,
+            te_lrs={"clip_l": opts.get("text_encoder_lr1", 0.0), "clip_g": opts.get("text_encoder_lr2", 0.0),
+                    "t5xxl": opts.get("text_encoder_lr3", 0.0)})
         with bridge.random_pos_embed_crop(model.model.diffusion_model, opts["pos_emb_random_crop_rate"], tcfg.seed):
-            return run_training(model, dataset, lora_config, tcfg, plan, opts, cls.hidden.unique_id, fam)
+            return run_training(model, clip, dataset, lora_config, tcfg, plan, opts, cls.hidden.unique_id, fam)

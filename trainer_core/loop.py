@@ -43,6 +43,7 @@ class TrainConfig:
     prior_loss_weight: float = 1.0
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    group_lrs: dict = field(default_factory=dict)  # adapter group ("te1", ...) -> its own learning rate
 
 
 @dataclass
@@ -97,7 +98,8 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
     gen = torch.Generator().manual_seed(cfg.seed)
     network.to(device=device, dtype=torch.float32).train()
     params = [p for p in network.parameters() if p.requires_grad]
-    opt = build_optimizer(cfg.optimizer, params, cfg.learning_rate, cfg.weight_decay)
+    opt = build_optimizer(cfg.optimizer, network.param_groups(cfg.learning_rate, cfg.group_lrs), cfg.learning_rate,
+                          cfg.weight_decay)
     sched = build_scheduler(opt, cfg.lr_scheduler, cfg.steps, cfg.warmup_steps)
     if hasattr(opt, "train"):
         opt.train()  # schedule-free optimizers keep separate train/eval weights

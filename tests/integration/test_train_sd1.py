@@ -1,6 +1,8 @@
 """Train SD1 in process, on the tiny SD1 checkpoint loaded by ComfyUI's own CheckpointLoaderSimple."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -64,7 +66,7 @@ def test_no_second_copy_and_parameters_restored(trained):
 
 
 def test_lora_learns_and_every_key_maps_onto_the_model(comfy, trained):
-    model_out, lora, samples, plot = trained["out"]
+    model_out, lora, samples, plot, _clip = trained["out"]
     meta = lora.metadata
     assert float(meta["kiln_probe_loss_end"]) < float(meta["kiln_probe_loss_start"])
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
@@ -72,7 +74,6 @@ def test_lora_learns_and_every_key_maps_onto_the_model(comfy, trained):
     names = {k.split(".")[0] for k in lora.state_dict}
     assert any(n.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q") for n in names)
     bridge = comfy.node_class("KilnTrainSD1").__module__.rsplit(".", 1)[0] + ".comfy_bridge"
-    import sys
     assert sys.modules[bridge].unmapped_lora_keys(trained["model"], lora.state_dict) == []
     # the MODEL output samples differently from the base model
     assert not torch.equal(ksample(comfy, model_out, trained["clip"]), trained["before"])
@@ -98,9 +99,35 @@ def test_conv_lora_maps_onto_the_model_and_training_is_seeded(comfy, loaded, cac
     for part in ("resnets_0_conv1", "resnets_0_conv2", "resnets_0_time_emb_proj", "downsamplers_0_conv",
                  "upsamplers_0_conv", "mid_block_resnets_1_conv2"):
         assert any(part in n for n in names), part
-    import sys
     bridge = sys.modules[comfy.node_class("KilnTrainSD1").__module__.rsplit(".", 1)[0] + ".comfy_bridge"]
     assert bridge.unmapped_lora_keys(model, a.state_dict) == []
     assert a.metadata["ss_network_args"] == '{"conv_dim": "2", "conv_alpha": "1.0"}'
     assert a.state_dict.keys() == b.state_dict.keys()
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+
+
+def test_text_encoder_lora_trains_loads_and_leaves_the_input_clip_alone(comfy, loaded, cached):
+    model, clip, _ = loaded
+    encoders = clip.cond_stage_model
+    before = {n: (p, p.data_ptr()) for n, p in encoders.named_parameters()}
+    text_before = comfy.run_node("CLIPTextEncode", clip=clip, text="a kiln toy")[0][0][0].clone()
+    cfg = comfy.run_node("KilnLoraConfig", rank=4, alpha=4.0, conv_rank=0, conv_alpha=1.0, dropout=0.0,
+                         rank_dropout=0.0, module_dropout=0.0)[0]
+    out = comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=cfg,
+                         **(TRAIN | dict(steps=12, sample_every=0)), text_encoder_lr=1e-3)
+    model_out, lora, _, _, clip_out = out
+    sd = lora.state_dict
+    te = {k.split(".")[0] for k in sd if k.startswith("lora_te_")}
+    # kohya's CLIPAttention + CLIPMLP linears of every layer: q, k, v, out_proj, fc1, fc2
+    layers = len(encoders.clip_l.transformer.text_model.encoder.layers)
+    assert len(te) == 6 * layers and "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in te
+    assert any(sd[f"{n}.lora_up.weight"].abs().sum() > 0 for n in te), "text-encoder LoRA did not learn"
+    bridge = sys.modules[comfy.node_class("KilnTrainSD1").__module__.rsplit(".", 1)[0] + ".comfy_bridge"]
+    assert bridge.unmapped_lora_keys(model, sd, clip) == []
+    assert lora.metadata["ss_text_encoder_lr"] == "0.001"
+    now = dict(encoders.named_parameters())
+    assert all(now[n] is p and p.data_ptr() == ptr for n, (p, ptr) in before.items())
+    assert not any("forward" in m.__dict__ or m._forward_pre_hooks for m in encoders.modules())
+    # the input CLIP encodes exactly as before; the output CLIP carries the text-encoder LoRA
+    assert torch.equal(comfy.run_node("CLIPTextEncode", clip=clip, text="a kiln toy")[0][0][0], text_before)
+    assert not torch.equal(comfy.run_node("CLIPTextEncode", clip=clip_out, text="a kiln toy")[0][0][0], text_before)

@@ -38,7 +38,7 @@ def test_sd3_lora_trains_maps_and_restores_the_model(comfy, sd3):
     before = {n: (p, p.data_ptr()) for n, p in mmdit.named_parameters()}
     out = comfy.run_node("KilnTrainSD3", model=model, clip=clip, dataset=cached, lora_config=lora_config(comfy),
                          **SD3_TRAIN, **SD3_OPTS)
-    model_out, lora, samples, plot = out
+    model_out, lora, samples, plot, _clip = out
     meta = lora.metadata
     assert float(meta["kiln_probe_loss_end"]) < 0.9 * float(meta["kiln_probe_loss_start"])
     assert meta["modelspec.architecture"] == "stable-diffusion-3-medium/lora"
@@ -59,18 +59,24 @@ def test_sd3_per_layer_ranks_embedders_and_block_selection(comfy, sd3):
     opts = SD3_OPTS | dict(weighting_scheme="mode", apply_lg_attn_mask=True, clip_l_dropout_rate=0.5,
                            pos_emb_random_crop_rate=0.5)
     out = comfy.run_node("KilnTrainSD3", model=model, clip=clip, dataset=cached, lora_config=lora_config(comfy, args),
-                         **(SD3_TRAIN | dict(steps=3)), **opts)
+                         **(SD3_TRAIN | dict(steps=3)), **opts, text_encoder_lr1=1e-4, text_encoder_lr2=1e-4)
     sd = out[1].state_dict
-    ranks = {k.split(".")[0]: v.shape[0] for k, v in sd.items() if k.endswith("lora_down.weight")}
+    te1 = {k.split(".")[0] for k in sd if k.startswith("lora_te1_text_model_encoder_layers_")}
+    assert len(te1) == 6 * len(clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers)
+    assert not any(k.startswith(("lora_te2_", "lora_te3_")) for k in sd)  # the fixture's CLIP has only CLIP-L
+    ranks = {k.split(".")[0]: v.shape[0] for k, v in sd.items() if k.endswith("lora_down.weight")
+             and k.startswith("lora_unet_")}
     assert ranks == {
         "lora_unet_joint_blocks_1_x_block_attn_qkv": 2, "lora_unet_joint_blocks_1_x_block_attn_proj": 2,
         "lora_unet_joint_blocks_1_x_block_mlp_fc1": 3, "lora_unet_joint_blocks_1_x_block_mlp_fc2": 3,
         "lora_unet_joint_blocks_1_x_block_adaLN_modulation_1": 1,
         "lora_unet_t_embedder_mlp_0": 5, "lora_unet_t_embedder_mlp_2": 5, "lora_unet_x_embedder_proj": 6,
         "lora_unet_final_layer_linear": 7}
-    assert bridge_of(comfy).unmapped_lora_keys(model, sd) == []
+    assert bridge_of(comfy).unmapped_lora_keys(model, sd, clip) == []
     text = " ".join(map(str, out.ui["text"]))  # the verbose listing is shown on the node
-    assert "9 LoRA modules" in text and re.search(r"lora_unet_x_embedder_proj +rank 6, alpha 4", text)
+    assert f"{9 + len(te1)} LoRA modules (unet 9, clip_l {len(te1)})" in text
+    assert re.search(r"lora_unet_x_embedder_proj +rank 6, alpha 4", text)
+    assert "clip_g is not in this CLIP" in text
 
 
 def test_sd3_node_refuses_keys_it_does_not_read(comfy, sd3):

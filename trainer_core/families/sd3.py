@@ -24,6 +24,7 @@ from ..lora.targets import TargetRule
 from .common import NoisyBatch
 
 UNET_PREFIX = "lora_unet"
+TE_PREFIXES = {"clip_l": "lora_te1", "clip_g": "lora_te2", "t5xxl": "lora_te3"}  # kohya's lora_sd3 names
 WEIGHTING_SCHEMES = ("uniform", "logit_normal", "mode", "cosmap", "sigma_sqrt")
 
 # network_args this family reads (kohya's lora_sd3 keys), with what they do

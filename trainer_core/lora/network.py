@@ -18,15 +18,31 @@ class LoRANetwork(nn.Module):
     def __init__(self, root: nn.Module, rules: list[TargetRule], name_of: Callable[[str], str],
                  dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0, seed: int = 0):
         super().__init__()
-        init = torch.Generator().manual_seed(seed)  # the same seed gives the same starting adapters
+        self.init = torch.Generator().manual_seed(seed)  # the same seed gives the same starting adapters
+        self.dropouts = (dropout, rank_dropout, module_dropout)
         self.adapters = nn.ModuleDict()
         self.paths: dict[str, str] = {}  # kohya name -> host module path
+        self.groups: dict[str, str] = {}  # kohya name -> "unet" or a text encoder (own learning rate)
+        self.add(root, rules, name_of, "unet")
+
+    def add(self, root: nn.Module, rules: list[TargetRule], name_of: Callable[[str], str], group: str) -> int:
+        """Adapters on a second host network (a text encoder); returns how many were added."""
+        before = len(self.adapters)
         for path, module, rank, alpha in select_targets(root, rules):
             name = name_of(path)
             if name in self.adapters:
                 raise RuntimeError(f"two modules map to the LoRA name {name}")
-            self.adapters[name] = LoRAModule(name, module, rank, alpha, dropout, rank_dropout, module_dropout, init)
+            self.adapters[name] = LoRAModule(name, module, rank, alpha, *self.dropouts, self.init)
             self.paths[name] = path
+            self.groups[name] = group
+        return len(self.adapters) - before
+
+    def param_groups(self, lr: float, group_lrs: dict[str, float]) -> list[dict]:
+        """Optimizer parameter groups, one per adapter group, each at its own learning rate."""
+        groups: dict[str, list] = {}
+        for name, a in self.adapters.items():
+            groups.setdefault(self.groups[name], []).extend(p for p in a.parameters() if p.requires_grad)
+        return [{"params": ps, "lr": group_lrs.get(g, lr), "name": g} for g, ps in groups.items()]
 
     def __len__(self):
         return len(self.adapters)
