@@ -11,6 +11,7 @@ DESIGN.md ("Facts the design rests on"); the ones that matter most here:
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import logging
@@ -167,36 +168,68 @@ def default_precision(model) -> str:
 # --- text and images ----------------------------------------------------------------------------
 
 class TextConditioning:
-    """Caption -> conditioning tensors, each text encoded once (the text encoders stay frozen); serves the
-    training batches and the sample previews alike."""
+    """Caption -> conditioning tensors (the text encoders stay frozen); serves training batches and sample
+    previews alike.
 
-    def __init__(self, clip, max_tokens: int = 77):
+    Captions known before training are encoded once and kept (``pin``). Caption augmentation makes a new
+    string nearly every draw, so those are encoded on demand, one text-encoder call per new string, and
+    only the most recent ``recent`` are kept: memory stays bounded however long training runs (caching
+    every permutation would grow without limit). Each on-demand call loads the text encoder next to the
+    network being trained, as sample previews already do. ``encodes`` counts the calls.
+    """
+
+    def __init__(self, clip, max_tokens: int = 77, recent: int = 256):
         self.clip = clip
         self.max_tokens = max_tokens
-        self.raw: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self.cache: dict[str, torch.Tensor] = {}
+        self.recent_size = recent
+        self.raw: dict[str, tuple] = {}  # prompt -> (tokens, cond, pooled) for the sampler (prompts are few)
+        self.pinned: dict[str, dict[str, torch.Tensor]] = {}
+        self.recent: collections.OrderedDict[str, dict[str, torch.Tensor]] = collections.OrderedDict()
+        self.encodes = 0
 
     def tokens(self, text: str) -> dict:
         return self.clip.tokenize(text)
 
-    def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if text not in self.raw:
-            with torch.no_grad():
-                self.raw[text] = self.clip.encode_from_tokens(self.tokens(text), return_pooled=True)
-        return self.raw[text]
+    def _encode(self, text: str) -> tuple:
+        """One text-encoder call: (tokens, cond, pooled)."""
+        self.encodes += 1
+        tokens = self.tokens(text)
+        with torch.no_grad():
+            cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
+        return tokens, cond, pooled
 
-    def encode(self, text: str) -> torch.Tensor:
-        """The training context [tokens, dim] (first 77 tokens, like kohya's default), autograd-safe."""
-        if text not in self.cache:
-            self.cache[text] = normal_tensor(self._encode(text)[0][0, :self.max_tokens].float().cpu())
-        return self.cache[text]
+    def _entry(self, tokens: dict, cond: torch.Tensor, pooled) -> dict[str, torch.Tensor]:
+        """What a training batch takes of one caption: the context [tokens, dim] (first 77 tokens, like
+        kohya's default), autograd-safe."""
+        return {"context": normal_tensor(cond[0, :self.max_tokens].float().cpu())}
+
+    def entry(self, text: str, pin: bool = False) -> dict[str, torch.Tensor]:
+        if text in self.pinned:
+            return self.pinned[text]
+        if text in self.recent:
+            self.recent.move_to_end(text)
+            return self.recent[text]
+        entry = self._entry(*(self.raw[text] if text in self.raw else self._encode(text)))
+        if pin:
+            self.pinned[text] = entry
+        else:
+            self.recent[text] = entry
+            if len(self.recent) > self.recent_size:
+                self.recent.popitem(last=False)
+        return entry
+
+    def encode(self, text: str, pin: bool = False) -> torch.Tensor:
+        return self.entry(text, pin)["context"]
 
     def __call__(self, captions: list[str], train: bool = False) -> dict[str, torch.Tensor]:
-        return {"context": torch.stack([self.encode(c) for c in captions])}
+        entries = [self.entry(c) for c in captions]
+        return {k: torch.stack([e[k] for e in entries]) for k in entries[0]}
 
     def comfy_conditioning(self, text: str):
         """The CONDITIONING list ComfyUI's samplers take."""
-        cond, pooled = self._encode(text)
+        if text not in self.raw:
+            self.raw[text] = self._encode(text)
+        _, cond, pooled = self.raw[text]
         return [[cond, {"pooled_output": pooled}]]
 
 
@@ -222,8 +255,6 @@ class SD3TextConditioning(TextConditioning):
         self.dropout = {k: v for k, v in (dropout or {}).items()
                         if v > 0 and has[{"clip_l": "clip_l", "clip_g": "clip_g", "t5": "t5xxl"}[k]]}
         self.rng = random.Random(seed)
-        self.lengths: dict[str, tuple[int, int]] = {}
-        self.pooled: dict[str, torch.Tensor] = {}
 
     def tokens(self, text: str) -> dict:
         tok = self.clip.tokenizer
@@ -234,20 +265,17 @@ class SD3TextConditioning(TextConditioning):
         if len(t5) > self.t5_tokens:  # cut like a max_length tokenizer: keep the end token last
             t5 = t5[:self.t5_tokens - 1] + [(tok.t5xxl.end_token,) + tuple(t5[-1][1:])]
         tokens["t5xxl"] = [t5]
-        self.lengths[text] = (_real_length(tokens["l"][0], tok.clip_l.end_token), _real_length(t5, tok.t5xxl.end_token))
         return tokens
 
-    def encode(self, text: str) -> torch.Tensor:
-        if text not in self.cache:
-            cond, pooled = self._encode(text)
-            clip_len, t5_len = self.lengths[text]
-            context = sd3.mask_padding(cond[0].float().cpu(), self.layout, clip_len, t5_len, self.lg_mask, self.t5_mask)
-            self.cache[text] = normal_tensor(context)
-            self.pooled[text] = normal_tensor(pooled[0].float().cpu())
-        return self.cache[text]
+    def _entry(self, tokens: dict, cond: torch.Tensor, pooled) -> dict[str, torch.Tensor]:
+        tok = self.clip.tokenizer
+        clip_len = _real_length(tokens["l"][0], tok.clip_l.end_token)
+        t5_len = _real_length(tokens["t5xxl"][0], tok.t5xxl.end_token)
+        context = sd3.mask_padding(cond[0].float().cpu(), self.layout, clip_len, t5_len, self.lg_mask, self.t5_mask)
+        return {"context": normal_tensor(context), "y": normal_tensor(pooled[0].float().cpu())}
 
     def __call__(self, captions: list[str], train: bool = False) -> dict[str, torch.Tensor]:
-        pairs = [(self.encode(c), self.pooled[c]) for c in captions]
+        pairs = [(e["context"], e["y"]) for e in (self.entry(c) for c in captions)]
         if train and self.dropout:
             pairs = [sd3.drop_encoders(c, p, self.layout, self.dropout, self.rng) for c, p in pairs]
         return {"context": torch.stack([c for c, _ in pairs]), "y": torch.stack([p for _, p in pairs])}

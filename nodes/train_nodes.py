@@ -1,6 +1,8 @@
 """Train LoRA (SD1): validation and conversion around trainer_core.loop.train."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -9,7 +11,9 @@ import torch
 from torch import nn
 from comfy_api.latest import io, ui
 
-from ..trainer_core.cache import CachedSample, LatentCache
+from ..trainer_core.cache import LatentCache
+from ..trainer_core.data.captions import base_caption
+from ..trainer_core.data.dataset import Dataset
 from ..trainer_core.errors import KilnError
 from ..trainer_core.families import sd1, sd3
 from ..trainer_core.lora.config import LoraConfig
@@ -62,9 +66,36 @@ def train_outputs() -> list:
 
 def normal_cache(cache: LatentCache) -> LatentCache:
     """Cache tensors made inside inference mode, re-made as ordinary tensors autograd may save."""
-    samples = [CachedSample(bridge.normal_tensor(s.latent), None if s.mask is None else bridge.normal_tensor(s.mask),
-                            s.caption, s.repeats, s.is_reg, s.geometry, s.path) for s in cache.samples]
+    samples = [dataclasses.replace(s, latent=bridge.normal_tensor(s.latent),
+                                   mask=None if s.mask is None else bridge.normal_tensor(s.mask)) for s in cache.samples]
     return LatentCache(samples, cache.dataset, cache.encoder_id, cache.seconds)
+
+
+def dataset_metadata(ds: Dataset) -> dict[str, object]:
+    """kohya's per-[[datasets]] ``ss_datasets`` (with each subset's caption options) and the top-level caption
+    keys (``ss_shuffle_caption``, ``ss_caption_dropout_rate``, ...), written where every subset agrees."""
+    blocks = []
+    for block in sorted({s.block for s in ds.subsets}):
+        members = [(k, s) for k, s in enumerate(ds.subsets) if s.block == block]
+        b = ds.buckets_of(members[0][1])
+        counts = {k: sum(1 for i in ds.items if i.subset == k) for k, _ in members}
+        subsets = [{"img_count": counts[k], "num_repeats": s.num_repeats, "color_aug": False, "flip_aug": False,
+                    "random_crop": False, "image_dir": os.path.basename(s.image_dir.rstrip("/")),
+                    "class_tokens": s.class_tokens, "is_reg": s.is_reg, "enable_wildcard": False,
+                    **dataclasses.asdict(s.captions)} for k, s in members]
+        blocks.append({"is_dreambooth": True, "batch_size_per_device": ds.batch_size,
+                       "num_train_images": sum(counts[k] * s.num_repeats for k, s in members if not s.is_reg),
+                       "num_reg_images": sum(counts[k] * s.num_repeats for k, s in members if s.is_reg),
+                       "resolution": list(b.resolution), "enable_bucket": b.enable_bucket,
+                       "min_bucket_reso": b.min_bucket_reso, "max_bucket_reso": b.max_bucket_reso,
+                       "subsets": subsets})
+    out: dict[str, object] = {"datasets": json.dumps(blocks)}
+    for key in ("shuffle_caption", "keep_tokens", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+                "caption_tag_dropout_rate"):
+        values = {getattr(s.captions, key) for s in ds.subsets}
+        if len(values) == 1:
+            out[key] = values.pop()
+    return out
 
 
 def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: LoraConfig, tcfg: TrainConfig,
@@ -94,6 +125,7 @@ def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: L
         "masked_loss": data.cache.has_masks, "tag_frequency": tags,
         "dataset_dirs": {os.path.basename(s.image_dir.rstrip("/")): {"n_repeats": s.num_repeats,
                          "img_count": sum(1 for i in ds.items if i.subset == k)} for k, s in enumerate(ds.subsets)},
+        **dataset_metadata(ds),
     }
     meta = build_metadata(arch, base, model_name or "kiln lora")
     meta["kiln_probe_loss_start"] = repr(result.probe_loss_start)
@@ -139,11 +171,21 @@ def run_training(model, dataset: KilnDataset, lora_config: LoraConfig, tcfg: Tra
                  opts: dict, node_id, family: str) -> io.NodeOutput:
     """Train on the shared MODEL in place, report progress, and return the node's four outputs."""
     check_keys(parse_network_args(lora_config.args), plan.network_args, plan.node)
-    prompts = [p.strip() for p in opts["sample_prompts"].splitlines() if p.strip()] or [dataset.cache.samples[0].caption]
-    width, height = dataset.cache.samples[0].geometry.bucket
+    first = dataset.cache.samples[0]
+    prompts = [p.strip() for p in opts["sample_prompts"].splitlines() if p.strip()] or [base_caption(first.caption,
+                                                                                                 first.captions)]
+    width, height = first.geometry.bucket
     cond = plan.conditioning
-    for s in dataset.cache.samples:  # encode every caption once, before the loop
-        cond.encode(s.caption)
+    for s in dataset.cache.samples:  # fixed captions: encoded once, before the loop; augmented ones on demand
+        if not s.captions.varies:
+            cond.encode(base_caption(s.caption, s.captions), pin=True)
+    seen: set[str] = set()  # distinct captions trained on (more than the images when augmentation is on)
+
+    def conditioning(captions: list[str], train: bool = False) -> dict[str, torch.Tensor]:
+        if train:
+            seen.update(captions)
+        return cond(captions, train=train)
+
     cache = normal_cache(dataset.cache)
     progress = bridge.Progress(tcfg.steps, node_id)
 
@@ -171,16 +213,19 @@ def run_training(model, dataset: KilnDataset, lora_config: LoraConfig, tcfg: Tra
                                         "seconds": info.seconds})
 
         with network.attached():
-            result = train(network, plan.objective, bridge.unet_forward(model, net_host), cond, cache,
+            result = train(network, plan.objective, bridge.unet_forward(model, net_host), conditioning, cache,
                            bridge.latent_in(model), tcfg, bridge.device_of(model), plan.checkpoint_blocks(net_host), on_step)
             samples = preview(network)
         lora_sd = network.kohya_state_dict()
         arch = plan.architecture(net_host)
 
     meta = training_metadata(plan.version, arch, dataset, lora_config, tcfg, result, "")
+    meta["kiln_distinct_captions"] = str(len(seen))
+    meta["kiln_text_encoder_calls"] = str(cond.encodes)
     plot = bridge.pil_to_image(loss_plot(result.losses))
     text = (f"{len(network)} LoRA modules, {result.steps} steps in {result.seconds:.1f}s "
-            f"({result.seconds_per_step:.3f}s/step); probe loss {result.probe_loss_start:.4f} → {result.probe_loss_end:.4f}")
+            f"({result.seconds_per_step:.3f}s/step); probe loss {result.probe_loss_start:.4f} → {result.probe_loss_end:.4f}"
+            f"; {len(seen)} distinct captions trained, {cond.encodes} text-encoder calls")
     if parse_network_args(lora_config.args).get("verbose", "").lower() in ("true", "1", "yes"):
         text += "\n" + describe_modules(network)
     lora = TrainedLora(lora_sd, meta, family)
