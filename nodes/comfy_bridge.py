@@ -11,6 +11,7 @@ DESIGN.md ("Facts the design rests on"); the ones that matter most here:
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import logging
@@ -198,66 +199,79 @@ def default_precision(model) -> str:
 class TextConditioning:
     """Caption -> conditioning tensors for training batches and sample previews.
 
-    With frozen text encoders each text is encoded once and cached. With ``live`` set (text-encoder LoRA
-    being trained) every call encodes again through the encoders, with gradients when they are enabled.
+    Frozen text encoders: captions known before training are encoded once and kept (``pin``). Caption
+    augmentation makes a new string nearly every draw, so those are encoded on demand, one text-encoder
+    call per new string, and only the most recent ``recent`` are kept: memory stays bounded however long
+    training runs. ``encodes`` counts the calls.
+    Text-encoder LoRA being trained (``live``): every call encodes again through the encoders, with
+    gradients when they are enabled, and nothing is cached.
     """
 
-    def __init__(self, clip, max_tokens: int = 77):
+    def __init__(self, clip, max_tokens: int = 77, recent: int = 256):
         self.clip = clip
         self.max_tokens = max_tokens
+        self.recent_size = recent
         self.live = False
-        self.token_cache: dict[str, dict] = {}
-        self.raw: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-
-    def tokenize(self, text: str) -> dict:
-        return self.clip.tokenize(text)
+        self.raw: dict[str, tuple] = {}  # prompt -> (tokens, cond, pooled) for the sampler (prompts are few)
+        self.pinned: dict[str, dict[str, torch.Tensor]] = {}
+        self.recent: collections.OrderedDict[str, dict[str, torch.Tensor]] = collections.OrderedDict()
+        self.encodes = 0
 
     def tokens(self, text: str) -> dict:
-        if text not in self.token_cache:
-            self.token_cache[text] = self.tokenize(text)
-        return self.token_cache[text]
+        return self.clip.tokenize(text)
 
-    def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """ComfyUI's own encode (clip skip, weights, upstream CLIP LoRAs included): cond [1,T,C], pooled."""
+    def _encode(self, text: str) -> tuple:
+        """One text-encoder call through ComfyUI's own encode (clip skip, weights, upstream CLIP LoRAs
+        included): (tokens, cond [1,T,C], pooled)."""
+        self.encodes += 1
+        tokens = self.tokens(text)
+        with contextlib.nullcontext() if self.live else torch.no_grad():
+            cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
+        return tokens, cond, pooled
+
+    def _entry(self, tokens: dict, cond: torch.Tensor, pooled) -> dict[str, torch.Tensor]:
+        """What a training batch takes of one caption: the context [tokens, dim] (first 77 tokens, like
+        kohya's default)."""
+        return {"context": cond[0, :self.max_tokens].float()}
+
+    def entry(self, text: str, pin: bool = False) -> dict[str, torch.Tensor]:
         if self.live:
-            return self.clip.encode_from_tokens(self.tokens(text), return_pooled=True)
-        if text not in self.raw:
-            with torch.no_grad():
-                self.raw[text] = self.clip.encode_from_tokens(self.tokens(text), return_pooled=True)
-        return self.raw[text]
+            return self._entry(*self._encode(text))
+        if text in self.pinned:
+            return self.pinned[text]
+        if text in self.recent:
+            self.recent.move_to_end(text)
+            return self.recent[text]
+        raw = self.raw[text] if text in self.raw else self._encode(text)
+        entry = {k: normal_tensor(v.cpu()) for k, v in self._entry(*raw).items()}  # autograd-safe
+        if pin:
+            self.pinned[text] = entry
+        else:
+            self.recent[text] = entry
+            if len(self.recent) > self.recent_size:
+                self.recent.popitem(last=False)
+        return entry
 
-    def post(self, text: str, cond: torch.Tensor, pooled: torch.Tensor | None):
-        """The training view of one text: (context [tokens, dim], pooled or None); the first 77 tokens like kohya."""
-        return cond[0, :self.max_tokens].float(), None
+    def encode(self, text: str, pin: bool = False) -> torch.Tensor:
+        return self.entry(text, pin)["context"]
 
-    def pair(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.live:
-            context, pooled = self.post(text, *self._encode(text))
-            return context.to(torch.float32), pooled
-        if text not in self.cache:
-            context, pooled = self.post(text, *self._encode(text))
-            self.cache[text] = (normal_tensor(context.cpu()), None if pooled is None else normal_tensor(pooled.cpu()))
-        return self.cache[text]
-
-    def encode(self, text: str) -> torch.Tensor:
-        """The training context [tokens, dim] of one text, autograd-safe."""
-        return self.pair(text)[0]
-
-    def batch(self, pairs: list, train: bool) -> list:
-        return pairs
+    def batch(self, entries: list[dict], train: bool) -> list[dict]:
+        """Per-sample random changes while training (none here; SD3 drops encoders)."""
+        return entries
 
     def __call__(self, captions: list[str], train: bool = False) -> dict[str, torch.Tensor]:
-        pairs = self.batch([self.pair(c) for c in captions], train)
-        out = {"context": torch.stack([c for c, _ in pairs])}
-        if pairs[0][1] is not None:
-            out["y"] = torch.stack([p for _, p in pairs])
-        return out
+        entries = self.batch([self.entry(c) for c in captions], train)
+        return {k: torch.stack([e[k] for e in entries]) for k in entries[0]}
 
     def comfy_conditioning(self, text: str):
         """The CONDITIONING list ComfyUI's samplers take (re-encoded while text-encoder LoRA trains)."""
-        with torch.no_grad():
-            cond, pooled = self._encode(text)
+        if self.live:
+            with torch.no_grad():
+                _, cond, pooled = self._encode(text)
+        else:
+            if text not in self.raw:
+                self.raw[text] = self._encode(text)
+            _, cond, pooled = self.raw[text]
         return [[cond, {"pooled_output": pooled}]]
 
 
@@ -283,9 +297,8 @@ class SD3TextConditioning(TextConditioning):
         self.dropout = {k: v for k, v in (dropout or {}).items()
                         if v > 0 and has[{"clip_l": "clip_l", "clip_g": "clip_g", "t5": "t5xxl"}[k]]}
         self.rng = random.Random(seed)
-        self.lengths: dict[str, tuple[int, int]] = {}
 
-    def tokenize(self, text: str) -> dict:
+    def tokens(self, text: str) -> dict:
         tok = self.clip.tokenizer
         tokens = self.clip.tokenize(text, tokenizer_options={"t5xxl_min_length": self.t5_tokens})
         for key in ("l", "g"):
@@ -294,18 +307,20 @@ class SD3TextConditioning(TextConditioning):
         if len(t5) > self.t5_tokens:  # cut like a max_length tokenizer: keep the end token last
             t5 = t5[:self.t5_tokens - 1] + [(tok.t5xxl.end_token,) + tuple(t5[-1][1:])]
         tokens["t5xxl"] = [t5]
-        self.lengths[text] = (_real_length(tokens["l"][0], tok.clip_l.end_token), _real_length(t5, tok.t5xxl.end_token))
         return tokens
 
-    def post(self, text, cond, pooled):
-        clip_len, t5_len = self.lengths[text]
+    def _entry(self, tokens: dict, cond: torch.Tensor, pooled) -> dict[str, torch.Tensor]:
+        tok = self.clip.tokenizer
+        clip_len = _real_length(tokens["l"][0], tok.clip_l.end_token)
+        t5_len = _real_length(tokens["t5xxl"][0], tok.t5xxl.end_token)
         context = sd3.mask_padding(cond[0].float(), self.layout, clip_len, t5_len, self.lg_mask, self.t5_mask)
-        return context, pooled[0].float()
+        return {"context": context, "y": pooled[0].float()}
 
-    def batch(self, pairs, train):
-        if train and self.dropout:
-            return [sd3.drop_encoders(c, p, self.layout, self.dropout, self.rng) for c, p in pairs]
-        return pairs
+    def batch(self, entries: list[dict], train: bool) -> list[dict]:
+        if not (train and self.dropout):
+            return entries
+        dropped = [sd3.drop_encoders(e["context"], e["y"], self.layout, self.dropout, self.rng) for e in entries]
+        return [{"context": c, "y": y} for c, y in dropped]
 
 
 def vae_encoder(vae):

@@ -1,6 +1,7 @@
 """Load Dataset, Alpha/Mask Source and Cache Latents."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from comfy_api.latest import io, ui
@@ -9,6 +10,7 @@ import folder_paths
 
 from ..trainer_core.cache import encode_dataset
 from ..trainer_core.data.buckets import BucketConfig
+from ..trainer_core.data.captions import CaptionOptions
 from ..trainer_core.data.dataset import build_dataset, subsets_from_folder
 from ..trainer_core.data.masks import MASK_MODES
 from ..trainer_core.data.toml_config import load_dataset_toml
@@ -44,8 +46,8 @@ class KilnLoadDataset(io.ComfyNode):
                         "captions are the .txt files beside the images.",
             inputs=[
                 io.String.Input("folder", default="", tooltip="Image folder, or a kohya dataset .toml (absolute, or relative to "
-                                "ComfyUI's input folder). A .toml brings its own repeats, captions, resolution, buckets "
-                                "and batch size; the widgets below are then not used."),
+                                "ComfyUI's input folder). A .toml brings its own repeats, captions, caption augmentation, "
+                                "resolution, buckets and batch size; the widgets below are then not used."),
                 io.String.Input("caption_extension", default=".txt"),
                 io.String.Input("class_tokens", default="", tooltip="Caption for images without one. Empty: the 'name' of the N_name folder."),
                 io.Int.Input("repeats", default=1, min=1, max=10000, tooltip="Repeats for images directly in the folder (N_name folders carry their own)."),
@@ -58,13 +60,29 @@ class KilnLoadDataset(io.ComfyNode):
                 io.Boolean.Input("bucket_no_upscale", default=False),
                 io.String.Input("regularization_folder", default="", optional=True,
                                 tooltip="DreamBooth regularization images (N_name folders), optional."),
+                # caption augmentation (kohya's names; applied each time an image is drawn, to every subset,
+                # regularization included, as kohya does). Optional so existing API prompts keep working.
+                io.Boolean.Input("shuffle_caption", default=False, optional=True,
+                                 tooltip="Shuffle the comma-separated tags of each caption every time it is used."),
+                io.Int.Input("keep_tokens", default=0, min=0, max=255, optional=True,
+                             tooltip="The first N tags stay first and are never shuffled or dropped (e.g. 1 for a trigger word)."),
+                io.String.Input("caption_prefix", default="", optional=True,
+                                tooltip="Text put before every caption (joined with a space, as kohya). End it with ',' "
+                                        "to make it a tag of its own; with keep_tokens it can be the kept part."),
+                io.String.Input("caption_suffix", default="", optional=True, tooltip="Text put after every caption."),
+                io.Float.Input("caption_dropout_rate", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Chance that a caption is replaced by an empty one (unconditional training)."),
+                io.Float.Input("caption_tag_dropout_rate", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Chance that each tag is left out; kept tags (keep_tokens) are never dropped."),
             ],
             outputs=[KilnDatasetType.Output(display_name="dataset"), io.String.Output(display_name="summary")],
         )
 
     @classmethod
     def execute(cls, folder, caption_extension, class_tokens, repeats, resolution, batch_size, enable_bucket,
-                min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale, regularization_folder="") -> io.NodeOutput:
+                min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale, regularization_folder="",
+                shuffle_caption=False, keep_tokens=0, caption_prefix="", caption_suffix="", caption_dropout_rate=0.0,
+                caption_tag_dropout_rate=0.0) -> io.NodeOutput:
         root = resolve_folder(folder, "Load Dataset", allow_toml=True)
         if root.lower().endswith(".toml"):
             subsets, buckets, batch_size = load_dataset_toml(root)
@@ -78,6 +96,11 @@ class KilnLoadDataset(io.ComfyNode):
                 subsets += subsets_from_folder(reg_root, caption_extension, 1, class_tokens, is_reg=True)
             buckets = BucketConfig((resolution, resolution), enable_bucket, min(min_bucket_reso, resolution),
                                    max(max_bucket_reso, resolution), bucket_reso_steps, bucket_no_upscale)
+            captions = CaptionOptions(shuffle_caption=shuffle_caption, keep_tokens=keep_tokens,
+                                      caption_prefix=caption_prefix.strip(), caption_suffix=caption_suffix.strip(),
+                                      caption_dropout_rate=caption_dropout_rate,
+                                      caption_tag_dropout_rate=caption_tag_dropout_rate)
+            subsets = [dataclasses.replace(s, captions=captions) for s in subsets]
         dataset = build_dataset(subsets, buckets, batch_size)
         summary = dataset.summary()
         return io.NodeOutput(KilnDataset(dataset), summary, ui=ui.PreviewText(summary))

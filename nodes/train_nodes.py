@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -11,7 +13,9 @@ import torch
 from torch import nn
 from comfy_api.latest import io, ui
 
-from ..trainer_core.cache import CachedSample, LatentCache
+from ..trainer_core.cache import LatentCache
+from ..trainer_core.data.captions import base_caption
+from ..trainer_core.data.dataset import Dataset
 from ..trainer_core.errors import KilnError
 from ..trainer_core.families import sd1, sd3
 from ..trainer_core.lora.config import LoraConfig
@@ -75,8 +79,8 @@ def train_outputs() -> list:
 
 def normal_cache(cache: LatentCache) -> LatentCache:
     """Cache tensors made inside inference mode, re-made as ordinary tensors autograd may save."""
-    samples = [CachedSample(bridge.normal_tensor(s.latent), None if s.mask is None else bridge.normal_tensor(s.mask),
-                            s.caption, s.repeats, s.is_reg, s.geometry, s.path) for s in cache.samples]
+    samples = [dataclasses.replace(s, latent=bridge.normal_tensor(s.latent),
+                                   mask=None if s.mask is None else bridge.normal_tensor(s.mask)) for s in cache.samples]
     return LatentCache(samples, cache.dataset, cache.encoder_id, cache.seconds)
 
 
@@ -84,6 +88,33 @@ def text_encoder_lr(tcfg: TrainConfig):
     """kohya's ss_text_encoder_lr: one number, or a list when encoders differ; 0 when no encoder trained."""
     lrs = list(tcfg.group_lrs.values())
     return 0 if not lrs else lrs[0] if len(set(lrs)) == 1 else lrs
+
+
+def dataset_metadata(ds: Dataset) -> dict[str, object]:
+    """kohya's per-[[datasets]] ``ss_datasets`` (with each subset's caption options) and the top-level caption
+    keys (``ss_shuffle_caption``, ``ss_caption_dropout_rate``, ...), written where every subset agrees."""
+    blocks = []
+    for block in sorted({s.block for s in ds.subsets}):
+        members = [(k, s) for k, s in enumerate(ds.subsets) if s.block == block]
+        b = ds.buckets_of(members[0][1])
+        counts = {k: sum(1 for i in ds.items if i.subset == k) for k, _ in members}
+        subsets = [{"img_count": counts[k], "num_repeats": s.num_repeats, "color_aug": False, "flip_aug": False,
+                    "random_crop": False, "image_dir": os.path.basename(s.image_dir.rstrip("/")),
+                    "class_tokens": s.class_tokens, "is_reg": s.is_reg, "enable_wildcard": False,
+                    **dataclasses.asdict(s.captions)} for k, s in members]
+        blocks.append({"is_dreambooth": True, "batch_size_per_device": ds.batch_size,
+                       "num_train_images": sum(counts[k] * s.num_repeats for k, s in members if not s.is_reg),
+                       "num_reg_images": sum(counts[k] * s.num_repeats for k, s in members if s.is_reg),
+                       "resolution": list(b.resolution), "enable_bucket": b.enable_bucket,
+                       "min_bucket_reso": b.min_bucket_reso, "max_bucket_reso": b.max_bucket_reso,
+                       "subsets": subsets})
+    out: dict[str, object] = {"datasets": json.dumps(blocks)}
+    for key in ("shuffle_caption", "keep_tokens", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+                "caption_tag_dropout_rate"):
+        values = {getattr(s.captions, key) for s in ds.subsets}
+        if len(values) == 1:
+            out[key] = values.pop()
+    return out
 
 
 def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: LoraConfig, tcfg: TrainConfig,
@@ -113,6 +144,7 @@ def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: L
         "masked_loss": data.cache.has_masks, "tag_frequency": tags,
         "dataset_dirs": {os.path.basename(s.image_dir.rstrip("/")): {"n_repeats": s.num_repeats,
                          "img_count": sum(1 for i in ds.items if i.subset == k)} for k, s in enumerate(ds.subsets)},
+        **dataset_metadata(ds),
     }
     meta = build_metadata(arch, base, model_name or "kiln lora")
     meta["kiln_probe_loss_start"] = repr(result.probe_loss_start)
@@ -167,13 +199,23 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
     notes = [f"{e} is not in this CLIP: its text-encoder learning rate is ignored"
              for e, lr in plan.te_lrs.items() if lr > 0 and e not in loaded and e in plan.te_prefixes]
     tcfg.group_lrs = {e: plan.te_lrs[e] for e in te_train}
-    prompts = [p.strip() for p in opts["sample_prompts"].splitlines() if p.strip()] or [dataset.cache.samples[0].caption]
-    width, height = dataset.cache.samples[0].geometry.bucket
+    first = dataset.cache.samples[0]
+    prompts = [p.strip() for p in opts["sample_prompts"].splitlines() if p.strip()] or [base_caption(first.caption,
+                                                                                                 first.captions)]
+    width, height = first.geometry.bucket
     cond = plan.conditioning
-    cond.live = bool(te_train)
+    cond.live = bool(te_train)  # trained text encoders: every caption is encoded again at every step
     if not cond.live:
-        for s in dataset.cache.samples:  # frozen encoders: encode every caption once, before the loop
-            cond.encode(s.caption)
+        for s in dataset.cache.samples:  # fixed captions: encoded once, before the loop; augmented ones on demand
+            if not s.captions.varies:
+                cond.encode(base_caption(s.caption, s.captions), pin=True)
+    seen: set[str] = set()  # distinct captions trained on (more than the images when augmentation is on)
+
+    def conditioning(captions: list[str], train: bool = False) -> dict[str, torch.Tensor]:
+        if train:
+            seen.update(captions)
+        return cond(captions, train=train)
+
     cache = normal_cache(dataset.cache)
     progress = bridge.Progress(tcfg.steps, node_id)
 
@@ -204,7 +246,7 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
                                         "seconds": info.seconds})
 
         with network.attached():
-            result = train(network, plan.objective, bridge.unet_forward(model, net_host), cond, cache,
+            result = train(network, plan.objective, bridge.unet_forward(model, net_host), conditioning, cache,
                            bridge.latent_in(model), tcfg, bridge.device_of(model), plan.checkpoint_blocks(net_host), on_step)
             samples = preview(network)
         cond.live = False
@@ -212,11 +254,14 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
         arch = plan.architecture(net_host)
 
     meta = training_metadata(plan.version, arch, dataset, lora_config, tcfg, result, "")
+    meta["kiln_distinct_captions"] = str(len(seen))
+    meta["kiln_text_encoder_calls"] = str(cond.encodes)
     plot = bridge.pil_to_image(loss_plot(result.losses))
     groups = {g: sum(1 for n in network.groups.values() if n == g) for g in dict.fromkeys(network.groups.values())}
     text = (f"{len(network)} LoRA modules ({', '.join(f'{g} {k}' for g, k in groups.items())}), {result.steps} steps "
             f"in {result.seconds:.1f}s ({result.seconds_per_step:.3f}s/step); probe loss "
-            f"{result.probe_loss_start:.4f} → {result.probe_loss_end:.4f}")
+            f"{result.probe_loss_start:.4f} → {result.probe_loss_end:.4f}; {len(seen)} distinct captions trained, "
+            f"{cond.encodes} text-encoder calls")
     unmapped = bridge.unmapped_lora_keys(model, lora_sd, clip)
     if unmapped:  # a bug if it ever happens: say so rather than ship a file ComfyUI half-applies
         log.warning("kiln: %d LoRA modules do not map onto this model in ComfyUI, e.g. %s", len(unmapped), unmapped[0])

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .data.captions import CaptionOptions
 from .data.dataset import Dataset
 from .data.images import open_image
 from .data.masks import image_rgb, load_mask
@@ -29,6 +30,7 @@ class CachedSample:
     is_reg: bool
     geometry: Geometry
     path: str
+    captions: CaptionOptions = CaptionOptions()  # its subset's augmentation, applied each time it is drawn
 
 
 @dataclass
@@ -84,7 +86,8 @@ def encode_dataset(dataset: Dataset, encode: Callable[[torch.Tensor], torch.Tens
                 item = dataset.items[i]
                 subset = dataset.subsets[item.subset]
                 m = latent_mask(mask, lat.shape[-2:], subset.mask_dilation) if mask is not None else None
-                samples[i] = CachedSample(lat, m, item.caption, repeats[i], subset.is_reg, g, item.path)
+                samples[i] = CachedSample(lat, m, item.caption, repeats[i], subset.is_reg, g, item.path,
+                                          subset.captions)
             done += len(chunk)
             if progress:
                 progress(done, total)

@@ -7,6 +7,7 @@ conditioning tensors (``train=False`` for the fixed probe batch: no random text-
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 import time
 from collections import defaultdict
@@ -17,6 +18,7 @@ import torch
 
 from .cache import LatentCache
 from .checkpointing import gradient_checkpointing
+from .data.captions import augment_caption, base_caption
 from .errors import KilnError
 from .losses import elementwise, per_sample_loss
 from .lora.network import LoRANetwork
@@ -83,9 +85,11 @@ def epoch_batches(cache: LatentCache, batch_size: int, rng: random.Random) -> li
 
 
 def batch_iterator(cache: LatentCache, batch_size: int, seed: int):
+    """(epoch, batch) forever; epochs count from 1, as kohya's (caption_dropout_every_n_epochs reads them)."""
     rng = random.Random(seed)
-    while True:
-        yield from epoch_batches(cache, batch_size, rng)
+    for epoch in itertools.count(1):
+        for batch in epoch_batches(cache, batch_size, rng):
+            yield epoch, batch
 
 
 def train(network: LoRANetwork, objective, forward: Callable, conditioning: Callable[..., dict],
@@ -111,17 +115,20 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=autocast_dtype)
 
-    def batch_tensors(indices, train):
+    def batch_tensors(indices, train, epoch, caption_rng):
         samples = [cache.samples[i] for i in indices]
         x0 = latent_in(torch.stack([s.latent for s in samples]).to(device))
         masks = [s.mask for s in samples]
         mask = torch.stack(masks).to(device) if all(m is not None for m in masks) else None
         weights = torch.tensor([cfg.prior_loss_weight if s.is_reg else 1.0 for s in samples], device=device)
-        cond = {k: v.to(device) for k, v in conditioning([s.caption for s in samples], train=train).items()}
+        # kohya's caption augmentation, drawn anew each time; the probe (train=False) sees the steady captions
+        captions = [augment_caption(s.caption, s.captions, caption_rng, epoch) if train
+                    else base_caption(s.caption, s.captions) for s in samples]
+        cond = {k: v.to(device) for k, v in conditioning(captions, train=train).items()}
         return x0, mask, weights, cond
 
-    def loss_of(indices, generator, train=True):
-        x0, mask, weights, cond = batch_tensors(indices, train)
+    def loss_of(indices, generator, train=True, epoch=1, caption_rng=None):
+        x0, mask, weights, cond = batch_tensors(indices, train, epoch, caption_rng)
         nb = objective.sample(x0, generator)
         with autocast():
             pred = forward(nb.x_t, nb.timesteps, cond)
@@ -147,12 +154,14 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
 
     result = TrainResult(probe_loss_start=probe_loss())
     batches = batch_iterator(cache, cfg.batch_size, cfg.seed)
+    caption_rng = random.Random(cfg.seed + 2)  # its own stream: caption augmentation never moves batch order or noise
     start = time.perf_counter()
     with gradient_checkpointing(list(checkpoint_blocks), cfg.gradient_checkpointing):
         for step in range(1, cfg.steps + 1):
             total = 0.0
             for _ in range(cfg.grad_accum):
-                loss = loss_of(next(batches), gen)
+                epoch, indices = next(batches)
+                loss = loss_of(indices, gen, epoch=epoch, caption_rng=caption_rng)
                 if not torch.isfinite(loss):
                     raise KilnError(f"the loss became {loss.item()} at step {step}: lower the learning rate "
                                     f"(now {cfg.learning_rate:g}), or train in fp32/bf16 instead of fp16.")

@@ -87,3 +87,26 @@ def test_regularization_images_are_balanced_like_kohya(tmp_path):
     small = build_dataset(subsets_from_folder(str(tmp_path / "reg"), is_reg=True)
                           + [subsets[0].__class__(str(train), 1, "sks dog")], CFG)
     assert sum(r for r, i in zip(small.sample_repeats(), small.items) if small.subsets[i.subset].is_reg) == 4
+
+
+def test_each_subset_is_bucketed_by_its_own_blocks_settings_and_the_summary_says_so(tmp_path):
+    from dataclasses import replace
+
+    from trainer_core.data.captions import CaptionOptions
+    for name in ("small", "large"):
+        (tmp_path / name).mkdir()
+        _img(tmp_path / name / "wide.png", (200, 100))
+        _img(tmp_path / name / "square.png", (100, 100))
+    small = BucketConfig((64, 64), True, 32, 128, 32)
+    large = BucketConfig((128, 128), False)
+    subsets = [s for name in ("small", "large") for s in subsets_from_folder(str(tmp_path / name))]
+    subsets = [replace(subsets[0], buckets=small, block=0),
+               replace(subsets[1], buckets=large, block=1, captions=CaptionOptions(shuffle_caption=True, keep_tokens=1))]
+    ds = build_dataset(subsets, small, 2)
+    got = {(i.subset, i.path.rsplit("/", 1)[-1]): i.bucket for i in ds.items}
+    assert got[(0, "square.png")] == (64, 64) and got[(0, "wide.png")][0] > got[(0, "wide.png")][1]
+    assert got[(0, "wide.png")][0] * got[(0, "wide.png")][1] <= 64 * 64
+    assert got[(1, "square.png")] == got[(1, "wide.png")] == (128, 128)  # no buckets in block 2: one fixed size
+    summary = ds.summary()
+    assert "dataset #1: 64x64, buckets 32-128 step 32" in summary and "dataset #2: 128x128, no buckets" in summary
+    assert "captions: shuffle, keep first 1" in summary

@@ -70,3 +70,76 @@ def test_bad_toml_and_empty_config(tmp_path):
         load_dataset_toml(write(tmp_path, "[[datasets]\n"))
     with pytest.raises(KilnError, match="no \\[\\[datasets\\]\\]"):
         load_dataset_toml(write(tmp_path, "[general]\nbatch_size = 2\n"))
+
+
+def test_caption_augmentation_keys_follow_kohya_precedence(tmp_path):
+    path = write(tmp_path, """
+[general]
+shuffle_caption = true
+caption_tag_dropout_rate = 0.1
+keep_tokens_separator = "|||"
+
+[[datasets]]
+caption_prefix = "sks,"
+caption_dropout_rate = 0.05
+
+  [[datasets.subsets]]
+  image_dir = "a"
+  keep_tokens = 1
+  caption_dropout_every_n_epochs = 3
+
+  [[datasets.subsets]]
+  image_dir = "b"
+  shuffle_caption = false
+  caption_suffix = "photo"
+  secondary_separator = ";;;"
+""")
+    a, b = (s.captions for s in load_dataset_toml(path)[0])
+    assert (a.shuffle_caption, a.keep_tokens, a.keep_tokens_separator, a.caption_prefix, a.caption_dropout_rate,
+            a.caption_dropout_every_n_epochs, a.caption_tag_dropout_rate) == (True, 1, "|||", "sks,", 0.05, 3, 0.1)
+    assert (b.shuffle_caption, b.keep_tokens, b.caption_prefix, b.caption_suffix, b.secondary_separator,
+            b.caption_separator) == (False, 0, "sks,", "photo", ";;;", ",")
+
+
+def test_caption_values_out_of_range_name_key_and_line(tmp_path):
+    with pytest.raises(KilnError, match=r"'caption_dropout_rate' in .*line 4.* between 0 and 1, got 1.5"):
+        load_dataset_toml(write(tmp_path, '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\ncaption_dropout_rate = 1.5\n'))
+    with pytest.raises(KilnError, match=r"'keep_tokens' .*at least 0, got -1"):
+        load_dataset_toml(write(tmp_path, '[general]\nkeep_tokens = -1\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n'))
+    with pytest.raises(KilnError, match=r"'caption_separator' .*must not be empty"):
+        load_dataset_toml(write(tmp_path, '[general]\ncaption_separator = ""\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n'))
+
+
+def test_each_datasets_block_keeps_its_own_resolution_and_buckets(tmp_path):
+    path = write(tmp_path, """
+[general]
+enable_bucket = true
+batch_size = 2
+
+[[datasets]]
+resolution = 512
+  [[datasets.subsets]]
+  image_dir = "small"
+
+[[datasets]]
+resolution = [1024, 768]
+bucket_reso_steps = 32
+  [[datasets.subsets]]
+  image_dir = "large"
+  [[datasets.subsets]]
+  image_dir = "large_reg"
+  is_reg = true
+""")
+    subsets, first, batch = load_dataset_toml(path)
+    assert [s.block for s in subsets] == [0, 1, 1] and batch == 2
+    assert subsets[0].buckets == first and first.resolution == (512, 512) and first.bucket_reso_steps == 64
+    assert subsets[1].buckets == subsets[2].buckets
+    assert subsets[1].buckets.resolution == (1024, 768) and subsets[1].buckets.bucket_reso_steps == 32
+    assert subsets[1].buckets.enable_bucket
+
+
+def test_different_batch_sizes_per_block_are_refused_naming_the_blocks(tmp_path):
+    path = write(tmp_path, '[[datasets]]\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = "a"\n'
+                           '[[datasets]]\nbatch_size = 4\n[[datasets.subsets]]\nimage_dir = "b"\n')
+    with pytest.raises(KilnError, match=r"different batch_size \(\[\[datasets\]\] #1: 2, \[\[datasets\]\] #2: 4\)"):
+        load_dataset_toml(path)

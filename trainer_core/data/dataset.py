@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from ..errors import KilnError
 from .buckets import BucketConfig, bucket_resolutions, choose_bucket
-from .captions import read_caption
+from .captions import CaptionOptions, read_caption
 from .images import check_dir, is_image_file
 
 log = logging.getLogger("kiln")
@@ -32,6 +32,9 @@ class Subset:
     mask_dir: str | None = None
     missing_mask_is_white: bool = False
     mask_dilation: int = 0           # grow masks by this many latent pixels (keeps thin details in)
+    captions: CaptionOptions = CaptionOptions()
+    buckets: BucketConfig | None = None   # its [[datasets]] block's own settings; None: the Dataset's
+    block: int = 0                   # which [[datasets]] block of a TOML it came from (0 for folders)
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,10 @@ class Dataset:
             first = False
         return out
 
+    def buckets_of(self, subset: Subset) -> BucketConfig:
+        """The bucket settings a subset's images were placed with (its own block's, else the dataset's)."""
+        return subset.buckets or self.buckets
+
     def with_masks(self, mode: str, mask_dir: str | None, missing_is_white: bool, dilation: int = 0) -> "Dataset":
         subsets = [replace(s, mask_mode=mode, mask_dir=mask_dir or s.mask_dir, missing_mask_is_white=missing_is_white,
                            mask_dilation=dilation) for s in self.subsets]
@@ -86,8 +93,16 @@ class Dataset:
         lines = list(self.report)
         per_subset = Counter(i.subset for i in self.items)
         for k, s in enumerate(self.subsets):
+            aug = s.captions.describe()
             lines.append(f"subset {k}: {os.path.basename(s.image_dir.rstrip('/'))} — {per_subset[k]} images × "
-                         f"{s.num_repeats} repeats{' (regularization)' if s.is_reg else ''}")
+                         f"{s.num_repeats} repeats{' (regularization)' if s.is_reg else ''}"
+                         + (f"; captions: {aug}" if aug else ""))
+        configs = {s.block: self.buckets_of(s) for s in self.subsets}
+        if len(set(configs.values())) > 1:
+            for block, c in sorted(configs.items()):
+                lines.append(f"dataset #{block + 1}: {c.resolution[0]}x{c.resolution[1]}, "
+                             + (f"buckets {c.min_bucket_reso}-{c.max_bucket_reso} step {c.bucket_reso_steps}"
+                                if c.enable_bucket else "no buckets"))
         hist = Counter(i.bucket for i in self.items)
         lines.append("buckets: " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(hist.items())))
         if self.skipped_files:
@@ -117,9 +132,12 @@ def build_dataset(subsets: list[Subset], buckets: BucketConfig, batch_size: int 
     if not subsets:
         raise KilnError("the dataset has no images: put images (with .txt captions) in the folder, or in "
                         "kohya-style 'N_name' sub-folders such as '10_mychar'.")
-    table = bucket_resolutions(buckets) if buckets.enable_bucket else None
+    tables: dict[BucketConfig, list | None] = {}
     items, skipped = [], 0
     for k, s in enumerate(subsets):
+        cfg = s.buckets or buckets  # kohya: every [[datasets]] block buckets its images by its own settings
+        if cfg not in tables:
+            tables[cfg] = bucket_resolutions(cfg) if cfg.enable_bucket else None
         check_dir(s.image_dir, "image")
         names = sorted(os.listdir(s.image_dir))
         images = [n for n in names if is_image_file(n) and os.path.isfile(os.path.join(s.image_dir, n))]
@@ -137,7 +155,7 @@ def build_dataset(subsets: list[Subset], buckets: BucketConfig, batch_size: int 
             if orientation in (5, 6, 7, 8):  # EXIF rotations by 90°: width and height swap
                 size = (size[1], size[0])
             caption, _ = read_caption(path, s.caption_extension, s.class_tokens)
-            items.append(ImageItem(path, caption, size, choose_bucket(size, buckets, table), k))
+            items.append(ImageItem(path, caption, size, choose_bucket(size, cfg, tables[cfg]), k))
         if not images:
             raise KilnError(f"no images in {s.image_dir}: add PNG/JPEG/WebP files, or remove the folder.")
     return Dataset(list(subsets), items, buckets, batch_size, skipped)

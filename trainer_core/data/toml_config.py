@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from dataclasses import fields
 
 from ..errors import KilnError
 from .buckets import BucketConfig
+from .captions import CaptionOptions
 from .dataset import Subset
 
 # key -> expected type(s); the first type names it in error messages
@@ -20,12 +22,15 @@ SUBSET_KEYS = {
     "is_reg": (bool,), "shuffle_caption": (bool,), "keep_tokens": (int,), "keep_tokens_separator": (str,),
     "caption_prefix": (str,), "caption_suffix": (str,), "caption_dropout_rate": (float, int),
     "caption_tag_dropout_rate": (float, int), "caption_dropout_every_n_epochs": (int,), "flip_aug": (bool,),
-    "random_crop": (bool,), "conditioning_data_dir": (str,), "alpha_mask": (bool,),
+    "random_crop": (bool,), "conditioning_data_dir": (str,), "alpha_mask": (bool,), "caption_separator": (str,),
+    "secondary_separator": (str,),
 }
+CAPTION_KEYS = [f.name for f in fields(CaptionOptions)]
+# (low, high) of numeric keys, both inclusive; None = unbounded
+RANGES = {"num_repeats": (1, None), "keep_tokens": (0, None), "caption_dropout_every_n_epochs": (0, None),
+          "caption_dropout_rate": (0, 1), "caption_tag_dropout_rate": (0, 1), "batch_size": (1, None)}
 # kohya keys Kiln reads but whose behaviour is not built yet: refused when switched on, never ignored
-NOT_YET = {"shuffle_caption": False, "keep_tokens": 0, "caption_dropout_rate": 0, "caption_tag_dropout_rate": 0,
-           "caption_dropout_every_n_epochs": 0, "flip_aug": False, "random_crop": False,
-           "caption_prefix": "", "caption_suffix": "", "keep_tokens_separator": ""}
+NOT_YET = {"flip_aug": False, "random_crop": False}
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
 
 
@@ -45,6 +50,12 @@ def _check(table: dict, allowed: dict, where: str, path: str, text: str) -> None
         types = allowed[key]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise KilnError(f"'{key}' in {at} must be {TYPE_NAMES[types[0]]}, got {value!r}.")
+        low, high = RANGES.get(key, (None, None))
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise KilnError(f"'{key}' in {at} must be {bounds}, got {value!r}.")
+        if key == "caption_separator" and not value:
+            raise KilnError(f"'{key}' in {at} must not be empty (kohya's default is \",\").")
         if key in NOT_YET and value != NOT_YET[key]:
             raise KilnError(f"'{key}' in {at} is not supported by Kiln yet; remove it or set it to "
                             f"{str(NOT_YET[key]).lower() if isinstance(NOT_YET[key], bool) else repr(NOT_YET[key])}.")
@@ -59,8 +70,9 @@ def _resolution(value) -> tuple[int, int]:
 
 
 def load_dataset_toml(path: str, base_dir: str | None = None) -> tuple[list[Subset], BucketConfig, int]:
-    """(subsets, bucket settings, batch size) from a kohya dataset config. Relative image_dir paths are
-    read against ``base_dir`` (default: the TOML's folder)."""
+    """(subsets, bucket settings of the first [[datasets]] block, batch size) from a kohya dataset config.
+    Every subset carries its own block's bucket settings and its caption options. Relative image_dir
+    paths are read against ``base_dir`` (default: the TOML's folder)."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -81,14 +93,14 @@ def load_dataset_toml(path: str, base_dir: str | None = None) -> tuple[list[Subs
     datasets = cfg.get("datasets") or []
     if not datasets:
         raise KilnError(f"{path} defines no [[datasets]]; add one with at least one [[datasets.subsets]] image_dir.")
-    subsets, settings = [], set()
+    subsets, blocks = [], []  # blocks: (BucketConfig, batch_size) per [[datasets]]
     for d_index, ds in enumerate(datasets):
         _check(ds, {**DATASET_KEYS, **SUBSET_KEYS}, f"[[datasets]] #{d_index + 1}", path, text)
         merged_ds = {**general, **ds}
-        settings.add((_resolution(merged_ds.get("resolution", 512)), merged_ds.get("batch_size", 1),
-                      merged_ds.get("enable_bucket", False), merged_ds.get("min_bucket_reso", 256),
-                      merged_ds.get("max_bucket_reso", 1024), merged_ds.get("bucket_reso_steps", 64),
-                      merged_ds.get("bucket_no_upscale", False)))
+        buckets = BucketConfig(_resolution(merged_ds.get("resolution", 512)), merged_ds.get("enable_bucket", False),
+                               merged_ds.get("min_bucket_reso", 256), merged_ds.get("max_bucket_reso", 1024),
+                               merged_ds.get("bucket_reso_steps", 64), merged_ds.get("bucket_no_upscale", False))
+        blocks.append((buckets, merged_ds.get("batch_size", 1)))
         for s_index, sub in enumerate(ds.get("subsets") or []):
             _check(sub, SUBSET_KEYS, f"[[datasets.subsets]] #{s_index + 1} of dataset #{d_index + 1}", path, text)
             m = {k: v for k, v in merged_ds.items() if k in SUBSET_KEYS}
@@ -100,13 +112,17 @@ def load_dataset_toml(path: str, base_dir: str | None = None) -> tuple[list[Subs
             if mask_dir and not os.path.isabs(mask_dir):
                 mask_dir = os.path.join(base_dir, mask_dir)
             mode = "folder" if mask_dir else ("alpha" if m.get("alpha_mask") else "none")
+            captions = CaptionOptions(**{k: m[k] for k in CAPTION_KEYS if k in m})
             subsets.append(Subset(image_dir, m.get("num_repeats", 1), m.get("class_tokens", ""),
-                                  m.get("caption_extension", ".caption"), m.get("is_reg", False), mode, mask_dir))
-    if len(settings) > 1:
-        raise KilnError(f"{path}: datasets with different resolution / batch / bucket settings are not supported by "
-                        f"Kiln yet; give them the same values (or put them in [general]).")
+                                  m.get("caption_extension", ".caption"), m.get("is_reg", False), mode, mask_dir,
+                                  captions=captions, buckets=buckets, block=d_index))
+    batch_sizes = sorted({b for _, b in blocks})
+    if len(batch_sizes) > 1:
+        per_block = ", ".join(f"[[datasets]] #{i + 1}: {b}" for i, (_, b) in enumerate(blocks))
+        raise KilnError(f"{path}: the [[datasets]] blocks have different batch_size ({per_block}); Kiln trains every "
+                        f"block with one batch size. Give them the same batch_size (or set it once in [general]); "
+                        f"resolution and bucket settings may differ per block.")
     if not subsets:
         raise KilnError(f"{path} has datasets but no [[datasets.subsets]] with an image_dir.")
-    (w, h), batch, enable, lo, hi, step, no_up = settings.pop()
-    return subsets, BucketConfig((w, h), enable, lo, hi, step, no_up), batch
+    return subsets, blocks[0][0], batch_sizes[0]
 
