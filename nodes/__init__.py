@@ -5,9 +5,9 @@ from comfy_api.latest import ComfyExtension, io
 
 from .dataset_nodes import KilnCacheLatents, KilnLoadDataset, KilnMaskSource
 from .lora_nodes import KilnLoraConfig, KilnSaveLora
-from .train_nodes import KilnTrainSD1, KilnTrainSD3
+from .train_nodes import KilnTrainSD1, KilnTrainSD3, KilnTrainSDXL
 
-NODES: list[type[io.ComfyNode]] = [KilnLoadDataset, KilnMaskSource, KilnCacheLatents, KilnLoraConfig, KilnTrainSD1, KilnTrainSD3, KilnSaveLora]
+NODES: list[type[io.ComfyNode]] = [KilnLoadDataset, KilnMaskSource, KilnCacheLatents, KilnLoraConfig, KilnTrainSD1, KilnTrainSDXL, KilnTrainSD3, KilnSaveLora]
 
 
 class KilnExtension(ComfyExtension):

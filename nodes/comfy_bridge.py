@@ -29,7 +29,7 @@ import comfy.sd
 import comfy.utils
 
 from ..trainer_core.errors import KilnError
-from ..trainer_core.families import sd3
+from ..trainer_core.families import sd3, sdxl
 
 log = logging.getLogger("kiln")
 
@@ -259,7 +259,7 @@ class TextConditioning:
         """Per-sample random changes while training (none here; SD3 drops encoders)."""
         return entries
 
-    def __call__(self, captions: list[str], train: bool = False) -> dict[str, torch.Tensor]:
+    def __call__(self, captions: list[str], train: bool = False, samples=None) -> dict[str, torch.Tensor]:
         entries = self.batch([self.entry(c) for c in captions], train)
         return {k: torch.stack([e[k] for e in entries]) for k in entries[0]}
 
@@ -273,6 +273,28 @@ class TextConditioning:
                 self.raw[text] = self._encode(text)
             _, cond, pooled = self.raw[text]
         return [[cond, {"pooled_output": pooled}]]
+
+
+class SDXLTextConditioning(TextConditioning):
+    """SDXL: context [77, 2048] from CLIP-L + CLIP-G, and y = the model's own ``encode_adm`` of the CLIP-G
+    pooled output with each sample's size/crop/target conditioning (from its bucketing)."""
+
+    def __init__(self, clip, model):
+        super().__init__(clip)
+        self.model = model
+
+    def _entry(self, tokens: dict, cond: torch.Tensor, pooled) -> dict[str, torch.Tensor]:
+        return {"context": cond[0, :self.max_tokens].float(), "pooled": pooled[0].float()}
+
+    def __call__(self, captions: list[str], train: bool = False, samples=None) -> dict[str, torch.Tensor]:
+        entries = [self.entry(c) for c in captions]
+        ys = []
+        for e, s in zip(entries, samples):
+            c = sdxl.size_condition(s.geometry)
+            ys.append(self.model.model.encode_adm(
+                pooled_output=e["pooled"][None], width=c.original_width, height=c.original_height,
+                crop_w=c.crop_left, crop_h=c.crop_top, target_width=c.target_width, target_height=c.target_height)[0])
+        return {"context": torch.stack([e["context"] for e in entries]), "y": torch.stack(ys).float()}
 
 
 def _real_length(pairs: list, end_token) -> int:

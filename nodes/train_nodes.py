@@ -17,7 +17,7 @@ from ..trainer_core.cache import LatentCache
 from ..trainer_core.data.captions import base_caption
 from ..trainer_core.data.dataset import Dataset
 from ..trainer_core.errors import KilnError
-from ..trainer_core.families import sd1, sd3
+from ..trainer_core.families import sd1, sd3, sdxl
 from ..trainer_core.lora.config import LoraConfig
 from ..trainer_core.lora.io import TrainedLora, build_metadata
 from ..trainer_core.lora.network_args import check_keys, parse_network_args
@@ -211,10 +211,10 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
                 cond.encode(base_caption(s.caption, s.captions), pin=True)
     seen: set[str] = set()  # distinct captions trained on (more than the images when augmentation is on)
 
-    def conditioning(captions: list[str], train: bool = False) -> dict[str, torch.Tensor]:
+    def conditioning(captions: list[str], train: bool = False, samples=None) -> dict[str, torch.Tensor]:
         if train:
             seen.update(captions)
-        return cond(captions, train=train)
+        return cond(captions, train=train, samples=samples)
 
     cache = normal_cache(dataset.cache)
     progress = bridge.Progress(tcfg.steps, node_id)
@@ -379,3 +379,39 @@ class KilnTrainSD3(io.ComfyNode):
                     "t5xxl": opts.get("text_encoder_lr3", 0.0)})
         with bridge.random_pos_embed_crop(model.model.diffusion_model, opts["pos_emb_random_crop_rate"], tcfg.seed):
             return run_training(model, clip, dataset, lora_config, tcfg, plan, opts, cls.hidden.unique_id, fam)
+
+
+class KilnTrainSDXL(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KilnTrainSDXL",
+            display_name="Train LoRA (SDXL)",
+            category="Kiln",
+            description="Trains a LoRA on the loaded SDXL-family model (SDXL, SSD-1B, Vega, KOALA) in place, with "
+                        "both text encoders and the size/crop conditioning from bucketing.",
+            inputs=[io.Model.Input("model"), io.Clip.Input("clip"), KilnDatasetType.Input("dataset"),
+                    KilnLoraConfigType.Input("lora_config")] + common_inputs()
+                   + [te_lr_input("text_encoder_lr1", "CLIP-L"), te_lr_input("text_encoder_lr2", "CLIP-G")],
+            outputs=train_outputs(),
+            hidden=[io.Hidden.unique_id],
+            not_idempotent=False,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
+        node = "Train LoRA (SDXL)"
+        fam = bridge.require_family(model, bridge.SDXL_FAMILIES, node)
+        require_cache(dataset, node)
+        is_v = bridge.is_v_prediction(model)
+        tcfg = train_config(model, dataset, opts)
+        lc = lora_config
+        plan = FamilyPlan(
+            node=node,
+            rules=lambda unet: sdxl.unet_rules(lc.rank, lc.alpha, lc.conv_rank, lc.conv_alpha),
+            namer=sdxl.unet_namer, checkpoint_blocks=sdxl.checkpoint_blocks,
+            architecture=lambda unet: sdxl.ARCHITECTURE, version=sdxl.BASE_MODEL_VERSION + ("_v" if is_v else ""),
+            objective=sdxl.SD1Objective(bridge.alphas_cumprod(model), "v" if is_v else "eps"),
+            conditioning=bridge.SDXLTextConditioning(clip, model), te_prefixes=sdxl.TE_PREFIXES,
+            te_lrs={"clip_l": opts.get("text_encoder_lr1", 0.0), "clip_g": opts.get("text_encoder_lr2", 0.0)})
+        return run_training(model, clip, dataset, lora_config, tcfg, plan, opts, cls.hidden.unique_id, fam)

@@ -101,6 +101,15 @@ def tiny_sd3_path(kiln_env, fixture_cache) -> Path:
     return Path(tiny_models.build_sd3_checkpoint(str(path)))
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(kiln_env, fixture_cache) -> Path:
+    """The SDXL-family checkpoint (KOALA_700M-shaped UNet + full-size CLIP-L/G + TAESD) in the cache (built on
+    first use: ~25 s, 1.8 GB; the size is ComfyUI's fixed CLIP-G)."""
+    _import_comfy_core(kiln_env.comfyui)
+    path = fixture_cache / tiny_models.default_name("sdxl")
+    return Path(tiny_models.build_sdxl_checkpoint(str(path)))
+
+
 def _link_pack(custom_nodes: Path) -> None:
     """Expose only this repo to ComfyUI's custom-node loader, under the name users install it as."""
     custom_nodes.mkdir(parents=True, exist_ok=True)
@@ -277,6 +286,12 @@ def sd3_checkpoint(comfy, tiny_sd3_path) -> str:
 
 
 @pytest.fixture(scope="session")
+def sdxl_checkpoint(comfy, tiny_sdxl_path) -> str:
+    """File name of the SDXL-family checkpoint, linked into comfy's models/checkpoints."""
+    return comfy.install_checkpoint(tiny_sdxl_path)
+
+
+@pytest.fixture(scope="session")
 def dataset_dir(tmp_path_factory) -> dict:
     """The generated dataset: make_dataset's dict (root, image_dir, mask_dir, images, masks, ...)."""
     return make_dataset(tmp_path_factory.mktemp("dataset"))
@@ -298,6 +313,12 @@ def comfy_server(kiln_env, tmp_path_factory):
 def server_sd1_checkpoint(comfy_server, tiny_sd1_path) -> str:
     """File name of the tiny SD1 checkpoint in comfy_server's models/checkpoints."""
     return comfy_server.install(tiny_sd1_path, "checkpoints")
+
+
+@pytest.fixture(scope="session")
+def server_sdxl_checkpoint(comfy_server, tiny_sdxl_path) -> str:
+    """File name of the SDXL-family checkpoint in comfy_server's models/checkpoints."""
+    return comfy_server.install(tiny_sdxl_path, "checkpoints")
 
 
 @pytest.fixture(scope="session")

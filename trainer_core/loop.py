@@ -1,8 +1,8 @@
 """The training loop: one function to read top to bottom (nanoGPT-style).
 
 Everything host-specific comes in as plain callables: ``forward`` runs the frozen network (with the
-LoRA adapters attached) and ``conditioning(captions, train=...)`` turns captions into the network's
-conditioning tensors (``train=False`` for the fixed probe batch: no random text-encoder dropout).
+LoRA adapters attached) and ``conditioning(captions, train=..., samples=...)`` turns captions (and, for SDXL's size
+conditioning, the cached samples) into the network's conditioning tensors (``train=False`` for the fixed probe batch: no random text-encoder dropout).
 """
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
         # kohya's caption augmentation, drawn anew each time; the probe (train=False) sees the steady captions
         captions = [augment_caption(s.caption, s.captions, caption_rng, epoch) if train
                     else base_caption(s.caption, s.captions) for s in samples]
-        cond = {k: v.to(device) for k, v in conditioning(captions, train=train).items()}
+        cond = {k: v.to(device) for k, v in conditioning(captions, train=train, samples=samples).items()}
         return x0, mask, weights, cond
 
     def loss_of(indices, generator, train=True, epoch=1, caption_rng=None):
