@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -47,6 +48,11 @@ class CachedSample:
     flipped_latent: torch.Tensor | None = None   # flip_aug: the mirror image's latent
     flipped_mask: torch.Tensor | None = None
 
+    def __repr__(self) -> str:
+        mask = "none" if self.mask is None else tuple(self.mask.shape)
+        return (f"CachedSample({self.path!r}, latent {tuple(self.latent.shape)}, mask {mask}, "
+                f"flipped twin {self.flipped_latent is not None}, repeats {self.repeats})")
+
     def view(self, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(latent, mask), mirrored when ``flip`` and this sample has a flipped twin."""
         if flip and self.flipped_latent is not None:
@@ -74,6 +80,10 @@ class LatentCache:
     encoder_id: str
     seconds: float = 0.0
     stats: CacheStats = field(default_factory=CacheStats)
+
+    def __repr__(self) -> str:  # short: hosts repr node inputs (asyncio task names, error reports)
+        return (f"LatentCache({len(self.samples)} samples, encoder {self.encoder_id}, masks {self.has_masks}, "
+                f"{self.stats.summary()})")
 
     @property
     def has_masks(self) -> bool:
@@ -224,11 +234,14 @@ def encode_dataset(dataset: Dataset, encode: Callable[[torch.Tensor], torch.Tens
     by_bucket: dict[tuple[int, int], list[_Job]] = defaultdict(list)
     for job in todo:
         by_bucket[job.geometry.bucket].append(job)
+    chunks = [jobs_[b:b + batch_size] for jobs_ in by_bucket.values() for b in range(0, len(jobs_), batch_size)]
     encode_start = time.perf_counter()
-    for bucket_jobs in by_bucket.values():
-        for b in range(0, len(bucket_jobs), batch_size):
-            chunk = bucket_jobs[b:b + batch_size]
-            loaded = _load_chunk(dataset, chunk)
+    # one batch ahead: decoding and resizing (PIL releases the GIL) overlap the VAE instead of stalling it
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-cache-load") as pool:
+        pending = pool.submit(_load_chunk, dataset, chunks[0]) if chunks else None
+        for n, chunk in enumerate(chunks):
+            loaded = pending.result()
+            pending = pool.submit(_load_chunk, dataset, chunks[n + 1]) if n + 1 < len(chunks) else None
             with torch.no_grad():
                 latents = encode(torch.stack([p for p, _ in loaded])).float().cpu()
             if not torch.isfinite(latents).all():
@@ -243,7 +256,8 @@ def encode_dataset(dataset: Dataset, encode: Callable[[torch.Tensor], torch.Tens
                     disk.put(job.key, entry, source=dataset.items[job.item].path)
             stats.encoded += len(chunk)
             if progress:
-                progress(stats.encoded, len(todo), eta_text(stats.encoded, len(todo), time.perf_counter() - encode_start))
+                progress(stats.encoded, len(todo), eta_text(stats.encoded, len(todo),
+                                                            time.perf_counter() - encode_start))
 
     repeats = dataset.sample_repeats()
     geometry = {job.item: job.geometry for job in jobs if not job.flip}
