@@ -208,6 +208,8 @@ class KilnCacheLatents(io.ComfyNode):
 
         cache = encode_dataset(dataset.dataset, bridge.vae_encoder(vae), bridge.vae_identity(vae), batch_size,
                                report, memory=MEMORY, disk=disk)
+        if cache.stats.encoded == 0:  # everything was reused: the bar still ends full
+            progress.update(progress.total)
         summary = cache.stats.summary() + (f"\ndisk cache: {disk.folder}" if disk else "")
         log.info("Cache Latents: %s", summary.replace("\n", "; "))
         return io.NodeOutput(dataset.replace(cache=cache, vae=vae), ui=ui.PreviewText(summary))

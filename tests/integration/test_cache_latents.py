@@ -67,6 +67,7 @@ def test_disk_cache_second_run_encodes_nothing(comfy, vae, dataset_dir, nodes_mo
     second = comfy.run_node("KilnCacheLatents", dataset=ds, vae=vae, batch_size=2, disk_cache=True,
                             cache_folder=str(tmp_path / "cache"))
     assert vae_images["images"] == n and second[0].cache.stats.from_disk == n
+    assert comfy.progress[-1][0] == comfy.progress[-1][1] > 0  # nothing to encode, yet the bar ends full
     assert f"{n} from the disk cache" in second.ui["text"][0]
     for a, b in zip(first[0].cache.samples, second[0].cache.samples):
         assert torch.equal(a.latent, b.latent)
