@@ -3,6 +3,7 @@ calls counted on the real VAE object), flip_aug from Load Dataset, random_crop r
 and a short training run on flipped latents."""
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
@@ -125,7 +126,10 @@ def test_flip_aug_from_load_dataset_trains(comfy, loaded, dataset_dir, nodes_mod
                          max_grad_norm=1.0, seed=0, precision="fp32", gradient_checkpointing=False, loss_type="l2",
                          min_snr_gamma=0.0, mask_normalize=False, prior_loss_weight=1.0, sample_prompts="",
                          sample_every=0, sample_steps=1, sample_cfg=1.0)
-    assert out[1].metadata["ss_flip_aug"] == "true" and len(samples) == n
+    meta = out[1].metadata
+    assert meta["ss_flip_aug"] == "true" and len(samples) == n
+    assert all(sub["flip_aug"] is True and sub["random_crop"] is False
+               for block in json.loads(meta["ss_datasets"]) for sub in block["subsets"])
 
 
 def test_random_crop_in_a_toml_is_refused_at_cache_latents(comfy, vae, dataset_dir, nodes_module, vae_images, tmp_path):
