@@ -351,13 +351,17 @@ def vae_encoder(vae):
 
 
 def vae_identity(vae) -> str:
-    """A stable id of the VAE's weights (for cache keys): hash of a few tensors' bytes and shapes."""
+    """A stable id of the VAE (the latent cache's key): every tensor's name, shape and a strided sample of
+    its values (an encoder-only fine-tune changes it, yet hashing costs milliseconds, not a full read of
+    the weights), plus the dtype the VAE computes in (fp16 and fp32 encodes differ)."""
     h = hashlib.sha256()
     sd = vae.first_stage_model.state_dict()
-    for k in sorted(sd)[:8]:
-        t = sd[k].detach().float().cpu().flatten()[:4096]
-        h.update(k.encode())
-        h.update(t.numpy().tobytes())
+    for k in sorted(sd):
+        t = sd[k].detach().flatten()
+        sample = t[::max(1, t.numel() // 4096)][:4096].float().cpu()
+        h.update(f"{k}{tuple(sd[k].shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    h.update(str(getattr(vae, "vae_dtype", "")).encode())
     return h.hexdigest()[:16]
 
 
@@ -411,15 +415,27 @@ class Progress:
         self.total = total
         self.node_id = node_id
 
-    def update(self, value: int, preview: Image.Image | None = None) -> None:
+    def update(self, value: int, preview: Image.Image | None = None, total: int | None = None) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
+        if total is not None:
+            self.total = total
         self.bar.update_absolute(value, self.total, ("JPEG", preview, 512) if preview is not None else None)
 
-    def send(self, event: str, data: dict) -> None:
+    def text(self, message: str) -> None:
+        """A line of text under the running node (ComfyUI's progress text), e.g. an ETA."""
+        server = self._server()
+        if server is not None and hasattr(server, "send_progress_text") and self.node_id is not None:
+            server.send_progress_text(message, self.node_id, server.client_id)
+
+    @staticmethod
+    def _server():
         try:
             from server import PromptServer
-            server = getattr(PromptServer, "instance", None)
         except ImportError:
-            server = None
+            return None
+        return getattr(PromptServer, "instance", None)
+
+    def send(self, event: str, data: dict) -> None:
+        server = self._server()
         if server is not None:
             server.send_sync(event, {"node": self.node_id, **data}, server.client_id)

@@ -2,21 +2,26 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import time
 
 from comfy_api.latest import io, ui
 
 import folder_paths
 
-from ..trainer_core.cache import encode_dataset
+from ..trainer_core.cache import encode_dataset, refuse_uncacheable
 from ..trainer_core.data.buckets import BucketConfig
 from ..trainer_core.data.captions import CaptionOptions
 from ..trainer_core.data.dataset import build_dataset, subsets_from_folder
 from ..trainer_core.data.masks import MASK_MODES
 from ..trainer_core.data.toml_config import load_dataset_toml
 from ..trainer_core.errors import KilnError
+from ..trainer_core.latent_store import DiskStore, MemoryStore
 from . import comfy_bridge as bridge
 from .types import KilnDataset, KilnDatasetType
+
+log = logging.getLogger("kiln")
 
 
 def resolve_folder(path: str, what: str, allow_toml: bool = False) -> str:
@@ -74,6 +79,9 @@ class KilnLoadDataset(io.ComfyNode):
                                tooltip="Chance that a caption is replaced by an empty one (unconditional training)."),
                 io.Float.Input("caption_tag_dropout_rate", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
                                tooltip="Chance that each tag is left out; kept tags (keep_tokens) are never dropped."),
+                io.Boolean.Input("flip_aug", default=False, optional=True,
+                                 tooltip="Also train on mirror images (kohya's flip_aug): Cache Latents encodes each image "
+                                         "flipped too, and training picks one of the two at random each time."),
             ],
             outputs=[KilnDatasetType.Output(display_name="dataset"), io.String.Output(display_name="summary")],
         )
@@ -82,18 +90,19 @@ class KilnLoadDataset(io.ComfyNode):
     def execute(cls, folder, caption_extension, class_tokens, repeats, resolution, batch_size, enable_bucket,
                 min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale, regularization_folder="",
                 shuffle_caption=False, keep_tokens=0, caption_prefix="", caption_suffix="", caption_dropout_rate=0.0,
-                caption_tag_dropout_rate=0.0) -> io.NodeOutput:
+                caption_tag_dropout_rate=0.0, flip_aug=False) -> io.NodeOutput:
         root = resolve_folder(folder, "Load Dataset", allow_toml=True)
         if root.lower().endswith(".toml"):
             subsets, buckets, batch_size = load_dataset_toml(root)
         else:
-            subsets = subsets_from_folder(root, caption_extension, repeats, class_tokens)
+            subsets = subsets_from_folder(root, caption_extension, repeats, class_tokens, flip_aug=flip_aug)
             if not subsets:
                 raise KilnError(f"Load Dataset: no images in {root}. Put images with .txt captions there, or in "
                                 f"kohya-style 'N_name' sub-folders such as '10_mychar'.")
             if regularization_folder and regularization_folder.strip():
                 reg_root = resolve_folder(regularization_folder, "Load Dataset (regularization)")
-                subsets += subsets_from_folder(reg_root, caption_extension, 1, class_tokens, is_reg=True)
+                subsets += subsets_from_folder(reg_root, caption_extension, 1, class_tokens, is_reg=True,
+                                               flip_aug=flip_aug)
             buckets = BucketConfig((resolution, resolution), enable_bucket, min(min_bucket_reso, resolution),
                                    max(max_bucket_reso, resolution), bucket_reso_steps, bucket_no_upscale)
             captions = CaptionOptions(shuffle_caption=shuffle_caption, keep_tokens=keep_tokens,
@@ -134,6 +143,28 @@ class KilnMaskSource(io.ComfyNode):
                                              cache=None))
 
 
+# Latents already encoded in this ComfyUI process (shared by every Cache Latents node; least recently
+# used entries beyond 2 GiB are dropped). Keys cover image bytes, mask, geometry and VAE: never stale.
+MEMORY = MemoryStore(max_bytes=2 << 30)
+LOG_EVERY_S = 5.0
+
+
+def default_cache_folder() -> str:
+    """ComfyUI's user folder, as a system user ('__' prefix) the HTTP API does not serve; not temp/,
+    which ComfyUI empties at every start."""
+    system_dir = getattr(folder_paths, "get_system_user_directory", None)
+    base = system_dir("kiln_cache") if system_dir else os.path.join(folder_paths.get_user_directory(), "__kiln_cache")
+    return os.path.join(base, "latents")
+
+
+def resolve_cache_folder(path: str) -> str:
+    """Empty: the default; absolute as given; relative: inside ComfyUI's user folder."""
+    path = (path or "").strip()
+    if not path:
+        return default_cache_folder()
+    return path if os.path.isabs(path) else os.path.join(folder_paths.get_user_directory(), path)
+
+
 class KilnCacheLatents(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -141,19 +172,44 @@ class KilnCacheLatents(io.ComfyNode):
             node_id="KilnCacheLatents",
             display_name="Cache Latents",
             category="Kiln",
-            description="Encodes every image (and mask) once with the VAE, so training never runs the VAE.",
+            description="Encodes every image (and mask) once with the VAE, so training never runs the VAE. "
+                        "Latents are reused from memory, and from disk with disk_cache on, whenever the image, "
+                        "mask, crop, flip and VAE are the same.",
             inputs=[
                 KilnDatasetType.Input("dataset"),
                 io.Vae.Input("vae"),
                 io.Int.Input("batch_size", default=4, min=1, max=64, tooltip="Images per VAE call."),
+                io.Boolean.Input("disk_cache", default=False, optional=True,
+                                 tooltip="Keep latents on disk too, so later runs (even after a restart) skip the VAE. "
+                                         "Entries are keyed by image and mask content, crop, flip and VAE: an edited "
+                                         "image re-encodes alone, a stale latent is never used."),
+                io.String.Input("cache_folder", default="", optional=True,
+                                tooltip="Where the disk cache lives. Empty: ComfyUI's user/__kiln_cache/latents. "
+                                        "Relative paths are inside ComfyUI's user folder. Safe to delete any time."),
             ],
             outputs=[KilnDatasetType.Output(display_name="dataset")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, dataset: KilnDataset, vae, batch_size) -> io.NodeOutput:
+    def execute(cls, dataset: KilnDataset, vae, batch_size, disk_cache=False, cache_folder="") -> io.NodeOutput:
+        refuse_uncacheable(dataset.dataset, "Cache Latents")
+        disk = DiskStore(resolve_cache_folder(cache_folder)) if disk_cache else None
         progress = bridge.Progress(len(dataset.dataset.items), cls.hidden.unique_id)
+        last_log = [0.0]
+
+        def report(done: int, total: int, text: str) -> None:
+            progress.update(done, total=total)
+            progress.text(text)
+            now = time.monotonic()
+            if done == total or now - last_log[0] >= LOG_EVERY_S:
+                last_log[0] = now
+                log.info("Cache Latents: %s", text)
+
         cache = encode_dataset(dataset.dataset, bridge.vae_encoder(vae), bridge.vae_identity(vae), batch_size,
-                               lambda done, total: progress.update(done))
-        return io.NodeOutput(dataset.replace(cache=cache, vae=vae))
+                               report, memory=MEMORY, disk=disk)
+        if cache.stats.encoded == 0:  # everything was reused: the bar still ends full
+            progress.update(progress.total)
+        summary = cache.stats.summary() + (f"\ndisk cache: {disk.folder}" if disk else "")
+        log.info("Cache Latents: %s", summary.replace("\n", "; "))
+        return io.NodeOutput(dataset.replace(cache=cache, vae=vae), ui=ui.PreviewText(summary))

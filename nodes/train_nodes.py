@@ -79,9 +79,7 @@ def train_outputs() -> list:
 
 def normal_cache(cache: LatentCache) -> LatentCache:
     """Cache tensors made inside inference mode, re-made as ordinary tensors autograd may save."""
-    samples = [dataclasses.replace(s, latent=bridge.normal_tensor(s.latent),
-                                   mask=None if s.mask is None else bridge.normal_tensor(s.mask)) for s in cache.samples]
-    return LatentCache(samples, cache.dataset, cache.encoder_id, cache.seconds)
+    return cache.map_tensors(bridge.normal_tensor)
 
 
 def text_encoder_lr(tcfg: TrainConfig):
@@ -98,8 +96,8 @@ def dataset_metadata(ds: Dataset) -> dict[str, object]:
         members = [(k, s) for k, s in enumerate(ds.subsets) if s.block == block]
         b = ds.buckets_of(members[0][1])
         counts = {k: sum(1 for i in ds.items if i.subset == k) for k, _ in members}
-        subsets = [{"img_count": counts[k], "num_repeats": s.num_repeats, "color_aug": False, "flip_aug": False,
-                    "random_crop": False, "image_dir": os.path.basename(s.image_dir.rstrip("/")),
+        subsets = [{"img_count": counts[k], "num_repeats": s.num_repeats, "color_aug": s.color_aug, "flip_aug": s.flip_aug,
+                    "random_crop": s.random_crop, "image_dir": os.path.basename(s.image_dir.rstrip("/")),
                     "class_tokens": s.class_tokens, "is_reg": s.is_reg, "enable_wildcard": False,
                     **dataclasses.asdict(s.captions)} for k, s in members]
         blocks.append({"is_dreambooth": True, "batch_size_per_device": ds.batch_size,
@@ -141,7 +139,7 @@ def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: L
         "min_bucket_reso": ds.buckets.min_bucket_reso, "max_bucket_reso": ds.buckets.max_bucket_reso,
         "base_model_version": family_version, "v2": family_version.startswith("sd_v2"),
         "v_parameterization": arch.endswith("-v/lora"), "sd_model_name": model_name,
-        "masked_loss": data.cache.has_masks, "tag_frequency": tags,
+        "masked_loss": data.cache.has_masks, "tag_frequency": tags, "flip_aug": any(s.flip_aug for s in ds.subsets),
         "dataset_dirs": {os.path.basename(s.image_dir.rstrip("/")): {"n_repeats": s.num_repeats,
                          "img_count": sum(1 for i in ds.items if i.subset == k)} for k, s in enumerate(ds.subsets)},
         **dataset_metadata(ds),

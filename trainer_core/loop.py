@@ -115,10 +115,13 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=autocast_dtype)
 
+    flip_rng = random.Random(cfg.seed + 2)  # flip_aug: each drawn sample is mirrored with p = 0.5, seeded
+
     def batch_tensors(indices, train, epoch, caption_rng):
         samples = [cache.samples[i] for i in indices]
-        x0 = latent_in(torch.stack([s.latent for s in samples]).to(device))
-        masks = [s.mask for s in samples]
+        views = [s.view(train and flip_rng.random() < 0.5) for s in samples]  # the probe is never mirrored
+        x0 = latent_in(torch.stack([latent for latent, _ in views]).to(device))
+        masks = [m for _, m in views]
         mask = torch.stack(masks).to(device) if all(m is not None for m in masks) else None
         weights = torch.tensor([cfg.prior_loss_weight if s.is_reg else 1.0 for s in samples], device=device)
         # kohya's caption augmentation, drawn anew each time; the probe (train=False) sees the steady captions

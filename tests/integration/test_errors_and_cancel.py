@@ -88,7 +88,7 @@ def test_load_dataset_reads_a_kohya_toml(comfy, dataset_dir, tmp_path):
     ds, summary = comfy.run_node("KilnLoadDataset", folder=str(toml), **DATASET)
     assert ds.dataset.batch_size == 2 and ds.dataset.subsets[0].num_repeats == 3
     assert "× 3 repeats" in summary and len(ds.dataset.items) == len(dataset_dir["images"])
-    toml.write_text(toml.read_text() + "  flip_aug = true\n")
+    toml.write_text(toml.read_text() + "  keep_tokens = \"1\"\n")
     with pytest.raises(Exception) as e:
         comfy.run_node("KilnLoadDataset", folder=str(toml), **DATASET)
-    assert "flip_aug" in kiln_error(e) and "line 15" in str(e.value)
+    assert "'keep_tokens'" in kiln_error(e) and "line 15" in str(e.value) and "must be an integer" in str(e.value)

@@ -59,10 +59,15 @@ def test_wrong_type_names_expected_type(tmp_path):
         load_dataset_toml(write(tmp_path, '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\nis_reg = 1\n'))
 
 
-def test_unbuilt_features_are_refused_not_ignored(tmp_path):
-    with pytest.raises(KilnError, match="'flip_aug' .* not supported by Kiln yet"):
-        load_dataset_toml(write(tmp_path, '[general]\nflip_aug = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n'))
-    load_dataset_toml(write(tmp_path, '[general]\nflip_aug = false\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n'))
+def test_augmentation_keys_are_read_per_subset(tmp_path):
+    # flip_aug is built; random_crop / color_aug are read so that Cache Latents can refuse them by subset
+    subsets, _, _ = load_dataset_toml(write(tmp_path, '[general]\nflip_aug = true\n[[datasets]]\n'
+                                                      '[[datasets.subsets]]\nimage_dir = "a"\n'
+                                                      '[[datasets.subsets]]\nimage_dir = "b"\nflip_aug = false\n'
+                                                      'random_crop = true\ncolor_aug = true\n'))
+    a, b = subsets
+    assert (a.flip_aug, a.random_crop, a.color_aug) == (True, False, False)
+    assert (b.flip_aug, b.random_crop, b.color_aug) == (False, True, True)
 
 
 def test_bad_toml_and_empty_config(tmp_path):

@@ -35,6 +35,9 @@ class Subset:
     captions: CaptionOptions = CaptionOptions()
     buckets: BucketConfig | None = None   # its [[datasets]] block's own settings; None: the Dataset's
     block: int = 0                   # which [[datasets]] block of a TOML it came from (0 for folders)
+    flip_aug: bool = False           # also train on the mirror image (cached as a second latent)
+    random_crop: bool = False        # kohya key; needs fresh pixels, so Cache Latents refuses it
+    color_aug: bool = False          # kohya key; likewise refused together with latent caching
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ class Dataset:
             aug = s.captions.describe()
             lines.append(f"subset {k}: {os.path.basename(s.image_dir.rstrip('/'))} — {per_subset[k]} images × "
                          f"{s.num_repeats} repeats{' (regularization)' if s.is_reg else ''}"
-                         + (f"; captions: {aug}" if aug else ""))
+                         f"{', flip_aug' if s.flip_aug else ''}" + (f"; captions: {aug}" if aug else ""))
         configs = {s.block: self.buckets_of(s) for s in self.subsets}
         if len(set(configs.values())) > 1:
             for block, c in sorted(configs.items()):
@@ -111,7 +114,7 @@ class Dataset:
 
 
 def subsets_from_folder(folder: str, caption_extension: str = ".txt", default_repeats: int = 1,
-                        class_tokens: str = "", is_reg: bool = False) -> list[Subset]:
+                        class_tokens: str = "", is_reg: bool = False, flip_aug: bool = False) -> list[Subset]:
     """``N_name`` sub-folders become subsets (N repeats, class token ``name``); loose images one more."""
     check_dir(folder, "dataset")
     subsets = []
@@ -119,9 +122,9 @@ def subsets_from_folder(folder: str, caption_extension: str = ".txt", default_re
         m = REPEAT_DIR.match(entry)
         if m and os.path.isdir(os.path.join(folder, entry)):
             subsets.append(Subset(os.path.join(folder, entry), int(m.group(1)), class_tokens or m.group(2),
-                                  caption_extension, is_reg))
+                                  caption_extension, is_reg, flip_aug=flip_aug))
     if any(is_image_file(e) for e in os.listdir(folder)):
-        subsets.append(Subset(folder, default_repeats, class_tokens, caption_extension, is_reg))
+        subsets.append(Subset(folder, default_repeats, class_tokens, caption_extension, is_reg, flip_aug=flip_aug))
     return subsets
 
 

@@ -23,6 +23,15 @@ def find_mask_file(image_path: str, mask_dir: str) -> str | None:
     return None
 
 
+def mask_file_for(image_path: str, mask_dir: str | None, missing_is_white: bool) -> str | None:
+    """The mask file of an image in folder mode; None (all white) only when a missing mask is allowed."""
+    path = find_mask_file(image_path, mask_dir or "")
+    if path is None and not missing_is_white:
+        raise KilnError(f"no mask for {os.path.basename(image_path)} in {mask_dir}: add a mask image with the "
+                        f"same file name, or enable 'missing mask = all white' on Alpha/Mask Source.")
+    return path
+
+
 def load_mask(image_path: str, image: Image.Image, mode: str, mask_dir: str | None,
               missing_is_white: bool = False) -> Image.Image | None:
     """An 'L' mask the size of ``image`` (255 = train), or None when masks are off."""
@@ -36,11 +45,8 @@ def load_mask(image_path: str, image: Image.Image, mode: str, mask_dir: str | No
                             f"or enable 'missing mask = all white' on Alpha/Mask Source.")
         return Image.new("L", image.size, 255)
     if mode == "folder":
-        path = find_mask_file(image_path, mask_dir or "")
+        path = mask_file_for(image_path, mask_dir, missing_is_white)
         if path is None:
-            if not missing_is_white:
-                raise KilnError(f"no mask for {os.path.basename(image_path)} in {mask_dir}: add a mask image with the "
-                                f"same file name, or enable 'missing mask = all white' on Alpha/Mask Source.")
             return Image.new("L", image.size, 255)
         mask = read_mask(path)
         if mask.size != image.size:
@@ -55,4 +61,4 @@ def image_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-__all__ = ["MASK_MODES", "find_mask_file", "load_mask", "image_rgb", "open_image"]
+__all__ = ["MASK_MODES", "find_mask_file", "mask_file_for", "load_mask", "image_rgb", "open_image"]

@@ -22,15 +22,15 @@ SUBSET_KEYS = {
     "is_reg": (bool,), "shuffle_caption": (bool,), "keep_tokens": (int,), "keep_tokens_separator": (str,),
     "caption_prefix": (str,), "caption_suffix": (str,), "caption_dropout_rate": (float, int),
     "caption_tag_dropout_rate": (float, int), "caption_dropout_every_n_epochs": (int,), "flip_aug": (bool,),
-    "random_crop": (bool,), "conditioning_data_dir": (str,), "alpha_mask": (bool,), "caption_separator": (str,),
+    "random_crop": (bool,), "color_aug": (bool,), "conditioning_data_dir": (str,), "alpha_mask": (bool,), "caption_separator": (str,),
     "secondary_separator": (str,),
 }
 CAPTION_KEYS = [f.name for f in fields(CaptionOptions)]
 # (low, high) of numeric keys, both inclusive; None = unbounded
 RANGES = {"num_repeats": (1, None), "keep_tokens": (0, None), "caption_dropout_every_n_epochs": (0, None),
           "caption_dropout_rate": (0, 1), "caption_tag_dropout_rate": (0, 1), "batch_size": (1, None)}
-# kohya keys Kiln reads but whose behaviour is not built yet: refused when switched on, never ignored
-NOT_YET = {"flip_aug": False, "random_crop": False}
+# Every key above is built or checked. random_crop / color_aug are read into the Subset and refused by
+# Cache Latents (kohya refuses them together with latent caching), so the message appears where the conflict is.
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
 
 
@@ -56,9 +56,6 @@ def _check(table: dict, allowed: dict, where: str, path: str, text: str) -> None
             raise KilnError(f"'{key}' in {at} must be {bounds}, got {value!r}.")
         if key == "caption_separator" and not value:
             raise KilnError(f"'{key}' in {at} must not be empty (kohya's default is \",\").")
-        if key in NOT_YET and value != NOT_YET[key]:
-            raise KilnError(f"'{key}' in {at} is not supported by Kiln yet; remove it or set it to "
-                            f"{str(NOT_YET[key]).lower() if isinstance(NOT_YET[key], bool) else repr(NOT_YET[key])}.")
 
 
 def _resolution(value) -> tuple[int, int]:
@@ -115,7 +112,8 @@ def load_dataset_toml(path: str, base_dir: str | None = None) -> tuple[list[Subs
             captions = CaptionOptions(**{k: m[k] for k in CAPTION_KEYS if k in m})
             subsets.append(Subset(image_dir, m.get("num_repeats", 1), m.get("class_tokens", ""),
                                   m.get("caption_extension", ".caption"), m.get("is_reg", False), mode, mask_dir,
-                                  captions=captions, buckets=buckets, block=d_index))
+                                  captions=captions, buckets=buckets, block=d_index, flip_aug=m.get("flip_aug", False),
+                                  random_crop=m.get("random_crop", False), color_aug=m.get("color_aug", False)))
     batch_sizes = sorted({b for _, b in blocks})
     if len(batch_sizes) > 1:
         per_block = ", ".join(f"[[datasets]] #{i + 1}: {b}" for i, (_, b) in enumerate(blocks))
