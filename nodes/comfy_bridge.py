@@ -259,7 +259,7 @@ class TextConditioning:
         """Per-sample random changes while training (none here; SD3 drops encoders)."""
         return entries
 
-    def __call__(self, captions: list[str], train: bool = False, samples=None) -> dict[str, torch.Tensor]:
+    def __call__(self, captions: list[str], train: bool = False, geometries=None) -> dict[str, torch.Tensor]:
         entries = self.batch([self.entry(c) for c in captions], train)
         return {k: torch.stack([e[k] for e in entries]) for k in entries[0]}
 
@@ -286,11 +286,11 @@ class SDXLTextConditioning(TextConditioning):
     def _entry(self, tokens: dict, cond: torch.Tensor, pooled) -> dict[str, torch.Tensor]:
         return {"context": cond[0, :self.max_tokens].float(), "pooled": pooled[0].float()}
 
-    def __call__(self, captions: list[str], train: bool = False, samples=None) -> dict[str, torch.Tensor]:
+    def __call__(self, captions: list[str], train: bool = False, geometries=None) -> dict[str, torch.Tensor]:
         entries = [self.entry(c) for c in captions]
         ys = []
-        for e, s in zip(entries, samples):
-            c = sdxl.size_condition(s.geometry)
+        for e, g in zip(entries, geometries):
+            c = sdxl.size_condition(g)
             ys.append(self.model.model.encode_adm(
                 pooled_output=e["pooled"][None], width=c.original_width, height=c.original_height,
                 crop_w=c.crop_left, crop_h=c.crop_top, target_width=c.target_width, target_height=c.target_height)[0])

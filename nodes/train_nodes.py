@@ -209,10 +209,10 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
                 cond.encode(base_caption(s.caption, s.captions), pin=True)
     seen: set[str] = set()  # distinct captions trained on (more than the images when augmentation is on)
 
-    def conditioning(captions: list[str], train: bool = False, samples=None) -> dict[str, torch.Tensor]:
+    def conditioning(captions: list[str], train: bool = False, geometries=None) -> dict[str, torch.Tensor]:
         if train:
             seen.update(captions)
-        return cond(captions, train=train, samples=samples)
+        return cond(captions, train=train, geometries=geometries)
 
     cache = normal_cache(dataset.cache)
     progress = bridge.Progress(tcfg.steps, node_id)

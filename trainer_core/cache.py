@@ -53,6 +53,10 @@ class CachedSample:
         return (f"CachedSample({self.path!r}, latent {tuple(self.latent.shape)}, mask {mask}, "
                 f"flipped twin {self.flipped_latent is not None}, repeats {self.repeats})")
 
+    def drawn_geometry(self, flip: bool) -> Geometry:
+        """The geometry of what ``view(flip)`` returns (the mirrored twin's, when it is the one drawn)."""
+        return replace(self.geometry, flip=True) if flip and self.flipped_latent is not None else self.geometry
+
     def view(self, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(latent, mask), mirrored when ``flip`` and this sample has a flipped twin."""
         if flip and self.flipped_latent is not None:

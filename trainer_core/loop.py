@@ -1,8 +1,8 @@
 """The training loop: one function to read top to bottom (nanoGPT-style).
 
 Everything host-specific comes in as plain callables: ``forward`` runs the frozen network (with the
-LoRA adapters attached) and ``conditioning(captions, train=..., samples=...)`` turns captions (and, for SDXL's size
-conditioning, the cached samples) into the network's conditioning tensors (``train=False`` for the fixed probe batch: no random text-encoder dropout).
+LoRA adapters attached) and ``conditioning(captions, train=..., geometries=...)`` turns captions (and, for SDXL's size
+conditioning, each drawn sample's geometry) into the network's conditioning tensors (``train=False`` for the fixed probe batch: no random text-encoder dropout).
 """
 from __future__ import annotations
 
@@ -119,7 +119,9 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
 
     def batch_tensors(indices, train, epoch, caption_rng):
         samples = [cache.samples[i] for i in indices]
-        views = [s.view(train and flip_rng.random() < 0.5) for s in samples]  # the probe is never mirrored
+        flips = [train and flip_rng.random() < 0.5 for _ in samples]  # the probe is never mirrored
+        views = [s.view(f) for s, f in zip(samples, flips)]
+        geometries = [s.drawn_geometry(f) for s, f in zip(samples, flips)]  # SDXL's size/crop conditioning
         x0 = latent_in(torch.stack([latent for latent, _ in views]).to(device))
         masks = [m for _, m in views]
         mask = torch.stack(masks).to(device) if all(m is not None for m in masks) else None
@@ -127,7 +129,7 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
         # kohya's caption augmentation, drawn anew each time; the probe (train=False) sees the steady captions
         captions = [augment_caption(s.caption, s.captions, caption_rng, epoch) if train
                     else base_caption(s.caption, s.captions) for s in samples]
-        cond = {k: v.to(device) for k, v in conditioning(captions, train=train, samples=samples).items()}
+        cond = {k: v.to(device) for k, v in conditioning(captions, train=train, geometries=geometries).items()}
         return x0, mask, weights, cond
 
     def loss_of(indices, generator, train=True, epoch=1, caption_rng=None):

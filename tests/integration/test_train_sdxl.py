@@ -72,8 +72,8 @@ def test_size_conditioning_reaches_the_unet(comfy, sdxl):
     bridge = bridge_of(comfy)
     cond = bridge.SDXLTextConditioning(clip, model)
     samples = cached.cache.samples
-    a = cond([samples[0].caption], samples=[samples[0]])
+    a = cond([samples[0].caption], geometries=[samples[0].geometry])
     assert a["context"].shape == (1, 77, 2048) and a["y"].shape == (1, 2816)
     other = next(s for s in samples if s.geometry.original_size != samples[0].geometry.original_size)
-    b = cond([samples[0].caption], samples=[other])
+    b = cond([samples[0].caption], geometries=[other.geometry])
     assert torch.equal(a["y"][:, :1280], b["y"][:, :1280]) and not torch.equal(a["y"][:, 1280:], b["y"][:, 1280:])

@@ -33,7 +33,7 @@ def run(opts: CaptionOptions, steps=12, seed=3) -> list[list[str]]:
     seen: list[list[str]] = []
     probe: list[list[str]] = []
 
-    def conditioning(captions, train=False, samples=None):
+    def conditioning(captions, train=False, geometries=None):
         (seen if train else probe).append(list(captions))
         return {"context": torch.zeros(len(captions), 1, 4)}
 

@@ -36,7 +36,7 @@ def drawn(flippable: bool, seed: int, steps: int = 60) -> list[float]:
 
     with network.attached():
         train(network, SD1Objective(torch.linspace(0.99, 0.01, 100)), lambda x, t, c: root(x),
-              lambda caps, train=True: {"context": torch.zeros(len(caps), 1, 1)}, cache(flippable), latent_in,
+              lambda caps, train=True, geometries=None: {"context": torch.zeros(len(caps), 1, 1)}, cache(flippable), latent_in,
               TrainConfig(steps=steps, batch_size=1, seed=seed, max_grad_norm=0.0), torch.device("cpu"))
     return seen
 
