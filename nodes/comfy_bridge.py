@@ -24,6 +24,7 @@ from PIL import Image
 import comfy.lora
 import comfy.model_base
 import comfy.model_management
+import comfy.model_sampling
 import comfy.sample
 import comfy.sd
 import comfy.utils
@@ -56,13 +57,33 @@ def require_family(model, allowed: tuple[str, ...], node: str) -> str:
     return fam
 
 
-def is_v_prediction(model) -> bool:
-    return model.model.model_type == comfy.model_base.ModelType.V_PREDICTION
+def model_sampling(model):
+    """The sampling object in effect, including one patched in by ModelSamplingDiscrete (v-prediction, zsnr)."""
+    return model.get_model_object("model_sampling")
+
+
+def prediction_type(model, node: str) -> str:
+    """"eps" or "v" for the DDPM families, from the model's sampling type; anything else is refused."""
+    ms = model_sampling(model)
+    # ComfyUI composes the sampling class from a schedule (an nn.Module) and a prediction mixin (EPS and its
+    # subclasses V_PREDICTION, X0, LCM...): the first such mixin in the MRO is what the model predicts
+    mixin = next((c for c in type(ms).__mro__ if issubclass(c, comfy.model_sampling.EPS)
+                  and not issubclass(c, torch.nn.Module)), None)
+    discrete = isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete)
+    if discrete and mixin is comfy.model_sampling.V_PREDICTION:
+        return "v"
+    if discrete and mixin is comfy.model_sampling.EPS:
+        return "eps"
+    kind = mixin.__name__ if mixin else type(ms).__name__
+    raise KilnError(f"{node}: this model samples as {kind}; Kiln trains epsilon or v-prediction "
+                    f"models with a discrete schedule. Remove the sampling patch (e.g. ModelSamplingDiscrete set to "
+                    f"lcm/x0) before the Train node.")
 
 
 def alphas_cumprod(model) -> torch.Tensor:
-    """ᾱ_t from the model's own discrete schedule (ComfyUI stores σ_t = √((1−ᾱ_t)/ᾱ_t))."""
-    sigmas = model.model.model_sampling.sigmas.detach().double().cpu()
+    """ᾱ_t from the model's own discrete schedule (ComfyUI stores σ_t = √((1−ᾱ_t)/ᾱ_t)); follows a patched
+    schedule too (zsnr)."""
+    sigmas = model_sampling(model).sigmas.detach().double().cpu()
     return 1.0 / (1.0 + sigmas ** 2)
 
 

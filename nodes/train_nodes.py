@@ -138,7 +138,7 @@ def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: L
         "resolution": f"{ds.buckets.resolution[0]}x{ds.buckets.resolution[1]}", "enable_bucket": ds.buckets.enable_bucket,
         "min_bucket_reso": ds.buckets.min_bucket_reso, "max_bucket_reso": ds.buckets.max_bucket_reso,
         "base_model_version": family_version, "v2": family_version.startswith("sd_v2"),
-        "v_parameterization": arch.endswith("-v/lora"), "sd_model_name": model_name,
+        "v_parameterization": family_version.endswith("_v"), "sd_model_name": model_name,
         "masked_loss": data.cache.has_masks, "tag_frequency": tags, "flip_aug": any(s.flip_aug for s in ds.subsets),
         "dataset_dirs": {os.path.basename(s.image_dir.rstrip("/")): {"n_repeats": s.num_repeats,
                          "img_count": sum(1 for i in ds.items if i.subset == k)} for k, s in enumerate(ds.subsets)},
@@ -299,7 +299,7 @@ class KilnTrainSD1(io.ComfyNode):
         node = "Train LoRA (SD1)"
         fam = bridge.require_family(model, bridge.SD1_FAMILIES, node)
         require_cache(dataset, node)
-        is_v = bridge.is_v_prediction(model)
+        is_v = bridge.prediction_type(model, node) == "v"
         is_sd2 = fam not in ("SD15", "SD15_instructpix2pix")
         tcfg = train_config(model, dataset, opts)
         lc = lora_config
@@ -401,7 +401,7 @@ class KilnTrainSDXL(io.ComfyNode):
         node = "Train LoRA (SDXL)"
         fam = bridge.require_family(model, bridge.SDXL_FAMILIES, node)
         require_cache(dataset, node)
-        is_v = bridge.is_v_prediction(model)
+        is_v = bridge.prediction_type(model, node) == "v"
         tcfg = train_config(model, dataset, opts)
         lc = lora_config
         plan = FamilyPlan(

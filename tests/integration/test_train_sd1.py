@@ -131,3 +131,22 @@ def test_text_encoder_lora_trains_loads_and_leaves_the_input_clip_alone(comfy, l
     # the input CLIP encodes exactly as before; the output CLIP carries the text-encoder LoRA
     assert torch.equal(comfy.run_node("CLIPTextEncode", clip=clip, text="a kiln toy")[0][0][0], text_before)
     assert not torch.equal(comfy.run_node("CLIPTextEncode", clip=clip_out, text="a kiln toy")[0][0][0], text_before)
+
+
+def test_v_prediction_and_zsnr_follow_the_models_sampling_patch(comfy, loaded, cached):
+    """SD2-style v-prediction is read from the model's sampling object, so ComfyUI's ModelSamplingDiscrete patch
+    (v_prediction, zero-terminal SNR) is honoured; a sampling type Kiln cannot train is refused by name."""
+    model, clip, _ = loaded
+    cfg = comfy.run_node("KilnLoraConfig", rank=2, alpha=2.0, conv_rank=0, conv_alpha=1.0, dropout=0.0,
+                         rank_dropout=0.0, module_dropout=0.0)[0]
+    opts = TRAIN | dict(steps=3, sample_every=0, sample_steps=1, min_snr_gamma=5.0)
+    v_model = comfy.run_node("ModelSamplingDiscrete", model=model, sampling="v_prediction", zsnr=True)[0]
+    bridge = sys.modules[comfy.node_class("KilnTrainSD1").__module__.rsplit(".", 1)[0] + ".comfy_bridge"]
+    assert float(bridge.alphas_cumprod(v_model)[-1]) < 1e-6  # zero terminal SNR reached the training schedule
+    meta = comfy.run_node("KilnTrainSD1", model=v_model, clip=clip, dataset=cached, lora_config=cfg, **opts)[1].metadata
+    assert meta["ss_v_parameterization"] == "true" and meta["ss_base_model_version"] == "sd_v1_v"
+    assert torch.isfinite(torch.tensor(float(meta["kiln_probe_loss_end"])))
+    lcm = comfy.run_node("ModelSamplingDiscrete", model=model, sampling="lcm", zsnr=False)[0]
+    with pytest.raises(Exception) as err:
+        comfy.run_node("KilnTrainSD1", model=lcm, clip=clip, dataset=cached, lora_config=cfg, **opts)
+    assert type(err.value).__name__ == "KilnError" and "lcm" in str(err.value).lower()

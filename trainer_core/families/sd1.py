@@ -71,8 +71,9 @@ class SD1Objective:
 
     def min_snr_weight(self, snr: torch.Tensor, gamma: float) -> torch.Tensor:
         """Min-SNR-γ (Hang et al. 2023) as kohya applies it, per sample."""
-        w = torch.clamp(snr, max=gamma) / snr
-        return w if self.prediction == "eps" else torch.clamp(snr, max=gamma) / (snr + 1)
+        if self.prediction == "eps":  # zero-terminal-SNR schedules reach snr = 0: weight 1 there, not 0/0
+            return torch.where(snr > 0, torch.clamp(snr, max=gamma) / snr.clamp_min(1e-12), torch.ones_like(snr))
+        return torch.clamp(snr, max=gamma) / (snr + 1)
 
 
 def modelspec_architecture(is_v: bool, is_sd2: bool) -> str:
