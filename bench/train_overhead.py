@@ -1,0 +1,221 @@
+"""Trainer overhead: Kiln's whole training step against the raw forward + backward of the same network.
+
+    $KILN_PYTHON bench/train_overhead.py [--families sdxl,sd3] [--steps 10] [--warmup 3] [--rank 32]
+                                         [--resolution N] [--checkpointing both|on|off] [--json out.json]
+
+The floor a LoRA trainer is measured against is one forward and one backward pass through the frozen
+network (gradients flow to the input, no weight gradients): that is what any LoRA step must do. Kiln's step
+is trainer_core.loop.train as the Train nodes run it (cached latents and cached text-encoder outputs,
+timestep sampling, loss, LoRA forward/backward, gradient clipping, AdamW, LR schedule), timed between
+optimizer steps after a warm-up. Both run on the same module, inputs and precision in the same process.
+
+On a CUDA GPU: the real architecture shapes with random weights (SDXL base UNet at 1024², SD3-medium MMDiT at
+1024²), bf16, batch 1, rank 32; it/s and peak VRAM (torch.cuda.max_memory_allocated) for each, with and
+without gradient checkpointing. Targets (H100): overhead ≤ 10 % over the raw step; SDXL ≥ 3.3 it/s without
+checkpointing; peak VRAM ≤ 8 GB with checkpointing. Without a GPU the same comparison runs on the CPU in
+fp32 on the test fixtures' shapes (SD1 UNet, KOALA-shaped SDXL UNet, 2-block MMDiT) at 64², where the
+ratio, not the it/s, is the figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def setup_comfy(cpu: bool) -> None:
+    from fixtures.tiny_models import ensure_comfy_importable
+
+    ensure_comfy_importable()
+    if cpu:
+        sys.argv = [sys.argv[0], "--cpu"]
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = cpu
+
+
+def build(family: str, real: bool, device, dtype) -> tuple[torch.nn.Module, dict, int]:
+    """(network, conditioning for batch 1, latent channels) with random weights of the family's shapes."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from fixtures import tiny_models as tm
+
+    ops = comfy.ops.disable_weight_init
+    if family == "sd3":
+        cfg = dict(tm.SD3_MMDIT_CONFIG)
+        if real:  # SD3 medium: depth 24 (hidden 1536), 192² position table
+            cfg.update(depth=24, num_patches=192 * 192, pos_embed_max_size=192,
+                       context_embedder_config={"target": "torch.nn.Linear",
+                                                "params": {"in_features": 4096, "out_features": 1536}})
+        with torch.device("meta"):
+            net = OpenAISignatureMMDITWrapper(**cfg, operations=ops)
+        cond = {"context": torch.randn(1, 154 if real else 77, 4096), "y": torch.randn(1, 2048)}
+        channels = 16
+    else:
+        if family == "sd1":
+            cfg, ctx, y = dict(tm.SD1_UNET_CONFIG), 768, None
+        else:
+            cfg, ctx, y = dict(tm.SDXL_UNET_CONFIG), 2048, 2816
+            if real:  # SDXL base
+                cfg.update(num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10],
+                           transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10)
+        with torch.device("meta"):
+            net = UNetModel(**cfg, operations=ops)
+        cond = {"context": torch.randn(1, 77, ctx)}
+        if y:
+            cond["y"] = torch.randn(1, y)
+        channels = 4
+    net = net.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.normal_(0, 1 / math.sqrt(max(1, p[0].numel())))
+        for name, b in net.named_buffers():
+            if name.endswith("pos_embed"):
+                b.copy_(tm._sincos_pos_embed(b.shape))
+    net.to(dtype).requires_grad_(False).eval()
+    return net, cond, channels
+
+
+def peak_memory_reset(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_memory_mib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def raw_step(net, forward, x0, cond, t, steps, warmup, device, checkpointing, blocks) -> float:
+    """Seconds per forward + backward of the frozen network (gradient to the input only)."""
+    from trainer_core.checkpointing import gradient_checkpointing
+
+    with gradient_checkpointing(blocks, checkpointing):
+        for i in range(warmup + steps):
+            if i == warmup:
+                sync(device)
+                start = time.perf_counter()
+            x = x0.clone().requires_grad_(True)
+            out = forward(x, t, cond)
+            out.float().pow(2).mean().backward()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def kiln_step(family, net, forward, x0, cond, rank, steps, warmup, device, precision, checkpointing, blocks):
+    """Seconds per optimizer step of trainer_core.loop.train, and the number of LoRA modules."""
+    from trainer_core.cache import CachedSample, LatentCache
+    from trainer_core.data.transforms import plan_geometry
+    from trainer_core.families import sd1, sd3
+    from trainer_core.lora.network import LoRANetwork
+    from trainer_core.loop import TrainConfig, train
+
+    if family == "sd3":
+        rules, name = sd3.SD3LayerRanks.from_args({}, rank, sd3.depth_of(net)).rules(rank), sd3.unet_namer
+        objective = sd3.SD3Objective("logit_normal")
+    else:
+        rules, name = sd1.unet_rules(rank, rank), (lambda p: "lora_unet_" + p.replace(".", "_"))
+        objective = sd1.SD1Objective(torch.linspace(0.9991, 0.0047, 1000, dtype=torch.float64))
+    network = LoRANetwork(net, rules, name, seed=0)
+    h, w = x0.shape[-2:]
+    geometry = plan_geometry((w * 8, h * 8), (w * 8, h * 8))
+    samples = [CachedSample(x0[0].float().cpu(), None, "a", 1, False, geometry, f"bench{i}") for i in range(4)]
+    cache = LatentCache(samples, None, "bench")
+    stamps = []
+    cfg = TrainConfig(steps=warmup + steps, learning_rate=1e-4, batch_size=1, precision=precision,
+                      gradient_checkpointing=checkpointing)
+
+    def on_step(info):
+        sync(device)
+        stamps.append(time.perf_counter())
+
+    with network.attached():
+        train(network, objective, forward, lambda caps, train=False, geometries=None: cond, cache, lambda z: z,
+              cfg, device, blocks, on_step)
+    return (stamps[-1] - stamps[warmup - 1]) / steps, len(network)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--families", default=None, help="comma list of sd1, sdxl, sd3 (default: sdxl,sd3 on GPU, all on CPU)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--resolution", type=int, default=None, help="pixels (default 1024 on GPU, 64 on CPU)")
+    ap.add_argument("--checkpointing", choices=("both", "on", "off"), default="both")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    gpu = torch.cuda.is_available()
+    setup_comfy(cpu=not gpu)
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype, precision = (torch.bfloat16, "bf16") if gpu else (torch.float32, "fp32")
+    res = args.resolution or (1024 if gpu else 64)
+    families = (args.families or ("sdxl,sd3" if gpu else "sd1,sdxl,sd3")).split(",")
+    modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpointing]
+    from trainer_core.families import sd1, sd3
+
+    rows = []
+    for family in families:
+        net, cond, channels = build(family, gpu, device, dtype)
+        cond = {k: v.to(device, dtype) for k, v in cond.items()}
+        x0 = torch.randn(1, channels, res // 8, res // 8, device=device, dtype=dtype)
+        t = torch.tensor([500.0], device=device)
+        blocks = sd3.checkpoint_blocks(net) if family == "sd3" else sd1.checkpoint_blocks(net)
+
+        def forward(x, timesteps, c):
+            with torch.autocast(device.type, dtype=dtype, enabled=gpu):
+                return net(x.to(dtype), timesteps, context=c["context"], **({"y": c["y"]} if "y" in c else {}))
+
+        params = sum(p.numel() for p in net.parameters()) / 1e6
+        for ckpt in modes:
+            peak_memory_reset(device)
+            raw = raw_step(net, forward, x0, cond, t, args.steps, args.warmup, device, ckpt, blocks)
+            raw_mem = peak_memory_mib(device)
+            peak_memory_reset(device)
+            kiln, modules = kiln_step(family, net, forward, x0, cond, args.rank, args.steps, args.warmup, device,
+                                      precision, ckpt, blocks)
+            kiln_mem = peak_memory_mib(device)
+            row = dict(family=family, device=torch.cuda.get_device_name() if gpu else f"cpu x{torch.get_num_threads()}",
+                       shape="real" if gpu else "fixture", params_m=round(params, 1), resolution=res, rank=args.rank,
+                       checkpointing=ckpt, lora_modules=modules, raw_s=raw, kiln_s=kiln, raw_it_s=1 / raw,
+                       kiln_it_s=1 / kiln, overhead=kiln / raw - 1, raw_peak_mib=raw_mem, kiln_peak_mib=kiln_mem)
+            rows.append(row)
+            print(f"{family:5} {row['shape']:7} {params:7.1f}M {res}px ckpt={'on ' if ckpt else 'off'} "
+                  f"raw {1 / raw:7.2f} it/s  kiln {1 / kiln:7.2f} it/s  overhead {100 * (kiln / raw - 1):+6.1f}%  "
+                  f"peak {raw_mem:8.0f} / {kiln_mem:8.0f} MiB  ({modules} LoRA modules)", flush=True)
+        del net
+        if gpu:
+            torch.cuda.empty_cache()
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    main()
