@@ -237,6 +237,21 @@ class TextConditioning:
         self.pinned: dict[str, dict[str, torch.Tensor]] = {}
         self.recent: collections.OrderedDict[str, dict[str, torch.Tensor]] = collections.OrderedDict()
         self.encodes = 0
+        self.store = None      # a DiskStore: encoder outputs kept across runs (cache_text_encoder_outputs_to_disk)
+        self.store_id = ""
+        self.from_disk = 0
+
+    def settings(self) -> str:
+        """What, besides the CLIP itself, decides the outputs (part of the disk cache key)."""
+        return f"{type(self).__name__}|{self.max_tokens}"
+
+    def use_disk(self, store) -> None:
+        self.store = store
+        self.store_id = clip_identity(self.clip, self.settings())
+
+    def _stored(self, text: str) -> tuple[str, dict | None]:
+        key = hashlib.sha256(f"kiln-text-v1|{self.store_id}|{text}".encode()).hexdigest()[:32]
+        return key, self.store.read(key)
 
     def tokens(self, text: str) -> dict:
         return self.clip.tokenize(text)
@@ -263,8 +278,15 @@ class TextConditioning:
         if text in self.recent:
             self.recent.move_to_end(text)
             return self.recent[text]
-        raw = self.raw[text] if text in self.raw else self._encode(text)
-        entry = {k: normal_tensor(v.cpu()) for k, v in self._entry(*raw).items()}  # autograd-safe
+        key, entry = self._stored(text) if self.store is not None else (None, None)
+        if entry is not None:
+            self.from_disk += 1
+            entry = {k: normal_tensor(v) for k, v in entry.items()}  # read inside the node's inference mode
+        else:
+            raw = self.raw[text] if text in self.raw else self._encode(text)
+            entry = {k: normal_tensor(v.cpu()) for k, v in self._entry(*raw).items()}  # autograd-safe
+            if key is not None:
+                self.store.write(key, entry, source=text[:200], fmt="kiln-text-v1")
         if pin:
             self.pinned[text] = entry
         else:
@@ -341,6 +363,9 @@ class SD3TextConditioning(TextConditioning):
                         if v > 0 and has[{"clip_l": "clip_l", "clip_g": "clip_g", "t5": "t5xxl"}[k]]}
         self.rng = random.Random(seed)
 
+    def settings(self) -> str:
+        return f"{super().settings()}|{self.t5_tokens}|{self.lg_mask}|{self.t5_mask}"
+
     def tokens(self, text: str) -> dict:
         tok = self.clip.tokenizer
         tokens = self.clip.tokenize(text, tokenizer_options={"t5xxl_min_length": self.t5_tokens})
@@ -371,18 +396,43 @@ def vae_encoder(vae):
     return lambda px: vae.encode(px.permute(0, 2, 3, 1).contiguous())
 
 
+def _fingerprint(h, name: str, t: torch.Tensor) -> None:
+    """Name, shape and a strided sample of the values: a fine-tune of any layer changes it, yet hashing
+    costs milliseconds, not a full read of the weights."""
+    flat = t.detach().flatten()
+    h.update(f"{name}{tuple(t.shape)}".encode())
+    h.update(flat[::max(1, flat.numel() // 4096)][:4096].float().cpu().numpy().tobytes())
+
+
 def vae_identity(vae) -> str:
-    """A stable id of the VAE (the latent cache's key): every tensor's name, shape and a strided sample of
-    its values (an encoder-only fine-tune changes it, yet hashing costs milliseconds, not a full read of
-    the weights), plus the dtype the VAE computes in (fp16 and fp32 encodes differ)."""
+    """A stable id of the VAE (the latent cache's key): every tensor's fingerprint plus the dtype the VAE
+    computes in (fp16 and fp32 encodes differ)."""
     h = hashlib.sha256()
     sd = vae.first_stage_model.state_dict()
     for k in sorted(sd):
-        t = sd[k].detach().flatten()
-        sample = t[::max(1, t.numel() // 4096)][:4096].float().cpu()
-        h.update(f"{k}{tuple(sd[k].shape)}".encode())
-        h.update(sample.numpy().tobytes())
+        _fingerprint(h, k, sd[k])
     h.update(str(getattr(vae, "vae_dtype", "")).encode())
+    return h.hexdigest()[:16]
+
+
+def clip_identity(clip, settings: str) -> str:
+    """A stable id of what a CLIP turns a caption into (the text-encoder output cache's key): its encoders'
+    weights, the patches applied on top (an upstream LoRA on the CLIP), clip skip and the caller's
+    ``settings`` (token lengths, masks)."""
+    h = hashlib.sha256()
+    sd = clip.cond_stage_model.state_dict()
+    for k in sorted(sd):
+        _fingerprint(h, k, sd[k])
+    for key in sorted(clip.patcher.patches):
+        for patch in clip.patcher.patches[key]:
+            h.update(f"{key}{patch[0]}{patch[2]}".encode())  # strength_patch, strength_model
+            data = patch[1]
+            for i, t in enumerate(data if isinstance(data, (list, tuple)) else [data]):
+                if isinstance(t, torch.Tensor):
+                    _fingerprint(h, f"{key}.{i}", t)
+                else:
+                    h.update(repr(type(t)).encode())
+    h.update(f"{type(clip.cond_stage_model).__name__}|{clip.layer_idx}|{settings}".encode())
     return h.hexdigest()[:16]
 
 

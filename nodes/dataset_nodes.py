@@ -149,12 +149,12 @@ MEMORY = MemoryStore(max_bytes=2 << 30)
 LOG_EVERY_S = 5.0
 
 
-def default_cache_folder() -> str:
+def default_cache_folder(kind: str = "latents") -> str:
     """ComfyUI's user folder, as a system user ('__' prefix) the HTTP API does not serve; not temp/,
-    which ComfyUI empties at every start."""
+    which ComfyUI empties at every start. ``kind``: "latents" (Cache Latents) or "text" (encoder outputs)."""
     system_dir = getattr(folder_paths, "get_system_user_directory", None)
     base = system_dir("kiln_cache") if system_dir else os.path.join(folder_paths.get_user_directory(), "__kiln_cache")
-    return os.path.join(base, "latents")
+    return os.path.join(base, kind)
 
 
 def resolve_cache_folder(path: str) -> str:

@@ -21,6 +21,7 @@ from ..trainer_core.families import sd1, sd3, sdxl
 from ..trainer_core.lora.config import LoraConfig
 from ..trainer_core.lora.io import TrainedLora, build_metadata
 from ..trainer_core.lora.network_args import check_keys, parse_network_args
+from ..trainer_core.latent_store import DiskStore
 from ..trainer_core.lora.text_encoders import te_namer, te_rules
 from ..trainer_core.lora.network import LoRANetwork
 from ..trainer_core.loop import PRECISIONS, StepInfo, TrainConfig, train
@@ -28,6 +29,7 @@ from ..trainer_core.losses import LOSS_TYPES
 from ..trainer_core.optim import OPTIMIZERS, SCHEDULERS
 from ..trainer_core.plot import loss_plot
 from . import comfy_bridge as bridge
+from .dataset_nodes import default_cache_folder
 from .types import KilnDataset, KilnDatasetType, KilnLoraConfigType, KilnLoraType
 
 
@@ -62,6 +64,10 @@ def common_inputs(min_snr: bool = True, sample_cfg: float = 7.0) -> list:
         io.Int.Input("sample_every", default=0, min=0, max=100_000, tooltip="Preview a sample every N steps; 0 = only at the end."),
         io.Int.Input("sample_steps", default=20, min=1, max=150),
         io.Float.Input("sample_cfg", default=sample_cfg, min=0.0, max=30.0, step=0.5),
+        io.Boolean.Input("cache_text_encoder_outputs_to_disk", default=False, optional=True,
+                         tooltip="Keep the text encoders' outputs per caption on disk (ComfyUI's user/__kiln_cache/"
+                                 "text), so the next run skips encoding. Not with caption augmentation or "
+                                 "text-encoder training (the outputs change every step)."),
     ]
     return [i for i in inputs if min_snr or i.id != "min_snr_gamma"]
 
@@ -203,6 +209,15 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
     width, height = first.geometry.bucket
     cond = plan.conditioning
     cond.live = bool(te_train)  # trained text encoders: every caption is encoded again at every step
+    if opts.get("cache_text_encoder_outputs_to_disk"):
+        varying = next((s for s in dataset.cache.samples if s.captions.varies), None)
+        if te_train or varying is not None:
+            why = (f"the text encoders are being trained ({', '.join(te_train)} learning rate > 0)" if te_train else
+                   f"caption augmentation is on (e.g. for {os.path.dirname(varying.path)})")
+            raise KilnError(f"{plan.node}: cache_text_encoder_outputs_to_disk cannot be used because {why}: the "
+                            f"outputs differ at every step. Turn the option off, or set the text-encoder learning "
+                            f"rates to 0 and switch off shuffle_caption / caption dropout.")
+        cond.use_disk(DiskStore(default_cache_folder("text"), redo="encoding its caption again"))
     if not cond.live:
         for s in dataset.cache.samples:  # fixed captions: encoded once, before the loop; augmented ones on demand
             if not s.captions.varies:
@@ -254,6 +269,7 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
     meta = training_metadata(plan.version, arch, dataset, lora_config, tcfg, result, "")
     meta["kiln_distinct_captions"] = str(len(seen))
     meta["kiln_text_encoder_calls"] = str(cond.encodes)
+    meta["kiln_text_encoder_outputs_from_disk"] = str(cond.from_disk)
     plot = bridge.pil_to_image(loss_plot(result.losses))
     groups = {g: sum(1 for n in network.groups.values() if n == g) for g in dict.fromkeys(network.groups.values())}
     text = (f"{len(network)} LoRA modules ({', '.join(f'{g} {k}' for g, k in groups.items())}), {result.steps} steps "

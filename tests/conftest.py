@@ -175,6 +175,7 @@ class ComfyInProcess:
         folder_paths.set_input_directory(str(self.input_dir))
         folder_paths.set_output_directory(str(self.output_dir))
         folder_paths.set_temp_directory(str(self.temp_dir))
+        folder_paths.set_user_directory(str(root / "user"))  # caches and settings stay in the session's tmp dir
         _link_pack(root / "custom_nodes")
         folder_paths.folder_names_and_paths["custom_nodes"] = ([str(root / "custom_nodes")], set())
 

@@ -98,8 +98,9 @@ class MemoryStore:
 class DiskStore:
     """One safetensors file per entry in ``folder`` (created if needed). Safe to delete at any time."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, redo: str = "encoding its image again"):
         self.folder = folder
+        self.redo = redo  # what happens instead, said when an entry is unreadable
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
@@ -109,8 +110,8 @@ class DiskStore:
     def path(self, key: str) -> str:
         return os.path.join(self.folder, key + ".safetensors")
 
-    def get(self, key: str) -> Entry | None:
-        """The stored entry, or None when absent or unreadable (then a warning names the file)."""
+    def read(self, key: str) -> dict[str, torch.Tensor] | None:
+        """The tensors stored under ``key``, or None when absent or unreadable (then a warning names the file)."""
         path = self.path(key)
         if not os.path.isfile(path):
             return None
@@ -118,30 +119,45 @@ class DiskStore:
             with safe_open(path, framework="pt") as f:
                 if (f.metadata() or {}).get("kiln_key") != key:
                     raise ValueError("its recorded key does not match its file name")
-                names = set(f.keys())
-                latent = f.get_tensor("latent")
-                mask = f.get_tensor("mask") if "mask" in names else None
-            if latent.dim() != 3 or not torch.isfinite(latent).all():
-                raise ValueError(f"bad latent {tuple(latent.shape)}")
-            if mask is not None and (mask.dim() != 3 or mask.shape[-2:] != latent.shape[-2:]):
-                raise ValueError(f"mask {tuple(mask.shape)} does not fit latent {tuple(latent.shape)}")
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+            bad = [n for n, t in tensors.items() if not torch.isfinite(t).all()]
+            if bad:
+                raise ValueError(f"{bad[0]} holds NaN or inf")
         except Exception as e:  # safetensors raises its own error types for truncated / garbled files
-            log.warning("kiln: latent cache file %s is unreadable (%s); encoding its image again", path, e)
+            log.warning("kiln: cache file %s is unreadable (%s); %s", path, e, self.redo)
             return None
-        return Entry(latent.float(), None if mask is None else mask.float())
+        return tensors
 
-    def put(self, key: str, entry: Entry, source: str = "") -> None:
+    def write(self, key: str, tensors: dict[str, torch.Tensor], source: str = "", fmt: str = FORMAT) -> None:
         path = self.path(key)
         tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        tensors = {"latent": entry.latent.detach().contiguous().cpu()}
-        if entry.mask is not None:
-            tensors["mask"] = entry.mask.detach().contiguous().cpu()
+        tensors = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
         try:
-            save_file(tensors, tmp, metadata={"kiln_key": key, "kiln_format": FORMAT, "source": source})
+            save_file(tensors, tmp, metadata={"kiln_key": key, "kiln_format": fmt, "source": source})
             os.replace(tmp, path)
         except OSError as e:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
-            raise KilnError(f"cannot write the latent cache file {path}: {e.strerror or e}. Free disk space, choose "
+            raise KilnError(f"cannot write the cache file {path}: {e.strerror or e}. Free disk space, choose "
                             f"another cache folder, or turn the disk cache off.") from e
+
+    def get(self, key: str) -> Entry | None:
+        """The stored latent entry, or None when absent or unreadable (then a warning names the file)."""
+        tensors = self.read(key)
+        if tensors is None:
+            return None
+        latent, mask = tensors.get("latent"), tensors.get("mask")
+        problem = ("no latent in it" if latent is None else f"bad latent {tuple(latent.shape)}" if latent.dim() != 3
+                   else f"mask {tuple(mask.shape)} does not fit latent {tuple(latent.shape)}"
+                   if mask is not None and (mask.dim() != 3 or mask.shape[-2:] != latent.shape[-2:]) else None)
+        if problem:
+            log.warning("kiln: cache file %s is unreadable (%s); %s", self.path(key), problem, self.redo)
+            return None
+        return Entry(latent.float(), None if mask is None else mask.float())
+
+    def put(self, key: str, entry: Entry, source: str = "") -> None:
+        tensors = {"latent": entry.latent}
+        if entry.mask is not None:
+            tensors["mask"] = entry.mask
+        self.write(key, tensors, source)
 

@@ -1,7 +1,9 @@
 """Train SD1 in process, on the tiny SD1 checkpoint loaded by ComfyUI's own CheckpointLoaderSimple."""
 from __future__ import annotations
 
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +152,28 @@ def test_v_prediction_and_zsnr_follow_the_models_sampling_patch(comfy, loaded, c
     with pytest.raises(Exception) as err:
         comfy.run_node("KilnTrainSD1", model=lcm, clip=clip, dataset=cached, lora_config=cfg, **opts)
     assert type(err.value).__name__ == "KilnError" and "lcm" in str(err.value).lower()
+
+
+def test_text_encoder_outputs_cached_on_disk_are_reused_and_refused_with_te_training(comfy, loaded, cached):
+    model, clip, _ = loaded
+    cfg = comfy.run_node("KilnLoraConfig", rank=2, alpha=2.0, conv_rank=0, conv_alpha=1.0, dropout=0.0,
+                         rank_dropout=0.0, module_dropout=0.0)[0]
+    opts = TRAIN | dict(steps=2, sample_every=0, sample_steps=1, sample_prompts="a prompt only used for previews")
+    captions = {s.caption for s in cached.cache.samples}
+    text_dir = Path(sys.modules[comfy.node_class("KilnCacheLatents").__module__].default_cache_folder("text"))
+    assert str(text_dir).startswith(str(comfy.root)), text_dir  # the session's own ComfyUI user folder
+    shutil.rmtree(text_dir, ignore_errors=True)
+    first = comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=cfg, **opts,
+                           cache_text_encoder_outputs_to_disk=True)[1].metadata
+    second = comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=cfg, **opts,
+                            cache_text_encoder_outputs_to_disk=True)[1].metadata
+    previews = 2  # the preview prompt and its empty negative are encoded for the sampler every run
+    assert int(first["kiln_text_encoder_calls"]) == previews + len(captions)
+    assert int(first["kiln_text_encoder_outputs_from_disk"]) == 0
+    assert int(second["kiln_text_encoder_calls"]) == previews  # every training caption came from disk
+    assert int(second["kiln_text_encoder_outputs_from_disk"]) == len(captions)
+    assert len(list(text_dir.glob("*.safetensors"))) == len(captions)
+    with pytest.raises(Exception) as err:
+        comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=cfg, **opts,
+                       cache_text_encoder_outputs_to_disk=True, text_encoder_lr=1e-4)
+    assert type(err.value).__name__ == "KilnError" and "text encoders are being trained" in str(err.value)
