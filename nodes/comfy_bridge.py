@@ -404,6 +404,23 @@ def _fingerprint(h, name: str, t: torch.Tensor) -> None:
     h.update(flat[::max(1, flat.numel() // 4096)][:4096].float().cpu().numpy().tobytes())
 
 
+@contextlib.contextmanager
+def vae_in_fp32(vae):
+    """The VAE computing in fp32 for a while (kohya's no_half_vae), then exactly as it was: fp16/bf16 -> fp32 ->
+    back is lossless, and ComfyUI's VAE reads ``vae_dtype`` for every encode."""
+    original = vae.vae_dtype
+    if original == torch.float32:
+        yield vae
+        return
+    vae.first_stage_model.to(torch.float32)
+    vae.vae_dtype = torch.float32
+    try:
+        yield vae
+    finally:
+        vae.first_stage_model.to(original)
+        vae.vae_dtype = original
+
+
 def vae_identity(vae) -> str:
     """A stable id of the VAE (the latent cache's key): every tensor's fingerprint plus the dtype the VAE
     computes in (fp16 and fp32 encodes differ)."""

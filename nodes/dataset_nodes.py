@@ -1,6 +1,7 @@
 """Load Dataset, Alpha/Mask Source and Cache Latents."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -186,13 +187,17 @@ class KilnCacheLatents(io.ComfyNode):
                 io.String.Input("cache_folder", default="", optional=True,
                                 tooltip="Where the disk cache lives. Empty: ComfyUI's user/__kiln_cache/latents. "
                                         "Relative paths are inside ComfyUI's user folder. Safe to delete any time."),
+                io.Boolean.Input("no_half_vae", default=False, optional=True,
+                                 tooltip="Encode with the VAE in fp32 even when it was loaded in fp16/bf16 (kohya's "
+                                         "no_half_vae: the SDXL VAE overflows in fp16). The VAE is put back as it was."),
             ],
             outputs=[KilnDatasetType.Output(display_name="dataset")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, dataset: KilnDataset, vae, batch_size, disk_cache=False, cache_folder="") -> io.NodeOutput:
+    def execute(cls, dataset: KilnDataset, vae, batch_size, disk_cache=False, cache_folder="",
+                no_half_vae=False) -> io.NodeOutput:
         refuse_uncacheable(dataset.dataset, "Cache Latents")
         disk = DiskStore(resolve_cache_folder(cache_folder)) if disk_cache else None
         progress = bridge.Progress(len(dataset.dataset.items), cls.hidden.unique_id)
@@ -206,8 +211,9 @@ class KilnCacheLatents(io.ComfyNode):
                 last_log[0] = now
                 log.info("Cache Latents: %s", text)
 
-        cache = encode_dataset(dataset.dataset, bridge.vae_encoder(vae), bridge.vae_identity(vae), batch_size,
-                               report, memory=MEMORY, disk=disk)
+        with bridge.vae_in_fp32(vae) if no_half_vae else contextlib.nullcontext():
+            cache = encode_dataset(dataset.dataset, bridge.vae_encoder(vae), bridge.vae_identity(vae), batch_size,
+                                   report, memory=MEMORY, disk=disk)
         if cache.stats.encoded == 0:  # everything was reused: the bar still ends full
             progress.update(progress.total)
         summary = cache.stats.summary() + (f"\ndisk cache: {disk.folder}" if disk else "")

@@ -142,3 +142,21 @@ def test_random_crop_in_a_toml_is_refused_at_cache_latents(comfy, vae, dataset_d
     msg = kiln_error(e)
     assert msg.startswith("Cache Latents: subset 1") and str(dataset_dir["image_dir"]) in msg
     assert "random_crop = false" in msg and vae_images["calls"] == 0
+
+
+def test_no_half_vae_encodes_in_fp32_and_puts_the_vae_back(comfy, sd1_checkpoint, dataset_dir, nodes_module):
+    """kohya's no_half_vae on a VAE held in bf16: the encode runs in fp32 (different latents, a different cache
+    key, so no bf16 latent is reused), and afterwards the VAE's dtype and every weight are exactly as before."""
+    vae = comfy.run_node("CheckpointLoaderSimple", ckpt_name=sd1_checkpoint)[2]  # a VAE of its own
+    with torch.inference_mode():  # as ComfyUI itself would load a bf16 VAE
+        vae.first_stage_model.to(torch.bfloat16)
+    vae.vae_dtype = torch.bfloat16
+    before = {k: v.clone() for k, v in vae.first_stage_model.state_dict().items()}
+    ds = load(comfy, dataset_dir["train_dir"])
+    half = comfy.run_node("KilnCacheLatents", dataset=ds, vae=vae, batch_size=4)[0].cache
+    full = comfy.run_node("KilnCacheLatents", dataset=ds, vae=vae, batch_size=4, no_half_vae=True)[0].cache
+    assert full.stats.encoded == len(full.samples) and full.encoder_id != half.encoder_id
+    assert not torch.equal(full.samples[0].latent, half.samples[0].latent)
+    assert vae.vae_dtype == torch.bfloat16
+    after = vae.first_stage_model.state_dict()
+    assert all(after[k].dtype == torch.bfloat16 and torch.equal(after[k], v) for k, v in before.items())
