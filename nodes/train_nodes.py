@@ -157,6 +157,15 @@ def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: L
     return meta
 
 
+def train_schema(node_id: str, display_name: str, description: str, inputs: list) -> io.Schema:
+    """The schema every Train node shares: MODEL, CLIP, dataset and LoRA config in, the same outputs."""
+    return io.Schema(
+        node_id=node_id, display_name=display_name, category="Kiln", description=description,
+        inputs=[io.Model.Input("model"), io.Clip.Input("clip"), KilnDatasetType.Input("dataset"),
+                KilnLoraConfigType.Input("lora_config")] + inputs,
+        outputs=train_outputs(), hidden=[io.Hidden.unique_id], not_idempotent=False)
+
+
 VERBOSE = {"verbose": "list every module and its rank in the node's output text (True/False)"}
 
 
@@ -298,17 +307,10 @@ def describe_modules(network: LoRANetwork) -> str:
 class KilnTrainSD1(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="KilnTrainSD1",
-            display_name="Train LoRA (SD1)",
-            category="Kiln",
-            description="Trains a LoRA on the loaded SD 1.x/2.x model in place (no second copy), with live loss and samples.",
-            inputs=[io.Model.Input("model"), io.Clip.Input("clip"), KilnDatasetType.Input("dataset"),
-                    KilnLoraConfigType.Input("lora_config")] + common_inputs() + [te_lr_input("text_encoder_lr", "text encoder")],
-            outputs=train_outputs(),
-            hidden=[io.Hidden.unique_id],
-            not_idempotent=False,
-        )
+        return train_schema(
+            "KilnTrainSD1", "Train LoRA (SD1)",
+            "Trains a LoRA on the loaded SD 1.x/2.x model in place (no second copy), with live loss and samples.",
+            common_inputs() + [te_lr_input("text_encoder_lr", "text encoder")])
 
     @classmethod
     def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
@@ -356,19 +358,12 @@ def sd3_inputs() -> list:
 class KilnTrainSD3(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="KilnTrainSD3",
-            display_name="Train LoRA (SD3)",
-            category="Kiln",
-            description="Trains a LoRA on the loaded SD3 / SD3.5 model in place (rectified flow, kohya's SD3 options).",
-            inputs=[io.Model.Input("model"), io.Clip.Input("clip"), KilnDatasetType.Input("dataset"),
-                    KilnLoraConfigType.Input("lora_config")] + common_inputs(min_snr=False, sample_cfg=5.0) + sd3_inputs()
-                   + [te_lr_input("text_encoder_lr1", "CLIP-L"), te_lr_input("text_encoder_lr2", "CLIP-G"),
-                      te_lr_input("text_encoder_lr3", "T5-XXL")],
-            outputs=train_outputs(),
-            hidden=[io.Hidden.unique_id],
-            not_idempotent=False,
-        )
+        return train_schema(
+            "KilnTrainSD3", "Train LoRA (SD3)",
+            "Trains a LoRA on the loaded SD3 / SD3.5 model in place (rectified flow, kohya's SD3 options).",
+            common_inputs(min_snr=False, sample_cfg=5.0) + sd3_inputs()
+            + [te_lr_input("text_encoder_lr1", "CLIP-L"), te_lr_input("text_encoder_lr2", "CLIP-G"),
+               te_lr_input("text_encoder_lr3", "T5-XXL")])
 
     @classmethod
     def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
@@ -398,19 +393,11 @@ class KilnTrainSD3(io.ComfyNode):
 class KilnTrainSDXL(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="KilnTrainSDXL",
-            display_name="Train LoRA (SDXL)",
-            category="Kiln",
-            description="Trains a LoRA on the loaded SDXL-family model (SDXL, SSD-1B, Vega, KOALA) in place, with "
-                        "both text encoders and the size/crop conditioning from bucketing.",
-            inputs=[io.Model.Input("model"), io.Clip.Input("clip"), KilnDatasetType.Input("dataset"),
-                    KilnLoraConfigType.Input("lora_config")] + common_inputs()
-                   + [te_lr_input("text_encoder_lr1", "CLIP-L"), te_lr_input("text_encoder_lr2", "CLIP-G")],
-            outputs=train_outputs(),
-            hidden=[io.Hidden.unique_id],
-            not_idempotent=False,
-        )
+        return train_schema(
+            "KilnTrainSDXL", "Train LoRA (SDXL)",
+            "Trains a LoRA on the loaded SDXL-family model (SDXL, SSD-1B, Vega, KOALA) in place, with "
+            "both text encoders and the size/crop conditioning from bucketing.",
+            common_inputs() + [te_lr_input("text_encoder_lr1", "CLIP-L"), te_lr_input("text_encoder_lr2", "CLIP-G")])
 
     @classmethod
     def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
