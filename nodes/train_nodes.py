@@ -106,7 +106,7 @@ def dataset_metadata(ds: Dataset) -> dict[str, object]:
                     "random_crop": s.random_crop, "image_dir": os.path.basename(s.image_dir.rstrip("/")),
                     "class_tokens": s.class_tokens, "is_reg": s.is_reg, "enable_wildcard": False,
                     **dataclasses.asdict(s.captions)} for k, s in members]
-        blocks.append({"is_dreambooth": True, "batch_size_per_device": ds.batch_size,
+        blocks.append({"is_dreambooth": True, "batch_size_per_device": members[0][1].batch_size or ds.batch_size,
                        "num_train_images": sum(counts[k] * s.num_repeats for k, s in members if not s.is_reg),
                        "num_reg_images": sum(counts[k] * s.num_repeats for k, s in members if s.is_reg),
                        "resolution": list(b.resolution), "enable_bucket": b.enable_bucket,

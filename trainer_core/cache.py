@@ -47,6 +47,8 @@ class CachedSample:
     captions: CaptionOptions = CaptionOptions()  # its subset's augmentation, applied each time it is drawn
     flipped_latent: torch.Tensor | None = None   # flip_aug: the mirror image's latent
     flipped_mask: torch.Tensor | None = None
+    block: int = 0                               # [[datasets]] block: batches never mix blocks (kohya)
+    batch_size: int = 0                          # its block's batch size; 0: the training's
 
     def __repr__(self) -> str:
         mask = "none" if self.mask is None else tuple(self.mask.shape)
@@ -273,6 +275,7 @@ def encode_dataset(dataset: Dataset, encode: Callable[[torch.Tensor], torch.Tens
             plain.latent, dilate(plain.mask, subset.mask_dilation), item.caption, repeats[i], subset.is_reg,
             geometry[i], item.path, subset.captions,
             flipped_latent=mirrored.latent if mirrored else None,
-            flipped_mask=dilate(mirrored.mask, subset.mask_dilation) if mirrored else None))
+            flipped_mask=dilate(mirrored.mask, subset.mask_dilation) if mirrored else None,
+            block=subset.block, batch_size=subset.batch_size))
     stats.seconds = time.perf_counter() - start
     return LatentCache(samples, dataset, encoder_id, stats.seconds, stats)

@@ -71,15 +71,19 @@ class TrainResult:
 
 
 def epoch_batches(cache: LatentCache, batch_size: int, rng: random.Random) -> list[list[int]]:
-    """kohya's epoch: every sample ``repeats`` times, batches never mix buckets, batch order shuffled."""
+    """kohya's epoch: every sample ``repeats`` times, batches never mix buckets nor [[datasets]] blocks (each
+    block batched by its own batch_size), batch order shuffled."""
     by_bucket = defaultdict(list)
+    size = {}
     for i, s in enumerate(cache.samples):
-        by_bucket[tuple(s.latent.shape)].extend([i] * s.repeats)
+        key = (s.block, tuple(s.latent.shape))
+        by_bucket[key].extend([i] * s.repeats)
+        size[key] = s.batch_size or batch_size
     batches = []
     for key in sorted(by_bucket):
-        idx = by_bucket[key]
+        idx, n = by_bucket[key], size[key]
         rng.shuffle(idx)
-        batches += [idx[b:b + batch_size] for b in range(0, len(idx), batch_size)]
+        batches += [idx[b:b + n] for b in range(0, len(idx), n)]
     rng.shuffle(batches)
     return batches
 

@@ -64,6 +64,7 @@ bucket_reso_steps = 32
 
 [[datasets]]
 resolution = [96, 64]
+batch_size = 3
   [[datasets.subsets]]
   image_dir = "{image_dir}"
   caption_prefix = "wide,"
@@ -79,5 +80,7 @@ resolution = [96, 64]
                              **{**TRAIN, "steps": 4})
     blocks = json.loads(trained[1].metadata["ss_datasets"])
     assert [b["resolution"] for b in blocks] == [[64, 64], [96, 64]]
+    assert [b["batch_size_per_device"] for b in blocks] == [2, 3]  # each block batched by its own batch_size
+    assert {s.batch_size for s in cached.cache.samples[n:]} == {3}
     assert blocks[0]["subsets"][0]["keep_tokens"] == 1 and blocks[1]["subsets"][0]["caption_prefix"] == "wide,"
     assert "ss_shuffle_caption" not in trained[1].metadata  # the subsets disagree: per subset in ss_datasets only

@@ -143,8 +143,9 @@ bucket_reso_steps = 32
     assert subsets[1].buckets.enable_bucket
 
 
-def test_different_batch_sizes_per_block_are_refused_naming_the_blocks(tmp_path):
-    path = write(tmp_path, '[[datasets]]\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = "a"\n'
-                           '[[datasets]]\nbatch_size = 4\n[[datasets.subsets]]\nimage_dir = "b"\n')
-    with pytest.raises(KilnError, match=r"different batch_size \(\[\[datasets\]\] #1: 2, \[\[datasets\]\] #2: 4\)"):
-        load_dataset_toml(path)
+def test_each_block_keeps_its_own_batch_size(tmp_path):
+    path = write(tmp_path, '[general]\nbatch_size = 3\n[[datasets]]\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = "a"\n'
+                           '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "b"\n')
+    subsets, _, batch_size = load_dataset_toml(path)
+    assert [s.batch_size for s in subsets] == [2, 3] and [s.block for s in subsets] == [0, 1] and batch_size == 2
+

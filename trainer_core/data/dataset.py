@@ -35,6 +35,7 @@ class Subset:
     captions: CaptionOptions = CaptionOptions()
     buckets: BucketConfig | None = None   # its [[datasets]] block's own settings; None: the Dataset's
     block: int = 0                   # which [[datasets]] block of a TOML it came from (0 for folders)
+    batch_size: int = 0              # its block's batch size; 0: the Dataset's
     flip_aug: bool = False           # also train on the mirror image (cached as a second latent)
     random_crop: bool = False        # kohya key; needs fresh pixels, so Cache Latents refuses it
     color_aug: bool = False          # kohya key; likewise refused together with latent caching

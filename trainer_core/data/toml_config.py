@@ -112,15 +112,10 @@ def load_dataset_toml(path: str, base_dir: str | None = None) -> tuple[list[Subs
             captions = CaptionOptions(**{k: m[k] for k in CAPTION_KEYS if k in m})
             subsets.append(Subset(image_dir, m.get("num_repeats", 1), m.get("class_tokens", ""),
                                   m.get("caption_extension", ".caption"), m.get("is_reg", False), mode, mask_dir,
-                                  captions=captions, buckets=buckets, block=d_index, flip_aug=m.get("flip_aug", False),
+                                  captions=captions, buckets=buckets, block=d_index,
+                                  batch_size=merged_ds.get("batch_size", 1), flip_aug=m.get("flip_aug", False),
                                   random_crop=m.get("random_crop", False), color_aug=m.get("color_aug", False)))
-    batch_sizes = sorted({b for _, b in blocks})
-    if len(batch_sizes) > 1:
-        per_block = ", ".join(f"[[datasets]] #{i + 1}: {b}" for i, (_, b) in enumerate(blocks))
-        raise KilnError(f"{path}: the [[datasets]] blocks have different batch_size ({per_block}); Kiln trains every "
-                        f"block with one batch size. Give them the same batch_size (or set it once in [general]); "
-                        f"resolution and bucket settings may differ per block.")
     if not subsets:
         raise KilnError(f"{path} has datasets but no [[datasets.subsets]] with an image_dir.")
-    return subsets, blocks[0][0], batch_sizes[0]
+    return subsets, blocks[0][0], blocks[0][1]  # each subset also carries its own block's batch_size
 
