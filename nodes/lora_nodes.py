@@ -45,17 +45,17 @@ class KilnLoraConfig(io.ComfyNode):
                                         network_args.strip()))
 
 
-def lora_output_path(name: str) -> str:
+def lora_output_path(name: str, node: str = "Save LoRA") -> str:
     """``name`` inside ComfyUI's first models/loras folder; names that would leave it are refused."""
     root = os.path.realpath(folder_paths.get_folder_paths("loras")[0])
     clean = name.strip()
     if not clean:
-        raise KilnError("Save LoRA: the file name is empty.")
+        raise KilnError(f"{node}: the file name is empty.")
     if not clean.endswith(".safetensors"):
         clean += ".safetensors"
     path = os.path.realpath(os.path.join(root, clean))
     if os.path.isabs(name.strip()) or os.path.commonpath([root, path]) != root:
-        raise KilnError(f"Save LoRA: {name!r} points outside models/loras ({root}); use a plain name or a "
+        raise KilnError(f"{node}: {name!r} points outside models/loras ({root}); use a plain name or a "
                         f"sub-folder such as 'kiln/my_lora'.")
     return path
 

@@ -13,13 +13,15 @@ import torch
 from torch import nn
 from comfy_api.latest import io, ui
 
+import folder_paths
+
 from ..trainer_core.cache import LatentCache
 from ..trainer_core.data.captions import base_caption
 from ..trainer_core.data.dataset import Dataset
 from ..trainer_core.errors import KilnError
 from ..trainer_core.families import sd1, sd3, sdxl
 from ..trainer_core.lora.config import LoraConfig
-from ..trainer_core.lora.io import TrainedLora, build_metadata
+from ..trainer_core.lora.io import TrainedLora, build_metadata, load_lora_file, save_lora_file
 from ..trainer_core.lora.network_args import check_keys, parse_network_args
 from ..trainer_core.latent_store import DiskStore
 from ..trainer_core.lora.text_encoders import te_namer, te_rules
@@ -28,8 +30,10 @@ from ..trainer_core.loop import PRECISIONS, StepInfo, TrainConfig, train
 from ..trainer_core.losses import LOSS_TYPES
 from ..trainer_core.optim import OPTIMIZERS, SCHEDULERS
 from ..trainer_core.plot import loss_plot
+from ..trainer_core.resume import SUFFIX, load_state, save_state
 from . import comfy_bridge as bridge
 from .dataset_nodes import default_cache_folder
+from .lora_nodes import lora_output_path
 from .types import KilnDataset, KilnDatasetType, KilnLoraConfigType, KilnLoraType
 
 
@@ -64,6 +68,15 @@ def common_inputs(min_snr: bool = True, sample_cfg: float = 7.0) -> list:
         io.Int.Input("sample_every", default=0, min=0, max=100_000, tooltip="Preview a sample every N steps; 0 = only at the end."),
         io.Int.Input("sample_steps", default=20, min=1, max=150),
         io.Float.Input("sample_cfg", default=sample_cfg, min=0.0, max=30.0, step=0.5),
+        io.Int.Input("save_every_n_steps", default=0, min=0, max=1_000_000, optional=True,
+                     tooltip="Also write the LoRA (and a .kiln-state file to resume from) every N steps, as "
+                             "<save_name>-step000N.safetensors in models/loras. 0 = off."),
+        io.String.Input("save_name", default="kiln/checkpoint", optional=True,
+                        tooltip="Name (inside models/loras) of the intermediate LoRAs."),
+        io.String.Input("resume_from", default="", optional=True,
+                        tooltip="A LoRA in models/loras to continue from, e.g. kiln/checkpoint-step000500.safetensors. "
+                                "With its .kiln-state beside it and the same seed, data and steps, training continues "
+                                "exactly where it stopped; otherwise it starts from the LoRA's weights."),
         io.Boolean.Input("cache_text_encoder_outputs_to_disk", default=False, optional=True,
                          tooltip="Keep the text encoders' outputs per caption on disk (ComfyUI's user/__kiln_cache/"
                                  "text), so the next run skips encoding. Not with caption augmentation or "
@@ -257,6 +270,18 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
         if not len(network):
             raise KilnError(f"{plan.node}: no layer got a LoRA; check rank and network_args "
                             f"({lora_config.args or 'none'}).")
+        signature = {"seed": tcfg.seed, "steps": tcfg.steps, "samples": len(cache.samples),
+                     "batch_size": tcfg.batch_size, "grad_accum": tcfg.grad_accum, "modules": len(network)}
+        resume = resume_network(network, opts.get("resume_from", ""), signature, plan.node, notes)
+        tcfg.save_every = opts.get("save_every_n_steps", 0)
+        save_name = (opts.get("save_name") or "kiln/checkpoint").strip()
+
+        def on_save(step: int, state: dict, so_far) -> None:
+            path = lora_output_path(f"{save_name}-step{step:06d}", plan.node)
+            meta = training_metadata(plan.version, plan.architecture(net_host), dataset, lora_config, tcfg, so_far, "")
+            save_lora_file(path, network.kohya_state_dict(), meta)
+            save_state(path, state, signature)
+            log.info("kiln: %s step %d: saved %s (+ %s)", plan.node, step, path, SUFFIX)
         every = opts["sample_every"]
 
         def on_step(info: StepInfo) -> None:
@@ -269,7 +294,8 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
 
         with network.attached():
             result = train(network, plan.objective, bridge.unet_forward(model, net_host), conditioning, cache,
-                           bridge.latent_in(model), tcfg, bridge.device_of(model), plan.checkpoint_blocks(net_host), on_step)
+                           bridge.latent_in(model), tcfg, bridge.device_of(model), plan.checkpoint_blocks(net_host), on_step,
+                           on_save, resume)
             samples = preview(network)
         cond.live = False
         lora_sd = network.kohya_state_dict()
@@ -295,6 +321,27 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
     lora = TrainedLora(lora_sd, meta, family)
     model_out, clip_out = bridge.apply_lora(model, clip, lora_sd)
     return io.NodeOutput(model_out, lora, samples, plot, clip_out, ui=ui.PreviewText(text))
+
+
+def resume_network(network: LoRANetwork, name: str, signature: dict, node: str, notes: list) -> dict | None:
+    """Load ``resume_from``'s adapters into ``network``; return its training state when it can be resumed
+    exactly (notes say which it was)."""
+    name = (name or "").strip()
+    if not name:
+        return None
+    path = folder_paths.get_full_path("loras", name) or folder_paths.get_full_path("loras", name + ".safetensors")
+    if path is None:
+        raise KilnError(f"{node}: resume_from {name!r} is not a file in models/loras. Give the name as Load LoRA "
+                        f"lists it, e.g. kiln/checkpoint-step000500.safetensors, or leave it empty.")
+    sd, _ = load_lora_file(path)
+    try:
+        network.load_kohya_state_dict(sd)
+    except (KeyError, RuntimeError) as e:
+        raise KilnError(f"{node}: {name} does not fit this LoRA ({e}); resume with the same rank, targets, "
+                        f"network_args and text-encoder settings it was trained with.") from None
+    state, note = load_state(path, signature)
+    notes.append(f"resume_from {name}: {note}")
+    return state
 
 
 def describe_modules(network: LoRANetwork) -> str:

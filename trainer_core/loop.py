@@ -7,7 +7,6 @@ conditioning, each drawn sample's geometry) into the network's conditioning tens
 from __future__ import annotations
 
 import contextlib
-import itertools
 import random
 import time
 from collections import defaultdict
@@ -46,6 +45,7 @@ class TrainConfig:
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     group_lrs: dict = field(default_factory=dict)  # adapter group ("te1", ...) -> its own learning rate
+    save_every: int = 0                            # hand a resumable state to on_save every N steps (0: never)
 
 
 @dataclass
@@ -88,18 +88,46 @@ def epoch_batches(cache: LatentCache, batch_size: int, rng: random.Random) -> li
     return batches
 
 
-def batch_iterator(cache: LatentCache, batch_size: int, seed: int):
-    """(epoch, batch) forever; epochs count from 1, as kohya's (caption_dropout_every_n_epochs reads them)."""
-    rng = random.Random(seed)
-    for epoch in itertools.count(1):
-        for batch in epoch_batches(cache, batch_size, rng):
-            yield epoch, batch
+class BatchStream:
+    """(epoch, batch) forever; epochs count from 1, as kohya's (caption_dropout_every_n_epochs reads them).
+    Its position (the epoch's starting RNG state and how far into the epoch) can be saved and restored, so a
+    resumed run draws exactly the batches the uninterrupted one would have."""
+
+    def __init__(self, cache: LatentCache, batch_size: int, seed: int):
+        self.cache, self.batch_size = cache, batch_size
+        self.rng = random.Random(seed)
+        self.epoch, self.pos, self.batches = 0, 0, []
+        self.epoch_start = self.rng.getstate()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, list[int]]:
+        if self.pos >= len(self.batches):
+            self.epoch += 1
+            self.epoch_start = self.rng.getstate()
+            self.batches, self.pos = epoch_batches(self.cache, self.batch_size, self.rng), 0
+        self.pos += 1
+        return self.epoch, self.batches[self.pos - 1]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "rng": self.epoch_start}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self.rng.setstate(state["rng"])
+        self.batches = epoch_batches(self.cache, self.batch_size, self.rng) if self.epoch else []
 
 
 def train(network: LoRANetwork, objective, forward: Callable, conditioning: Callable[..., dict],
           cache: LatentCache, latent_in: Callable[[torch.Tensor], torch.Tensor], cfg: TrainConfig,
-          device: torch.device, checkpoint_blocks=(), on_step: Callable[[StepInfo], None] | None = None) -> TrainResult:
-    """Train ``network`` (already attached to the frozen host network) for ``cfg.steps`` optimizer steps."""
+          device: torch.device, checkpoint_blocks=(), on_step: Callable[[StepInfo], None] | None = None,
+          on_save: Callable[[int, dict, "TrainResult"], None] | None = None, resume: dict | None = None) -> TrainResult:
+    """Train ``network`` (already attached to the frozen host network) for ``cfg.steps`` optimizer steps.
+
+    Every ``cfg.save_every`` steps ``on_save(step, state, result)`` gets the training state (optimizer,
+    schedule, every RNG, the batch position); passing such a state back as ``resume`` (with the adapters
+    loaded from the LoRA saved at that step) continues exactly where that run was."""
     if not cache.samples:
         raise KilnError("the cached dataset is empty: nothing to train on.")
     torch.manual_seed(cfg.seed)
@@ -119,7 +147,7 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=autocast_dtype)
 
-    flip_rng = random.Random(cfg.seed + 2)  # flip_aug: each drawn sample is mirrored with p = 0.5, seeded
+    flip_rng = random.Random(cfg.seed + 3)  # flip_aug: each drawn sample is mirrored with p = 0.5, seeded
 
     def batch_tensors(indices, train, epoch, caption_rng):
         samples = [cache.samples[i] for i in indices]
@@ -161,12 +189,37 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
         network.train(was_training)
         return loss
 
-    result = TrainResult(probe_loss_start=probe_loss())
-    batches = batch_iterator(cache, cfg.batch_size, cfg.seed)
+    batches = BatchStream(cache, cfg.batch_size, cfg.seed)
     caption_rng = random.Random(cfg.seed + 2)  # its own stream: caption augmentation never moves batch order or noise
+    if resume is None:
+        result, first = TrainResult(probe_loss_start=probe_loss()), 1
+    else:
+        if resume["step"] >= cfg.steps:
+            raise KilnError(f"the run to resume already made {resume['step']} steps; set steps above that to "
+                            f"train on.")
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        if scaler and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        gen.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        caption_rng.setstate(resume["caption_rng"])
+        flip_rng.setstate(resume["flip_rng"])
+        batches.restore(resume["batches"])
+        result = TrainResult(losses=list(resume["losses"]), steps=resume["step"],
+                             probe_loss_start=resume["probe_loss_start"])
+        first = resume["step"] + 1
+
+    def state(step: int) -> dict:
+        return {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None, "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "caption_rng": caption_rng.getstate(),
+                "flip_rng": flip_rng.getstate(), "batches": batches.state(), "losses": list(result.losses),
+                "probe_loss_start": result.probe_loss_start}
+
     start = time.perf_counter()
     with gradient_checkpointing(list(checkpoint_blocks), cfg.gradient_checkpointing):
-        for step in range(1, cfg.steps + 1):
+        for step in range(first, cfg.steps + 1):
             total = 0.0
             for _ in range(cfg.grad_accum):
                 epoch, indices = next(batches)
@@ -193,6 +246,8 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
             result.seconds = time.perf_counter() - start
             if on_step:
                 on_step(StepInfo(step, cfg.steps, total, sched.get_last_lr()[0], result.seconds))
+            if on_save and cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                on_save(step, state(step), result)
     if hasattr(opt, "eval"):
         opt.eval()
     network.eval()

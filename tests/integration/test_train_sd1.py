@@ -177,3 +177,32 @@ def test_text_encoder_outputs_cached_on_disk_are_reused_and_refused_with_te_trai
         comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=cfg, **opts,
                        cache_text_encoder_outputs_to_disk=True, text_encoder_lr=1e-4)
     assert type(err.value).__name__ == "KilnError" and "text encoders are being trained" in str(err.value)
+
+
+def test_save_every_n_steps_then_resume_exactly(comfy, loaded, cached):
+    """Intermediate LoRAs (+ .kiln-state) every N steps; resuming from one ends bit-identical to the run that
+    went on, and what cannot be resumed is refused or reported by name."""
+    model, clip, _ = loaded
+    cfg = comfy.run_node("KilnLoraConfig", rank=2, alpha=2.0, conv_rank=0, conv_alpha=1.0, dropout=0.1,
+                         rank_dropout=0.0, module_dropout=0.0)[0]
+    opts = TRAIN | dict(steps=6, sample_every=0, sample_steps=1, lr_scheduler="cosine")
+    full = comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=cfg, **opts,
+                          save_every_n_steps=3, save_name="kiln/resume_test")[1]
+    saved = comfy.loras_dir / "kiln" / "resume_test-step000003.safetensors"
+    assert saved.is_file() and saved.with_suffix(".kiln-state").is_file()
+    assert not (comfy.loras_dir / "kiln" / "resume_test-step000006.safetensors").exists()  # the last is the output
+    out = comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=cfg, **opts,
+                         resume_from="kiln/resume_test-step000003.safetensors")
+    resumed = out[1]
+    assert "resuming exactly at step 3" in " ".join(map(str, out.ui["text"]))
+    assert all(torch.equal(full.state_dict[k], resumed.state_dict[k]) for k in full.state_dict)
+    with pytest.raises(Exception) as err:
+        comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=cfg, **opts,
+                       resume_from="kiln/no_such_lora.safetensors")
+    assert type(err.value).__name__ == "KilnError" and "not a file in models/loras" in str(err.value)
+    bigger = comfy.run_node("KilnLoraConfig", rank=4, alpha=4.0, conv_rank=0, conv_alpha=1.0, dropout=0.0,
+                            rank_dropout=0.0, module_dropout=0.0)[0]
+    with pytest.raises(Exception) as err:
+        comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=bigger, **opts,
+                       resume_from="kiln/resume_test-step000003.safetensors")
+    assert type(err.value).__name__ == "KilnError" and "does not fit this LoRA" in str(err.value)

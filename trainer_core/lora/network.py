@@ -68,11 +68,12 @@ class LoRANetwork(nn.Module):
             a.enabled = on
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """``<name>.lora_down.weight``, ``<name>.lora_up.weight``, ``<name>.alpha`` per adapter."""
+        """``<name>.lora_down.weight``, ``<name>.lora_up.weight``, ``<name>.alpha`` per adapter (copies: a
+        snapshot taken mid-training must not follow the live weights)."""
         sd = {}
         for name, a in self.adapters.items():
-            sd[f"{name}.lora_down.weight"] = a.lora_down.weight.detach().to("cpu", dtype).contiguous()
-            sd[f"{name}.lora_up.weight"] = a.lora_up.weight.detach().to("cpu", dtype).contiguous()
+            sd[f"{name}.lora_down.weight"] = a.lora_down.weight.detach().to("cpu", dtype, copy=True).contiguous()
+            sd[f"{name}.lora_up.weight"] = a.lora_up.weight.detach().to("cpu", dtype, copy=True).contiguous()
             sd[f"{name}.alpha"] = torch.tensor(a.alpha, dtype=dtype)
         return sd
 

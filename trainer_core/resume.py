@@ -1,0 +1,52 @@
+"""Training-state files beside intermediate LoRAs: what ``loop.train`` needs to resume a run exactly.
+
+``<lora>.kiln-state`` (an extension ComfyUI's LoRA lists ignore) holds the optimizer, schedule, every RNG and
+the batch position, plus a signature of the run (seed, dataset size, batch size, steps) so a state is only
+reused for the run it belongs to. Written atomically; read with ``weights_only=True`` (no code in the file).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+
+import torch
+
+from .errors import KilnError
+
+SUFFIX = ".kiln-state"
+
+
+def state_path(lora_path: str) -> str:
+    return os.path.splitext(lora_path)[0] + SUFFIX
+
+
+def save_state(lora_path: str, state: dict, signature: dict) -> str:
+    path = state_path(lora_path)
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        torch.save({"signature": signature, "state": state}, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise KilnError(f"cannot write the training state {path}: {e.strerror or e}. Free disk space, or set "
+                        f"save_every_n_steps to 0.") from e
+    return path
+
+
+def load_state(lora_path: str, signature: dict) -> tuple[dict | None, str]:
+    """(state, note): the saved state when it exists and belongs to a run like this one, else None and why."""
+    path = state_path(lora_path)
+    if not os.path.isfile(path):
+        return None, f"no {os.path.basename(path)} beside it: continuing from its weights only (kohya's network_weights)"
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        return None, f"{os.path.basename(path)} is unreadable ({e}): continuing from the LoRA's weights only"
+    differs = [k for k in signature if saved.get("signature", {}).get(k) != signature[k]]
+    if differs:
+        was = saved.get("signature", {})
+        detail = ", ".join(f"{k} {was.get(k)!r} → {signature[k]!r}" for k in differs)
+        return None, f"the saved run differs ({detail}): continuing from the LoRA's weights only"
+    return saved["state"], f"resuming exactly at step {saved['state']['step']}"
