@@ -209,7 +209,7 @@ def main() -> None:
             print(f"{family:5} {row['shape']:7} {params:7.1f}M {res}px ckpt={'on ' if ckpt else 'off'} "
                   f"raw {1 / raw:7.2f} it/s  kiln {1 / kiln:7.2f} it/s  overhead {100 * (kiln / raw - 1):+6.1f}%  "
                   f"peak {raw_mem:8.0f} / {kiln_mem:8.0f} MiB  ({modules} LoRA modules)", flush=True)
-        del net
+        net = None  # free it before the next family is built
         if gpu:
             torch.cuda.empty_cache()
     if args.json:

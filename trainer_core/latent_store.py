@@ -13,12 +13,10 @@ anyway is reported by name and encoded again.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import uuid
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
@@ -27,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .data.transforms import Geometry
+from .atomic import write_atomically
 from .errors import KilnError
 
 log = logging.getLogger("kiln")
@@ -129,17 +128,10 @@ class DiskStore:
         return tensors
 
     def write(self, key: str, tensors: dict[str, torch.Tensor], source: str = "", fmt: str = FORMAT) -> None:
-        path = self.path(key)
-        tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         tensors = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
-        try:
-            save_file(tensors, tmp, metadata={"kiln_key": key, "kiln_format": fmt, "source": source})
-            os.replace(tmp, path)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise KilnError(f"cannot write the cache file {path}: {e.strerror or e}. Free disk space, choose "
-                            f"another cache folder, or turn the disk cache off.") from e
+        meta = {"kiln_key": key, "kiln_format": fmt, "source": source}
+        write_atomically(self.path(key), lambda tmp: save_file(tensors, tmp, metadata=meta), "the cache file",
+                         "Free disk space, choose another cache folder, or turn the disk cache off.")
 
     def get(self, key: str) -> Entry | None:
         """The stored latent entry, or None when absent or unreadable (then a warning names the file)."""

@@ -6,13 +6,11 @@ reused for the run it belongs to. Written atomically; read with ``weights_only=T
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import uuid
 
 import torch
 
-from .errors import KilnError
+from .atomic import write_atomically
 
 SUFFIX = ".kiln-state"
 
@@ -22,17 +20,8 @@ def state_path(lora_path: str) -> str:
 
 
 def save_state(lora_path: str, state: dict, signature: dict) -> str:
-    path = state_path(lora_path)
-    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        torch.save({"signature": signature, "state": state}, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise KilnError(f"cannot write the training state {path}: {e.strerror or e}. Free disk space, or set "
-                        f"save_every_n_steps to 0.") from e
-    return path
+    return write_atomically(state_path(lora_path), lambda tmp: torch.save({"signature": signature, "state": state}, tmp),
+                            "the training state", "Free disk space, or set save_every_n_steps to 0.")
 
 
 def load_state(lora_path: str, signature: dict) -> tuple[dict | None, str]:

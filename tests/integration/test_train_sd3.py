@@ -5,7 +5,6 @@ import re
 import sys
 
 import pytest
-import torch
 
 from test_train_sd1 import DATASET, TRAIN
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..data.transforms import Geometry
-from .sd1 import SD1Objective, checkpoint_blocks, unet_rules  # noqa: F401  (the family's shared parts)
+from .sd1 import SD1Objective, checkpoint_blocks, unet_rules
+
+__all__ = ["SD1Objective", "checkpoint_blocks", "unet_rules", "unet_namer", "size_condition", "SizeCondition",
+           "UNET_PREFIX", "TE_PREFIXES", "ARCHITECTURE", "BASE_MODEL_VERSION"]  # the SD1 parts this family shares
 
 UNET_PREFIX = "lora_unet"
 TE_PREFIXES = {"clip_l": "lora_te1", "clip_g": "lora_te2"}  # kohya's sdxl names

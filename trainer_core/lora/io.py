@@ -5,14 +5,12 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import save, save_file
 
-from ..errors import KilnError
+from ..atomic import write_atomically
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -56,20 +54,8 @@ def save_lora_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[s
     meta = dict(metadata)
     meta["sshs_model_hash"] = model_hash(tensors)
     meta["modelspec.hash_sha256"] = "0x" + meta["sshs_model_hash"]
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".kiln-", suffix=".safetensors.tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise KilnError(f"could not write the LoRA to {path}: {e.strerror or e}. "
-                        f"Free disk space or choose another folder; any earlier file there is unchanged.") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta), "the LoRA",
+                            "Free disk space or choose another folder; any earlier file there is unchanged.")
 
 
 def load_lora_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
