@@ -50,9 +50,8 @@ def test_sdxl_unet_lora_learns_and_maps(comfy, sdxl):
 
 
 def test_sdxl_text_encoder_lora_names_map_for_both_encoders(comfy, sdxl):
-    """te1/te2 adapters over the real CLIP-L/G modules get kohya's names, and ComfyUI's LoRA key map (what
-    LoraLoader uses) knows every one. Training through the encoders is covered by the SD1/SD3 tests; doing it
-    here would back-propagate through the full-size CLIP-G (~1 min per step on 2 cores)."""
+    """te1/te2 adapters over every layer of the real CLIP-L/G get kohya's names, and ComfyUI's LoRA key map
+    (what LoraLoader uses) knows every one."""
     from trainer_core.families import sdxl as family
     from trainer_core.lora.network import LoRANetwork
     from trainer_core.lora.text_encoders import te_namer, te_rules
@@ -77,3 +76,23 @@ def test_size_conditioning_reaches_the_unet(comfy, sdxl):
     other = next(s for s in samples if s.geometry.original_size != samples[0].geometry.original_size)
     b = cond([samples[0].caption], geometries=[other.geometry])
     assert torch.equal(a["y"][:, :1280], b["y"][:, :1280]) and not torch.equal(a["y"][:, 1280:], b["y"][:, 1280:])
+
+
+def test_sdxl_text_encoder_loras_train_through_both_encoders(comfy, sdxl_checkpoint, dataset_dir):
+    """One step with both text encoders trained (batch 1: back-propagating through the full-size CLIP-G costs
+    ~9 s a step on 2 cores): every group gets gradients and the input CLIP is left as it was."""
+    model, clip, vae = comfy.run_node("CheckpointLoaderSimple", ckpt_name=sdxl_checkpoint)
+    ds = comfy.run_node("KilnLoadDataset", folder=str(dataset_dir["train_dir"]), **(DATASET | dict(batch_size=1)))[0]
+    cached = comfy.run_node("KilnCacheLatents", dataset=ds, vae=vae, batch_size=4)[0]
+    before = {n: (p, p.data_ptr()) for n, p in clip.cond_stage_model.named_parameters()}
+    out = comfy.run_node("KilnTrainSDXL", model=model, clip=clip, dataset=cached, lora_config=lora_config(comfy),
+                         **(TRAIN | dict(steps=1, sample_every=0, sample_steps=1, sample_prompts="a")),
+                         text_encoder_lr1=1e-3, text_encoder_lr2=1e-3)
+    sd = out[1].state_dict
+    for prefix in ("lora_unet_", "lora_te1_", "lora_te2_"):
+        ups = [k for k in sd if k.startswith(prefix) and k.endswith("lora_up.weight")]
+        assert ups and any(sd[k].abs().sum() > 0 for k in ups), prefix
+    assert "(unet 134, clip_l 72, clip_g 192)" in " ".join(map(str, out.ui["text"]))
+    assert bridge_of(comfy).unmapped_lora_keys(model, sd, clip) == []
+    now = dict(clip.cond_stage_model.named_parameters())
+    assert all(now[n] is p and p.data_ptr() == ptr for n, (p, ptr) in before.items())
