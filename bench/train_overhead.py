@@ -169,6 +169,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--resolution", type=int, default=None, help="pixels (default 1024 on GPU, 64 on CPU)")
     ap.add_argument("--checkpointing", choices=("both", "on", "off"), default="both")
+    ap.add_argument("--shape", choices=("real", "fixture"), default=None,
+                    help="architecture shapes (default: real on a GPU, the test fixtures' on the CPU)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     gpu = torch.cuda.is_available()
@@ -182,7 +184,8 @@ def main() -> None:
 
     rows = []
     for family in families:
-        net, cond, channels = build(family, gpu, device, dtype)
+        real = args.shape == "real" if args.shape else gpu
+        net, cond, channels = build(family, real, device, dtype)
         cond = {k: v.to(device, dtype) for k, v in cond.items()}
         x0 = torch.randn(1, channels, res // 8, res // 8, device=device, dtype=dtype)
         t = torch.tensor([500.0], device=device)
@@ -202,7 +205,7 @@ def main() -> None:
                                       precision, ckpt, blocks)
             kiln_mem = peak_memory_mib(device)
             row = dict(family=family, device=torch.cuda.get_device_name() if gpu else f"cpu x{torch.get_num_threads()}",
-                       shape="real" if gpu else "fixture", params_m=round(params, 1), resolution=res, rank=args.rank,
+                       shape="real" if real else "fixture", params_m=round(params, 1), resolution=res, rank=args.rank,
                        checkpointing=ckpt, lora_modules=modules, raw_s=raw, kiln_s=kiln, raw_it_s=1 / raw,
                        kiln_it_s=1 / kiln, overhead=kiln / raw - 1, raw_peak_mib=raw_mem, kiln_peak_mib=kiln_mem)
             rows.append(row)
