@@ -1,0 +1,134 @@
+"""Run a Kiln workflow headless: ComfyUI's own validator and executor in this process, no server, no browser.
+
+    python custom_nodes/comfyui-kiln/cli.py --workflow my_lora.json [--set 6.steps=2000 ...] [-- COMFYUI ARGS]
+
+The workflow is an API-format file (ComfyUI's "Export (API)", or example_workflows/api/*.json). ``--set``
+changes one input before running: ``NODE.INPUT=VALUE`` where NODE is the node id or its class_type (all nodes
+of that type), VALUE JSON (``2000``, ``true``, ``"text"``) or else a plain string. Arguments after ``--`` go
+to ComfyUI's own parser (``--cpu``, ``--base-directory DIR``, ``--extra-model-paths-config FILE``, ...).
+ComfyUI is found from ``--comfyui``, ``COMFYUI_PATH``, or the folder this pack is installed in. Progress, the
+loss and errors are printed; the exit code is 0 on success, 1 when validation or a node fails.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import uuid
+
+PACK = os.path.dirname(os.path.abspath(__file__))
+
+
+def find_comfyui(explicit: str | None) -> str:
+    for candidate in (explicit, os.environ.get("COMFYUI_PATH"), os.path.dirname(os.path.dirname(PACK))):
+        if candidate and os.path.isfile(os.path.join(candidate, "main.py")):
+            return os.path.abspath(candidate)
+    sys.exit("kiln: ComfyUI not found: pass --comfyui /path/to/ComfyUI (the folder with main.py) or set COMFYUI_PATH.")
+
+
+def apply_overrides(prompt: dict, overrides: list[str]) -> None:
+    for item in overrides:
+        target, sep, raw = item.partition("=")
+        node, dot, name = target.rpartition(".")
+        if not sep or not dot:
+            sys.exit(f"kiln: --set {item!r}: write NODE.INPUT=VALUE, e.g. 6.steps=2000 or KilnTrainSD1.steps=2000")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        ids = [k for k, v in prompt.items() if k == node or v.get("class_type") == node]
+        if not ids:
+            sys.exit(f"kiln: --set {item!r}: no node with id or class_type {node!r} in the workflow")
+        for k in ids:
+            prompt[k]["inputs"][name] = value
+
+
+class Host:
+    """What ComfyUI's executor reports to, in the server's place: node starts, progress, Kiln's loss, errors."""
+    client_id = "kiln-cli"
+    last_node_id = None
+
+    def __init__(self, prompt: dict):
+        self.prompt = prompt
+
+    def title(self, node_id) -> str:
+        node = self.prompt.get(str(node_id), {})
+        return f"{node_id} {node.get('_meta', {}).get('title') or node.get('class_type', '')}".strip()
+
+    def send_sync(self, event, data, sid=None) -> None:
+        if event == "executing" and data.get("node"):
+            print(f"[kiln] running node {self.title(data['node'])}", flush=True)
+        elif event == "kiln.loss":
+            step, total = data["step"], data["total"]
+            if step == total or step % max(1, total // 20) == 0:
+                print(f"[kiln]   step {step}/{total}  loss {data['loss']:.4f}  lr {data['lr']:.2e}  "
+                      f"{data['seconds']:.1f}s", flush=True)
+        elif event == "execution_error":
+            print(f"[kiln] error in node {self.title(data.get('node_id'))}: {data.get('exception_message', '').strip()}",
+                  file=sys.stderr, flush=True)
+        elif event == "execution_interrupted":
+            print(f"[kiln] interrupted in node {self.title(data.get('node_id'))}", file=sys.stderr, flush=True)
+
+    def queue_updated(self) -> None:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    comfy_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workflow", required=True, help="API-format workflow JSON")
+    ap.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE")
+    ap.add_argument("--comfyui", default=None, help="the ComfyUI folder (with main.py)")
+    opts = ap.parse_args(own)
+    with open(opts.workflow, encoding="utf-8") as f:
+        prompt = json.load(f)
+    if not isinstance(prompt, dict) or not all(isinstance(v, dict) and "class_type" in v for v in prompt.values()):
+        sys.exit(f"kiln: {opts.workflow} is not an API-format workflow (export it with 'Export (API)').")
+    apply_overrides(prompt, opts.set)
+
+    comfyui = find_comfyui(opts.comfyui)
+    # ComfyUI's nodes.py must win over this pack's nodes/ package, and ComfyUI parses its own arguments
+    sys.path[:] = [comfyui] + [p for p in sys.path if os.path.abspath(p or ".") not in (PACK, comfyui)]
+    os.chdir(comfyui)
+    sys.argv = [os.path.join(comfyui, "main.py")] + comfy_args
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    import utils.extra_config  # noqa: F401  (main.py's import order: before nodes.py)
+    import comfy.utils
+    import execution
+    import nodes
+    import server
+
+    host = Host(prompt)
+    server.PromptServer.instance = host  # Kiln's live loss events reach the host through it
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: None)
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    if "KilnTrainSD1" not in nodes.NODE_CLASS_MAPPINGS:  # run from a checkout, not from custom_nodes/
+        asyncio.run(nodes.load_custom_node(PACK, module_parent="custom_nodes"))
+
+    prompt_id = str(uuid.uuid4())
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    if not valid:
+        print(f"[kiln] the workflow is not valid: {error.get('message')}: {error.get('details', '')}", file=sys.stderr)
+        for node_id, info in node_errors.items():
+            for e in info.get("errors", []):
+                print(f"[kiln]   node {host.title(node_id)}: {e.get('message')}: {e.get('details', '')}", file=sys.stderr)
+        return 1
+    from comfy.cli_args import args as comfy_cli
+    executor = execution.PromptExecutor(host, cache_args={"lru": comfy_cli.cache_lru, "ram": comfy_cli.cache_ram})
+    executor.execute(prompt, prompt_id, {"client_id": host.client_id}, outputs)
+    if not executor.success:
+        return 1
+    for node_id, ui in (executor.history_result or {}).get("outputs", {}).items():
+        for text in ui.get("text", []):
+            print(f"[kiln] {host.title(node_id)}: {text}")
+    print("[kiln] done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""cli.py: an example workflow run headless (ComfyUI's validator and executor in a fresh process, no server)."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+from safetensors import safe_open
+
+from fixtures.datasets import make_dataset
+from test_sd1_workflow import REPO
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tiny_sd1_path):
+    root = tmp_path_factory.mktemp("cli")
+    (root / "models" / "checkpoints").mkdir(parents=True)
+    (root / "models" / "checkpoints" / tiny_sd1_path.name).symlink_to(tiny_sd1_path)
+    (root / "custom_nodes").mkdir()  # Kiln is not installed there: the CLI loads the pack it belongs to
+    make_dataset(root / "input" / "kiln_demo")
+    return root
+
+
+def cli(kiln_env, base, *args):
+    cmd = [kiln_env.python, str(REPO / "cli.py"), "--comfyui", str(kiln_env.comfyui),
+           "--workflow", str(REPO / "example_workflows" / "api" / "sd1_lora.json"), *args,
+           "--", "--cpu", "--base-directory", str(base)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd="/",
+                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+
+
+def test_cli_runs_the_example_workflow_with_overrides(kiln_env, base):
+    run = cli(kiln_env, base, "--set", "6.steps=4", "--set", "KilnTrainSD1.sample_every=0",
+              "--set", "7.filename=kiln/from_cli")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "[kiln]   step 4/4" in run.stdout and "[kiln] done" in run.stdout
+    with safe_open(str(base / "models" / "loras" / "kiln" / "from_cli.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_steps"] == "4" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+
+
+def test_cli_reports_an_invalid_workflow_by_node_and_fails(kiln_env, base):
+    run = cli(kiln_env, base, "--set", "1.ckpt_name=no_such_model.safetensors")
+    assert run.returncode == 1
+    assert "node 1 Load Checkpoint" in run.stderr and "ckpt_name" in run.stderr and "no_such_model" in run.stderr
