@@ -1,6 +1,11 @@
 """Run a Kiln workflow headless: ComfyUI's own validator and executor in this process, no server, no browser.
 
     python custom_nodes/comfyui-kiln/cli.py --workflow my_lora.json [--set 6.steps=2000 ...] [-- COMFYUI ARGS]
+    python custom_nodes/comfyui-kiln/cli.py --config kohya_train.toml [--family auto|sd1|sdxl|sd3] [...]
+
+``--config`` takes kohya's training ``--config_file`` (trainer_core/kohya_config.py maps its keys onto Load
+Dataset → Cache Latents → LoRA Config → Train → Save LoRA; every input it does not set keeps the node's
+default); the family is read from the checkpoint's keys unless given.
 
 The workflow is an API-format file (ComfyUI's "Export (API)", or example_workflows/api/*.json). ``--set``
 changes one input before running: ``NODE.INPUT=VALUE`` where NODE is the node id or its class_type (all nodes
@@ -16,6 +21,7 @@ import asyncio
 import json
 import os
 import sys
+import tomllib
 import uuid
 
 PACK = os.path.dirname(os.path.abspath(__file__))
@@ -43,6 +49,73 @@ def apply_overrides(prompt: dict, overrides: list[str]) -> None:
             sys.exit(f"kiln: --set {item!r}: no node with id or class_type {node!r} in the workflow")
         for k in ids:
             prompt[k]["inputs"][name] = value
+
+
+def family_of(checkpoint: str) -> str:
+    """sd1 / sdxl / sd3 from the checkpoint's key names (reads the safetensors header only)."""
+    from safetensors import safe_open
+
+    with safe_open(checkpoint, framework="pt") as f:
+        keys = list(f.keys())
+    if any(".joint_blocks." in k for k in keys):
+        return "sd3"
+    if any(k.startswith(("conditioner.embedders.1.", "model.diffusion_model.label_emb.")) for k in keys):
+        return "sdxl"
+    return "sd1"
+
+
+def prompt_from_kohya_config(path: str, config_dir: str, family: str) -> dict:
+    """kohya's config as a Kiln graph; paths resolved like kohya's (relative to the config's folder here),
+    the checkpoint's and output's folders registered with ComfyUI."""
+    import folder_paths
+    from trainer_core.errors import KilnError
+    from trainer_core.kohya_config import flatten, graph_from_config
+
+    def resolve(p: str) -> str:
+        return p if os.path.isabs(p) else os.path.join(config_dir, p)
+
+    text = open(path, encoding="utf-8").read()
+    try:
+        try:
+            flat = flatten(tomllib.loads(text))
+        except tomllib.TOMLDecodeError as e:
+            raise KilnError(f"{path} is not valid TOML: {e}") from None
+        ckpt = flat.get("pretrained_model_name_or_path", "")
+        ckpt_file = resolve(ckpt) if ckpt and os.path.isfile(resolve(ckpt)) else folder_paths.get_full_path("checkpoints", ckpt)
+        if not ckpt_file:
+            sys.exit(f"kiln: {path}: pretrained_model_name_or_path {ckpt!r} is neither a file nor in models/checkpoints.")
+        fam = family if family != "auto" else family_of(ckpt_file)
+        prompt, notes = graph_from_config(text, path, fam)
+    except KilnError as e:
+        sys.exit(f"kiln: {e}")
+    folder_paths.add_model_folder_path("checkpoints", os.path.dirname(ckpt_file))
+    prompt["1"]["inputs"]["ckpt_name"] = os.path.basename(ckpt_file)
+    prompt["2"]["inputs"]["folder"] = resolve(prompt["2"]["inputs"]["folder"])
+    if flat.get("output_dir"):
+        os.makedirs(resolve(flat["output_dir"]), exist_ok=True)
+        folder_paths.add_model_folder_path("loras", resolve(flat["output_dir"]), is_default=True)
+    print(f"[kiln] {path}: a {fam} run of {prompt['6']['class_type']}", flush=True)
+    for note in notes:
+        print(f"[kiln] note: {note}", flush=True)
+    return prompt
+
+
+def fill_defaults(prompt: dict, classes: dict) -> None:
+    """Every widget input the prompt leaves out gets the node's own default (as the frontend would)."""
+    for node in prompt.values():
+        cls = classes.get(node["class_type"])
+        if cls is None:
+            continue
+        spec = cls.INPUT_TYPES()
+        for group in ("required", "optional"):
+            for name, info in spec.get(group, {}).items():
+                if name in node["inputs"] or not isinstance(info, (list, tuple)) or not info:
+                    continue
+                kind, extra = info[0], (info[1] if len(info) > 1 and isinstance(info[1], dict) else {})
+                if "default" in extra:
+                    node["inputs"][name] = extra["default"]
+                elif isinstance(kind, list) and kind and group == "required":
+                    node["inputs"][name] = kind[0]
 
 
 class Host:
@@ -80,19 +153,23 @@ def main(argv: list[str] | None = None) -> int:
     comfy_args = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workflow", required=True, help="API-format workflow JSON")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workflow", help="API-format workflow JSON")
+    source.add_argument("--config", help="kohya training config TOML (--config_file)")
+    ap.add_argument("--family", choices=("auto", "sd1", "sdxl", "sd3"), default="auto")
     ap.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE")
     ap.add_argument("--comfyui", default=None, help="the ComfyUI folder (with main.py)")
     opts = ap.parse_args(own)
-    with open(opts.workflow, encoding="utf-8") as f:
-        prompt = json.load(f)
-    if not isinstance(prompt, dict) or not all(isinstance(v, dict) and "class_type" in v for v in prompt.values()):
-        sys.exit(f"kiln: {opts.workflow} is not an API-format workflow (export it with 'Export (API)').")
-    apply_overrides(prompt, opts.set)
+    config_dir = os.path.dirname(os.path.abspath(opts.config)) if opts.config else None
+    if opts.workflow:
+        with open(opts.workflow, encoding="utf-8") as f:
+            prompt = json.load(f)
+        if not isinstance(prompt, dict) or not all(isinstance(v, dict) and "class_type" in v for v in prompt.values()):
+            sys.exit(f"kiln: {opts.workflow} is not an API-format workflow (export it with 'Export (API)').")
 
     comfyui = find_comfyui(opts.comfyui)
     # ComfyUI's nodes.py must win over this pack's nodes/ package, and ComfyUI parses its own arguments
-    sys.path[:] = [comfyui] + [p for p in sys.path if os.path.abspath(p or ".") not in (PACK, comfyui)]
+    sys.path[:] = [comfyui] + [p for p in sys.path if os.path.abspath(p or ".") not in (PACK, comfyui)] + [PACK]
     os.chdir(comfyui)
     sys.argv = [os.path.join(comfyui, "main.py")] + comfy_args
     import comfy.options
@@ -103,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     import nodes
     import server
 
+    if opts.config:
+        prompt = prompt_from_kohya_config(opts.config, config_dir, opts.family)
+    apply_overrides(prompt, opts.set)
     host = Host(prompt)
     server.PromptServer.instance = host  # Kiln's live loss events reach the host through it
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: None)
@@ -110,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if "KilnTrainSD1" not in nodes.NODE_CLASS_MAPPINGS:  # run from a checkout, not from custom_nodes/
         asyncio.run(nodes.load_custom_node(PACK, module_parent="custom_nodes"))
 
+    fill_defaults(prompt, nodes.NODE_CLASS_MAPPINGS)
     prompt_id = str(uuid.uuid4())
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     if not valid:

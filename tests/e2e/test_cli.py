@@ -45,3 +45,42 @@ def test_cli_reports_an_invalid_workflow_by_node_and_fails(kiln_env, base):
     run = cli(kiln_env, base, "--set", "1.ckpt_name=no_such_model.safetensors")
     assert run.returncode == 1
     assert "node 1 Load Checkpoint" in run.stderr and "ckpt_name" in run.stderr and "no_such_model" in run.stderr
+
+
+def test_cli_trains_from_a_kohya_config_file(kiln_env, base, tiny_sd1_path, tmp_path):
+    images = base / "input" / "kiln_demo" / "train"
+    (tmp_path / "dataset.toml").write_text(f'''
+[general]
+resolution = 64
+batch_size = 2
+caption_extension = ".txt"
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "{images / '5_kiln toy'}"
+  num_repeats = 2
+''')
+    (tmp_path / "train.toml").write_text(f'''
+[model_arguments]
+pretrained_model_name_or_path = "{tiny_sd1_path}"
+[dataset_arguments]
+dataset_config = "dataset.toml"
+[training_arguments]
+output_dir = "out"
+output_name = "from_kohya"
+max_train_steps = 3
+learning_rate = 2e-3
+network_train_unet_only = true
+cache_latents = true
+[network_arguments]
+network_module = "networks.lora"
+network_dim = 4
+network_alpha = 4
+''')
+    cmd = [kiln_env.python, str(REPO / "cli.py"), "--comfyui", str(kiln_env.comfyui), "--config",
+           str(tmp_path / "train.toml"), "--set", "6.sample_steps=1", "--", "--cpu", "--base-directory", str(base)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd="/")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "a sd1 run of KilnTrainSD1" in run.stdout and "cache_latents: no effect" in run.stdout
+    with safe_open(str(tmp_path / "out" / "from_kohya.safetensors"), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["ss_network_dim"] == "4" and meta["ss_steps"] == "3" and not any(k.startswith("lora_te") for k in keys)

@@ -1,0 +1,138 @@
+"""kohya's training ``--config_file`` (TOML) as a Kiln graph, for the headless CLI: kohya users bring the
+config they already have. Pure mapping, no ComfyUI: it returns an API-format prompt holding only what the
+config sets (the CLI fills every other input with the node's own default) and the notes to print.
+
+Keys keep kohya's names and meaning (sections such as ``[model_arguments]`` are flattened, as kohya does);
+a key Kiln does not know is an error naming it, and keys that change nothing in Kiln are reported as such.
+"""
+from __future__ import annotations
+
+import tomllib
+
+from .errors import KilnError
+
+TRAIN_NODE = {"sd1": "KilnTrainSD1", "sdxl": "KilnTrainSDXL", "sd3": "KilnTrainSD3"}
+NETWORK_MODULES = {"networks.lora": ("sd1", "sdxl"), "networks.lora_sd3": ("sd3",)}
+PRECISION = {"no": "fp32", "fp32": "fp32", "float": "fp32", "fp16": "fp16", "bf16": "bf16"}
+
+# kohya key -> Train node input (same value)
+TRAIN_KEYS = {
+    "max_train_steps": "steps", "learning_rate": "learning_rate", "optimizer_type": "optimizer",
+    "lr_scheduler": "lr_scheduler", "lr_warmup_steps": "warmup_steps", "gradient_accumulation_steps": "grad_accum",
+    "max_grad_norm": "max_grad_norm", "seed": "seed", "gradient_checkpointing": "gradient_checkpointing",
+    "loss_type": "loss_type", "prior_loss_weight": "prior_loss_weight", "save_every_n_steps": "save_every_n_steps",
+    "cache_text_encoder_outputs_to_disk": "cache_text_encoder_outputs_to_disk", "min_snr_gamma": "min_snr_gamma",
+}
+SD3_KEYS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "training_shift", "t5xxl_max_token_length",
+            "apply_lg_attn_mask", "apply_t5_attn_mask", "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate",
+            "pos_emb_random_crop_rate")
+HANDLED = {"pretrained_model_name_or_path", "dataset_config", "output_dir", "output_name", "save_precision",
+           "network_module", "network_dim", "network_alpha", "network_dropout", "network_args", "unet_lr",
+           "text_encoder_lr", "network_train_unet_only", "mixed_precision", "cache_latents_to_disk", "no_half_vae",
+           "save_model_as", "network_weights"}
+NO_EFFECT = {
+    "cache_latents": "Kiln always caches latents", "cache_text_encoder_outputs": "frozen encoders' outputs are "
+    "always kept in memory", "sdpa": "attention is ComfyUI's choice", "xformers": "attention is ComfyUI's choice",
+    "mem_eff_attn": "attention is ComfyUI's choice", "v2": "read from the model", "v_parameterization": "read from "
+    "the model", "sdxl": "read from the model", "logging_dir": "no logging backend", "log_with": "no logging backend",
+    "log_prefix": "no logging backend", "max_data_loader_n_workers": "latents are cached",
+    "persistent_data_loader_workers": "latents are cached", "full_fp16": "LoRA weights stay fp32",
+    "full_bf16": "LoRA weights stay fp32", "lowram": "ComfyUI manages memory", "highvram": "ComfyUI manages memory",
+}
+
+
+def flatten(cfg: dict) -> dict:
+    """kohya reads keys from any section of its config file."""
+    flat = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value))
+        else:
+            flat[key] = value
+    return flat
+
+
+def te_rates(cfg: dict, family: str) -> dict[str, float]:
+    """kohya's text-encoder learning rates per Train node input: text_encoder_lr (one number or a list; absent:
+    learning_rate), 0 with network_train_unet_only; SD3 trains T5 only when asked (train_t5xxl)."""
+    names = {"sd1": ["text_encoder_lr"], "sdxl": ["text_encoder_lr1", "text_encoder_lr2"],
+             "sd3": ["text_encoder_lr1", "text_encoder_lr2", "text_encoder_lr3"]}[family]
+    if cfg.get("network_train_unet_only"):
+        return {n: 0.0 for n in names}
+    lr = cfg.get("text_encoder_lr", cfg.get("learning_rate", 1e-4))
+    lrs = [float(x) for x in lr] if isinstance(lr, list) else [float(lr)]
+    lrs = (lrs + [lrs[-1]] * len(names))[:len(names)] if lrs else [0.0] * len(names)
+    out = dict(zip(names, lrs))
+    if family == "sd3" and "train_t5xxl=true" not in [a.replace(" ", "").lower() for a in cfg.get("network_args", [])]:
+        out["text_encoder_lr3"] = 0.0
+    return out
+
+
+def lora_config_inputs(cfg: dict) -> dict:
+    inputs = {"rank": int(cfg.get("network_dim", 4)), "alpha": float(cfg.get("network_alpha", 1.0)),
+              "dropout": float(cfg.get("network_dropout") or 0.0)}
+    rest = []
+    fields = {"conv_dim": ("conv_rank", int), "conv_alpha": ("conv_alpha", float),
+              "rank_dropout": ("rank_dropout", float), "module_dropout": ("module_dropout", float)}
+    for arg in cfg.get("network_args", []):
+        key, _, value = arg.partition("=")
+        key = key.strip()
+        if key in fields:
+            name, kind = fields[key]
+            inputs[name] = kind(value.strip())
+        elif key != "train_t5xxl":
+            rest.append(arg.strip())
+    inputs["network_args"] = " ".join(rest)
+    return inputs
+
+
+def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str]]:
+    """(API-format prompt with only the inputs the config sets, notes) for ``family`` in sd1/sdxl/sd3."""
+    try:
+        cfg = flatten(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as e:
+        raise KilnError(f"{path} is not valid TOML: {e}") from None
+    known = set(TRAIN_KEYS) | set(SD3_KEYS) | HANDLED | set(NO_EFFECT)
+    unknown = sorted(k for k in cfg if k not in known)
+    if unknown:
+        raise KilnError(f"{path}: kohya key '{unknown[0]}' is not read by Kiln's CLI (known: "
+                        f"{', '.join(sorted(known))}).")
+    for key in ("pretrained_model_name_or_path", "dataset_config"):
+        if key not in cfg:
+            raise KilnError(f"{path} has no {key}: the CLI needs the checkpoint and the dataset TOML.")
+    module = cfg.get("network_module", "networks.lora_sd3" if family == "sd3" else "networks.lora")
+    if family not in NETWORK_MODULES.get(module, ()):
+        raise KilnError(f"{path}: network_module {module!r} does not train a {family} model with Kiln (use "
+                        f"networks.lora for SD1/SDXL, networks.lora_sd3 for SD3).")
+    if cfg.get("save_model_as", "safetensors") != "safetensors":
+        raise KilnError(f"{path}: save_model_as must be safetensors; Kiln writes nothing else.")
+    if "network_weights" in cfg:
+        raise KilnError(f"{path}: network_weights: put the LoRA in models/loras and give it as the Train node's "
+                        f"resume_from (--set 6.resume_from=NAME).")
+    if family != "sd3" and any(k in cfg for k in SD3_KEYS):
+        raise KilnError(f"{path}: {next(k for k in SD3_KEYS if k in cfg)} is an SD3 option; this is a {family} model.")
+    if family == "sd3" and "min_snr_gamma" in cfg:
+        raise KilnError(f"{path}: min_snr_gamma does not apply to SD3 (rectified flow); use weighting_scheme.")
+    notes = [f"{k}: no effect in Kiln ({NO_EFFECT[k]})" for k in cfg if k in NO_EFFECT]
+
+    train = {TRAIN_KEYS[k]: v for k, v in cfg.items() if k in TRAIN_KEYS}
+    train.update({k: v for k, v in cfg.items() if k in SD3_KEYS})
+    if "unet_lr" in cfg:
+        train["learning_rate"] = cfg["unet_lr"]
+    if "mixed_precision" in cfg:
+        train["precision"] = PRECISION.get(str(cfg["mixed_precision"]), "auto")
+    train.update(te_rates(cfg, family))
+    train.update(model=["1", 0], clip=["1", 1], dataset=["4", 0], lora_config=["5", 0])
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": cfg["pretrained_model_name_or_path"]}},
+        "2": {"class_type": "KilnLoadDataset", "inputs": {"folder": cfg["dataset_config"]}},
+        "4": {"class_type": "KilnCacheLatents", "inputs": {"dataset": ["2", 0], "vae": ["1", 2],
+                                                           "disk_cache": bool(cfg.get("cache_latents_to_disk", False)),
+                                                           "no_half_vae": bool(cfg.get("no_half_vae", False))}},
+        "5": {"class_type": "KilnLoraConfig", "inputs": lora_config_inputs(cfg)},
+        "6": {"class_type": TRAIN_NODE[family], "inputs": train},
+        "7": {"class_type": "KilnSaveLora", "inputs": {
+            "lora": ["6", 1], "filename": cfg.get("output_name", "last"), "overwrite": True,
+            "precision": PRECISION.get(str(cfg.get("save_precision", "fp16")), "fp16")}},
+    }
+    return prompt, notes
