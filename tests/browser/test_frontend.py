@@ -63,3 +63,32 @@ def test_workflow_opens_queues_and_draws_the_loss_chart(ready_server):
     assert "kiln_loss" in widgets
     assert chart["n"] == steps and chart["last"]["step"] == steps and chart["h"] > 0
     assert not [c for c in console if "kiln" in c.lower() and ("error" in c.lower() or "EXCEPTION" in c)], console
+
+
+def test_every_example_workflow_opens_and_converts_to_its_twin(ready_server):
+    """The SDXL / SD3 / masked / DreamBooth examples too: the real frontend turns each UI file into exactly its
+    API twin, and every Train node carries the live loss chart."""
+    names = sorted(p.name for p in (REPO / "example_workflows").glob("*.json"))
+
+    async def run():
+        results = {}
+        async with Browser(free_port()) as b:
+            await b.navigate(ready_server.url)
+            await b.wait_for("window.app && window.app.graph && window.app.extensionManager !== undefined", 90)
+            await b.wait_for("app.extensions.some(e => e.name === 'kiln.training')", 30)
+            for name in names:
+                ui = json.loads((REPO / "example_workflows" / name).read_text())
+                await b.evaluate(f"app.loadGraphData({json.dumps(ui)})")
+                prompt = await b.evaluate("app.graphToPrompt().then(p => p.output)")
+                charts = await b.evaluate("app.graph._nodes.filter(n => n.type.startsWith('KilnTrain'))"
+                                          ".map(n => n.widgets.some(w => w.name === 'kiln_loss'))")
+                results[name] = (prompt, charts)
+        return results, b.console
+
+    results, console = asyncio.run(run())
+    assert {"sdxl_lora.json", "sd3_lora.json"} <= set(results)
+    for name, (prompt, charts) in results.items():
+        api = json.loads((REPO / "example_workflows" / "api" / name).read_text())
+        assert strip_meta(prompt) == strip_meta(api), name
+        assert charts == [True], name
+    assert not [c for c in console if "kiln" in c.lower() and ("error" in c.lower() or "EXCEPTION" in c)], console
