@@ -68,6 +68,8 @@ def common_inputs(min_snr: bool = True, sample_cfg: float = 7.0) -> list:
         io.Int.Input("sample_every", default=0, min=0, max=100_000, tooltip="Preview a sample every N steps; 0 = only at the end."),
         io.Int.Input("sample_steps", default=20, min=1, max=150),
         io.Float.Input("sample_cfg", default=sample_cfg, min=0.0, max=30.0, step=0.5),
+        io.String.Input("sample_negative", default="", multiline=True, optional=True,
+                        tooltip="Negative prompt of the sample previews."),
         io.Int.Input("save_every_n_steps", default=0, min=0, max=1_000_000, optional=True,
                      tooltip="Also write the LoRA (and a .kiln-state file to resume from) every N steps, as "
                              "<save_name>-step000N.safetensors in models/loras. 0 = off."),
@@ -257,7 +259,7 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
     def preview(net: LoRANetwork) -> torch.Tensor:
         net.eval()
         images = bridge.sample_images(model, cond, dataset.vae, prompts, tcfg.seed, opts["sample_steps"],
-                                      opts["sample_cfg"], width, height)
+                                      opts["sample_cfg"], width, height, negative=opts.get("sample_negative", ""))
         net.train()
         return images
 

@@ -48,7 +48,8 @@ def test_save_lora_refuses_names_outside_models_loras(comfy, name):
     assert not any(comfy.loras_dir.parent.parent.rglob("escape*"))
 
 
-def test_cancel_stops_within_one_step_and_restores_the_model(comfy, sd1_checkpoint, dataset_dir):
+@pytest.mark.parametrize("text_encoder_lr", [0.0, 1e-4], ids=["unet", "unet+text_encoder"])
+def test_cancel_stops_within_one_step_and_restores_the_model(comfy, sd1_checkpoint, dataset_dir, text_encoder_lr):
     import importlib
     mm = importlib.import_module("comfy.model_management")
     cutils = importlib.import_module("comfy.utils")
@@ -67,9 +68,11 @@ def test_cancel_stops_within_one_step_and_restores_the_model(comfy, sd1_checkpoi
             mm.interrupt_current_processing(True)  # what the Cancel button / POST /interrupt does
     cutils.set_progress_bar_global_hook(cancel_at_3)
     params = {n: p for n, p in model.model.diffusion_model.named_parameters()}
+    clip_params = {n: p for n, p in clip.cond_stage_model.named_parameters()}
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=ds, lora_config=cfg, steps=200, **TRAIN)
+            comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=ds, lora_config=cfg, steps=200, **TRAIN,
+                           text_encoder_lr=text_encoder_lr)
     finally:
         mm.interrupt_current_processing(False)
         cutils.set_progress_bar_global_hook(previous_hook)
@@ -77,6 +80,9 @@ def test_cancel_stops_within_one_step_and_restores_the_model(comfy, sd1_checkpoi
     unet = model.model.diffusion_model
     assert all(p is params[n] and p.is_inference() for n, p in unet.named_parameters())
     assert not any("forward" in m.__dict__ for m in unet.modules())
+    encoders = clip.cond_stage_model
+    assert all(p is clip_params[n] and p.is_inference() for n, p in encoders.named_parameters())
+    assert not any("forward" in m.__dict__ or m._forward_pre_hooks for m in encoders.modules())
 
 
 def test_load_dataset_reads_a_kohya_toml(comfy, dataset_dir, tmp_path):
