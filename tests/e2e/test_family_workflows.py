@@ -1,0 +1,65 @@
+"""The SDXL and SD3 example workflows through a real ComfyUI server: train, save a kohya LoRA of the right
+family, and load it with stock LoraLoader with every key applied."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from fixtures.datasets import make_dataset
+from test_sd1_workflow import REPO, sample_workflow, saved_image
+
+pytestmark = pytest.mark.e2e
+
+FAMILIES = {
+    # name: (checkpoint fixture, sampler latent node, modelspec.architecture, ss_base_model_version, a module it must have)
+    "sdxl": ("server_sdxl_checkpoint", "EmptyLatentImage", "stable-diffusion-xl-v1-base/lora", "sdxl_base_v1-0",
+             "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q"),
+    "sd3": ("server_sd3_checkpoint", "EmptySD3LatentImage", "stable-diffusion-3-medium/lora", "sd3",
+            "lora_unet_joint_blocks_0_x_block_mlp_fc1"),  # x_mlp_dim from the workflow's network_args
+}
+
+
+@pytest.fixture(scope="module", params=[pytest.param("sd3"), pytest.param("sdxl", marks=pytest.mark.slow)],
+                ids=["sd3", "sdxl"])
+def trained(request, comfy_server):
+    family = request.param
+    ckpt = request.getfixturevalue(FAMILIES[family][0])
+    api = json.loads((REPO / "example_workflows" / "api" / f"{family}_lora.json").read_text())
+    assert ckpt == api["1"]["inputs"]["ckpt_name"]
+    if not (comfy_server.input_dir / "kiln_demo" / "train").is_dir():
+        make_dataset(comfy_server.input_dir / "kiln_demo")
+    log_before = len(comfy_server.log_text())
+    entry = comfy_server.wait(comfy_server.post_prompt(copy.deepcopy(api)), timeout=900)
+    return family, ckpt, entry, comfy_server.log_text()[log_before:]
+
+
+def test_example_workflow_writes_a_kohya_lora_of_its_family(comfy_server, trained):
+    family, _, entry, log = trained
+    _, _, arch, version, module = FAMILIES[family]
+    path = comfy_server.loras_dir / "kiln" / f"{family}_demo.safetensors"
+    assert path.is_file(), log[-3000:]
+    with safe_open(str(path), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    modules = {k.rsplit(".lora_down.weight", 1)[0] for k in keys if k.endswith(".lora_down.weight")}
+    assert module in modules and all(m.startswith("lora_unet_") for m in modules)
+    assert meta["modelspec.architecture"] == arch and meta["ss_base_model_version"] == version
+    assert float(meta["kiln_probe_loss_end"]) < 0.9 * float(meta["kiln_probe_loss_start"])
+    previews = [o for nid, o in entry["outputs"].items() if nid in ("8", "9")]
+    assert len(previews) == 2 and all(o["images"] for o in previews)
+
+
+def test_stock_lora_loader_applies_every_key(comfy_server, trained):
+    family, ckpt, _, _ = trained
+    latent = FAMILIES[family][1]
+    base = comfy_server.wait(comfy_server.post_prompt(sample_workflow(ckpt, None, f"{family}base", latent)), 300)
+    log_before = len(comfy_server.log_text())
+    with_lora = comfy_server.wait(comfy_server.post_prompt(
+        sample_workflow(ckpt, f"kiln/{family}_demo.safetensors", f"{family}lora", latent)), 300)
+    log = comfy_server.log_text()[log_before:]
+    assert "lora key not loaded" not in log and "NOT LOADED" not in log, log[-3000:]
+    diff = np.abs(saved_image(comfy_server, base) - saved_image(comfy_server, with_lora))
+    assert diff.mean() > 0.5, f"LoRA made no visible difference (mean abs diff {diff.mean():.3f})"
