@@ -22,7 +22,7 @@ from ..trainer_core.errors import KilnError
 from ..trainer_core.families import sd1, sd3, sdxl
 from ..trainer_core.lora.config import LoraConfig
 from ..trainer_core.lora.io import TrainedLora, build_metadata, load_lora_file, save_lora_file
-from ..trainer_core.lora.network_args import check_keys, parse_network_args
+from ..trainer_core.lora.network_args import bool_arg, check_keys, parse_network_args
 from ..trainer_core.latent_store import DiskStore
 from ..trainer_core.lora.text_encoders import te_namer, te_rules
 from ..trainer_core.lora.network import LoRANetwork
@@ -318,7 +318,7 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
         log.warning("kiln: %d LoRA modules do not map onto this model in ComfyUI, e.g. %s", len(unmapped), unmapped[0])
         notes.append(f"{len(unmapped)} modules do not map in ComfyUI, e.g. {unmapped[0]}")
     text += "".join(f"\nnote: {n}" for n in notes)
-    if args.get("verbose", "").lower() in ("true", "1", "yes"):
+    if bool_arg(args, "verbose"):
         text += "\n" + describe_modules(network)
     lora = TrainedLora(lora_sd, meta, family)
     model_out, clip_out = bridge.apply_lora(model, clip, lora_sd)
@@ -432,7 +432,7 @@ class KilnTrainSD3(io.ComfyNode):
             checkpoint_blocks=sd3.checkpoint_blocks, architecture=sd3.modelspec_architecture, version="sd3",
             objective=sd3.SD3Objective(opts["weighting_scheme"], opts["logit_mean"], opts["logit_std"],
                                        opts["mode_scale"], opts["training_shift"]),
-            conditioning=conditioning, network_args=sd3.NETWORK_ARGS, te_prefixes=sd3.TE_PREFIXES,
+            conditioning=conditioning, network_args={**VERBOSE, **sd3.NETWORK_ARGS}, te_prefixes=sd3.TE_PREFIXES,
             te_lrs={"clip_l": opts.get("text_encoder_lr1", 0.0), "clip_g": opts.get("text_encoder_lr2", 0.0),
                     "t5xxl": opts.get("text_encoder_lr3", 0.0)})
         with bridge.random_pos_embed_crop(model.model.diffusion_model, opts["pos_emb_random_crop_rate"], tcfg.seed):

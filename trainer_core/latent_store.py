@@ -139,9 +139,13 @@ class DiskStore:
         if tensors is None:
             return None
         latent, mask = tensors.get("latent"), tensors.get("mask")
-        problem = ("no latent in it" if latent is None else f"bad latent {tuple(latent.shape)}" if latent.dim() != 3
-                   else f"mask {tuple(mask.shape)} does not fit latent {tuple(latent.shape)}"
-                   if mask is not None and (mask.dim() != 3 or mask.shape[-2:] != latent.shape[-2:]) else None)
+        problem = None
+        if latent is None:
+            problem = "no latent in it"
+        elif latent.dim() != 3:
+            problem = f"bad latent {tuple(latent.shape)}"
+        elif mask is not None and (mask.dim() != 3 or mask.shape[-2:] != latent.shape[-2:]):
+            problem = f"mask {tuple(mask.shape)} does not fit latent {tuple(latent.shape)}"
         if problem:
             log.warning("kiln: cache file %s is unreadable (%s); %s", self.path(key), problem, self.redo)
             return None

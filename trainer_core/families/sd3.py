@@ -36,7 +36,6 @@ NETWORK_ARGS = {
     "x_mod_dim": "rank of x_block adaLN modulation (default 0)",
     "emb_dims": "six ranks: context_embedder, t_embedder, x_embedder, y_embedder, final_layer adaLN, final_layer linear",
     "train_block_indices": "joint blocks that get LoRA: all, none, or e.g. 0,1,4-5,7",
-    "verbose": "list every module and its rank in the node's output text (True/False)",
 }
 # group -> (block part, regex of the module inside that part)
 _GROUPS = {
@@ -57,15 +56,13 @@ class SD3LayerRanks:
     group_dims: dict = field(default_factory=dict)   # _GROUPS key -> rank (0 = none)
     emb_dims: tuple = (0, 0, 0, 0, 0, 0)
     blocks: tuple = ()                               # bool per joint block
-    verbose: bool = False
 
     @classmethod
     def from_args(cls, args: dict[str, str], rank: int, depth: int) -> "SD3LayerRanks":
         dims = {k: int_arg(args, k, rank if k.endswith("attn_dim") else 0) for k in _GROUPS}
         emb = int_list_arg(args, "emb_dims", 6) or [0] * 6
         blocks = block_selection(args.get("train_block_indices"), depth)
-        verbose = args.get("verbose", "False").strip().lower() in ("true", "1", "yes")
-        return cls(dims, tuple(emb), tuple(blocks), verbose)
+        return cls(dims, tuple(emb), tuple(blocks))
 
     def rules(self, alpha: float) -> list[TargetRule]:
         """Target rules over the MMDiT's module paths; one alpha for every rank, as in kohya."""

@@ -36,6 +36,11 @@ def check_keys(args: dict[str, str], allowed: dict[str, str], node: str) -> None
         raise KilnError(f"{node}: network_args key '{unknown[0]}' is not used by this node. Keys it reads: {known}.")
 
 
+def bool_arg(args: dict[str, str], key: str) -> bool:
+    """kohya's string booleans ("True", "true", "1", "yes")."""
+    return args.get(key, "").strip().lower() in ("true", "1", "yes")
+
+
 def int_arg(args: dict[str, str], key: str, default: int | None = None) -> int | None:
     if key not in args:
         return default
