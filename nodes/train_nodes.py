@@ -210,10 +210,13 @@ def train_config(model, dataset: KilnDataset, opts: dict) -> TrainConfig:
                        precision=precision, gradient_checkpointing=opts["gradient_checkpointing"])
 
 
-def require_cache(dataset: KilnDataset, node: str) -> None:
+def prepare(model, dataset: KilnDataset, opts: dict, families: tuple[str, ...], node: str) -> tuple[str, TrainConfig]:
+    """What every Train node checks first (the model's family, cached latents) and its TrainConfig."""
+    fam = bridge.require_family(model, families, node)
     if dataset.cache is None:
         raise KilnError(f"{node}: the dataset has no cached latents. Connect Load Dataset → "
                         "(Alpha/Mask Source →) Cache Latents → this node's dataset input.")
+    return fam, train_config(model, dataset, opts)
 
 
 def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcfg: TrainConfig, plan: FamilyPlan,
@@ -364,11 +367,9 @@ class KilnTrainSD1(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
         node = "Train LoRA (SD1)"
-        fam = bridge.require_family(model, bridge.SD1_FAMILIES, node)
-        require_cache(dataset, node)
+        fam, tcfg = prepare(model, dataset, opts, bridge.SD1_FAMILIES, node)
         is_v = bridge.prediction_type(model, node) == "v"
         is_sd2 = fam not in ("SD15", "SD15_instructpix2pix")
-        tcfg = train_config(model, dataset, opts)
         lc = lora_config
         plan = FamilyPlan(
             node=node,
@@ -417,9 +418,7 @@ class KilnTrainSD3(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
         node = "Train LoRA (SD3)"
-        fam = bridge.require_family(model, bridge.SD3_FAMILIES, node)
-        require_cache(dataset, node)
-        tcfg = train_config(model, dataset, opts)
+        fam, tcfg = prepare(model, dataset, opts, bridge.SD3_FAMILIES, node)
         args = parse_network_args(lora_config.args)
         depth = sd3.depth_of(model.model.diffusion_model)
         ranks = sd3.SD3LayerRanks.from_args(args, lora_config.rank, depth)
@@ -451,10 +450,8 @@ class KilnTrainSDXL(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
         node = "Train LoRA (SDXL)"
-        fam = bridge.require_family(model, bridge.SDXL_FAMILIES, node)
-        require_cache(dataset, node)
+        fam, tcfg = prepare(model, dataset, opts, bridge.SDXL_FAMILIES, node)
         is_v = bridge.prediction_type(model, node) == "v"
-        tcfg = train_config(model, dataset, opts)
         lc = lora_config
         plan = FamilyPlan(
             node=node,
