@@ -5,12 +5,9 @@ import json
 
 import pytest
 
-TRAIN = dict(steps=8, learning_rate=1e-3, optimizer="AdamW", lr_scheduler="constant", warmup_steps=0, grad_accum=1,
-             max_grad_norm=1.0, seed=1, precision="fp32", gradient_checkpointing=False, loss_type="l2",
-             min_snr_gamma=0.0, mask_normalize=False, prior_loss_weight=1.0, sample_prompts="a kiln toy",
-             sample_every=0, sample_steps=1, sample_cfg=5.0)
-DATASET = dict(caption_extension=".txt", class_tokens="", repeats=1, resolution=64, batch_size=2, enable_bucket=True,
-               min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32, bucket_no_upscale=False)
+from test_train_sd1 import DATASET, TRAIN as SD1_TRAIN
+
+TRAIN = SD1_TRAIN | dict(steps=8, learning_rate=1e-3, precision="fp32", sample_every=0, sample_steps=1)
 
 
 @pytest.fixture(scope="module")

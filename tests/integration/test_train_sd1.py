@@ -16,6 +16,13 @@ DATASET = dict(caption_extension=".txt", class_tokens="", repeats=1, resolution=
                min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32, bucket_no_upscale=False)
 
 
+def load_and_cache(comfy, ckpt_name, dataset_dir, **dataset):
+    """(MODEL, CLIP, cached dataset) for a checkpoint: what every family's Train test starts from."""
+    model, clip, vae = comfy.run_node("CheckpointLoaderSimple", ckpt_name=ckpt_name)
+    ds = comfy.run_node("KilnLoadDataset", folder=str(dataset_dir["train_dir"]), **(DATASET | dataset))[0]
+    return model, clip, comfy.run_node("KilnCacheLatents", dataset=ds, vae=vae, batch_size=4)[0]
+
+
 def ksample(comfy, model, clip, seed=7):
     pos = comfy.run_node("CLIPTextEncode", clip=clip, text="a kiln toy")[0]
     neg = comfy.run_node("CLIPTextEncode", clip=clip, text="")[0]

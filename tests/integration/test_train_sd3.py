@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from test_train_sd1 import DATASET, TRAIN
+from test_train_sd1 import TRAIN, load_and_cache
 
 SD3_OPTS = dict(weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, training_shift=1.0,
                 t5xxl_max_token_length=256, apply_lg_attn_mask=False, apply_t5_attn_mask=False, clip_l_dropout_rate=0.0,
@@ -21,10 +21,7 @@ def lora_config(comfy, args="", rank=4):
 
 @pytest.fixture(scope="module")
 def sd3(comfy, sd3_checkpoint, dataset_dir):
-    model, clip, vae = comfy.run_node("CheckpointLoaderSimple", ckpt_name=sd3_checkpoint)
-    ds = comfy.run_node("KilnLoadDataset", folder=str(dataset_dir["train_dir"]), **DATASET)[0]
-    cached = comfy.run_node("KilnCacheLatents", dataset=ds, vae=vae, batch_size=4)[0]
-    return model, clip, cached
+    return load_and_cache(comfy, sd3_checkpoint, dataset_dir)
 
 
 def bridge_of(comfy):

@@ -7,17 +7,14 @@ import sys
 import pytest
 import torch
 
-from test_train_sd1 import DATASET, TRAIN
+from test_train_sd1 import TRAIN, load_and_cache
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def sdxl(comfy, sdxl_checkpoint, dataset_dir):
-    model, clip, vae = comfy.run_node("CheckpointLoaderSimple", ckpt_name=sdxl_checkpoint)
-    ds = comfy.run_node("KilnLoadDataset", folder=str(dataset_dir["train_dir"]), **DATASET)[0]
-    cached = comfy.run_node("KilnCacheLatents", dataset=ds, vae=vae, batch_size=4)[0]
-    return model, clip, cached
+    return load_and_cache(comfy, sdxl_checkpoint, dataset_dir)
 
 
 def bridge_of(comfy):
@@ -81,9 +78,7 @@ def test_size_conditioning_reaches_the_unet(comfy, sdxl):
 def test_sdxl_text_encoder_loras_train_through_both_encoders(comfy, sdxl_checkpoint, dataset_dir):
     """One step with both text encoders trained (batch 1: back-propagating through the full-size CLIP-G costs
     ~9 s a step on 2 cores): every group gets gradients and the input CLIP is left as it was."""
-    model, clip, vae = comfy.run_node("CheckpointLoaderSimple", ckpt_name=sdxl_checkpoint)
-    ds = comfy.run_node("KilnLoadDataset", folder=str(dataset_dir["train_dir"]), **(DATASET | dict(batch_size=1)))[0]
-    cached = comfy.run_node("KilnCacheLatents", dataset=ds, vae=vae, batch_size=4)[0]
+    model, clip, cached = load_and_cache(comfy, sdxl_checkpoint, dataset_dir, batch_size=1)
     before = {n: (p, p.data_ptr()) for n, p in clip.cond_stage_model.named_parameters()}
     out = comfy.run_node("KilnTrainSDXL", model=model, clip=clip, dataset=cached, lora_config=lora_config(comfy),
                          **(TRAIN | dict(steps=1, sample_every=0, sample_steps=1, sample_prompts="a")),
