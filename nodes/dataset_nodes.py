@@ -20,6 +20,7 @@ from ..trainer_core.data.toml_config import load_dataset_toml
 from ..trainer_core.errors import KilnError
 from ..trainer_core.latent_store import DiskStore, MemoryStore
 from . import comfy_bridge as bridge
+from .options import check_options
 from .types import KilnDataset, KilnDatasetType
 
 log = logging.getLogger("kiln")
@@ -139,6 +140,7 @@ class KilnMaskSource(io.ComfyNode):
 
     @classmethod
     def execute(cls, dataset: KilnDataset, mode, mask_folder, missing_mask_is_white, dilation=0) -> io.NodeOutput:
+        check_options(cls, "Alpha/Mask Source", {"mode": mode})
         mask_dir = resolve_folder(mask_folder, "Alpha/Mask Source") if mode == "folder" else None
         return io.NodeOutput(dataset.replace(dataset=dataset.dataset.with_masks(mode, mask_dir, missing_mask_is_white, dilation),
                                              cache=None))

@@ -11,6 +11,7 @@ from ..trainer_core.errors import KilnError
 from ..trainer_core.lora.config import LoraConfig
 from ..trainer_core.lora.io import DTYPES, TrainedLora, save_lora_file
 from ..trainer_core.lora.network_args import parse_network_args
+from .options import check_options, check_text
 from .types import KilnLoraConfigType, KilnLoraType
 
 
@@ -45,19 +46,41 @@ class KilnLoraConfig(io.ComfyNode):
                                         network_args.strip()))
 
 
-def lora_output_path(name: str, node: str = "Save LoRA") -> str:
-    """``name`` inside ComfyUI's first models/loras folder; names that would leave it are refused."""
+def lora_output_path(name: str, node: str = "Save LoRA", what: str = "filename") -> str:
+    """``name`` inside ComfyUI's first models/loras folder; names that would leave it, or hold control
+    characters, are refused naming the input (``what``)."""
     root = os.path.realpath(folder_paths.get_folder_paths("loras")[0])
+    check_text(name, node, what)
     clean = name.strip()
     if not clean:
-        raise KilnError(f"{node}: the file name is empty.")
+        raise KilnError(f"{node}: {what} is empty; give a name such as 'kiln/my_lora'.")
     if not clean.endswith(".safetensors"):
         clean += ".safetensors"
     path = os.path.realpath(os.path.join(root, clean))
     if os.path.isabs(name.strip()) or os.path.commonpath([root, path]) != root:
-        raise KilnError(f"{node}: {name!r} points outside models/loras ({root}); use a plain name or a "
+        raise KilnError(f"{node}: {what} {name!r} points outside models/loras ({root}); use a plain name or a "
                         f"sub-folder such as 'kiln/my_lora'.")
     return path
+
+
+def nearest_existing(path: str) -> str:
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def check_output_file(name: str, node: str, what: str, overwrite: bool = True) -> str | None:
+    """What is wrong with saving to ``name`` (for validation before anything runs), or None."""
+    try:
+        path = lora_output_path(name, node, what)
+    except KilnError as e:
+        return str(e)
+    folder = nearest_existing(os.path.dirname(path))
+    if not os.access(folder, os.W_OK):
+        return f"{node}: cannot write into {folder} ({what} {name!r}): it is read-only or not yours."
+    if not overwrite and os.path.exists(path):
+        return f"{node}: {path} exists and overwrite is off; choose another name or turn overwrite on."
+    return None
 
 
 class KilnSaveLora(io.ComfyNode):
@@ -79,7 +102,17 @@ class KilnSaveLora(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename=None, precision=None, overwrite=None):
+        """Runs when the prompt is queued, before any training: a bad name fails now, not after the run."""
+        if precision is not None and precision not in DTYPES:
+            return f"Save LoRA: precision {precision!r} is not one of its choices: {', '.join(DTYPES)}."
+        if filename is not None:
+            return check_output_file(filename, "Save LoRA", "filename", overwrite is not False) or True
+        return True
+
+    @classmethod
     def execute(cls, lora: TrainedLora, filename, precision, overwrite) -> io.NodeOutput:
+        check_options(cls, "Save LoRA", {"precision": precision})
         path = lora_output_path(filename)
         if os.path.exists(path) and not overwrite:
             raise KilnError(f"Save LoRA: {path} exists and overwrite is off; choose another name or turn overwrite on.")

@@ -15,6 +15,7 @@ from comfy_api.latest import io, ui
 
 import folder_paths
 
+from ..trainer_core.atomic import check_writable
 from ..trainer_core.cache import LatentCache
 from ..trainer_core.data.captions import base_caption
 from ..trainer_core.data.dataset import Dataset
@@ -33,7 +34,8 @@ from ..trainer_core.plot import loss_plot
 from ..trainer_core.resume import SUFFIX, load_state, save_state
 from . import comfy_bridge as bridge
 from .dataset_nodes import default_cache_folder
-from .lora_nodes import lora_output_path
+from .lora_nodes import check_output_file, lora_output_path
+from .options import check_options, check_text
 from .types import KilnDataset, KilnDatasetType, KilnLoraConfigType, KilnLoraType
 
 
@@ -210,8 +212,48 @@ def train_config(model, dataset: KilnDataset, opts: dict) -> TrainConfig:
                        precision=precision, gradient_checkpointing=opts["gradient_checkpointing"])
 
 
-def prepare(model, dataset: KilnDataset, opts: dict, families: tuple[str, ...], node: str) -> tuple[str, TrainConfig]:
-    """What every Train node checks first (the model's family, cached latents) and its TrainConfig."""
+DEFAULT_SAVE_NAME = "kiln/checkpoint"
+
+
+def save_name_of(opts: dict) -> str:
+    return (opts.get("save_name") or DEFAULT_SAVE_NAME).strip()
+
+
+def check_paths(opts: dict, node: str) -> None:
+    """save_name and resume_from, before any work: a bad name fails at once, not at the first save."""
+    check_text(opts.get("save_name") or "", node, "save_name")
+    if opts.get("save_every_n_steps", 0):
+        lora_output_path(f"{save_name_of(opts)}-step000001", node, "save_name")
+    resume = opts.get("resume_from") or ""
+    check_text(resume, node, "resume_from")
+    if resume.strip() and resume_path(resume) is None:
+        raise KilnError(f"{node}: resume_from {resume.strip()!r} is not a file in models/loras. Give the name as "
+                        f"Load LoRA lists it, e.g. kiln/checkpoint-step000500.safetensors, or leave it empty.")
+
+
+class TrainNode(io.ComfyNode):
+    """What the Train nodes share beyond their schema: checks run when the prompt is queued."""
+
+    @classmethod
+    def validate_inputs(cls, save_every_n_steps=None, save_name=None, resume_from=None):
+        node = cls.define_schema().display_name
+        try:
+            check_paths({"save_every_n_steps": save_every_n_steps or 0, "save_name": save_name,
+                         "resume_from": resume_from}, node)
+        except KilnError as e:
+            return str(e)
+        if save_every_n_steps and save_name is not None:
+            return check_output_file(f"{save_name_of({'save_name': save_name})}-step000001", node, "save_name") or True
+        return True
+
+
+def prepare(model, dataset: KilnDataset, opts: dict, families: tuple[str, ...], node: str,
+            cls=None) -> tuple[str, TrainConfig]:
+    """What every Train node checks first (option values, paths, the model's family, cached latents) and its
+    TrainConfig."""
+    if cls is not None:
+        check_options(cls, node, opts)
+    check_paths(opts, node)
     fam = bridge.require_family(model, families, node)
     if dataset.cache is None:
         raise KilnError(f"{node}: the dataset has no cached latents. Connect Load Dataset → "
@@ -279,7 +321,12 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
                      "batch_size": tcfg.batch_size, "grad_accum": tcfg.grad_accum, "modules": len(network)}
         resume = resume_network(network, opts.get("resume_from", ""), signature, plan.node, notes)
         tcfg.save_every = opts.get("save_every_n_steps", 0)
-        save_name = (opts.get("save_name") or "kiln/checkpoint").strip()
+        save_name = save_name_of(opts)
+        if tcfg.save_every:  # the folder is writable and has room for a LoRA + its state (about 4x the weights)
+            need = 4 * sum(p.numel() * 4 for p in network.parameters())
+            check_writable(os.path.dirname(lora_output_path(f"{save_name}-step000001", plan.node, "save_name")),
+                           need, f"{plan.node}: save_name", "Choose another save_name, free disk space, or set "
+                           "save_every_n_steps to 0.")
 
         def on_save(step: int, state: dict, so_far) -> None:
             path = lora_output_path(f"{save_name}-step{step:06d}", plan.node)
@@ -328,20 +375,25 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
     return io.NodeOutput(model_out, lora, samples, plot, clip_out, ui=ui.PreviewText(text))
 
 
+def resume_path(name: str) -> str | None:
+    name = name.strip()
+    return folder_paths.get_full_path("loras", name) or folder_paths.get_full_path("loras", name + ".safetensors")
+
+
 def resume_network(network: LoRANetwork, name: str, signature: dict, node: str, notes: list) -> dict | None:
     """Load ``resume_from``'s adapters into ``network``; return its training state when it can be resumed
     exactly (notes say which it was)."""
     name = (name or "").strip()
     if not name:
         return None
-    path = folder_paths.get_full_path("loras", name) or folder_paths.get_full_path("loras", name + ".safetensors")
+    path = resume_path(name)
     if path is None:
         raise KilnError(f"{node}: resume_from {name!r} is not a file in models/loras. Give the name as Load LoRA "
                         f"lists it, e.g. kiln/checkpoint-step000500.safetensors, or leave it empty.")
     sd, _ = load_lora_file(path)
     try:
         network.load_kohya_state_dict(sd)
-    except (KeyError, RuntimeError) as e:
+    except (KeyError, RuntimeError, ValueError) as e:
         raise KilnError(f"{node}: {name} does not fit this LoRA ({e}); resume with the same rank, targets, "
                         f"network_args and text-encoder settings it was trained with.") from None
     state, note = load_state(path, signature)
@@ -356,7 +408,7 @@ def describe_modules(network: LoRANetwork) -> str:
     return "\n".join(f"{n:{width}}  rank {r}, alpha {a:g}" for n, r, a in rows)
 
 
-class KilnTrainSD1(io.ComfyNode):
+class KilnTrainSD1(TrainNode):
     @classmethod
     def define_schema(cls):
         return train_schema(
@@ -367,7 +419,7 @@ class KilnTrainSD1(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
         node = "Train LoRA (SD1)"
-        fam, tcfg = prepare(model, dataset, opts, bridge.SD1_FAMILIES, node)
+        fam, tcfg = prepare(model, dataset, opts, bridge.SD1_FAMILIES, node, cls)
         is_v = bridge.prediction_type(model, node) == "v"
         is_sd2 = fam not in ("SD15", "SD15_instructpix2pix")
         lc = lora_config
@@ -405,7 +457,7 @@ def sd3_inputs() -> list:
     ]
 
 
-class KilnTrainSD3(io.ComfyNode):
+class KilnTrainSD3(TrainNode):
     @classmethod
     def define_schema(cls):
         return train_schema(
@@ -418,7 +470,7 @@ class KilnTrainSD3(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
         node = "Train LoRA (SD3)"
-        fam, tcfg = prepare(model, dataset, opts, bridge.SD3_FAMILIES, node)
+        fam, tcfg = prepare(model, dataset, opts, bridge.SD3_FAMILIES, node, cls)
         args = parse_network_args(lora_config.args)
         depth = sd3.depth_of(model.model.diffusion_model)
         ranks = sd3.SD3LayerRanks.from_args(args, lora_config.rank, depth)
@@ -438,7 +490,7 @@ class KilnTrainSD3(io.ComfyNode):
             return run_training(model, clip, dataset, lora_config, tcfg, plan, opts, cls.hidden.unique_id, fam)
 
 
-class KilnTrainSDXL(io.ComfyNode):
+class KilnTrainSDXL(TrainNode):
     @classmethod
     def define_schema(cls):
         return train_schema(
@@ -450,7 +502,7 @@ class KilnTrainSDXL(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
         node = "Train LoRA (SDXL)"
-        fam, tcfg = prepare(model, dataset, opts, bridge.SDXL_FAMILIES, node)
+        fam, tcfg = prepare(model, dataset, opts, bridge.SDXL_FAMILIES, node, cls)
         is_v = bridge.prediction_type(model, node) == "v"
         lc = lora_config
         plan = FamilyPlan(

@@ -271,6 +271,9 @@ def encode_dataset(dataset: Dataset, encode: Callable[[torch.Tensor], torch.Tens
     for i, item in enumerate(dataset.items):
         subset = dataset.subsets[item.subset]
         plain, mirrored = entries[i, False], entries.get((i, True))
+        if plain.mask is not None and not bool((plain.mask > 0).any()):
+            log.warning("kiln: the mask of %s is entirely black: this image contributes nothing to training. "
+                        "Check its mask (white = train), or remove the image.", item.path)
         samples.append(CachedSample(
             plain.latent, dilate(plain.mask, subset.mask_dilation), item.caption, repeats[i], subset.is_reg,
             geometry[i], item.path, subset.captions,

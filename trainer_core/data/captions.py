@@ -113,14 +113,36 @@ def base_caption(caption: str, opts: CaptionOptions) -> str:
     return augment_caption(caption, steady, random.Random(0))
 
 
+def decode_text(raw: bytes, path: str) -> str:
+    """A caption file's text: UTF-8 (a BOM, UTF-8's or UTF-16's, is honoured), else cp1252, else latin-1,
+    with a warning naming the file whenever it was not UTF-8, so no caption trains with replacement characters."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        encodings = ("utf-16",)
+    else:
+        encodings = ("utf-8-sig", "cp1252", "latin-1")
+    for enc in encodings:
+        try:
+            text = raw.decode(enc)
+        except UnicodeDecodeError:
+            continue
+        if enc not in ("utf-8-sig",):
+            log.warning("kiln: caption %s is not UTF-8; read it as %s. Save it as UTF-8 to be sure of its "
+                        "characters.", path, enc)
+        return text
+    return raw.decode("latin-1")  # unreachable for the 8-bit codecs; keeps the type checker honest
+
+
 def read_caption(image_path: str, extension: str, fallback: str) -> tuple[str, bool]:
-    """(caption, found). A missing caption falls back to the class token, with a warning."""
+    """(caption, found). A missing or empty caption falls back to the class token, with a warning."""
     ext = extension if extension.startswith(".") else "." + extension
     cap_path = os.path.splitext(image_path)[0] + ext
     if os.path.isfile(cap_path):
-        with open(cap_path, encoding="utf-8", errors="replace") as f:
-            text = f.read().strip()
+        with open(cap_path, "rb") as f:
+            text = decode_text(f.read(), cap_path).strip()
+        if not text:
+            log.warning("kiln: caption %s is empty; using the class token %r", cap_path, fallback)
+            return fallback, True
         # kohya reads the first line only; multi-line files are usually one caption wrapped
-        return " ".join(text.splitlines()[:1]).strip() if text else fallback, True
+        return " ".join(text.splitlines()[:1]).strip(), True
     log.warning("kiln: no caption %s for %s; using the class token %r", ext, image_path, fallback)
     return fallback, False

@@ -25,10 +25,10 @@ def open_image(path: str) -> Image.Image:
         raise KilnError(f"cannot read image {path}: {e}. Re-export it as PNG/JPEG or remove it from the dataset.") from e
     has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale: scale to 8 bit instead of clipping
-        arr = np.asarray(im, dtype=np.float32)
-        arr = arr / max(float(arr.max()), 1.0) * 255.0
-        im = Image.fromarray(arr.astype(np.uint8), "L")
+        # 16-bit greyscale (PIL opens some 16-bit PNGs as "I"): the format's range 0..65535 maps onto 0..255
+        # (÷ 257, rounded), never the image's own maximum, so a half-bright picture stays half bright
+        arr = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
     return im.convert("RGBA" if has_alpha else "RGB")
 
 

@@ -83,6 +83,13 @@ class LoRANetwork(nn.Module):
         if missing:
             raise KeyError(f"{len(missing)} LoRA modules missing from the file, e.g. {missing[0]}")
         for name, a in self.adapters.items():
+            for part in ("lora_down", "lora_up"):
+                have, want = sd[f"{name}.{part}.weight"].shape, getattr(a, part).weight.shape
+                if have != want:  # copy_ would broadcast a rank-1 file into every row of a rank-4 adapter
+                    rank_of = (lambda s: s[0]) if part == "lora_down" else (lambda s: s[1])
+                    raise ValueError(f"{name}: the file has rank {rank_of(have)} ({part} {tuple(have)}), this "
+                                     f"LoRA rank {rank_of(want)} ({tuple(want)})")
+        for name, a in self.adapters.items():
             with torch.no_grad():
                 a.lora_down.weight.copy_(sd[f"{name}.lora_down.weight"])
                 a.lora_up.weight.copy_(sd[f"{name}.lora_up.weight"])

@@ -1,0 +1,194 @@
+"""Reliability of what Kiln reads and writes (issue 17): file permissions, failed and interrupted writes, caption
+encodings, 16-bit images, black masks, and LoRAs of another rank."""
+import errno
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fixtures.datasets import make_dataset
+from trainer_core.atomic import check_writable, remove_stale_temps, write_atomically
+from trainer_core.cache import encode_dataset
+from trainer_core.data.buckets import BucketConfig
+from trainer_core.data.captions import read_caption
+from trainer_core.data.dataset import build_dataset, subsets_from_folder
+from trainer_core.data.images import open_image
+from trainer_core.errors import KilnError
+from trainer_core.latent_store import DiskStore
+from trainer_core.lora.io import save_lora_file
+from trainer_core.lora.network import LoRANetwork
+from trainer_core.lora.targets import TargetRule
+from trainer_core.losses import per_sample_loss
+
+TENSORS = {"a.lora_down.weight": torch.ones(2, 8), "a.lora_up.weight": torch.zeros(8, 2), "a.alpha": torch.tensor(2.0)}
+
+
+# --- permissions (item 6) ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_written_files_get_the_umask_permissions_of_a_plain_open(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        lora = save_lora_file(str(tmp_path / "l.safetensors"), TENSORS, {})
+        DiskStore(str(tmp_path / "cache")).write("k" * 64, {"latent": torch.zeros(4, 2, 2)})
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    want = os.stat(tmp_path / "plain").st_mode & 0o777
+    assert want == 0o666 & ~umask
+    assert os.stat(lora).st_mode & 0o777 == want
+    assert os.stat(tmp_path / "cache" / ("k" * 64 + ".safetensors")).st_mode & 0o777 == want
+
+
+# --- failed writes (item 10): target named, free space said, no temp file, earlier file untouched ---------
+
+def _fails_half_way(exc):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"partial")
+        raise exc
+    return write
+
+
+@pytest.mark.parametrize("exc", [OSError(errno.ENOSPC, "No space left on device"),
+                                 OSError(errno.EROFS, "Read-only file system"),
+                                 RuntimeError("safetensors: No space left on device (os error 28)")],
+                         ids=["enospc", "erofs", "library-error"])
+def test_a_failed_write_names_the_target_and_leaves_no_trace(tmp_path, exc):
+    target = tmp_path / "lora.safetensors"
+    save_lora_file(str(target), TENSORS, {"v": "1"})
+    before = target.read_bytes()
+    with pytest.raises(KilnError) as e:
+        write_atomically(str(target), _fails_half_way(exc), "the LoRA", "Free disk space.")
+    msg = str(e.value)
+    assert str(target) in msg and " free " in msg and "Free disk space." in msg
+    assert target.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["lora.safetensors"]
+
+
+def _mount_tmpfs(path, size="256k"):
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 256 KiB tmpfs (needs root: mount); skipped elsewhere, where the fault-injection test above covers it."""
+    mnt = tmp_path / "small"
+    if os.geteuid() != 0 or not _mount_tmpfs(mnt):
+        pytest.skip("cannot mount a size-limited filesystem here (not root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_saving_onto_a_full_filesystem(small_fs):
+    target = small_fs / "lora.safetensors"
+    save_lora_file(str(target), TENSORS, {})
+    before = target.read_bytes()
+    big = {"w": torch.zeros(256, 1024)}  # 1 MiB: does not fit
+    with pytest.raises(KilnError) as e:
+        save_lora_file(str(target), big, {})
+    msg = str(e.value)
+    assert str(target) in msg and "free" in msg and "No space left" in msg, msg
+    assert target.read_bytes() == before and os.listdir(small_fs) == ["lora.safetensors"]
+    with pytest.raises(KilnError, match="need about"):
+        check_writable(str(small_fs), 1 << 20, "save_name", "Free disk space.")
+
+
+def test_saving_into_a_read_only_filesystem(small_fs):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    with pytest.raises(KilnError) as e:
+        save_lora_file(str(small_fs / "lora.safetensors"), TENSORS, {})
+    assert str(small_fs / "lora.safetensors") in str(e.value) and "read-only" in str(e.value)
+    with pytest.raises(KilnError, match="read-only"):
+        check_writable(str(small_fs), 10, "save_name", "Choose another folder.")
+
+
+def test_temp_files_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".kiln-{dead.stdout.strip()}-abc.tmp"
+    stale.write_bytes(b"half a LoRA")
+    mine = tmp_path / f".kiln-{os.getpid()}-def.tmp"  # a live writer's: kept
+    mine.write_bytes(b"in progress")
+    assert remove_stale_temps(str(tmp_path)) == [stale.name]
+    assert not stale.exists() and mine.exists()
+
+
+# --- captions (item 4) ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, enc", [("café, naïve".encode("utf-8-sig"), None),
+                                      ("café, naïve".encode("cp1252"), "cp1252"),
+                                      ("café, naïve".encode("utf-16"), "utf-16")],
+                         ids=["utf8-bom", "cp1252", "utf16"])
+def test_caption_encodings(tmp_path, caplog, raw, enc):
+    (tmp_path / "a.txt").write_bytes(raw)
+    with caplog.at_level(logging.WARNING, logger="kiln"):
+        caption, found = read_caption(str(tmp_path / "a.png"), ".txt", "tok")
+    assert (caption, found) == ("café, naïve", True)
+    warned = [r.getMessage() for r in caplog.records]
+    if enc:
+        assert any("a.txt" in m and enc in m and "not UTF-8" in m for m in warned), warned
+    else:
+        assert not warned
+
+
+def test_empty_caption_file_gets_the_class_token_with_a_warning(tmp_path, caplog):
+    (tmp_path / "a.txt").write_text("  \n")
+    with caplog.at_level(logging.WARNING, logger="kiln"):
+        assert read_caption(str(tmp_path / "a.png"), ".txt", "mytoken") == ("mytoken", True)
+    assert any("a.txt" in r.getMessage() and "empty" in r.getMessage() for r in caplog.records)
+
+
+# --- 16-bit images (item 15) ------------------------------------------------------------------------------
+
+def test_16_bit_png_converts_by_the_format_range_like_its_8_bit_copy(tmp_path):
+    rng = np.random.default_rng(0)
+    eight = rng.integers(0, 129, size=(16, 24), dtype=np.uint8)  # at most half bright
+    Image.fromarray(eight, "L").save(tmp_path / "8.png")
+    Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "16.png")  # the same picture, 16 bit
+    assert Image.open(tmp_path / "16.png").mode.startswith("I")
+    a, b = np.asarray(open_image(str(tmp_path / "8.png"))), np.asarray(open_image(str(tmp_path / "16.png")))
+    assert a.shape == b.shape == (16, 24, 3)
+    assert np.array_equal(a, b)
+
+
+# --- black masks (item 5) ---------------------------------------------------------------------------------
+
+def test_an_all_black_mask_is_named_in_a_warning_and_normalised_loss_stays_finite(tmp_path, caplog):
+    data = make_dataset(tmp_path / "d", count=3)
+    black = data["masks"][1]
+    Image.new("L", Image.open(black).size, 0).save(black)
+    ds = build_dataset(subsets_from_folder(str(data["train_dir"])), BucketConfig((64, 64), True, 32, 128, 32))
+    ds = ds.with_masks("folder", str(data["mask_dir"]), missing_is_white=False)
+    with caplog.at_level(logging.WARNING, logger="kiln"):
+        cache = encode_dataset(ds, lambda px: torch.nn.functional.avg_pool2d(px, 8).repeat(1, 2, 1, 1)[:, :4], "v")
+    warned = [r.getMessage() for r in caplog.records if "entirely black" in r.getMessage()]
+    assert len(warned) == 1 and data["images"][1].name in warned[0]
+    mask = next(s.mask for s in cache.samples if s.path == str(data["images"][1]))
+    err = torch.rand(1, 4, *mask.shape[-2:])
+    loss = per_sample_loss(err, mask[None], normalize_by_area=True)
+    assert torch.isfinite(loss).all() and float(loss) == 0.0
+
+
+# --- resume_from a LoRA of another rank (item 11) ---------------------------------------------------------
+
+def test_loading_a_lora_of_another_rank_is_refused_naming_both_ranks_and_the_module():
+    def net(rank):
+        root = nn.Sequential(nn.Linear(8, 8))
+        return LoRANetwork(root, [TargetRule(r"0", ("linear",), rank, 1.0)], lambda p: f"lora_m{p}")
+    saved = net(1).kohya_state_dict()
+    target = net(4)
+    before = {k: v.clone() for k, v in target.kohya_state_dict().items()}
+    with pytest.raises(ValueError) as e:
+        target.load_kohya_state_dict(saved)
+    assert "lora_m0" in str(e.value) and "rank 1" in str(e.value) and "rank 4" in str(e.value)
+    assert all(torch.equal(v, target.kohya_state_dict()[k]) for k, v in before.items())
