@@ -15,6 +15,7 @@ from ..trainer_core.cache import encode_dataset, refuse_uncacheable
 from ..trainer_core.data.buckets import BucketConfig
 from ..trainer_core.data.captions import CaptionOptions
 from ..trainer_core.data.dataset import build_dataset, subsets_from_folder
+from ..trainer_core.data.fingerprint import folders_fingerprint, subset_folders
 from ..trainer_core.data.masks import MASK_MODES
 from ..trainer_core.data.toml_config import load_dataset_toml
 from ..trainer_core.errors import KilnError
@@ -40,6 +41,19 @@ def resolve_folder(path: str, what: str, allow_toml: bool = False) -> str:
         raise KilnError(f"{what}: folder not found: {full}. Enter the full path of an existing image folder "
                         f"(relative paths are read inside ComfyUI's input folder).")
     return full
+
+
+def dataset_fingerprint(folder: str, regularization_folder: str = "") -> str:
+    """Load Dataset's fingerprint: the TOML (if any), the top folders and every subset folder it reads."""
+    root = resolve_folder(folder, "Load Dataset", allow_toml=True)
+    if root.lower().endswith(".toml"):
+        paths = [root] + subset_folders(load_dataset_toml(root)[0])
+    else:
+        paths = [root] + subset_folders(subsets_from_folder(root))
+        if regularization_folder and regularization_folder.strip():
+            reg = resolve_folder(regularization_folder, "Load Dataset (regularization)")
+            paths += [reg] + subset_folders(subsets_from_folder(reg))
+    return folders_fingerprint(paths)
 
 
 class KilnLoadDataset(io.ComfyNode):
@@ -87,6 +101,17 @@ class KilnLoadDataset(io.ComfyNode):
             ],
             outputs=[KilnDatasetType.Output(display_name="dataset"), io.String.Output(display_name="summary")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder=None, regularization_folder="", caption_extension=".txt", **_):
+        """What the folders hold (names, sizes, times): an edited caption or image re-runs this node and what
+        follows on the next Queue. A folder arriving through a link is unknown here: always re-run then."""
+        if folder is None:
+            return float("nan")
+        try:
+            return dataset_fingerprint(folder, regularization_folder)
+        except Exception as e:  # the node will report it; an error is never cached by ComfyUI
+            return f"error: {e}"
 
     @classmethod
     def execute(cls, folder, caption_extension, class_tokens, repeats, resolution, batch_size, enable_bucket,
@@ -137,6 +162,18 @@ class KilnMaskSource(io.ComfyNode):
             ],
             outputs=[KilnDatasetType.Output(display_name="dataset")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, mode=None, mask_folder=None, **_):
+        """The mask folder's names, sizes and times: a replaced mask re-runs this node on the next Queue."""
+        if mode != "folder":
+            return mode
+        if mask_folder is None:
+            return float("nan")
+        try:
+            return folders_fingerprint([resolve_folder(mask_folder, "Alpha/Mask Source")])
+        except Exception as e:
+            return f"error: {e}"
 
     @classmethod
     def execute(cls, dataset: KilnDataset, mode, mask_folder, missing_mask_is_white, dilation=0) -> io.NodeOutput:

@@ -180,7 +180,7 @@ def train_schema(node_id: str, display_name: str, description: str, inputs: list
         node_id=node_id, display_name=display_name, category="Kiln", description=description,
         inputs=[io.Model.Input("model"), io.Clip.Input("clip"), KilnDatasetType.Input("dataset"),
                 KilnLoraConfigType.Input("lora_config")] + inputs,
-        outputs=train_outputs(), hidden=[io.Hidden.unique_id], not_idempotent=False)
+        outputs=train_outputs(), hidden=[io.Hidden.unique_id, io.Hidden.prompt], not_idempotent=False)
 
 
 VERBOSE = {"verbose": "list every module and its rank in the node's output text (True/False)"}
@@ -231,6 +231,22 @@ def check_paths(opts: dict, node: str) -> None:
                         f"Load LoRA lists it, e.g. kiln/checkpoint-step000500.safetensors, or leave it empty.")
 
 
+def check_save_nodes(prompt: dict | None, node_id, node: str) -> None:
+    """The Save LoRA nodes fed by this Train node, where their filename is a constant: a name that cannot be
+    saved stops the run now, not after training (ComfyUI would still train for the other outputs)."""
+    for nid, n in (prompt or {}).items():
+        inputs = n.get("inputs", {}) if isinstance(n, dict) else {}
+        link = inputs.get("lora")
+        if n.get("class_type") != "KilnSaveLora" or not (isinstance(link, list) and str(link[0]) == str(node_id)):
+            continue
+        name = inputs.get("filename")
+        problem = check_output_file(name, "Save LoRA", "filename", inputs.get("overwrite") is not False) \
+            if isinstance(name, str) else None
+        if problem:
+            raise KilnError(f"{node}: the Save LoRA node ({nid}) this node feeds cannot save, so training would be "
+                            f"lost: {problem}")
+
+
 class TrainNode(io.ComfyNode):
     """What the Train nodes share beyond their schema: checks run when the prompt is queued."""
 
@@ -253,6 +269,7 @@ def prepare(model, dataset: KilnDataset, opts: dict, families: tuple[str, ...], 
     TrainConfig."""
     if cls is not None:
         check_options(cls, node, opts)
+        check_save_nodes(cls.hidden.prompt, cls.hidden.unique_id, node)
     check_paths(opts, node)
     fam = bridge.require_family(model, families, node)
     if dataset.cache is None:
