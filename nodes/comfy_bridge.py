@@ -158,6 +158,24 @@ def text_encoder_names(clip) -> list[str]:
     return [n for n in ("clip_l", "clip_h", "clip_g", "t5xxl") if getattr(model, n, None) is not None]
 
 
+def last_layer_reached(clip, encoder: str) -> int | None:
+    """The index of the last transformer layer of ``encoder`` whose output reaches the hidden states this CLIP
+    returns (clip skip: CLIP Set Last Layer, or SD2's penultimate default); None when every layer does. Layers
+    after it can only change the pooled output."""
+    te = getattr(clip.cond_stage_model, encoder, None)
+    n = getattr(te, "num_layers", None)
+    default = getattr(te, "options_default", None)
+    if not n or default is None:
+        return None
+    layer, idx = default[0], default[1]
+    if clip.layer_idx is not None:  # what CLIP.encode applies before every encode
+        layer, idx = ("last", None) if abs(clip.layer_idx) > n else ("hidden", clip.layer_idx)
+    if layer != "hidden" or idx is None:
+        return None
+    k = idx + n if idx < 0 else idx
+    return k if k < n - 1 else None
+
+
 def normal_tensor(t: torch.Tensor) -> torch.Tensor:
     """A non-inference copy of a (small) tensor made inside the node, e.g. conditioning or latents."""
     with torch.inference_mode(False):

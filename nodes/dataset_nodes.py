@@ -14,6 +14,7 @@ import folder_paths
 from ..trainer_core.cache import encode_dataset, refuse_uncacheable
 from ..trainer_core.data.buckets import BucketConfig
 from ..trainer_core.data.captions import CaptionOptions
+from ..trainer_core.data.confine import allowed_roots, check_inside
 from ..trainer_core.data.dataset import build_dataset, subsets_from_folder
 from ..trainer_core.data.fingerprint import folders_fingerprint, subset_folders
 from ..trainer_core.data.masks import MASK_MODES
@@ -27,12 +28,28 @@ from .types import KilnDataset, KilnDatasetType
 log = logging.getLogger("kiln")
 
 
+def confinement() -> list[str] | None:
+    """The roots dataset paths must stay in (KILN_CONFINE_DATASETS / KILN_DATASET_ROOTS), or None: anywhere."""
+    return allowed_roots(folder_paths.get_input_directory())
+
+
+def check_subsets(subsets, what: str) -> None:
+    """Under confinement, every image/caption folder and mask folder (and each entry in them) is allowed."""
+    roots = confinement()
+    for s in subsets:
+        for d in (s.image_dir, s.mask_dir):
+            if d:
+                check_inside(d, roots, what)
+
+
 def resolve_folder(path: str, what: str, allow_toml: bool = False) -> str:
-    """Absolute paths as given; relative ones inside ComfyUI's input folder."""
+    """Absolute paths as given; relative ones inside ComfyUI's input folder (confined there, and to the
+    allowed roots, when the server confines dataset paths)."""
     path = path.strip()
     if not path:
         raise KilnError(f"{what}: no folder given. Enter the full path of your image folder.")
     full = path if os.path.isabs(path) else os.path.join(folder_paths.get_input_directory(), path)
+    check_inside(full, confinement(), what)
     if allow_toml and full.lower().endswith(".toml"):
         if not os.path.isfile(full):
             raise KilnError(f"{what}: dataset config not found: {full}.")
@@ -137,6 +154,7 @@ class KilnLoadDataset(io.ComfyNode):
                                       caption_dropout_rate=caption_dropout_rate,
                                       caption_tag_dropout_rate=caption_tag_dropout_rate)
             subsets = [dataclasses.replace(s, captions=captions) for s in subsets]
+        check_subsets(subsets, "Load Dataset")
         dataset = build_dataset(subsets, buckets, batch_size)
         summary = dataset.summary()
         return io.NodeOutput(KilnDataset(dataset), summary, ui=ui.PreviewText(summary))

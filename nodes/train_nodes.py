@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -200,6 +201,7 @@ class FamilyPlan:
     te_prefixes: dict = field(default_factory=dict)   # encoder ("clip_l", ...) -> kohya prefix ("lora_te1")
     te_lrs: dict = field(default_factory=dict)        # encoder -> learning rate; 0 or missing = not trained
     network_args: dict = field(default_factory=lambda: dict(VERBOSE))  # network_args keys this family reads
+    hidden_only: tuple = ()  # encoders whose pooled output the family ignores: clip skip leaves their last layers out
 
 
 def train_config(model, dataset: KilnDataset, opts: dict) -> TrainConfig:
@@ -245,6 +247,32 @@ def check_save_nodes(prompt: dict | None, node_id, node: str) -> None:
         if problem:
             raise KilnError(f"{node}: the Save LoRA node ({nid}) this node feeds cannot save, so training would be "
                             f"lost: {problem}")
+
+
+def intermediate_series(save_name: str, node: str) -> tuple[str, list[str]]:
+    """(folder, files of the ``<save_name>-stepNNNNNN`` series already there: LoRAs and states)."""
+    folder = os.path.dirname(lora_output_path(f"{save_name}-step000001", node, "save_name"))
+    stem = re.escape(os.path.basename(save_name))
+    pattern = re.compile(rf"^{stem}-step\d+(\.safetensors|{re.escape(SUFFIX)})$")
+    return folder, sorted(f for f in os.listdir(folder) if pattern.match(f)) if os.path.isdir(folder) else []
+
+
+def unique_save_name(save_name: str, resume_file: str | None, node: str, notes: list) -> str:
+    """``save_name``, unless another run's intermediate saves are there: then the first free ``save_name_N``
+    (said in ``notes``), so one run never silently replaces another's checkpoints. A run resumed from one of
+    that series continues it."""
+    folder, files = intermediate_series(save_name, node)
+    if not files or (resume_file and os.path.realpath(os.path.dirname(resume_file)) == os.path.realpath(folder)
+                     and os.path.basename(resume_file) in files):
+        return save_name
+    n = 2
+    while intermediate_series(f"{save_name}_{n}", node)[1]:
+        n += 1
+    new = f"{save_name}_{n}"
+    notes.append(f"save_name {save_name}: {files[0]} and others belong to another run and are kept; this run's "
+                 f"intermediate saves are {new}-stepNNNNNN")
+    log.warning("kiln: %s: %s", node, notes[-1])
+    return new
 
 
 class TrainNode(io.ComfyNode):
@@ -330,16 +358,20 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
         network = LoRANetwork(net_host, plan.rules(net_host), plan.namer(net_host), lora_config.dropout,
                               lora_config.rank_dropout, lora_config.module_dropout, tcfg.seed)
         for e in te_train:
-            network.add(encoders, te_rules([e], lora_config.rank, lora_config.alpha), te_namer(plan.te_prefixes), e)
+            last = bridge.last_layer_reached(clip, e) if e in plan.hidden_only else None
+            network.add(encoders, te_rules([e], lora_config.rank, lora_config.alpha, None if last is None else {e: last}),
+                        te_namer(plan.te_prefixes), e)
         if not len(network):
             raise KilnError(f"{plan.node}: no layer got a LoRA; check rank and network_args "
                             f"({lora_config.args or 'none'}).")
-        signature = {"seed": tcfg.seed, "steps": tcfg.steps, "samples": len(cache.samples),
+        signature = {"seed": tcfg.seed, "samples": len(cache.samples),
                      "batch_size": tcfg.batch_size, "grad_accum": tcfg.grad_accum, "modules": len(network)}
         resume = resume_network(network, opts.get("resume_from", ""), signature, plan.node, notes)
         tcfg.save_every = opts.get("save_every_n_steps", 0)
         save_name = save_name_of(opts)
-        if tcfg.save_every:  # the folder is writable and has room for a LoRA + its state (about 4x the weights)
+        if tcfg.save_every:
+            resume_file = resume_path(opts.get("resume_from") or "") if (opts.get("resume_from") or "").strip() else None
+            save_name = unique_save_name(save_name, resume_file, plan.node, notes)  # the folder is writable and has room for a LoRA + its state (about 4x the weights)
             need = 4 * sum(p.numel() * 4 for p in network.parameters())
             check_writable(os.path.dirname(lora_output_path(f"{save_name}-step000001", plan.node, "save_name")),
                            need, f"{plan.node}: save_name", "Choose another save_name, free disk space, or set "
@@ -384,7 +416,7 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
     if unmapped:  # a bug if it ever happens: say so rather than ship a file ComfyUI half-applies
         log.warning("kiln: %d LoRA modules do not map onto this model in ComfyUI, e.g. %s", len(unmapped), unmapped[0])
         notes.append(f"{len(unmapped)} modules do not map in ComfyUI, e.g. {unmapped[0]}")
-    text += "".join(f"\nnote: {n}" for n in notes)
+    text += "".join(f"\nnote: {n}" for n in notes + result.notes)
     if bool_arg(args, "verbose"):
         text += "\n" + describe_modules(network)
     lora = TrainedLora(lora_sd, meta, family)
@@ -448,7 +480,7 @@ class KilnTrainSD1(TrainNode):
             version=("sd_v2" if is_sd2 else "sd_v1") + ("_v" if is_v else ""),
             objective=sd1.SD1Objective(bridge.alphas_cumprod(model), "v" if is_v else "eps"),
             conditioning=bridge.TextConditioning(clip),
-            te_prefixes={"clip_l": "lora_te", "clip_h": "lora_te"},
+            te_prefixes={"clip_l": "lora_te", "clip_h": "lora_te"}, hidden_only=("clip_l", "clip_h"),
             te_lrs={"clip_l": opts.get("text_encoder_lr", 0.0), "clip_h": opts.get("text_encoder_lr", 0.0)})
         return run_training(model, clip, dataset, lora_config, tcfg, plan, opts, cls.hidden.unique_id, fam)
 
@@ -528,6 +560,6 @@ class KilnTrainSDXL(TrainNode):
             namer=sdxl.unet_namer, checkpoint_blocks=sdxl.checkpoint_blocks,
             architecture=lambda unet: sdxl.ARCHITECTURE, version=sdxl.BASE_MODEL_VERSION + ("_v" if is_v else ""),
             objective=sdxl.SD1Objective(bridge.alphas_cumprod(model), "v" if is_v else "eps"),
-            conditioning=bridge.SDXLTextConditioning(clip, model), te_prefixes=sdxl.TE_PREFIXES,
+            conditioning=bridge.SDXLTextConditioning(clip, model), te_prefixes=sdxl.TE_PREFIXES, hidden_only=("clip_l",),
             te_lrs={"clip_l": opts.get("text_encoder_lr1", 0.0), "clip_g": opts.get("text_encoder_lr2", 0.0)})
         return run_training(model, clip, dataset, lora_config, tcfg, plan, opts, cls.hidden.unique_id, fam)

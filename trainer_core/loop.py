@@ -60,6 +60,7 @@ class StepInfo:
 @dataclass
 class TrainResult:
     losses: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # for the node's text, e.g. settings a resume changed
     steps: int = 0
     seconds: float = 0.0
     probe_loss_start: float = float("nan")
@@ -119,6 +120,30 @@ class BatchStream:
         self.batches = epoch_batches(self.cache, self.batch_size, self.rng) if self.epoch else []
 
 
+NO_CHANGE_CAUSES = ("a model whose output does not depend on its input (e.g. a zero-initialised output layer), "
+                    "a learning rate of 0, or masks that are all black")
+RESUMABLE_SETTINGS = ("steps", "learning_rate", "group_lrs", "lr_scheduler", "warmup_steps")
+
+
+def run_settings(cfg: TrainConfig) -> dict:
+    """The settings a saved state records; on resume they may differ (and then take effect), except the
+    optimizer, whose saved state only fits the optimizer that wrote it."""
+    return {"optimizer": cfg.optimizer, **{k: getattr(cfg, k) for k in RESUMABLE_SETTINGS}}
+
+
+def changed_settings(saved: dict | None, cfg: TrainConfig) -> list[str]:
+    """'learning_rate 0.002 → 1e-05', ... for every setting that differs from the saved run's; refuses a
+    different optimizer."""
+    if not saved:
+        return []
+    now = run_settings(cfg)
+    if saved.get("optimizer", now["optimizer"]) != now["optimizer"]:
+        raise KilnError(f"the state to resume was written by optimizer {saved['optimizer']}, and its moments do not "
+                        f"fit {now['optimizer']}: set optimizer back to {saved['optimizer']}, or rename the "
+                        f".kiln-state file away to continue from the LoRA's weights with a fresh optimizer.")
+    return [f"{k} {saved[k]!r} → {now[k]!r}" for k in RESUMABLE_SETTINGS if k in saved and saved[k] != now[k]]
+
+
 def train(network: LoRANetwork, objective, forward: Callable, conditioning: Callable[..., dict],
           cache: LatentCache, latent_in: Callable[[torch.Tensor], torch.Tensor], cfg: TrainConfig,
           device: torch.device, checkpoint_blocks=(), on_step: Callable[[StepInfo], None] | None = None,
@@ -134,8 +159,12 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
     gen = torch.Generator().manual_seed(cfg.seed)
     network.to(device=device, dtype=torch.float32).train()
     params = [p for p in network.parameters() if p.requires_grad]
-    opt = build_optimizer(cfg.optimizer, network.param_groups(cfg.learning_rate, cfg.group_lrs), cfg.learning_rate,
-                          cfg.weight_decay)
+    if cache.has_masks and all(s.mask is not None and not bool((s.mask > 0).any()) for s in cache.samples):
+        raise KilnError("every mask is entirely black, so nothing would train: white = train, black = ignore. "
+                        "Check the mask folder or alpha channels, or set Alpha/Mask Source's mode to none.")
+    groups = network.param_groups(cfg.learning_rate, cfg.group_lrs)
+    group_lr = {g["name"]: g["lr"] for g in groups}
+    opt = build_optimizer(cfg.optimizer, groups, cfg.learning_rate, cfg.weight_decay)
     sched = build_scheduler(opt, cfg.lr_scheduler, cfg.steps, cfg.warmup_steps)
     if hasattr(opt, "train"):
         opt.train()  # schedule-free optimizers keep separate train/eval weights
@@ -197,8 +226,14 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
         if resume["step"] >= cfg.steps:
             raise KilnError(f"the run to resume already made {resume['step']} steps; set steps above that to "
                             f"train on.")
+        changed = changed_settings(resume.get("settings"), cfg)
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
+        # the restored state brings the old learning rates back: the requested ones (and schedule) take effect
+        sched.base_lrs = [group_lr.get(g.get("name"), cfg.learning_rate) for g in opt.param_groups]
+        for k, (g, base) in enumerate(zip(opt.param_groups, sched.base_lrs)):
+            g["initial_lr"], g["lr"] = base, base * sched.lr_lambdas[k](sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
         if scaler and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
         gen.set_state(resume["generator"])
@@ -209,13 +244,21 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
         result = TrainResult(losses=list(resume["losses"]), steps=resume["step"],
                              probe_loss_start=resume["probe_loss_start"])
         first = resume["step"] + 1
+        if changed:
+            result.notes.append(f"resumed at step {resume['step']}, changed since the saved run: {', '.join(changed)}; "
+                                f"they take effect from step {first}, so this is no longer exactly the run that stopped")
+        else:
+            result.notes.append(f"resuming exactly at step {resume['step']}")
 
     def state(step: int) -> dict:
         return {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict() if scaler else None, "generator": gen.get_state(),
                 "torch_rng": torch.get_rng_state(), "caption_rng": caption_rng.getstate(),
                 "flip_rng": flip_rng.getstate(), "batches": batches.state(), "losses": list(result.losses),
-                "probe_loss_start": result.probe_loss_start}
+                "probe_loss_start": result.probe_loss_start, "settings": run_settings(cfg)}
+
+    initial = [p.detach().clone() for p in params]  # "nothing changed" is checked against these
+    grads_checked = False
 
     start = time.perf_counter()
     with gradient_checkpointing(list(checkpoint_blocks), cfg.gradient_checkpointing):
@@ -230,6 +273,11 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
                 scaled = loss / cfg.grad_accum
                 (scaler.scale(scaled) if scaler else scaled).backward()
                 total += loss.item() / cfg.grad_accum
+            if not grads_checked and total > 0:  # a batch that counts (a black-masked one has loss 0 exactly)
+                grads_checked = True
+                if all(p.grad is None or not bool(p.grad.any()) for p in params):
+                    raise KilnError(f"every trainable gradient is exactly zero at step {step} (loss {total:.4g}): "
+                                    f"training would change nothing. Likely causes: {NO_CHANGE_CAUSES}.")
             if scaler:
                 scaler.unscale_(opt)
             if cfg.max_grad_norm:
@@ -239,6 +287,9 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
                 scaler.update()
             else:
                 opt.step()
+            if step == first and scaler is None and all(torch.equal(p, p0) for p, p0 in zip(params, initial)):
+                raise KilnError(f"the first step changed no LoRA weight (learning rate {cfg.learning_rate:g}): training "
+                                f"would change nothing. Likely causes: {NO_CHANGE_CAUSES}.")
             sched.step()
             opt.zero_grad(set_to_none=True)
             result.losses.append(total)
@@ -251,5 +302,8 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
     if hasattr(opt, "eval"):
         opt.eval()
     network.eval()
+    if all(torch.equal(p, p0) for p, p0 in zip(params, initial)):
+        raise KilnError(f"after {result.steps} steps the LoRA is bit-identical to its starting state: training changed "
+                        f"nothing (learning rate {cfg.learning_rate:g}). Likely causes: {NO_CHANGE_CAUSES}.")
     result.probe_loss_end = probe_loss()
     return result

@@ -38,4 +38,4 @@ def load_state(lora_path: str, signature: dict) -> tuple[dict | None, str]:
         was = saved.get("signature", {})
         detail = ", ".join(f"{k} {was.get(k)!r} → {signature[k]!r}" for k in differs)
         return None, f"the saved run differs ({detail}): continuing from the LoRA's weights only"
-    return saved["state"], f"resuming exactly at step {saved['state']['step']}"
+    return saved["state"], f"its {SUFFIX} holds the run's state at step {saved['state']['step']}"

@@ -82,3 +82,57 @@ def test_resume_from_a_lora_of_another_rank_is_refused(comfy, setup, lora):
         train(comfy, {**setup, "lora_config": rank4}, resume_from="kiln/rank2.safetensors")
     msg = kiln_error(e)
     assert "rank 2" in msg and "rank 4" in msg and "lora_unet_" in msg
+
+
+def test_intermediate_saves_never_replace_another_runs_and_a_resume_says_what_changed(comfy, setup):
+    folder = comfy.loras_dir / "kiln"
+    opts = dict(steps=2, save_every_n_steps=1, save_name="kiln/series")
+    first = train(comfy, setup, **opts)
+    mine = folder / "series-step000001.safetensors"
+    before = (mine.read_bytes(), mine.with_suffix(".kiln-state").read_bytes())
+    second = train(comfy, setup, **{**opts, "seed": 1})
+    assert (mine.read_bytes(), mine.with_suffix(".kiln-state").read_bytes()) == before
+    assert (folder / "series_2-step000001.safetensors").is_file()
+    text = " ".join(map(str, second.ui["text"]))
+    assert "series_2-stepNNNNNN" in text and "another run" in text
+    assert "another run" not in " ".join(map(str, first.ui["text"]))
+    # resuming that series continues it (no new name), with the changed learning rate applied and reported
+    out = train(comfy, setup, **{**opts, "learning_rate": 1e-5}, resume_from="kiln/series-step000001.safetensors")
+    text = " ".join(map(str, out.ui["text"]))
+    assert "learning_rate 0.001 → 1e-05" in text and "no longer exactly" in text and "series_3" not in text
+
+
+def test_clip_skip_leaves_the_unreached_text_encoder_layers_out(comfy, setup):
+    """kohya's SD2 text encoder has no last layer (SD2 reads the penultimate one); under CLIP Set Last Layer -2 a
+    LoRA on layer 11 of CLIP-L could never change the output either, so none is trained or saved."""
+    clip = comfy.run_node("CLIPSetLastLayer", clip=setup["clip"], stop_at_clip_layer=-2)[0]
+    layers = len(clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers)
+    sd = train(comfy, {**setup, "clip": clip}, text_encoder_lr=1e-3)[1].state_dict
+    te = {k.split(".")[0] for k in sd if k.startswith("lora_te_")}
+    assert len(te) == 6 * (layers - 1)
+    assert not any(f"_layers_{layers - 1}_" in k for k in te) and any(f"_layers_{layers - 2}_" in k for k in te)
+
+
+def test_cancel_keeps_the_last_intermediate_save_and_it_resumes(comfy, setup):
+    import importlib
+    from safetensors.torch import load_file
+    mm = importlib.import_module("comfy.model_management")
+    cutils = importlib.import_module("comfy.utils")
+    previous_hook = cutils.PROGRESS_BAR_HOOK
+
+    def cancel_at_3(value, total, preview=None, prompt_id=None, node_id=None):
+        if value == 3:
+            mm.interrupt_current_processing(True)
+    cutils.set_progress_bar_global_hook(cancel_at_3)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            train(comfy, setup, steps=50, save_every_n_steps=2, save_name="kiln/cancelled")
+    finally:
+        mm.interrupt_current_processing(False)
+        cutils.set_progress_bar_global_hook(previous_hook)
+    kept = comfy.loras_dir / "kiln" / "cancelled-step000002.safetensors"
+    assert load_file(str(kept)) and kept.with_suffix(".kiln-state").is_file()
+    assert not (comfy.loras_dir / "kiln" / "cancelled-step000004.safetensors").exists()
+    out = train(comfy, setup, steps=4, resume_from="kiln/cancelled-step000002.safetensors")
+    text = " ".join(map(str, out.ui["text"]))
+    assert "resumed at step 2" in text and "steps 50 → 4" in text and "exactly" not in text.replace("no longer exactly", "")

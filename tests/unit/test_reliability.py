@@ -192,3 +192,16 @@ def test_loading_a_lora_of_another_rank_is_refused_naming_both_ranks_and_the_mod
         target.load_kohya_state_dict(saved)
     assert "lora_m0" in str(e.value) and "rank 1" in str(e.value) and "rank 4" in str(e.value)
     assert all(torch.equal(v, target.kohya_state_dict()[k]) for k, v in before.items())
+
+
+# --- kohya's readers (item 9) -----------------------------------------------------------------------------
+
+def test_sd3_modelspec_architecture_uses_kohyas_names():
+    from types import SimpleNamespace as NS
+    from trainer_core.families.sd3 import modelspec_architecture
+
+    def mmdit(depth, self_attn=False):
+        return NS(joint_blocks=[NS(x_block=NS(x_block_self_attn=self_attn)) for _ in range(depth)])
+    assert modelspec_architecture(mmdit(24)) == "stable-diffusion-3-medium/lora"
+    assert modelspec_architecture(mmdit(24, True)) == "stable-diffusion-3-5-medium/lora"
+    assert modelspec_architecture(mmdit(38)) == "stable-diffusion-3-5-large/lora"

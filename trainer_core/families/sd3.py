@@ -89,11 +89,12 @@ def checkpoint_blocks(mmdit: nn.Module) -> list[nn.Module]:
 
 
 def modelspec_architecture(mmdit: nn.Module) -> str:
-    """kohya's names: SD3 medium (24 blocks), SD3.5 medium (x-block self-attention), SD3.5 large (38 blocks)."""
+    """kohya's names (library/sai_model_spec.py: "stable-diffusion-3-" + medium | 5-medium | 5-large; the ModelSpec
+    standard lists no SD3 ids): SD3 medium (24 blocks), SD3.5 medium (x-block self-attention), SD3.5 large (38)."""
     if depth_of(mmdit) >= 38:
-        return "stable-diffusion-3.5-large/lora"
+        return "stable-diffusion-3-5-large/lora"
     if any(getattr(b.x_block, "x_block_self_attn", False) for b in mmdit.joint_blocks):
-        return "stable-diffusion-3.5-medium/lora"
+        return "stable-diffusion-3-5-medium/lora"
     return "stable-diffusion-3-medium/lora"
 
 

@@ -17,10 +17,18 @@ _LAYERS = {
 }
 
 
-def te_rules(encoders: list[str], rank: int, alpha: float) -> list[TargetRule]:
-    """Rules for the named encoders (``clip_l``, ``clip_g``, ``clip_h``, ``t5xxl``) at one rank."""
-    return [TargetRule(rf"{re.escape(e)}\.{_LAYERS['t5' if e.startswith('t5') else 'clip']}", ("linear",), rank, alpha)
-            for e in encoders]
+def te_rules(encoders: list[str], rank: int, alpha: float, last_layer: dict[str, int] | None = None) -> list[TargetRule]:
+    """Rules for the named encoders (``clip_l``, ``clip_g``, ``clip_h``, ``t5xxl``) at one rank. ``last_layer``
+    limits an encoder to layers 0..k: the later ones never reach the output under clip skip (kohya's SD2 text
+    encoder has no last layer at all), so a LoRA there could never change anything."""
+    rules = []
+    for e in encoders:
+        pattern = _LAYERS['t5' if e.startswith('t5') else 'clip']
+        k = (last_layer or {}).get(e)
+        if k is not None:
+            pattern = pattern.replace(r"layers\.\d+", "layers\\.(" + "|".join(str(i) for i in range(k + 1)) + ")")
+        rules.append(TargetRule(rf"{re.escape(e)}\.{pattern}", ("linear",), rank, alpha))
+    return rules
 
 
 def te_namer(prefixes: dict[str, str]):
