@@ -2,16 +2,14 @@
 combo values against their choices, and names free of control characters."""
 from __future__ import annotations
 
-import functools
-
 from comfy_api.latest import io
 
 from ..trainer_core.errors import KilnError
 
 
-@functools.cache
 def combo_choices(cls) -> dict[str, tuple]:
-    """input id -> allowed values, for every Combo input of a V3 node class."""
+    """input id -> allowed values, for every Combo input of a V3 node class (not cached: ComfyUI hands each
+    execution its own clone of the class)."""
     return {i.id: tuple(i.options) for i in cls.define_schema().inputs if isinstance(i, io.Combo.Input)}
 
 
