@@ -27,6 +27,18 @@ import uuid
 PACK = os.path.dirname(os.path.abspath(__file__))
 
 
+def load_compat():
+    """nodes/comfy/compat.py, the one module that knows how ComfyUI versions differ (loaded by file: this pack's
+    nodes/ package is shadowed by ComfyUI's nodes.py here)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kiln_compat", os.path.join(PACK, "nodes", "comfy", "compat.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # before exec: its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def find_comfyui(explicit: str | None) -> str:
     for candidate in (explicit, os.environ.get("COMFYUI_PATH"), os.path.dirname(os.path.dirname(PACK))):
         if candidate and os.path.isfile(os.path.join(candidate, "main.py")):
@@ -123,8 +135,9 @@ class Host:
     client_id = "kiln-cli"
     last_node_id = None
 
-    def __init__(self, prompt: dict):
+    def __init__(self, prompt: dict, node_replace_manager=None):
         self.prompt = prompt
+        self.node_replace_manager = node_replace_manager  # ComfyUI ≥ 0.33: node packs register with it at import
 
     def title(self, node_id) -> str:
         node = self.prompt.get(str(node_id), {})
@@ -183,13 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     if opts.config:
         prompt = prompt_from_kohya_config(opts.config, config_dir, opts.family)
     apply_overrides(prompt, opts.set)
-    host = Host(prompt)
+    compat = load_compat()
+    host = Host(prompt, compat.node_replace_manager())
     server.PromptServer.instance = host  # Kiln's live loss events reach the host through it
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: None)
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     if "KilnTrainSD1" not in nodes.NODE_CLASS_MAPPINGS:  # run from a checkout, not from custom_nodes/
         asyncio.run(nodes.load_custom_node(PACK, module_parent="custom_nodes"))
 
+    compat.apply_node_replacements(host.node_replace_manager, prompt)
     fill_defaults(prompt, nodes.NODE_CLASS_MAPPINGS)
     prompt_id = str(uuid.uuid4())
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
@@ -200,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[kiln]   node {host.title(node_id)}: {e.get('message')}: {e.get('details', '')}", file=sys.stderr)
         return 1
     from comfy.cli_args import args as comfy_cli
-    executor = execution.PromptExecutor(host, cache_args={"lru": comfy_cli.cache_lru, "ram": comfy_cli.cache_ram})
+    cache_type, cache_args = compat.executor_cache(comfy_cli)
+    executor = execution.PromptExecutor(host, cache_type=cache_type, cache_args=cache_args)
     executor.execute(prompt, prompt_id, {"client_id": host.client_id}, outputs)
     if not executor.success:
         return 1

@@ -21,7 +21,8 @@ from ..trainer_core.data.masks import MASK_MODES
 from ..trainer_core.data.toml_config import load_dataset_toml
 from ..trainer_core.errors import KilnError
 from ..trainer_core.latent_store import DiskStore, MemoryStore
-from . import comfy_bridge as bridge
+from .comfy.progress import Progress
+from .comfy.vae import vae_encoder, vae_identity, vae_in_fp32
 from .options import check_options
 from .types import KilnDataset, KilnDatasetType
 
@@ -257,7 +258,7 @@ class KilnCacheLatents(io.ComfyNode):
                 no_half_vae=False) -> io.NodeOutput:
         refuse_uncacheable(dataset.dataset, "Cache Latents")
         disk = DiskStore(resolve_cache_folder(cache_folder)) if disk_cache else None
-        progress = bridge.Progress(len(dataset.dataset.items), cls.hidden.unique_id)
+        progress = Progress(len(dataset.dataset.items), cls.hidden.unique_id)
         last_log = [0.0]
 
         def report(done: int, total: int, text: str) -> None:
@@ -268,11 +269,13 @@ class KilnCacheLatents(io.ComfyNode):
                 last_log[0] = now
                 log.info("Cache Latents: %s", text)
 
-        with bridge.vae_in_fp32(vae) if no_half_vae else contextlib.nullcontext():
-            cache = encode_dataset(dataset.dataset, bridge.vae_encoder(vae), bridge.vae_identity(vae), batch_size,
+        notes: list[str] = []
+        with vae_in_fp32(vae, notes) if no_half_vae else contextlib.nullcontext(vae) as encoding:
+            cache = encode_dataset(dataset.dataset, vae_encoder(encoding), vae_identity(encoding), batch_size,
                                    report, memory=MEMORY, disk=disk)
         if cache.stats.encoded == 0:  # everything was reused: the bar still ends full
             progress.update(progress.total)
         summary = cache.stats.summary() + (f"\ndisk cache: {disk.folder}" if disk else "")
+        summary += "".join(f"\nnote: {n}" for n in notes)
         log.info("Cache Latents: %s", summary.replace("\n", "; "))
         return io.NodeOutput(dataset.replace(cache=cache, vae=vae), ui=ui.PreviewText(summary))

@@ -33,7 +33,12 @@ from ..trainer_core.losses import LOSS_TYPES
 from ..trainer_core.optim import OPTIMIZERS, SCHEDULERS
 from ..trainer_core.plot import loss_plot
 from ..trainer_core.resume import SUFFIX, load_state, save_state
-from . import comfy_bridge as bridge
+from .comfy import model as cmodel
+from .comfy.preview import pil_to_image, sample_images, to_pil
+from .comfy.progress import Progress
+from .comfy.tensors import normal_tensor
+from .comfy.text import SD3TextConditioning, SDXLTextConditioning, TextConditioning, last_layer_reached, \
+    text_encoder_names, text_encoder_session
 from .dataset_nodes import default_cache_folder
 from .lora_nodes import check_output_file, lora_output_path
 from .options import check_options, check_text
@@ -103,7 +108,7 @@ def train_outputs() -> list:
 
 def normal_cache(cache: LatentCache) -> LatentCache:
     """Cache tensors made inside inference mode, re-made as ordinary tensors autograd may save."""
-    return cache.map_tensors(bridge.normal_tensor)
+    return cache.map_tensors(normal_tensor)
 
 
 def text_encoder_lr(tcfg: TrainConfig):
@@ -197,15 +202,16 @@ class FamilyPlan:
     architecture: Callable[[nn.Module], str]     # modelspec.architecture
     version: str                                 # ss_base_model_version
     objective: object
-    conditioning: bridge.TextConditioning
+    conditioning: TextConditioning
     te_prefixes: dict = field(default_factory=dict)   # encoder ("clip_l", ...) -> kohya prefix ("lora_te1")
     te_lrs: dict = field(default_factory=dict)        # encoder -> learning rate; 0 or missing = not trained
     network_args: dict = field(default_factory=lambda: dict(VERBOSE))  # network_args keys this family reads
+    while_training: Callable = lambda network, seed: contextlib.nullcontext()  # e.g. SD3.5's pos-embed crops
     hidden_only: tuple = ()  # encoders whose pooled output the family ignores: clip skip leaves their last layers out
 
 
 def train_config(model, dataset: KilnDataset, opts: dict) -> TrainConfig:
-    precision = bridge.default_precision(model) if opts["precision"] == "auto" else opts["precision"]
+    precision = cmodel.default_precision(model) if opts["precision"] == "auto" else opts["precision"]
     return TrainConfig(steps=opts["steps"], learning_rate=opts["learning_rate"], batch_size=dataset.dataset.batch_size,
                        grad_accum=opts["grad_accum"], optimizer=opts["optimizer"], lr_scheduler=opts["lr_scheduler"],
                        warmup_steps=opts["warmup_steps"], max_grad_norm=opts["max_grad_norm"], seed=opts["seed"],
@@ -299,7 +305,7 @@ def prepare(model, dataset: KilnDataset, opts: dict, families: tuple[str, ...], 
         check_options(cls, node, opts)
         check_save_nodes(cls.hidden.prompt, cls.hidden.unique_id, node)
     check_paths(opts, node)
-    fam = bridge.require_family(model, families, node)
+    fam = cmodel.require_family(model, families, node)
     if dataset.cache is None:
         raise KilnError(f"{node}: the dataset has no cached latents. Connect Load Dataset → "
                         "(Alpha/Mask Source →) Cache Latents → this node's dataset input.")
@@ -312,7 +318,7 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
     node's outputs."""
     args = parse_network_args(lora_config.args)
     check_keys(args, plan.network_args, plan.node)
-    loaded = bridge.text_encoder_names(clip)
+    loaded = text_encoder_names(clip)
     te_train = [e for e in loaded if plan.te_lrs.get(e, 0) > 0]
     notes = [f"{e} is not in this CLIP: its text-encoder learning rate is ignored"
              for e, lr in plan.te_lrs.items() if lr > 0 and e not in loaded and e in plan.te_prefixes]
@@ -344,21 +350,27 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
         return cond(captions, train=train, geometries=geometries)
 
     cache = normal_cache(dataset.cache)
-    progress = bridge.Progress(tcfg.steps, node_id)
+    progress = Progress(tcfg.steps, node_id)
 
-    def preview(net: LoRANetwork) -> torch.Tensor:
-        net.eval()
-        images = bridge.sample_images(model, cond, dataset.vae, prompts, tcfg.seed, opts["sample_steps"],
-                                      opts["sample_cfg"], width, height, negative=opts.get("sample_negative", ""))
-        net.train()
-        return images
+    te_session = text_encoder_session(clip, plan.node) if te_train else contextlib.nullcontext()
+    with cmodel.training_session(model, plan.node) as target, te_session as te_target, \
+            plan.while_training(target.network, tcfg.seed):
+        net_host, encoders = target.network, te_target.network if te_target else None
+        notes += [t.note for t in (target, te_target) if t is not None and t.note]
+        if te_target is not None:
+            cond.clip = te_target.patcher  # encode through the CLIP that trains (itself, or its dynamic-VRAM copy)
 
-    te_session = bridge.text_encoder_session(clip) if te_train else contextlib.nullcontext()
-    with bridge.training_session(model) as net_host, te_session as encoders:
+        def preview(net: LoRANetwork) -> torch.Tensor:
+            net.eval()
+            images = sample_images(target.patcher, cond, dataset.vae, prompts, tcfg.seed, opts["sample_steps"],
+                                   opts["sample_cfg"], width, height, negative=opts.get("sample_negative", ""))
+            net.train()
+            return images
+
         network = LoRANetwork(net_host, plan.rules(net_host), plan.namer(net_host), lora_config.dropout,
                               lora_config.rank_dropout, lora_config.module_dropout, tcfg.seed)
         for e in te_train:
-            last = bridge.last_layer_reached(clip, e) if e in plan.hidden_only else None
+            last = last_layer_reached(clip, e) if e in plan.hidden_only else None
             network.add(encoders, te_rules([e], lora_config.rank, lora_config.alpha, None if last is None else {e: last}),
                         te_namer(plan.te_prefixes), e)
         if not len(network):
@@ -388,17 +400,17 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
         def on_step(info: StepInfo) -> None:
             image = None
             if every and info.step % every == 0 and info.step < info.total:
-                image = bridge.to_pil(preview(network)[0])
+                image = to_pil(preview(network)[0])
             progress.update(info.step, image)
             progress.send("kiln.loss", {"step": info.step, "total": info.total, "loss": info.loss, "lr": info.lr,
                                         "seconds": info.seconds})
 
         with network.attached():
-            result = train(network, plan.objective, bridge.unet_forward(model, net_host), conditioning, cache,
-                           bridge.latent_in(model), tcfg, bridge.device_of(model), plan.checkpoint_blocks(net_host), on_step,
-                           on_save, resume)
+            result = train(network, plan.objective, cmodel.unet_forward(target.patcher, net_host), conditioning,
+                           cache, cmodel.latent_in(model), tcfg, cmodel.device_of(model), plan.checkpoint_blocks(net_host),
+                           on_step, on_save, resume)
             samples = preview(network)
-        cond.live = False
+        cond.live, cond.clip = False, clip
         lora_sd = network.kohya_state_dict()
         arch = plan.architecture(net_host)
 
@@ -406,13 +418,13 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
     meta["kiln_distinct_captions"] = str(len(seen))
     meta["kiln_text_encoder_calls"] = str(cond.encodes)
     meta["kiln_text_encoder_outputs_from_disk"] = str(cond.from_disk)
-    plot = bridge.pil_to_image(loss_plot(result.losses))
+    plot = pil_to_image(loss_plot(result.losses))
     groups = {g: sum(1 for n in network.groups.values() if n == g) for g in dict.fromkeys(network.groups.values())}
     text = (f"{len(network)} LoRA modules ({', '.join(f'{g} {k}' for g, k in groups.items())}), {result.steps} steps "
             f"in {result.seconds:.1f}s ({result.seconds_per_step:.3f}s/step); probe loss "
             f"{result.probe_loss_start:.4f} → {result.probe_loss_end:.4f}; {len(seen)} distinct captions trained, "
             f"{cond.encodes} text-encoder calls")
-    unmapped = bridge.unmapped_lora_keys(model, lora_sd, clip)
+    unmapped = cmodel.unmapped_lora_keys(model, lora_sd, clip)
     if unmapped:  # a bug if it ever happens: say so rather than ship a file ComfyUI half-applies
         log.warning("kiln: %d LoRA modules do not map onto this model in ComfyUI, e.g. %s", len(unmapped), unmapped[0])
         notes.append(f"{len(unmapped)} modules do not map in ComfyUI, e.g. {unmapped[0]}")
@@ -420,7 +432,7 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
     if bool_arg(args, "verbose"):
         text += "\n" + describe_modules(network)
     lora = TrainedLora(lora_sd, meta, family)
-    model_out, clip_out = bridge.apply_lora(model, clip, lora_sd)
+    model_out, clip_out = cmodel.apply_lora(model, clip, lora_sd)
     return io.NodeOutput(model_out, lora, samples, plot, clip_out, ui=ui.PreviewText(text))
 
 
@@ -468,8 +480,8 @@ class KilnTrainSD1(TrainNode):
     @classmethod
     def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
         node = "Train LoRA (SD1)"
-        fam, tcfg = prepare(model, dataset, opts, bridge.SD1_FAMILIES, node, cls)
-        is_v = bridge.prediction_type(model, node) == "v"
+        fam, tcfg = prepare(model, dataset, opts, cmodel.SD1_FAMILIES, node, cls)
+        is_v = cmodel.prediction_type(model, node) == "v"
         is_sd2 = fam not in ("SD15", "SD15_instructpix2pix")
         lc = lora_config
         plan = FamilyPlan(
@@ -478,8 +490,8 @@ class KilnTrainSD1(TrainNode):
             namer=sd1.unet_namer, checkpoint_blocks=sd1.checkpoint_blocks,
             architecture=lambda unet: sd1.modelspec_architecture(is_v, is_sd2),
             version=("sd_v2" if is_sd2 else "sd_v1") + ("_v" if is_v else ""),
-            objective=sd1.SD1Objective(bridge.alphas_cumprod(model), "v" if is_v else "eps"),
-            conditioning=bridge.TextConditioning(clip),
+            objective=sd1.SD1Objective(cmodel.alphas_cumprod(model), "v" if is_v else "eps"),
+            conditioning=TextConditioning(clip),
             te_prefixes={"clip_l": "lora_te", "clip_h": "lora_te"}, hidden_only=("clip_l", "clip_h"),
             te_lrs={"clip_l": opts.get("text_encoder_lr", 0.0), "clip_h": opts.get("text_encoder_lr", 0.0)})
         return run_training(model, clip, dataset, lora_config, tcfg, plan, opts, cls.hidden.unique_id, fam)
@@ -519,11 +531,11 @@ class KilnTrainSD3(TrainNode):
     @classmethod
     def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
         node = "Train LoRA (SD3)"
-        fam, tcfg = prepare(model, dataset, opts, bridge.SD3_FAMILIES, node, cls)
+        fam, tcfg = prepare(model, dataset, opts, cmodel.SD3_FAMILIES, node, cls)
         args = parse_network_args(lora_config.args)
         depth = sd3.depth_of(model.model.diffusion_model)
         ranks = sd3.SD3LayerRanks.from_args(args, lora_config.rank, depth)
-        conditioning = bridge.SD3TextConditioning(
+        conditioning = SD3TextConditioning(
             clip, opts["t5xxl_max_token_length"], opts["apply_lg_attn_mask"], opts["apply_t5_attn_mask"],
             {"clip_l": opts["clip_l_dropout_rate"], "clip_g": opts["clip_g_dropout_rate"], "t5": opts["t5_dropout_rate"]},
             tcfg.seed)
@@ -534,9 +546,9 @@ class KilnTrainSD3(TrainNode):
                                        opts["mode_scale"], opts["training_shift"]),
             conditioning=conditioning, network_args={**VERBOSE, **sd3.NETWORK_ARGS}, te_prefixes=sd3.TE_PREFIXES,
             te_lrs={"clip_l": opts.get("text_encoder_lr1", 0.0), "clip_g": opts.get("text_encoder_lr2", 0.0),
-                    "t5xxl": opts.get("text_encoder_lr3", 0.0)})
-        with bridge.random_pos_embed_crop(model.model.diffusion_model, opts["pos_emb_random_crop_rate"], tcfg.seed):
-            return run_training(model, clip, dataset, lora_config, tcfg, plan, opts, cls.hidden.unique_id, fam)
+                    "t5xxl": opts.get("text_encoder_lr3", 0.0)},
+            while_training=lambda mmdit, seed: cmodel.random_pos_embed_crop(mmdit, opts["pos_emb_random_crop_rate"], seed))
+        return run_training(model, clip, dataset, lora_config, tcfg, plan, opts, cls.hidden.unique_id, fam)
 
 
 class KilnTrainSDXL(TrainNode):
@@ -551,15 +563,15 @@ class KilnTrainSDXL(TrainNode):
     @classmethod
     def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
         node = "Train LoRA (SDXL)"
-        fam, tcfg = prepare(model, dataset, opts, bridge.SDXL_FAMILIES, node, cls)
-        is_v = bridge.prediction_type(model, node) == "v"
+        fam, tcfg = prepare(model, dataset, opts, cmodel.SDXL_FAMILIES, node, cls)
+        is_v = cmodel.prediction_type(model, node) == "v"
         lc = lora_config
         plan = FamilyPlan(
             node=node,
             rules=lambda unet: sdxl.unet_rules(lc.rank, lc.alpha, lc.conv_rank, lc.conv_alpha),
             namer=sdxl.unet_namer, checkpoint_blocks=sdxl.checkpoint_blocks,
             architecture=lambda unet: sdxl.ARCHITECTURE, version=sdxl.BASE_MODEL_VERSION + ("_v" if is_v else ""),
-            objective=sdxl.SD1Objective(bridge.alphas_cumprod(model), "v" if is_v else "eps"),
-            conditioning=bridge.SDXLTextConditioning(clip, model), te_prefixes=sdxl.TE_PREFIXES, hidden_only=("clip_l",),
+            objective=sdxl.SD1Objective(cmodel.alphas_cumprod(model), "v" if is_v else "eps"),
+            conditioning=SDXLTextConditioning(clip, model), te_prefixes=sdxl.TE_PREFIXES, hidden_only=("clip_l",),
             te_lrs={"clip_l": opts.get("text_encoder_lr1", 0.0), "clip_g": opts.get("text_encoder_lr2", 0.0)})
         return run_training(model, clip, dataset, lora_config, tcfg, plan, opts, cls.hidden.unique_id, fam)

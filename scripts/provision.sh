@@ -5,8 +5,10 @@
 #   KILN_HOME     where the venv and the pinned ComfyUI live   (default ~/.cache/kiln)
 #   COMFYUI_PATH  use this ComfyUI checkout instead of the pinned one
 #   KILN_PYTHON   use this Python (e.g. your ComfyUI's own venv) instead of creating a venv
+#   KILN_ENV_FILE where to write the paths the demo and the tests read (default .kiln/env in the repo)
 #
-# Writes .kiln/env in the repo: the paths the demo and the tests read.
+# Tested ComfyUI versions: 0.3.75 (pinned, CI) and 0.33.0. A ComfyUI given by COMFYUI_PATH gets a venv of its
+# own (KILN_HOME/venv-<name>-<hash>) unless KILN_PYTHON is set, so two trees never fight over one venv.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -56,6 +58,9 @@ if [ -n "${KILN_PYTHON:-}" ]; then
     PY=$KILN_PYTHON
 else
     VENV="$KILN_HOME/venv"
+    if [ -n "${COMFYUI_PATH:-}" ]; then
+        VENV="$KILN_HOME/venv-$(basename "$COMFY")-$(printf '%s' "$COMFY" | sha256sum | cut -c1-8)"
+    fi
     [ -x "$VENV/bin/python" ] || { log "creating venv at $VENV"; python3 -m venv "$VENV"; }
     PY="$VENV/bin/python"
 fi
@@ -73,9 +78,16 @@ if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ]; then
         "$PY" -m pip install -q $torch_pins
     fi
     log "installing ComfyUI requirements (without torch lines), Kiln requirements and test tools"
-    grep -v -E '^\s*(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" > "$REPO/.kiln/comfy-requirements.txt"
-    "$PY" -m pip install -q -r "$REPO/.kiln/comfy-requirements.txt" requests torchsde \
+    reqs="$REPO/.kiln/comfy-requirements-$(printf '%s' "$COMFY" | sha256sum | cut -c1-8).txt"
+    grep -v -E '^\s*(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" > "$reqs"
+    "$PY" -m pip install -q -r "$reqs" requests torchsde \
         -r "$REPO/requirements.txt" -r "$REPO/requirements-dev.txt"
+    # ComfyUI ≥ 0.2x imports torchaudio at start-up (comfy/sd.py -> audio VAE). The registry has no torchaudio
+    # built for torch 2.14; 2.11.x's Python code imports and works with it, so it goes in without its torch pin.
+    if grep -q -E '^\s*torchaudio' "$COMFY/requirements.txt" && ! "$PY" -c "import torchaudio" 2>/dev/null; then
+        log "installing torchaudio (no-deps: it must not replace torch)"
+        "$PY" -m pip install -q --no-deps "torchaudio==2.11.*"
+    fi
     echo "$stamp" > "$stamp_file"
 else
     log "environment up to date"
@@ -100,7 +112,8 @@ if [ -z "${KILN_SKIP_BROWSER:-}" ] && ! command -v chromium >/dev/null 2>&1; the
     fi
 fi
 
-cat > "$REPO/.kiln/env" <<EOF
+ENV_FILE=${KILN_ENV_FILE:-$REPO/.kiln/env}
+cat > "$ENV_FILE" <<EOF
 KILN_PYTHON=$PY
 KILN_COMFYUI=$COMFY
 EOF

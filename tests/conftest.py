@@ -118,6 +118,17 @@ def _link_pack(custom_nodes: Path) -> None:
 
 # --- ComfyUI in process ----------------------------------------------------------------------------------
 
+def comfy_compat():
+    """Kiln's nodes/comfy/compat.py (what differs between ComfyUI versions), loaded by file like cli.py does."""
+    import importlib.util
+    if "kiln_compat" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("kiln_compat", REPO / "nodes" / "comfy" / "compat.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["kiln_compat"] = module  # before exec: its dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules["kiln_compat"]
+
+
 class _UiRecorder:
     """Stands in for server.PromptServer.instance in process: records what nodes send to the frontend."""
 
@@ -128,6 +139,7 @@ class _UiRecorder:
         self.last_node_id = None
         self.events: list[tuple[str, object]] = []    # (event, data) from send_sync / send_progress_text
         self.progress: list[tuple[int, int, object]] = []  # (value, total, preview) from comfy.utils.ProgressBar
+        self.node_replace_manager = comfy_compat().node_replace_manager()  # ComfyUI ≥ 0.33: packs register with it
 
     def send_sync(self, event, data, sid=None):
         self.events.append((event, data))
@@ -231,6 +243,13 @@ class ComfyInProcess:
         except KeyError:
             raise KeyError(f"unknown class_type {class_type!r}; node loading said:\n{self.startup_log[-3000:]}") from None
 
+    def pack_module(self, name: str):
+        """A module of the loaded Kiln pack by its path inside the pack, e.g. ``nodes.comfy.model`` (ComfyUI
+        imports the pack under a name of its own choosing)."""
+        import importlib
+        root = self.node_class("KilnTrainSD1").__module__.rsplit(".nodes.", 1)[0]
+        return importlib.import_module(f"{root}.{name}")
+
     def run_node(self, class_type: str, /, **inputs) -> NodeResult:
         """Execute one node as ComfyUI's executor does: inputs resolved by execution.get_input_data
         (hidden inputs included), a fresh node object, execution.get_output_data (V1 FUNCTION and V3
@@ -251,8 +270,9 @@ class ComfyInProcess:
             if unknown:
                 raise TypeError(f"{class_type} has no inputs named {sorted(unknown)}")
             obj = cls()
-            output, ui, expanded, pending = await ex.get_output_data(
-                "kiln-test", unique_id, obj, input_data, hidden_inputs=hidden)
+            # positional: the keyword was hidden_inputs= in 0.3.x and is v3_data= in 0.33; the position is the same
+            output, ui, expanded, pending = await ex.get_output_data("kiln-test", unique_id, obj, input_data,
+                                                                     None, None, hidden)
             if pending:
                 results = await ex.resolve_map_node_over_list_results(output)
                 output, ui, expanded = ex.get_output_from_returns(results, obj)

@@ -82,8 +82,7 @@ def test_lora_learns_and_every_key_maps_onto_the_model(comfy, trained):
     assert meta["ss_network_dim"] == "4" and meta["ss_base_model_version"] == "sd_v1"
     names = {k.split(".")[0] for k in lora.state_dict}
     assert any(n.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q") for n in names)
-    bridge = comfy.node_class("KilnTrainSD1").__module__.rsplit(".", 1)[0] + ".comfy_bridge"
-    assert sys.modules[bridge].unmapped_lora_keys(trained["model"], lora.state_dict) == []
+    assert comfy.pack_module("nodes.comfy.model").unmapped_lora_keys(trained["model"], lora.state_dict) == []
     # the MODEL output samples differently from the base model
     assert not torch.equal(ksample(comfy, model_out, trained["clip"]), trained["before"])
     assert samples.shape == (1, 64, 64, 3) and plot.shape[-1] == 3
@@ -108,8 +107,8 @@ def test_conv_lora_maps_onto_the_model_and_training_is_seeded(comfy, loaded, cac
     for part in ("resnets_0_conv1", "resnets_0_conv2", "resnets_0_time_emb_proj", "downsamplers_0_conv",
                  "upsamplers_0_conv", "mid_block_resnets_1_conv2"):
         assert any(part in n for n in names), part
-    bridge = sys.modules[comfy.node_class("KilnTrainSD1").__module__.rsplit(".", 1)[0] + ".comfy_bridge"]
-    assert bridge.unmapped_lora_keys(model, a.state_dict) == []
+    cmodel = comfy.pack_module("nodes.comfy.model")
+    assert cmodel.unmapped_lora_keys(model, a.state_dict) == []
     assert a.metadata["ss_network_args"] == '{"conv_dim": "2", "conv_alpha": "1.0"}'
     assert a.state_dict.keys() == b.state_dict.keys()
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
@@ -131,8 +130,8 @@ def test_text_encoder_lora_trains_loads_and_leaves_the_input_clip_alone(comfy, l
     layers = len(encoders.clip_l.transformer.text_model.encoder.layers)
     assert len(te) == 6 * layers and "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in te
     assert any(sd[f"{n}.lora_up.weight"].abs().sum() > 0 for n in te), "text-encoder LoRA did not learn"
-    bridge = sys.modules[comfy.node_class("KilnTrainSD1").__module__.rsplit(".", 1)[0] + ".comfy_bridge"]
-    assert bridge.unmapped_lora_keys(model, sd, clip) == []
+    cmodel = comfy.pack_module("nodes.comfy.model")
+    assert cmodel.unmapped_lora_keys(model, sd, clip) == []
     assert lora.metadata["ss_text_encoder_lr"] == "0.001"
     now = dict(encoders.named_parameters())
     assert all(now[n] is p and p.data_ptr() == ptr for n, (p, ptr) in before.items())
@@ -150,8 +149,8 @@ def test_v_prediction_and_zsnr_follow_the_models_sampling_patch(comfy, loaded, c
                          rank_dropout=0.0, module_dropout=0.0)[0]
     opts = TRAIN | dict(steps=3, sample_every=0, sample_steps=1, min_snr_gamma=5.0)
     v_model = comfy.run_node("ModelSamplingDiscrete", model=model, sampling="v_prediction", zsnr=True)[0]
-    bridge = sys.modules[comfy.node_class("KilnTrainSD1").__module__.rsplit(".", 1)[0] + ".comfy_bridge"]
-    assert float(bridge.alphas_cumprod(v_model)[-1]) < 1e-6  # zero terminal SNR reached the training schedule
+    cmodel = comfy.pack_module("nodes.comfy.model")
+    assert float(cmodel.alphas_cumprod(v_model)[-1]) < 1e-6  # zero terminal SNR reached the training schedule
     meta = comfy.run_node("KilnTrainSD1", model=v_model, clip=clip, dataset=cached, lora_config=cfg, **opts)[1].metadata
     assert meta["ss_v_parameterization"] == "true" and meta["ss_base_model_version"] == "sd_v1_v"
     assert torch.isfinite(torch.tensor(float(meta["kiln_probe_loss_end"])))

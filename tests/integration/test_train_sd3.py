@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-import sys
 
 import pytest
 
@@ -24,8 +23,8 @@ def sd3(comfy, sd3_checkpoint, dataset_dir):
     return load_and_cache(comfy, sd3_checkpoint, dataset_dir)
 
 
-def bridge_of(comfy):
-    return sys.modules[comfy.node_class("KilnTrainSD3").__module__.rsplit(".", 1)[0] + ".comfy_bridge"]
+def comfy_model(comfy):
+    return comfy.pack_module("nodes.comfy.model")
 
 
 def test_sd3_lora_trains_maps_and_restores_the_model(comfy, sd3):
@@ -42,7 +41,7 @@ def test_sd3_lora_trains_maps_and_restores_the_model(comfy, sd3):
     # default targets: attention qkv/proj of both streams of every joint block, nothing else
     assert names == {f"lora_unet_joint_blocks_{b}_{s}_attn_{m}" for b in (0, 1) for s in ("context_block", "x_block")
                      for m in ("qkv", "proj")} - {"lora_unet_joint_blocks_1_context_block_attn_proj"}
-    assert bridge_of(comfy).unmapped_lora_keys(model, lora.state_dict) == []
+    assert comfy_model(comfy).unmapped_lora_keys(model, lora.state_dict) == []
     now = dict(mmdit.named_parameters())
     assert all(now[n] is p and p.data_ptr() == ptr for n, (p, ptr) in before.items())
     assert not any("forward" in m.__dict__ or "cropped_pos_embed" in m.__dict__ for m in mmdit.modules())
@@ -68,7 +67,7 @@ def test_sd3_per_layer_ranks_embedders_and_block_selection(comfy, sd3):
         "lora_unet_joint_blocks_1_x_block_adaLN_modulation_1": 1,
         "lora_unet_t_embedder_mlp_0": 5, "lora_unet_t_embedder_mlp_2": 5, "lora_unet_x_embedder_proj": 6,
         "lora_unet_final_layer_linear": 7}
-    assert bridge_of(comfy).unmapped_lora_keys(model, sd, clip) == []
+    assert comfy_model(comfy).unmapped_lora_keys(model, sd, clip) == []
     text = " ".join(map(str, out.ui["text"]))  # the verbose listing is shown on the node
     assert f"{9 + len(te1)} LoRA modules (unet 9, clip_l {len(te1)})" in text
     assert re.search(r"lora_unet_x_embedder_proj +rank 6, alpha 4", text)

@@ -2,7 +2,6 @@
 full-size CLIP-L/G)."""
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
@@ -17,8 +16,8 @@ def sdxl(comfy, sdxl_checkpoint, dataset_dir):
     return load_and_cache(comfy, sdxl_checkpoint, dataset_dir)
 
 
-def bridge_of(comfy):
-    return sys.modules[comfy.node_class("KilnTrainSDXL").__module__.rsplit(".", 1)[0] + ".comfy_bridge"]
+def comfy_model(comfy):
+    return comfy.pack_module("nodes.comfy.model")
 
 
 def lora_config(comfy):
@@ -37,7 +36,7 @@ def test_sdxl_unet_lora_learns_and_maps(comfy, sdxl):
     names = {k.split(".")[0] for k in sd}
     assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_k" in names  # SGM names, as kohya's SDXL
     assert all(n.startswith("lora_unet_") for n in names)
-    assert bridge_of(comfy).unmapped_lora_keys(model, sd) == []
+    assert comfy_model(comfy).unmapped_lora_keys(model, sd) == []
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
     assert float(meta["kiln_probe_loss_end"]) < 0.9 * float(meta["kiln_probe_loss_start"])
@@ -59,14 +58,13 @@ def test_sdxl_text_encoder_lora_names_map_for_both_encoders(comfy, sdxl):
     names = {k.split(".")[0] for k in sd}
     assert len(names) == 6 * (12 + 32)  # q, k, v, out_proj, fc1, fc2 of every CLIP-L and CLIP-G layer
     assert {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "lora_te2_text_model_encoder_layers_31_mlp_fc2"} <= names
-    assert bridge_of(comfy).unmapped_lora_keys(model, sd, clip) == []
+    assert comfy_model(comfy).unmapped_lora_keys(model, sd, clip) == []
 
 
 def test_size_conditioning_reaches_the_unet(comfy, sdxl):
     """y = pooled CLIP-G + Fourier features of (original size, crop, target): different geometry, different y."""
     model, clip, cached = sdxl
-    bridge = bridge_of(comfy)
-    cond = bridge.SDXLTextConditioning(clip, model)
+    cond = comfy.pack_module("nodes.comfy.text").SDXLTextConditioning(clip, model)
     samples = cached.cache.samples
     a = cond([samples[0].caption], geometries=[samples[0].geometry])
     assert a["context"].shape == (1, 77, 2048) and a["y"].shape == (1, 2816)
@@ -88,6 +86,6 @@ def test_sdxl_text_encoder_loras_train_through_both_encoders(comfy, sdxl_checkpo
         ups = [k for k in sd if k.startswith(prefix) and k.endswith("lora_up.weight")]
         assert ups and any(sd[k].abs().sum() > 0 for k in ups), prefix
     assert "(unet 134, clip_l 72, clip_g 192)" in " ".join(map(str, out.ui["text"]))
-    assert bridge_of(comfy).unmapped_lora_keys(model, sd, clip) == []
+    assert comfy_model(comfy).unmapped_lora_keys(model, sd, clip) == []
     now = dict(clip.cond_stage_model.named_parameters())
     assert all(now[n] is p and p.data_ptr() == ptr for n, (p, ptr) in before.items())

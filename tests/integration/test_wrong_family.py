@@ -1,5 +1,5 @@
 """A model wired into the wrong Train node is refused up front, with a message that names the family it got
-and the node to use instead (nodes/comfy_bridge.require_family), before anything is loaded or trained.
+and the node to use instead (nodes/comfy/model.require_family), before anything is loaded or trained.
 
 There is no SDXL case: no SDXL fixture exists (CLIP-G alone is 1.39 GB fp16; see tests/fixtures/tiny_models.py).
 """

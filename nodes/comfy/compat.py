@@ -1,0 +1,94 @@
+"""Differences between the ComfyUI versions Kiln runs on (0.3.75 … 0.33). Nothing else in Kiln asks which
+ComfyUI it runs in; it asks this module. No relative imports: cli.py loads this file before the pack.
+
+What changed (DESIGN.md fact 9):
+  * dynamic VRAM (≥ 0.16, NVIDIA only): the loaded MODEL/CLIP/VAE is a ModelPatcherDynamic whose weights are
+    cast to the GPU layer by layer through reused buffers. Autograd would save views of those buffers, which the
+    next layer overwrites: silently wrong gradients. Kiln trains through a classic patcher instead, the
+    "non-dynamic delegate" ComfyUI itself builds for the same reason (its samplers use it for hooked conds):
+    the model re-created by its own loader, fully loaded on the GPU while training (so the dynamic model's
+    staged weights are evicted, never two copies on the GPU), its host copy kept by ComfyUI on the input
+    patcher for the next run;
+  * the prompt executor's cache arguments (``--cache-ram`` became a list; RAM pressure is the default);
+  * ``PromptServer.instance.node_replace_manager`` (0.33), which node packs register with at import.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import psutil
+
+
+def is_dynamic(patcher) -> bool:
+    """Whether a ModelPatcher stages its weights per layer (ComfyUI's dynamic VRAM)."""
+    probe = getattr(patcher, "is_dynamic", None)
+    return bool(probe()) if callable(probe) else False
+
+
+@dataclass
+class PrivateCopy:
+    patcher: object     # a classic ModelPatcher over weights nobody else computes with through buffers
+    seconds: float      # time to get it (a reload from disk the first time; cached by ComfyUI afterwards)
+    host_bytes: int     # process RSS growth while getting it
+    size_bytes: int     # the model's weight bytes
+
+    def describe(self, what: str, why: str) -> str:
+        gib = 1024 ** 3
+        return (f"{what}: {why}, so it trains through a non-dynamic copy re-loaded by ComfyUI's own loader "
+                f"({self.size_bytes / gib:.2f} GiB of weights; took {self.seconds:.1f} s and "
+                f"+{max(self.host_bytes, 0) / gib:.2f} GiB host RAM; ComfyUI keeps it for the next run, "
+                f"the GPU never holds two copies)")
+
+
+def private_copy(patcher) -> PrivateCopy:
+    """A classic (non-dynamic) patcher of the same weights and patches, re-created by the loader that made
+    ``patcher``: ComfyUI's own cached non-dynamic delegate for a dynamic patcher, a fresh load (ComfyUI's
+    ``clone(force_deepcopy=True)``) otherwise. Raises RuntimeError when ComfyUI does not know how the model was
+    loaded (``cached_patcher_init`` unset: a custom loader) or is too old to re-load it."""
+    rss, t0 = psutil.Process().memory_info().rss, time.perf_counter()
+    if is_dynamic(patcher):
+        copy = patcher.get_non_dynamic_delegate()
+    elif getattr(patcher, "cached_patcher_init", None) is not None:
+        copy = patcher.clone(force_deepcopy=True)
+    else:
+        raise RuntimeError("ComfyUI cannot re-load this model (it records no loader for it)")
+    return PrivateCopy(copy, time.perf_counter() - t0, psutil.Process().memory_info().rss - rss, copy.model_size())
+
+
+def executor_cache(args) -> tuple[object, dict]:
+    """(cache_type, cache_args) for ``execution.PromptExecutor``, chosen from ComfyUI's own command-line
+    arguments the way its main.py chooses them."""
+    import execution
+
+    types = execution.CacheType
+    if isinstance(args.cache_ram, (list, tuple)):  # ≥ 0.2x: RAM-pressure caching by default, two thresholds
+        import comfy.model_management as mm
+        ram, inactive = 0.0, 0.0
+        if not args.cache_classic and not args.cache_none and args.cache_lru <= 0:
+            ram = min(10.0, max(2.0, mm.total_ram * 0.10 / 1024.0))
+            inactive = min(128.0, mm.total_ram / 1024.0)
+            ram = args.cache_ram[0] if len(args.cache_ram) > 0 else ram
+            inactive = args.cache_ram[1] if len(args.cache_ram) > 1 else inactive
+        kind = (types.CLASSIC if args.cache_classic else types.LRU if args.cache_lru > 0
+                else types.NONE if args.cache_none else types.RAM_PRESSURE)
+        return kind, {"lru": args.cache_lru, "ram": ram, "ram_inactive": inactive}
+    kind = (types.LRU if args.cache_lru > 0 else types.RAM_PRESSURE if args.cache_ram > 0
+            else types.NONE if args.cache_none else types.CLASSIC)
+    return kind, {"lru": args.cache_lru, "ram": args.cache_ram}
+
+
+def node_replace_manager():
+    """ComfyUI's own NodeReplaceManager for a stand-in server (node packs register replacements with it at
+    import), or None on versions without one."""
+    try:
+        from app.node_replace_manager import NodeReplaceManager
+    except ImportError:
+        return None
+    return NodeReplaceManager()
+
+
+def apply_node_replacements(manager, prompt: dict) -> None:
+    """What the server does to a posted prompt before validating it (renamed/replaced node types)."""
+    if manager is not None and hasattr(manager, "apply_replacements"):
+        manager.apply_replacements(prompt)

@@ -1,0 +1,192 @@
+"""MODEL: family checks, the sampling schedule, training sessions on the shared model, the LoRA back in.
+
+MODEL is a ``comfy.model_patcher.ModelPatcher``; the network is ``model.model.diffusion_model`` (DESIGN.md fact 2).
+Other nodes share that object, so after training it must behave exactly as before.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+
+import comfy.lora
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sd
+
+from ...trainer_core.errors import KilnError
+from . import compat
+from .tensors import autograd_views
+
+log = logging.getLogger("kiln")
+
+# ComfyUI model_config class names per Kiln train node
+SD1_FAMILIES = ("SD15", "SD15_instructpix2pix", "SD20", "SD21UnclipL", "SD21UnclipH", "SD_X4Upscaler", "LotusD")
+SDXL_FAMILIES = ("SDXL", "SDXLRefiner", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B", "SDXL_instructpix2pix")
+SD3_FAMILIES = ("SD3",)
+NODE_FOR_FAMILY = {**{f: "Train LoRA (SD1)" for f in SD1_FAMILIES}, **{f: "Train LoRA (SDXL)" for f in SDXL_FAMILIES},
+                   **{f: "Train LoRA (SD3)" for f in SD3_FAMILIES}}
+
+
+# --- identity and schedule ------------------------------------------------------------------------------
+
+def model_family(model) -> str:
+    return type(model.model.model_config).__name__
+
+
+def require_family(model, allowed: tuple[str, ...], node: str) -> str:
+    fam = model_family(model)
+    if fam not in allowed:
+        hint = NODE_FOR_FAMILY.get(fam)
+        use = f"use the {hint} node instead" if hint else "Kiln does not train this model family yet"
+        raise KilnError(f"{node} got a {fam} model: {use}. ({node} trains {', '.join(allowed[:3])} models.)")
+    return fam
+
+
+def model_sampling(model):
+    """The sampling object in effect, including one patched in by ModelSamplingDiscrete (v-prediction, zsnr)."""
+    return model.get_model_object("model_sampling")
+
+
+def prediction_type(model, node: str) -> str:
+    """"eps" or "v" for the DDPM families, from the model's sampling type; anything else is refused."""
+    ms = model_sampling(model)
+    # ComfyUI composes the sampling class from a schedule (an nn.Module) and a prediction mixin (EPS and its
+    # subclasses V_PREDICTION, X0, LCM...): the first such mixin in the MRO is what the model predicts
+    mixin = next((c for c in type(ms).__mro__ if issubclass(c, comfy.model_sampling.EPS)
+                  and not issubclass(c, torch.nn.Module)), None)
+    discrete = isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete)
+    if discrete and mixin is comfy.model_sampling.V_PREDICTION:
+        return "v"
+    if discrete and mixin is comfy.model_sampling.EPS:
+        return "eps"
+    kind = mixin.__name__ if mixin else type(ms).__name__
+    raise KilnError(f"{node}: this model samples as {kind}; Kiln trains epsilon or v-prediction "
+                    f"models with a discrete schedule. Remove the sampling patch (e.g. ModelSamplingDiscrete set to "
+                    f"lcm/x0) before the Train node.")
+
+
+def alphas_cumprod(model) -> torch.Tensor:
+    """ᾱ_t from the model's own discrete schedule (ComfyUI stores σ_t = √((1−ᾱ_t)/ᾱ_t)); follows a patched
+    schedule too (zsnr)."""
+    sigmas = model_sampling(model).sigmas.detach().double().cpu()
+    return 1.0 / (1.0 + sigmas ** 2)
+
+
+def latent_in(model):
+    """Raw VAE latents -> the latent space the network was trained in (scale/shift)."""
+    fmt = model.model.latent_format
+    return lambda z: fmt.process_in(z)
+
+
+def device_of(model) -> torch.device:
+    return torch.device(model.load_device)
+
+
+def default_precision(model) -> str:
+    """bf16 autocast where the device supports it, else fp32 (CPU, old GPUs)."""
+    dev = device_of(model)
+    if dev.type == "cuda" and comfy.model_management.should_use_bf16(dev):
+        return "bf16"
+    return "fp32"
+
+
+# --- training on the shared, inference-mode model ---------------------------------------------------------
+
+@dataclass
+class TrainingTarget:
+    """What a training run computes with: ``patcher`` samples the previews, ``network`` (its diffusion model)
+    carries the adapters. ``patcher`` is the input MODEL itself, or its non-dynamic copy under dynamic VRAM
+    (``note`` then says so and what it cost)."""
+    patcher: object
+    network: torch.nn.Module
+    note: str | None = None
+
+
+def trainable_patcher(model, node: str, private: bool = False) -> tuple[object, str | None]:
+    """The patcher a run trains through: the input MODEL (weights used in place, no copy) unless ComfyUI stages
+    its weights per layer (dynamic VRAM), or ``private`` asks for a re-loaded copy."""
+    dynamic = compat.is_dynamic(model)
+    if not (dynamic or private):
+        return model, None
+    try:
+        copy = compat.private_copy(model)
+    except RuntimeError as e:
+        raise KilnError(f"{node}: this MODEL runs under ComfyUI's dynamic VRAM, where weights are streamed to the "
+                        f"GPU through shared buffers that training cannot save for backward, and {e}. Load it with "
+                        f"a core loader node (Load Checkpoint, Load Diffusion Model), or start ComfyUI with "
+                        f"--disable-dynamic-vram.") from None
+    why = "ComfyUI streams this MODEL's weights (dynamic VRAM)" if dynamic else "a private copy was asked for"
+    note = copy.describe("MODEL", why)
+    log.info("kiln: %s: %s", node, note)
+    return copy.patcher, note
+
+
+@contextlib.contextmanager
+def training_session(model, node: str, private: bool = False):
+    """Load the MODEL to train through (with its own patches, e.g. an upstream LoRA) fully on its device and
+    make its network trainable-through for the duration; yields a TrainingTarget."""
+    patcher, note = trainable_patcher(model, node, private)
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    unet = patcher.model.diffusion_model
+    with torch.inference_mode(False), autograd_views(unet):
+        yield TrainingTarget(patcher, unet, note)
+
+
+def unet_forward(model, unet):
+    """fn(x_t, t, cond) for the diffusion network (compvis UNet or MMDiT): the call ComfyUI's _apply_model
+    makes, with ``t`` in the model's own timestep units (DDPM index, or σ·1000 for flow models)."""
+    dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+
+    def forward(x_t, timesteps, cond):
+        extra = {"y": cond["y"].to(dtype)} if "y" in cond else {}
+        return unet(x_t.to(dtype), timesteps, context=cond["context"].to(dtype), **extra)
+    return forward
+
+
+@contextlib.contextmanager
+def random_pos_embed_crop(mmdit, rate: float, seed: int):
+    """SD3.5's pos_emb_random_crop_rate (kohya): while gradients are on (training steps, not the probe or
+    previews), the MMDiT's position-embedding crop is taken at a random offset with probability ``rate``
+    instead of the centre. Installed as an instance attribute over ComfyUI's method and removed after."""
+    if rate <= 0 or getattr(mmdit, "pos_embed", None) is None:
+        yield
+        return
+    rng = random.Random(seed)
+    centred = mmdit.cropped_pos_embed
+    size = mmdit.pos_embed_max_size
+
+    def cropped(hw, device=None):
+        if not torch.is_grad_enabled() or rng.random() >= rate:
+            return centred(hw, device=device)
+        p = mmdit.x_embedder.patch_size[0]
+        h, w = (hw[0] + 1) // p, (hw[1] + 1) // p
+        top, left = rng.randint(0, size - h), rng.randint(0, size - w)
+        grid = mmdit.pos_embed.reshape(1, size, size, -1)[:, top:top + h, left:left + w, :]
+        return grid.reshape(1, h * w, -1).to(device)
+
+    mmdit.cropped_pos_embed = cropped
+    try:
+        yield
+    finally:
+        del mmdit.__dict__["cropped_pos_embed"]
+
+
+# --- the trained LoRA back into ComfyUI --------------------------------------------------------------------
+
+def apply_lora(model, clip, kohya_sd: dict[str, torch.Tensor], strength: float = 1.0):
+    """Clones of MODEL and CLIP with the LoRA patched in exactly as ComfyUI's LoraLoader would (under dynamic
+    VRAM too: the patches apply to the input's own dynamic patcher, not to the training copy)."""
+    return comfy.sd.load_lora_for_models(model, clip, kohya_sd, strength, strength)
+
+
+def unmapped_lora_keys(model, kohya_sd: dict[str, torch.Tensor], clip=None) -> list[str]:
+    """LoRA module names ComfyUI cannot map onto this model (and CLIP, when given): should be none."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    names = {k.rsplit(".lora_down.weight", 1)[0] for k in kohya_sd if k.endswith(".lora_down.weight")}
+    return sorted(n for n in names if n not in key_map)

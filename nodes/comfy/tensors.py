@@ -1,0 +1,48 @@
+"""Inference tensors made usable by autograd without copying them, and cheap fingerprints of weights.
+
+ComfyUI runs nodes under ``torch.inference_mode()``, so the loaded weights are inference tensors, which autograd
+refuses to save for backward (DESIGN.md fact 1)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """An ordinary tensor over an inference tensor's storage: autograd can save it, nothing is copied."""
+    out = torch.empty(0, dtype=t.dtype, device=t.device)
+    return out.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
+@contextlib.contextmanager
+def autograd_views(module: torch.nn.Module):
+    """Swap inference-mode parameters/buffers for aliases; restore the exact originals afterwards."""
+    swapped = []
+    with torch.inference_mode(False):
+        for m in module.modules():
+            for store in (m._parameters, m._buffers):
+                for name, t in list(store.items()):
+                    if t is not None and t.is_inference():
+                        alias = _alias(t)
+                        store[name] = torch.nn.Parameter(alias, requires_grad=False) if store is m._parameters else alias
+                        swapped.append((store, name, t))
+        try:
+            yield module
+        finally:
+            for store, name, original in reversed(swapped):
+                store[name] = original
+
+
+def normal_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A non-inference copy of a (small) tensor made inside the node, e.g. conditioning or latents."""
+    with torch.inference_mode(False):
+        return t.clone() if t.is_inference() else t
+
+
+def fingerprint(h, name: str, t: torch.Tensor) -> None:
+    """Name, shape and a strided sample of the values: a fine-tune of any layer changes it, yet hashing
+    costs milliseconds, not a full read of the weights."""
+    flat = t.detach().flatten()
+    h.update(f"{name}{tuple(t.shape)}".encode())
+    h.update(flat[::max(1, flat.numel() // 4096)][:4096].float().cpu().numpy().tobytes())

@@ -1,0 +1,283 @@
+"""CLIP: captions to conditioning for training batches and sample previews, and text-encoder sessions for
+text-encoder LoRA. ComfyUI's own tokenizers and ``encode_from_tokens`` do the encoding (clip skip, prompt
+weights and upstream CLIP LoRAs included)."""
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import logging
+import random
+
+import torch
+
+from ...trainer_core.errors import KilnError
+from ...trainer_core.families import sd3, sdxl
+from . import compat
+from .model import TrainingTarget
+from .tensors import autograd_views, fingerprint, normal_tensor
+
+log = logging.getLogger("kiln")
+
+
+def _clone_input(module, args):
+    return (args[0].clone(),) + tuple(args[1:]) if torch.is_grad_enabled() else None
+
+
+def trainable_clip(clip, node: str) -> tuple[object, str | None]:
+    """The CLIP a text-encoder run trains through: ``clip`` itself, or under dynamic VRAM a CLIP over ComfyUI's
+    non-dynamic copy of its encoders (see compat.py)."""
+    if not compat.is_dynamic(clip.patcher):
+        return clip, None
+    try:
+        delegate = compat.private_copy(clip.patcher)
+    except RuntimeError as e:
+        raise KilnError(f"{node}: this CLIP runs under ComfyUI's dynamic VRAM and {e}, so its text encoders cannot "
+                        f"be trained. Load it with a core loader node, set the text-encoder learning rates to 0, "
+                        f"or start ComfyUI with --disable-dynamic-vram.") from None
+    trained = clip.clone()
+    trained.patcher = delegate.patcher
+    trained.cond_stage_model = delegate.patcher.model
+    note = delegate.describe("CLIP", "ComfyUI streams this CLIP's weights (dynamic VRAM)")
+    log.info("kiln: %s: %s", node, note)
+    return trained, note
+
+
+@contextlib.contextmanager
+def text_encoder_session(clip, node: str):
+    """Load the CLIP (with its own patches) and make its encoders trainable-through, like the MODEL; yields a
+    TrainingTarget whose ``patcher`` is the CLIP to encode with while training.
+
+    ComfyUI's CLIP and T5 layers add their residuals in place (``x += attn(norm(x))``), which autograd
+    refuses once the norm saved ``x`` for backward; while gradients are on, each norm gets a copy of its
+    input instead (a forward pre-hook, removed afterwards)."""
+    trained, note = trainable_clip(clip, node)
+    trained.load_model()
+    encoders = trained.cond_stage_model
+    norms = [m for m in encoders.modules() if isinstance(m, torch.nn.LayerNorm) or type(m).__name__.endswith("LayerNorm")]
+    hooks = [m.register_forward_pre_hook(_clone_input) for m in norms]
+    try:
+        with torch.inference_mode(False), autograd_views(encoders):
+            yield TrainingTarget(trained, encoders, note)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def text_encoder_names(clip) -> list[str]:
+    """The encoders this CLIP really has (``clip_l``, ``clip_g``, ``clip_h``, ``t5xxl``), in ComfyUI's attribute names."""
+    model = clip.cond_stage_model
+    return [n for n in ("clip_l", "clip_h", "clip_g", "t5xxl") if getattr(model, n, None) is not None]
+
+
+def last_layer_reached(clip, encoder: str) -> int | None:
+    """The index of the last transformer layer of ``encoder`` whose output reaches the hidden states this CLIP
+    returns (clip skip: CLIP Set Last Layer, or SD2's penultimate default); None when every layer does. Layers
+    after it can only change the pooled output."""
+    te = getattr(clip.cond_stage_model, encoder, None)
+    n = getattr(te, "num_layers", None)
+    default = getattr(te, "options_default", None)
+    if not n or default is None:
+        return None
+    layer, idx = default[0], default[1]
+    if clip.layer_idx is not None:  # what CLIP.encode applies before every encode
+        layer, idx = ("last", None) if abs(clip.layer_idx) > n else ("hidden", clip.layer_idx)
+    if layer != "hidden" or idx is None:
+        return None
+    k = idx + n if idx < 0 else idx
+    return k if k < n - 1 else None
+
+
+def clip_identity(clip, settings: str) -> str:
+    """A stable id of what a CLIP turns a caption into (the text-encoder output cache's key): its encoders'
+    weights, the patches applied on top (an upstream LoRA on the CLIP), clip skip and the caller's
+    ``settings`` (token lengths, masks)."""
+    h = hashlib.sha256()
+    sd = clip.cond_stage_model.state_dict()
+    for k in sorted(sd):
+        fingerprint(h, k, sd[k])
+    for key in sorted(clip.patcher.patches):
+        for patch in clip.patcher.patches[key]:
+            h.update(f"{key}{patch[0]}{patch[2]}".encode())  # strength_patch, strength_model
+            data = patch[1]
+            for i, t in enumerate(data if isinstance(data, (list, tuple)) else [data]):
+                if isinstance(t, torch.Tensor):
+                    fingerprint(h, f"{key}.{i}", t)
+                else:
+                    h.update(repr(type(t)).encode())
+    h.update(f"{type(clip.cond_stage_model).__name__}|{clip.layer_idx}|{settings}".encode())
+    return h.hexdigest()[:16]
+
+
+class TextConditioning:
+    """Caption -> conditioning tensors for training batches and sample previews.
+
+    Frozen text encoders: captions known before training are encoded once and kept (``pin``). Caption
+    augmentation makes a new string nearly every draw, so those are encoded on demand, one text-encoder
+    call per new string, and only the most recent ``recent`` are kept: memory stays bounded however long
+    training runs. ``encodes`` counts the calls.
+    Text-encoder LoRA being trained (``live``): every call encodes again through the encoders, with
+    gradients when they are enabled, and nothing is cached.
+    """
+
+    def __init__(self, clip, max_tokens: int = 77, recent: int = 256):
+        self.clip = clip
+        self.max_tokens = max_tokens
+        self.recent_size = recent
+        self.live = False
+        self.raw: dict[str, tuple] = {}  # prompt -> (tokens, cond, pooled) for the sampler (prompts are few)
+        self.pinned: dict[str, dict[str, torch.Tensor]] = {}
+        self.recent: collections.OrderedDict[str, dict[str, torch.Tensor]] = collections.OrderedDict()
+        self.encodes = 0
+        self.store = None      # a DiskStore: encoder outputs kept across runs (cache_text_encoder_outputs_to_disk)
+        self.store_id = ""
+        self.from_disk = 0
+
+    def settings(self) -> str:
+        """What, besides the CLIP itself, decides the outputs (part of the disk cache key)."""
+        return f"{type(self).__name__}|{self.max_tokens}"
+
+    def use_disk(self, store) -> None:
+        self.store = store
+        self.store_id = clip_identity(self.clip, self.settings())
+
+    def _stored(self, text: str) -> tuple[str, dict | None]:
+        key = hashlib.sha256(f"kiln-text-v1|{self.store_id}|{text}".encode()).hexdigest()[:32]
+        return key, self.store.read(key)
+
+    def tokens(self, text: str) -> dict:
+        return self.clip.tokenize(text)
+
+    def _encode(self, text: str) -> tuple:
+        """One text-encoder call through ComfyUI's own encode (clip skip, weights, upstream CLIP LoRAs
+        included): (tokens, cond [1,T,C], pooled)."""
+        self.encodes += 1
+        tokens = self.tokens(text)
+        with contextlib.nullcontext() if self.live else torch.no_grad():
+            cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
+        return tokens, cond, pooled
+
+    def _entry(self, tokens: dict, cond: torch.Tensor, pooled) -> dict[str, torch.Tensor]:
+        """What a training batch takes of one caption: the context [tokens, dim] (first 77 tokens, like
+        kohya's default)."""
+        return {"context": cond[0, :self.max_tokens].float()}
+
+    def entry(self, text: str, pin: bool = False) -> dict[str, torch.Tensor]:
+        if self.live:
+            return self._entry(*self._encode(text))
+        if text in self.pinned:
+            return self.pinned[text]
+        if text in self.recent:
+            self.recent.move_to_end(text)
+            return self.recent[text]
+        key, entry = self._stored(text) if self.store is not None else (None, None)
+        if entry is not None:
+            self.from_disk += 1
+            entry = {k: normal_tensor(v) for k, v in entry.items()}  # read inside the node's inference mode
+        else:
+            raw = self.raw[text] if text in self.raw else self._encode(text)
+            entry = {k: normal_tensor(v.cpu()) for k, v in self._entry(*raw).items()}  # autograd-safe
+            if key is not None:
+                self.store.write(key, entry, source=text[:200], fmt="kiln-text-v1")
+        if pin:
+            self.pinned[text] = entry
+        else:
+            self.recent[text] = entry
+            if len(self.recent) > self.recent_size:
+                self.recent.popitem(last=False)
+        return entry
+
+    def encode(self, text: str, pin: bool = False) -> torch.Tensor:
+        return self.entry(text, pin)["context"]
+
+    def batch(self, entries: list[dict], train: bool) -> list[dict]:
+        """Per-sample random changes while training (none here; SD3 drops encoders)."""
+        return entries
+
+    def __call__(self, captions: list[str], train: bool = False, geometries=None) -> dict[str, torch.Tensor]:
+        entries = self.batch([self.entry(c) for c in captions], train)
+        return {k: torch.stack([e[k] for e in entries]) for k in entries[0]}
+
+    def comfy_conditioning(self, text: str):
+        """The CONDITIONING list ComfyUI's samplers take (re-encoded while text-encoder LoRA trains)."""
+        if self.live:
+            with torch.no_grad():
+                _, cond, pooled = self._encode(text)
+        else:
+            if text not in self.raw:
+                self.raw[text] = self._encode(text)
+            _, cond, pooled = self.raw[text]
+        return [[cond, {"pooled_output": pooled}]]
+
+
+class SDXLTextConditioning(TextConditioning):
+    """SDXL: context [77, 2048] from CLIP-L + CLIP-G, and y = the model's own ``encode_adm`` of the CLIP-G
+    pooled output with each sample's size/crop/target conditioning (from its bucketing)."""
+
+    def __init__(self, clip, model):
+        super().__init__(clip)
+        self.model = model
+
+    def _entry(self, tokens: dict, cond: torch.Tensor, pooled) -> dict[str, torch.Tensor]:
+        return {"context": cond[0, :self.max_tokens].float(), "pooled": pooled[0].float()}
+
+    def __call__(self, captions: list[str], train: bool = False, geometries=None) -> dict[str, torch.Tensor]:
+        entries = [self.entry(c) for c in captions]
+        ys = []
+        for e, g in zip(entries, geometries):
+            c = sdxl.size_condition(g)
+            ys.append(self.model.model.encode_adm(
+                pooled_output=e["pooled"][None], width=c.original_width, height=c.original_height,
+                crop_w=c.crop_left, crop_h=c.crop_top, target_width=c.target_width, target_height=c.target_height)[0])
+        return {"context": torch.stack([e["context"] for e in entries]), "y": torch.stack(ys).float()}
+
+
+def _real_length(pairs: list, end_token) -> int:
+    """Tokens up to and including the first end token (the rest is padding)."""
+    for i, pair in enumerate(pairs):
+        if pair[0] == end_token:
+            return i + 1
+    return len(pairs)
+
+
+class SD3TextConditioning(TextConditioning):
+    """SD3's CLIP-L/G + T5 outputs the kohya way: one 77-token CLIP chunk, T5 padded/cut to
+    ``t5_tokens``, optional zeroing of padding outputs, and per-encoder dropout while training."""
+
+    def __init__(self, clip, t5_tokens: int = 256, lg_mask: bool = False, t5_mask: bool = False,
+                 dropout: dict[str, float] | None = None, seed: int = 0):
+        super().__init__(clip)
+        model = clip.cond_stage_model
+        has = {n: getattr(model, n, None) is not None for n in ("clip_l", "clip_g", "t5xxl")}
+        self.layout = sd3.TextLayout(77 if has["clip_l"] or has["clip_g"] else 0)
+        self.t5_tokens, self.lg_mask, self.t5_mask = t5_tokens, lg_mask, t5_mask
+        self.dropout = {k: v for k, v in (dropout or {}).items()
+                        if v > 0 and has[{"clip_l": "clip_l", "clip_g": "clip_g", "t5": "t5xxl"}[k]]}
+        self.rng = random.Random(seed)
+
+    def settings(self) -> str:
+        return f"{super().settings()}|{self.t5_tokens}|{self.lg_mask}|{self.t5_mask}"
+
+    def tokens(self, text: str) -> dict:
+        tok = self.clip.tokenizer
+        tokens = self.clip.tokenize(text, tokenizer_options={"t5xxl_min_length": self.t5_tokens})
+        for key in ("l", "g"):
+            tokens[key] = tokens[key][:1]  # kohya encodes one 77-token chunk per CLIP
+        t5 = [p for chunk in tokens["t5xxl"] for p in chunk]
+        if len(t5) > self.t5_tokens:  # cut like a max_length tokenizer: keep the end token last
+            t5 = t5[:self.t5_tokens - 1] + [(tok.t5xxl.end_token,) + tuple(t5[-1][1:])]
+        tokens["t5xxl"] = [t5]
+        return tokens
+
+    def _entry(self, tokens: dict, cond: torch.Tensor, pooled) -> dict[str, torch.Tensor]:
+        tok = self.clip.tokenizer
+        clip_len = _real_length(tokens["l"][0], tok.clip_l.end_token)
+        t5_len = _real_length(tokens["t5xxl"][0], tok.t5xxl.end_token)
+        context = sd3.mask_padding(cond[0].float(), self.layout, clip_len, t5_len, self.lg_mask, self.t5_mask)
+        return {"context": context, "y": pooled[0].float()}
+
+    def batch(self, entries: list[dict], train: bool) -> list[dict]:
+        if not (train and self.dropout):
+            return entries
+        dropped = [sd3.drop_encoders(e["context"], e["y"], self.layout, self.dropout, self.rng) for e in entries]
+        return [{"context": c, "y": y} for c, y in dropped]
