@@ -239,9 +239,11 @@ def check_paths(opts: dict, node: str) -> None:
                         f"Load LoRA lists it, e.g. kiln/checkpoint-step000500.safetensors, or leave it empty.")
 
 
-def check_save_nodes(prompt: dict | None, node_id, node: str) -> None:
+def check_save_nodes(prompt: dict | None, node_id, node: str) -> list[str]:
     """The Save LoRA nodes fed by this Train node, where their filename is a constant: a name that cannot be
-    saved stops the run now, not after training (ComfyUI would still train for the other outputs)."""
+    saved stops the run now, not after training (ComfyUI would still train for the other outputs). Returns
+    their target paths (their free space is checked once the LoRA's size is known)."""
+    targets = []
     for nid, n in (prompt or {}).items():
         inputs = n.get("inputs", {}) if isinstance(n, dict) else {}
         link = inputs.get("lora")
@@ -253,6 +255,9 @@ def check_save_nodes(prompt: dict | None, node_id, node: str) -> None:
         if problem:
             raise KilnError(f"{node}: the Save LoRA node ({nid}) this node feeds cannot save, so training would be "
                             f"lost: {problem}")
+        if isinstance(name, str):
+            targets.append(lora_output_path(name, "Save LoRA", "filename"))
+    return targets
 
 
 def intermediate_series(save_name: str, node: str) -> tuple[str, list[str]]:
@@ -303,7 +308,7 @@ def prepare(model, dataset: KilnDataset, opts: dict, families: tuple[str, ...], 
     TrainConfig."""
     if cls is not None:
         check_options(cls, node, opts)
-        check_save_nodes(cls.hidden.prompt, cls.hidden.unique_id, node)
+        opts["_save_targets"] = check_save_nodes(cls.hidden.prompt, cls.hidden.unique_id, node)
     check_paths(opts, node)
     fam = cmodel.require_family(model, families, node)
     if dataset.cache is None:
@@ -381,10 +386,14 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
         resume = resume_network(network, opts.get("resume_from", ""), signature, plan.node, notes)
         tcfg.save_every = opts.get("save_every_n_steps", 0)
         save_name = save_name_of(opts)
+        lora_bytes = sum(p.numel() * 4 for p in network.parameters())  # fp32, the largest Save LoRA writes
+        for target in opts.get("_save_targets", []):
+            check_writable(os.path.dirname(target), lora_bytes, f"{plan.node}: the Save LoRA node's filename",
+                           "Free disk space or choose another filename, so the trained LoRA can be saved.")
         if tcfg.save_every:
             resume_file = resume_path(opts.get("resume_from") or "") if (opts.get("resume_from") or "").strip() else None
-            save_name = unique_save_name(save_name, resume_file, plan.node, notes)  # the folder is writable and has room for a LoRA + its state (about 4x the weights)
-            need = 4 * sum(p.numel() * 4 for p in network.parameters())
+            save_name = unique_save_name(save_name, resume_file, plan.node, notes)
+            need = 4 * lora_bytes  # the folder is writable and has room for a LoRA + its state (about 4x the weights)
             check_writable(os.path.dirname(lora_output_path(f"{save_name}-step000001", plan.node, "save_name")),
                            need, f"{plan.node}: save_name", "Choose another save_name, free disk space, or set "
                            "save_every_n_steps to 0.")

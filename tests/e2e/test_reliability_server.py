@@ -103,15 +103,30 @@ def full_folder(comfy_server):
     subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def test_a_failed_save_keeps_the_trained_lora_for_a_requeue(comfy_server, server_sd1_checkpoint, full_folder):
+def test_a_save_lora_folder_without_room_is_refused_before_step_one(comfy_server, server_sd1_checkpoint,
+                                                                   full_folder):
     make_dataset(comfy_server.input_dir / "kiln_full")
     wf = workflow("kiln_full/train", "full/lora")
+    wf["6"]["inputs"]["steps"] = 500
+    with pytest.raises(comfy_server.Error) as e:
+        comfy_server.wait(comfy_server.post_prompt(wf), timeout=300)
+    msg = str(e.value)
+    assert "Save LoRA node's filename" in msg and str(full_folder) in msg and "free" in msg, msg
+
+
+def test_a_failed_save_keeps_the_trained_lora_for_a_requeue(comfy_server, server_sd1_checkpoint, full_folder):
+    """A filename computed in the graph (here a String node) is only known when Save LoRA runs: the write fails
+    then, naming the target, and re-queueing with another name saves the cached LoRA without training again."""
+    make_dataset(comfy_server.input_dir / "kiln_full")
+    wf = workflow("kiln_full/train", "unused")
+    wf["10"] = {"class_type": "PrimitiveString", "inputs": {"value": "full/lora"}}
+    wf["7"]["inputs"]["filename"] = ["10", 0]
     with pytest.raises(comfy_server.Error) as e:
         comfy_server.wait(comfy_server.post_prompt(copy.deepcopy(wf)), timeout=900)
     msg = str(e.value)
     assert str(full_folder / "lora.safetensors") in msg and "No space left" in msg and "free" in msg, msg
     assert os.listdir(full_folder) == []
-    wf["7"]["inputs"]["filename"] = "kiln/rescued"
+    wf["10"]["inputs"]["value"] = "kiln/rescued"
     entry = comfy_server.wait(comfy_server.post_prompt(wf), timeout=900)
     assert "7" in executed(entry) and not executed(entry) & {"2", "4", "6"}  # saved, not trained again
     assert (comfy_server.loras_dir / "kiln" / "rescued.safetensors").is_file()
