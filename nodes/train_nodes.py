@@ -387,8 +387,8 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
         tcfg.save_every = opts.get("save_every_n_steps", 0)
         save_name = save_name_of(opts)
         lora_bytes = sum(p.numel() * 4 for p in network.parameters())  # fp32, the largest Save LoRA writes
-        for target in opts.get("_save_targets", []):
-            check_writable(os.path.dirname(target), lora_bytes, f"{plan.node}: the Save LoRA node's filename",
+        for save_path in opts.get("_save_targets", []):
+            check_writable(os.path.dirname(save_path), lora_bytes, f"{plan.node}: the Save LoRA node's filename",
                            "Free disk space or choose another filename, so the trained LoRA can be saved.")
         if tcfg.save_every:
             resume_file = resume_path(opts.get("resume_from") or "") if (opts.get("resume_from") or "").strip() else None

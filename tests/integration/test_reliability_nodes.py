@@ -136,3 +136,31 @@ def test_cancel_keeps_the_last_intermediate_save_and_it_resumes(comfy, setup):
     out = train(comfy, setup, steps=4, resume_from="kiln/cancelled-step000002.safetensors")
     text = " ".join(map(str, out.ui["text"]))
     assert "resumed at step 2" in text and "steps 50 → 4" in text and "exactly" not in text.replace("no longer exactly", "")
+
+
+def test_fingerprints_follow_captions_masks_and_tomls(comfy, tmp_path):
+    """What ComfyUI compares on every Queue (the e2e test runs the whole round trip through a server)."""
+    import math
+    import time
+    from fixtures.datasets import make_dataset
+    data = make_dataset(tmp_path / "fp", count=3)
+    load, masks = comfy.node_class("KilnLoadDataset"), comfy.node_class("KilnMaskSource")
+    toml = tmp_path / "fp.toml"
+    toml.write_text(f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{data["image_dir"]}"\n')
+
+    def prints():
+        return (load.fingerprint_inputs(folder=str(data["train_dir"])), load.fingerprint_inputs(folder=str(toml)),
+                masks.fingerprint_inputs(mode="folder", mask_folder=str(data["mask_dir"])))
+    first = prints()
+    assert prints() == first  # nothing changed: ComfyUI may serve its cache
+    time.sleep(0.01)
+    caption = data["images"][0].with_suffix(".txt")
+    caption.write_text(caption.read_text().replace("kiln toy", "kiln tay"))  # same size, new time
+    after_caption = prints()
+    assert after_caption[0] != first[0] and after_caption[1] != first[1] and after_caption[2] == first[2]
+    data["masks"][2].write_bytes(data["masks"][2].read_bytes() + b"\0")  # a replaced mask
+    assert prints()[2] != after_caption[2]
+    toml.write_text(toml.read_text() + "  num_repeats = 2\n")
+    assert prints()[1] != after_caption[1]
+    assert math.isnan(load.fingerprint_inputs())  # a linked folder is unknown: always run again
+    assert masks.fingerprint_inputs(mode="alpha", mask_folder="") == "alpha"
