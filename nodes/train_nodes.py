@@ -161,10 +161,11 @@ def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: L
         "text_encoder_lr": text_encoder_lr(tcfg), "max_train_steps": tcfg.steps, "steps": result.steps,
         "num_train_images": len(ds.items) - reg, "num_reg_images": reg, "batch_size_per_device": ds.batch_size,
         "gradient_accumulation_steps": tcfg.grad_accum, "optimizer": tcfg.optimizer, "lr_scheduler": tcfg.lr_scheduler,
-        "lr_warmup_steps": tcfg.warmup_steps, "seed": tcfg.seed, "mixed_precision": tcfg.precision,
+        "lr_warmup_steps": tcfg.warmup_steps, "seed": tcfg.seed,
+        "mixed_precision": "no" if tcfg.precision == "fp32" else tcfg.precision,  # kohya's --mixed_precision values
         "min_snr_gamma": tcfg.min_snr_gamma, "prior_loss_weight": tcfg.prior_loss_weight,
         "max_grad_norm": tcfg.max_grad_norm, "gradient_checkpointing": tcfg.gradient_checkpointing,
-        "resolution": f"{ds.buckets.resolution[0]}x{ds.buckets.resolution[1]}", "enable_bucket": ds.buckets.enable_bucket,
+        "resolution": tuple(ds.buckets.resolution), "enable_bucket": ds.buckets.enable_bucket,
         "min_bucket_reso": ds.buckets.min_bucket_reso, "max_bucket_reso": ds.buckets.max_bucket_reso,
         "base_model_version": family_version, "v2": family_version.startswith("sd_v2"),
         "v_parameterization": family_version.endswith("_v"), "sd_model_name": model_name,

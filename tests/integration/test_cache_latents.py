@@ -127,7 +127,7 @@ def test_flip_aug_from_load_dataset_trains(comfy, loaded, dataset_dir, nodes_mod
                          min_snr_gamma=0.0, mask_normalize=False, prior_loss_weight=1.0, sample_prompts="",
                          sample_every=0, sample_steps=1, sample_cfg=1.0)
     meta = out[1].metadata
-    assert meta["ss_flip_aug"] == "true" and len(samples) == n
+    assert meta["ss_flip_aug"] == "True" and len(samples) == n
     assert all(sub["flip_aug"] is True and sub["random_crop"] is False
                for block in json.loads(meta["ss_datasets"]) for sub in block["subsets"])
 

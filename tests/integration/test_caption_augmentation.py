@@ -33,7 +33,7 @@ def test_shuffle_and_prefix_reach_the_text_encoder_as_varied_captions(comfy, loa
     # without augmentation at most one caption per image could reach the conditioning
     assert int(meta["kiln_distinct_captions"]) > images
     assert int(meta["kiln_text_encoder_calls"]) >= int(meta["kiln_distinct_captions"])
-    assert meta["ss_shuffle_caption"] == "true" and meta["ss_keep_tokens"] == "0"
+    assert meta["ss_shuffle_caption"] == "True" and meta["ss_keep_tokens"] == "0"
     subset = json.loads(meta["ss_datasets"])[0]["subsets"][0]
     assert subset["caption_prefix"] == "kilnprefix," and subset["shuffle_caption"] is True
     assert "distinct captions trained" in trained.ui["text"][0]

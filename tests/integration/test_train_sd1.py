@@ -152,7 +152,7 @@ def test_v_prediction_and_zsnr_follow_the_models_sampling_patch(comfy, loaded, c
     cmodel = comfy.pack_module("nodes.comfy.model")
     assert float(cmodel.alphas_cumprod(v_model)[-1]) < 1e-6  # zero terminal SNR reached the training schedule
     meta = comfy.run_node("KilnTrainSD1", model=v_model, clip=clip, dataset=cached, lora_config=cfg, **opts)[1].metadata
-    assert meta["ss_v_parameterization"] == "true" and meta["ss_base_model_version"] == "sd_v1_v"
+    assert meta["ss_v_parameterization"] == "True" and meta["ss_base_model_version"] == "sd_v1_v"
     assert torch.isfinite(torch.tensor(float(meta["kiln_probe_loss_end"])))
     lcm = comfy.run_node("ModelSamplingDiscrete", model=model, sampling="lcm", zsnr=False)[0]
     with pytest.raises(Exception) as err:
