@@ -164,3 +164,18 @@ def test_fingerprints_follow_captions_masks_and_tomls(comfy, tmp_path):
     assert prints()[1] != after_caption[1]
     assert math.isnan(load.fingerprint_inputs())  # a linked folder is unknown: always run again
     assert masks.fingerprint_inputs(mode="alpha", mask_folder="") == "alpha"
+
+
+def test_sd2s_penultimate_default_and_clip_skip_bound_the_text_encoder_layers(comfy):
+    """SD2's CLIP-H reads layer -2 by default (ComfyUI's SD2ClipHModel): its last layer (23) is never reached, as in
+    kohya's SD2 text encoder, which has no layer 23. Checked on ComfyUI's own SDClipModel settings, without the
+    700 MB OpenCLIP-H."""
+    import sys
+    from types import SimpleNamespace as NS
+    text = sys.modules[comfy.node_class("KilnTrainSD1").__module__.rsplit(".", 1)[0] + ".comfy.text"]
+    sd2 = NS(layer_idx=None, cond_stage_model=NS(clip_h=NS(num_layers=24, options_default=("hidden", -2, True))))
+    assert text.last_layer_reached(sd2, "clip_h") == 22
+    sd1 = NS(layer_idx=None, cond_stage_model=NS(clip_l=NS(num_layers=12, options_default=("last", None, False))))
+    assert text.last_layer_reached(sd1, "clip_l") is None
+    assert text.last_layer_reached(NS(layer_idx=-3, cond_stage_model=sd1.cond_stage_model), "clip_l") == 9
+    assert text.last_layer_reached(NS(layer_idx=-24, cond_stage_model=sd1.cond_stage_model), "clip_l") is None
