@@ -60,8 +60,11 @@ def test_sigkill_mid_run_leaves_only_complete_files_and_resumes(kiln_env, tiny_s
     written = [p for p in list(server.loras_dir.rglob("*")) + list(cache.rglob("*"))
                if p.is_file() and not p.name.startswith(".kiln-")]
     assert any(p.suffix == ".kiln-state" for p in written) and any(cache.rglob("*.safetensors"))
+    umask = os.umask(0o022)
+    os.umask(umask)  # the server inherited this process's umask
     for p in written:
         loadable(p)  # complete or absent: never a half-written file under a real name
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p  # readable by others, as a plain open() makes it
     steps = sorted(int(p.stem.rsplit("step", 1)[1]) for p in folder.glob("crash-step*.safetensors")
                    if p.with_suffix(".kiln-state").is_file())
     last = steps[-1]
