@@ -103,6 +103,10 @@ def prompt_from_kohya_config(path: str, config_dir: str, family: str) -> dict:
     folder_paths.add_model_folder_path("checkpoints", os.path.dirname(ckpt_file))
     prompt["1"]["inputs"]["ckpt_name"] = os.path.basename(ckpt_file)
     prompt["2"]["inputs"]["folder"] = resolve(prompt["2"]["inputs"]["folder"])
+    for key, name in list(prompt.get("3", {}).get("inputs", {}).items()):  # kohya's clip_l / clip_g / t5xxl files
+        if key.startswith("clip_name") and os.path.isfile(resolve(name)):
+            folder_paths.add_model_folder_path("text_encoders", os.path.dirname(resolve(name)))
+            prompt["3"]["inputs"][key] = os.path.basename(name)
     if flat.get("output_dir"):
         os.makedirs(resolve(flat["output_dir"]), exist_ok=True)
         folder_paths.add_model_folder_path("loras", resolve(flat["output_dir"]), is_default=True)
@@ -149,7 +153,8 @@ class Host:
         elif event == "kiln.loss":
             step, total = data["step"], data["total"]
             if step == total or step % max(1, total // 20) == 0:
-                print(f"[kiln]   step {step}/{total}  loss {data['loss']:.4f}  lr {data['lr']:.2e}  "
+                epoch = f"epoch {data['epoch']}/{data['epochs']}  " if data.get("epochs", 1) > 1 else ""
+                print(f"[kiln]   {epoch}step {step}/{total}  loss {data['loss']:.4f}  lr {data['lr']:.2e}  "
                       f"{data['seconds']:.1f}s", flush=True)
         elif event == "execution_error":
             print(f"[kiln] error in node {self.title(data.get('node_id'))}: {data.get('exception_message', '').strip()}",

@@ -128,8 +128,10 @@ def raw_step(net, forward, x0, cond, t, steps, warmup, device, checkpointing, bl
     return (time.perf_counter() - start) / steps
 
 
-def kiln_step(family, net, forward, x0, cond, rank, steps, warmup, device, precision, checkpointing, blocks):
-    """Seconds per optimizer step of trainer_core.loop.train, and the number of LoRA modules."""
+def kiln_step(family, net, forward, x0, cond, rank, steps, warmup, device, precision, checkpointing, blocks,
+              clock=time.perf_counter, **options):
+    """Seconds per optimizer step of trainer_core.loop.train, and the number of LoRA modules (``options``: more
+    TrainConfig fields, e.g. optimizer_type)."""
     from trainer_core.cache import CachedSample, LatentCache
     from trainer_core.data.transforms import plan_geometry
     from trainer_core.families import sd1, sd3
@@ -149,11 +151,11 @@ def kiln_step(family, net, forward, x0, cond, rank, steps, warmup, device, preci
     cache = LatentCache(samples, None, "bench")
     stamps = []
     cfg = TrainConfig(steps=warmup + steps, learning_rate=1e-4, batch_size=1, precision=precision,
-                      gradient_checkpointing=checkpointing)
+                      gradient_checkpointing=checkpointing, **options)
 
     def on_step(info):
         sync(device)
-        stamps.append(time.perf_counter())
+        stamps.append(clock())
 
     with network.attached():
         train(network, objective, forward, lambda caps, train=False, geometries=None: cond, cache, lambda z: z,

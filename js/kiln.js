@@ -37,10 +37,13 @@ function draw(canvas, state) {
   const last = state.last;
   const rate = last.step / Math.max(last.seconds, 1e-6);
   const eta = rate > 0 ? (last.total - last.step) / rate : 0;
-  g.fillText(`step ${last.step}/${last.total}  loss ${last.loss.toFixed(4)}  lr ${last.lr.toExponential(1)}  ` +
+  const epoch = last.epochs > 1 ? `epoch ${last.epoch}/${last.epochs}  ` : "";
+  g.fillText(`${epoch}step ${last.step}/${last.total}  loss ${last.loss.toFixed(4)}  lr ${last.lr.toExponential(1)}  ` +
              `${rate.toFixed(2)} it/s  ETA ${Math.round(eta)}s`, 8, 14);
   const top = 22, left = 6, bottom = HEIGHT - 6, right = w - 6;
-  const lo = Math.min(...pts), hi = Math.max(...pts);
+  const val = state.val || [];  // validation loss: [step index, loss], drawn as green dots
+  const all = pts.concat(val.map((v) => v[1]));
+  const lo = Math.min(...all), hi = Math.max(...all);
   const span = hi > lo ? hi - lo : 1e-8;
   const x = (i) => left + (right - left) * (pts.length > 1 ? i / (pts.length - 1) : 0);
   const y = (v) => top + (bottom - top) * (1 - (v - lo) / span);
@@ -53,6 +56,9 @@ function draw(canvas, state) {
   };
   line(pts, "#5a6ea0", 1);
   line(movingAverage(pts, Math.max(1, Math.floor(pts.length / 20))), "#ffaa3c", 2);
+  g.fillStyle = "#5ad27a";
+  val.forEach(([i, v]) => g.fillRect(x(i) - 2, y(v) - 2, 4, 4));
+  if (val.length) g.fillText(`val ${val[val.length - 1][1].toFixed(4)}`, right - 70, 14);
 }
 
 app.registerExtension({
@@ -76,8 +82,14 @@ app.registerExtension({
     api.addEventListener("kiln.loss", ({ detail }) => {
       const node = app.graph.getNodeById(Number(detail.node));
       if (!node?.kiln) return;
-      if (detail.step === 1 || (node.kiln.last && detail.step <= node.kiln.last.step)) node.kiln.losses = [];
+      if (detail.step === 1 || (node.kiln.last && detail.step <= node.kiln.last.step)) {
+        node.kiln.losses = [];
+        node.kiln.val = [];
+      }
       node.kiln.losses.push(detail.loss);
+      if (detail.val_loss !== null && detail.val_loss !== undefined) {
+        (node.kiln.val ||= []).push([node.kiln.losses.length - 1, detail.val_loss]);
+      }
       node.kiln.last = detail;
       draw(node.kiln.canvas, node.kiln);
       node.setDirtyCanvas(true, false);

@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from ..trainer_core.atomic import check_writable
 from ..trainer_core.cache import LatentCache
 from ..trainer_core.data.captions import base_caption
 from ..trainer_core.data.dataset import Dataset
+from ..trainer_core import validation
 from ..trainer_core.errors import KilnError
 from ..trainer_core.families import sd1, sd3, sdxl
 from ..trainer_core.lora.config import LoraConfig
@@ -30,9 +32,13 @@ from ..trainer_core.lora.text_encoders import te_namer, te_rules
 from ..trainer_core.lora.network import LoRANetwork
 from ..trainer_core.loop import PRECISIONS, StepInfo, TrainConfig, train
 from ..trainer_core.losses import LOSS_TYPES
-from ..trainer_core.optim import OPTIMIZERS, SCHEDULERS
+from ..trainer_core.optim import OPTIMIZERS, SCHEDULERS, kohya_optimizer_name
 from ..trainer_core.plot import loss_plot
-from ..trainer_core.resume import SUFFIX, load_state, save_state
+from ..trainer_core.epochs import (batches_per_epoch, epoch_save_to_remove, resolve_epochs, step_save_to_remove,
+                                   steps_per_epoch)
+from ..trainer_core.noise import NoiseOptions
+from ..trainer_core.training_args import describe as describe_training_args, effective, parse_training_args
+from ..trainer_core.resume import SUFFIX, load_state, save_state, state_path
 from .comfy import model as cmodel
 from .comfy.preview import pil_to_image, sample_images, to_pil
 from .comfy.progress import Progress
@@ -144,8 +150,32 @@ def dataset_metadata(ds: Dataset) -> dict[str, object]:
     return out
 
 
+def remove_save(path: str) -> None:
+    """An older intermediate LoRA and its training state (save_last_n_epochs / save_last_n_steps)."""
+    for p in (path, state_path(path)):
+        if os.path.exists(p):
+            os.remove(p)
+            log.info("kiln: removed old checkpoint %s", p)
+
+
+def kohya_training_metadata(tcfg: TrainConfig, cache: LatentCache) -> dict[str, object]:
+    """The ss_* keys kohya writes for its training options, epochs and validation (same names, None when off)."""
+    meta = {k: getattr(tcfg, k) for k in (
+        "noise_offset", "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations",
+        "multires_noise_discount", "ip_noise_gamma", "ip_noise_gamma_random_strength", "zero_terminal_snr",
+        "loss_type", "huber_schedule", "huber_c", "huber_scale", "min_timestep", "max_timestep", "v_pred_like_loss",
+        "scale_v_pred_loss_like_noise_pred", "validation_seed", "validation_split", "max_validation_steps",
+        "validate_every_n_epochs", "validate_every_n_steps")}
+    meta["debiased_estimation"] = tcfg.debiased_estimation_loss
+    train_part, val_part = validation.parts(cache, tcfg)
+    meta["num_validation_images"] = len(val_part.samples) if val_part else 0
+    meta["num_batches_per_epoch"] = batches_per_epoch(train_part, tcfg.batch_size)
+    meta["num_epochs"] = math.ceil(tcfg.steps / steps_per_epoch(train_part, tcfg.batch_size, tcfg.grad_accum))
+    return meta
+
+
 def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: LoraConfig, tcfg: TrainConfig,
-                      result, model_name: str) -> dict[str, str]:
+                      result, model_name: str, epoch: int = 1) -> dict[str, str]:
     ds = data.dataset
     reg = sum(1 for i in ds.items if ds.subsets[i.subset].is_reg)
     tags: dict[str, dict[str, int]] = {}
@@ -160,8 +190,9 @@ def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: L
         "network_dropout": lcfg.dropout, "learning_rate": tcfg.learning_rate, "unet_lr": tcfg.learning_rate,
         "text_encoder_lr": text_encoder_lr(tcfg), "max_train_steps": tcfg.steps, "steps": result.steps,
         "num_train_images": len(ds.items) - reg, "num_reg_images": reg, "batch_size_per_device": ds.batch_size,
-        "gradient_accumulation_steps": tcfg.grad_accum, "optimizer": tcfg.optimizer, "lr_scheduler": tcfg.lr_scheduler,
-        "lr_warmup_steps": tcfg.warmup_steps, "seed": tcfg.seed,
+        "gradient_accumulation_steps": tcfg.grad_accum,
+        "optimizer": kohya_optimizer_name(tcfg.optimizer_name, tcfg.optimizer_args), "lr_scheduler": tcfg.lr_scheduler,
+        "lr_warmup_steps": tcfg.schedule().warmup_steps, "seed": tcfg.seed,
         "mixed_precision": "no" if tcfg.precision == "fp32" else tcfg.precision,  # kohya's --mixed_precision values
         "min_snr_gamma": tcfg.min_snr_gamma, "prior_loss_weight": tcfg.prior_loss_weight,
         "max_grad_norm": tcfg.max_grad_norm, "gradient_checkpointing": tcfg.gradient_checkpointing,
@@ -169,7 +200,8 @@ def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: L
         "min_bucket_reso": ds.buckets.min_bucket_reso, "max_bucket_reso": ds.buckets.max_bucket_reso,
         "base_model_version": family_version, "v2": family_version.startswith("sd_v2"),
         "v_parameterization": family_version.endswith("_v"), "sd_model_name": model_name,
-        "masked_loss": data.cache.has_masks, "tag_frequency": tags, "flip_aug": any(s.flip_aug for s in ds.subsets),
+        "masked_loss": data.cache.has_masks, "epoch": epoch, **kohya_training_metadata(tcfg, data.cache),
+        "tag_frequency": tags, "flip_aug": any(s.flip_aug for s in ds.subsets),
         "dataset_dirs": {os.path.basename(s.image_dir.rstrip("/")): {"n_repeats": s.num_repeats,
                          "img_count": sum(1 for i in ds.items if i.subset == k)} for k, s in enumerate(ds.subsets)},
         **dataset_metadata(ds),
@@ -178,15 +210,24 @@ def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: L
     meta["kiln_probe_loss_start"] = repr(result.probe_loss_start)
     meta["kiln_probe_loss_end"] = repr(result.probe_loss_end)
     meta["kiln_seconds_per_step"] = f"{result.seconds_per_step:.4f}"
+    if result.validation:  # kohya logs it to trackers only; here it travels with the LoRA: [[step, loss], ...]
+        meta["kiln_validation_loss"] = json.dumps([[s, round(v, 6)] for s, v in result.validation])
     return meta
 
 
-def train_schema(node_id: str, display_name: str, description: str, inputs: list) -> io.Schema:
-    """The schema every Train node shares: MODEL, CLIP, dataset and LoRA config in, the same outputs."""
+def training_args_input(family: str) -> io.String.Input:
+    return io.String.Input("training_args", default="", multiline=True, optional=True,
+                           tooltip="More kohya options as key=value, one per line (kohya's names and meaning), "
+                                   "e.g. max_train_epochs=10. Keys:\n" + describe_training_args(family))
+
+
+def train_schema(node_id: str, display_name: str, description: str, inputs: list, family: str) -> io.Schema:
+    """The schema every Train node shares: MODEL, CLIP, dataset and LoRA config in, the same outputs;
+    ``training_args`` comes last, so workflows saved before it existed keep their widget values."""
     return io.Schema(
         node_id=node_id, display_name=display_name, category="Kiln", description=description,
         inputs=[io.Model.Input("model"), io.Clip.Input("clip"), KilnDatasetType.Input("dataset"),
-                KilnLoraConfigType.Input("lora_config")] + inputs,
+                KilnLoraConfigType.Input("lora_config")] + inputs + [training_args_input(family)],
         outputs=train_outputs(), hidden=[io.Hidden.unique_id, io.Hidden.prompt], not_idempotent=False)
 
 
@@ -211,9 +252,9 @@ class FamilyPlan:
     hidden_only: tuple = ()  # encoders whose pooled output the family ignores: clip skip leaves their last layers out
 
 
-def train_config(model, dataset: KilnDataset, opts: dict) -> TrainConfig:
+def train_config(model, dataset: KilnDataset, opts: dict, args: dict) -> TrainConfig:
     precision = cmodel.default_precision(model) if opts["precision"] == "auto" else opts["precision"]
-    return TrainConfig(steps=opts["steps"], learning_rate=opts["learning_rate"], batch_size=dataset.dataset.batch_size,
+    return TrainConfig(**args, steps=opts["steps"], learning_rate=opts["learning_rate"], batch_size=dataset.dataset.batch_size,
                        grad_accum=opts["grad_accum"], optimizer=opts["optimizer"], lr_scheduler=opts["lr_scheduler"],
                        warmup_steps=opts["warmup_steps"], max_grad_norm=opts["max_grad_norm"], seed=opts["seed"],
                        loss_type=opts["loss_type"], min_snr_gamma=opts.get("min_snr_gamma", 0.0),
@@ -304,9 +345,9 @@ class TrainNode(io.ComfyNode):
 
 
 def prepare(model, dataset: KilnDataset, opts: dict, families: tuple[str, ...], node: str,
-            cls=None) -> tuple[str, TrainConfig]:
-    """What every Train node checks first (option values, paths, the model's family, cached latents) and its
-    TrainConfig."""
+            cls=None, family: str = "sd1") -> tuple[str, TrainConfig]:
+    """What every Train node checks first (option values, paths, training_args, the model's family, cached
+    latents) and its TrainConfig (steps from max_train_epochs when given)."""
     if cls is not None:
         check_options(cls, node, opts)
         opts["_save_targets"] = check_save_nodes(cls.hidden.prompt, cls.hidden.unique_id, node)
@@ -315,7 +356,22 @@ def prepare(model, dataset: KilnDataset, opts: dict, families: tuple[str, ...], 
     if dataset.cache is None:
         raise KilnError(f"{node}: the dataset has no cached latents. Connect Load Dataset → "
                         "(Alpha/Mask Source →) Cache Latents → this node's dataset input.")
-    return fam, train_config(model, dataset, opts)
+    args = parse_training_args(opts.get("training_args") or "", family, node)
+    if opts["loss_type"] not in ("huber", "smooth_l1") and {"huber_c", "huber_scale", "huber_schedule"} & set(args):
+        raise KilnError(f"{node}: training_args huber_* apply to loss_type huber or smooth_l1 only (loss_type is "
+                        f"{opts['loss_type']}).")
+    tcfg = train_config(model, dataset, opts, args)
+    if family == "sd3" and "huber_schedule" not in args:
+        tcfg.huber_schedule = "constant"  # kohya's default (snr) needs a DDPM schedule and fails on SD3
+    resolve_epochs(tcfg, validation.parts(dataset.cache, tcfg)[0])
+    tcfg.training_args = args
+    return fam, tcfg
+
+
+def ddpm_objective(model, is_v: bool, tcfg: TrainConfig) -> sd1.SD1Objective:
+    """SD1/SDXL objective with the model's schedule and kohya's timestep, noise and zero_terminal_snr options."""
+    return sd1.SD1Objective(cmodel.alphas_cumprod(model), "v" if is_v else "eps", tcfg.min_timestep,
+                            tcfg.max_timestep, NoiseOptions.from_config(tcfg), tcfg.zero_terminal_snr)
 
 
 def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcfg: TrainConfig, plan: FamilyPlan,
@@ -357,6 +413,8 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
 
     cache = normal_cache(dataset.cache)
     progress = Progress(tcfg.steps, node_id)
+    per_epoch = steps_per_epoch(validation.parts(cache, tcfg)[0], tcfg.batch_size, tcfg.grad_accum)
+    epochs = math.ceil(tcfg.steps / per_epoch)
 
     te_session = text_encoder_session(clip, plan.node) if te_train else contextlib.nullcontext()
     with cmodel.training_session(model, plan.node) as target, te_session as te_target, \
@@ -391,7 +449,7 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
         for save_path in opts.get("_save_targets", []):
             check_writable(os.path.dirname(save_path), lora_bytes, f"{plan.node}: the Save LoRA node's filename",
                            "Free disk space or choose another filename, so the trained LoRA can be saved.")
-        if tcfg.save_every:
+        if tcfg.save_every or tcfg.save_every_n_epochs:
             resume_file = resume_path(opts.get("resume_from") or "") if (opts.get("resume_from") or "").strip() else None
             save_name = unique_save_name(save_name, resume_file, plan.node, notes)
             need = 4 * lora_bytes  # the folder is writable and has room for a LoRA + its state (about 4x the weights)
@@ -399,21 +457,32 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
                            need, f"{plan.node}: save_name", "Choose another save_name, free disk space, or set "
                            "save_every_n_steps to 0.")
 
-        def on_save(step: int, state: dict, so_far) -> None:
-            path = lora_output_path(f"{save_name}-step{step:06d}", plan.node)
-            meta = training_metadata(plan.version, plan.architecture(net_host), dataset, lora_config, tcfg, so_far, "")
+        def intermediate_path(step: int, epoch: int | None) -> str:  # kohya's names: NAME-000004 (epoch), NAME-stepNNNNNN
+            return lora_output_path(f"{save_name}-{epoch:06d}" if epoch else f"{save_name}-step{step:06d}", plan.node)
+
+        def on_save(step: int, state: dict, so_far, epoch: int | None = None) -> None:
+            path = intermediate_path(step, epoch)
+            meta = training_metadata(plan.version, plan.architecture(net_host), dataset, lora_config, tcfg, so_far, "",
+                                     state["batches"]["epoch"])
             save_lora_file(path, network.kohya_state_dict(), meta)
             save_state(path, state, signature)
             log.info("kiln: %s step %d: saved %s (+ %s)", plan.node, step, path, SUFFIX)
+            old = (epoch_save_to_remove(epoch, tcfg.save_every_n_epochs, tcfg.save_last_n_epochs) if epoch else
+                   step_save_to_remove(step, tcfg.save_every, tcfg.save_last_n_steps))
+            if old:  # kohya's save_last_n_epochs / save_last_n_steps: the older intermediate file goes
+                remove_save(intermediate_path(old, old if epoch else None))
         every = opts["sample_every"]
 
         def on_step(info: StepInfo) -> None:
             image = None
-            if every and info.step % every == 0 and info.step < info.total:
+            by_epoch = tcfg.sample_every_n_epochs  # kohya: overrides the step interval
+            due = (info.epoch_end and info.epoch % by_epoch == 0) if by_epoch else (every and info.step % every == 0)
+            if due and info.step < info.total:
                 image = to_pil(preview(network)[0])
             progress.update(info.step, image)
             progress.send("kiln.loss", {"step": info.step, "total": info.total, "loss": info.loss, "lr": info.lr,
-                                        "seconds": info.seconds})
+                                        "seconds": info.seconds, "epoch": info.epoch, "epochs": epochs,
+                                        "val_loss": info.val_loss})
 
         with network.attached():
             result = train(network, plan.objective, cmodel.unet_forward(target.patcher, net_host), conditioning,
@@ -424,16 +493,20 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
         lora_sd = network.kohya_state_dict()
         arch = plan.architecture(net_host)
 
-    meta = training_metadata(plan.version, arch, dataset, lora_config, tcfg, result, "")
+    meta = training_metadata(plan.version, arch, dataset, lora_config, tcfg, result, "", epochs)
     meta["kiln_distinct_captions"] = str(len(seen))
     meta["kiln_text_encoder_calls"] = str(cond.encodes)
     meta["kiln_text_encoder_outputs_from_disk"] = str(cond.from_disk)
-    plot = pil_to_image(loss_plot(result.losses))
+    plot = pil_to_image(loss_plot(result.losses, validation=result.validation))
     groups = {g: sum(1 for n in network.groups.values() if n == g) for g in dict.fromkeys(network.groups.values())}
     text = (f"{len(network)} LoRA modules ({', '.join(f'{g} {k}' for g, k in groups.items())}), {result.steps} steps "
             f"in {result.seconds:.1f}s ({result.seconds_per_step:.3f}s/step); probe loss "
             f"{result.probe_loss_start:.4f} → {result.probe_loss_end:.4f}; {len(seen)} distinct captions trained, "
-            f"{cond.encodes} text-encoder calls")
+            f"{cond.encodes} text-encoder calls; {epochs} epoch{'s' if epochs != 1 else ''} of {per_epoch} steps")
+    if result.validation:
+        text += f"; validation loss {result.validation[0][1]:.4f} → {result.validation[-1][1]:.4f}"
+    if tcfg.training_args:
+        text += f"\ntraining_args: {effective(tcfg.training_args)}"
     unmapped = cmodel.unmapped_lora_keys(model, lora_sd, clip)
     if unmapped:  # a bug if it ever happens: say so rather than ship a file ComfyUI half-applies
         log.warning("kiln: %d LoRA modules do not map onto this model in ComfyUI, e.g. %s", len(unmapped), unmapped[0])
@@ -485,12 +558,12 @@ class KilnTrainSD1(TrainNode):
         return train_schema(
             "KilnTrainSD1", "Train LoRA (SD1)",
             "Trains a LoRA on the loaded SD 1.x/2.x model in place (no second copy), with live loss and samples.",
-            common_inputs() + [te_lr_input("text_encoder_lr", "text encoder")])
+            common_inputs() + [te_lr_input("text_encoder_lr", "text encoder")], "sd1")
 
     @classmethod
     def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
         node = "Train LoRA (SD1)"
-        fam, tcfg = prepare(model, dataset, opts, cmodel.SD1_FAMILIES, node, cls)
+        fam, tcfg = prepare(model, dataset, opts, cmodel.SD1_FAMILIES, node, cls, "sd1")
         is_v = cmodel.prediction_type(model, node) == "v"
         is_sd2 = fam not in ("SD15", "SD15_instructpix2pix")
         lc = lora_config
@@ -500,7 +573,7 @@ class KilnTrainSD1(TrainNode):
             namer=sd1.unet_namer, checkpoint_blocks=sd1.checkpoint_blocks,
             architecture=lambda unet: sd1.modelspec_architecture(is_v, is_sd2),
             version=("sd_v2" if is_sd2 else "sd_v1") + ("_v" if is_v else ""),
-            objective=sd1.SD1Objective(cmodel.alphas_cumprod(model), "v" if is_v else "eps"),
+            objective=ddpm_objective(model, is_v, tcfg),
             conditioning=TextConditioning(clip),
             te_prefixes={"clip_l": "lora_te", "clip_h": "lora_te"}, hidden_only=("clip_l", "clip_h"),
             te_lrs={"clip_l": opts.get("text_encoder_lr", 0.0), "clip_h": opts.get("text_encoder_lr", 0.0)})
@@ -536,12 +609,12 @@ class KilnTrainSD3(TrainNode):
             "Trains a LoRA on the loaded SD3 / SD3.5 model in place (rectified flow, kohya's SD3 options).",
             common_inputs(min_snr=False, sample_cfg=5.0) + sd3_inputs()
             + [te_lr_input("text_encoder_lr1", "CLIP-L"), te_lr_input("text_encoder_lr2", "CLIP-G"),
-               te_lr_input("text_encoder_lr3", "T5-XXL")])
+               te_lr_input("text_encoder_lr3", "T5-XXL")], "sd3")
 
     @classmethod
     def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
         node = "Train LoRA (SD3)"
-        fam, tcfg = prepare(model, dataset, opts, cmodel.SD3_FAMILIES, node, cls)
+        fam, tcfg = prepare(model, dataset, opts, cmodel.SD3_FAMILIES, node, cls, "sd3")
         args = parse_network_args(lora_config.args)
         depth = sd3.depth_of(model.model.diffusion_model)
         ranks = sd3.SD3LayerRanks.from_args(args, lora_config.rank, depth)
@@ -553,7 +626,8 @@ class KilnTrainSD3(TrainNode):
             node=node, rules=lambda mmdit: ranks.rules(lora_config.alpha), namer=lambda mmdit: sd3.unet_namer,
             checkpoint_blocks=sd3.checkpoint_blocks, architecture=sd3.modelspec_architecture, version="sd3",
             objective=sd3.SD3Objective(opts["weighting_scheme"], opts["logit_mean"], opts["logit_std"],
-                                       opts["mode_scale"], opts["training_shift"]),
+                                       opts["mode_scale"], opts["training_shift"], tcfg.min_timestep or 0,
+                                       1000 if tcfg.max_timestep is None else tcfg.max_timestep),
             conditioning=conditioning, network_args={**VERBOSE, **sd3.NETWORK_ARGS}, te_prefixes=sd3.TE_PREFIXES,
             te_lrs={"clip_l": opts.get("text_encoder_lr1", 0.0), "clip_g": opts.get("text_encoder_lr2", 0.0),
                     "t5xxl": opts.get("text_encoder_lr3", 0.0)},
@@ -568,12 +642,13 @@ class KilnTrainSDXL(TrainNode):
             "KilnTrainSDXL", "Train LoRA (SDXL)",
             "Trains a LoRA on the loaded SDXL-family model (SDXL, SSD-1B, Vega, KOALA) in place, with "
             "both text encoders and the size/crop conditioning from bucketing.",
-            common_inputs() + [te_lr_input("text_encoder_lr1", "CLIP-L"), te_lr_input("text_encoder_lr2", "CLIP-G")])
+            common_inputs() + [te_lr_input("text_encoder_lr1", "CLIP-L"), te_lr_input("text_encoder_lr2", "CLIP-G")],
+            "sdxl")
 
     @classmethod
     def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
         node = "Train LoRA (SDXL)"
-        fam, tcfg = prepare(model, dataset, opts, cmodel.SDXL_FAMILIES, node, cls)
+        fam, tcfg = prepare(model, dataset, opts, cmodel.SDXL_FAMILIES, node, cls, "sdxl")
         is_v = cmodel.prediction_type(model, node) == "v"
         lc = lora_config
         plan = FamilyPlan(
@@ -581,7 +656,7 @@ class KilnTrainSDXL(TrainNode):
             rules=lambda unet: sdxl.unet_rules(lc.rank, lc.alpha, lc.conv_rank, lc.conv_alpha),
             namer=sdxl.unet_namer, checkpoint_blocks=sdxl.checkpoint_blocks,
             architecture=lambda unet: sdxl.ARCHITECTURE, version=sdxl.BASE_MODEL_VERSION + ("_v" if is_v else ""),
-            objective=sdxl.SD1Objective(cmodel.alphas_cumprod(model), "v" if is_v else "eps"),
+            objective=ddpm_objective(model, is_v, tcfg),
             conditioning=SDXLTextConditioning(clip, model), te_prefixes=sdxl.TE_PREFIXES, hidden_only=("clip_l",),
             te_lrs={"clip_l": opts.get("text_encoder_lr1", 0.0), "clip_g": opts.get("text_encoder_lr2", 0.0)})
         return run_training(model, clip, dataset, lora_config, tcfg, plan, opts, cls.hidden.unique_id, fam)

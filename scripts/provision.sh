@@ -65,7 +65,7 @@ else
     PY="$VENV/bin/python"
 fi
 
-stamp_src=$(cat "$REPO/scripts/provision.sh" "$REPO/requirements.txt" "$REPO/requirements-dev.txt" "$COMFY/requirements.txt"; echo "$COMFY")
+stamp_src=$(cat "$REPO/scripts/provision.sh" "$REPO/requirements.txt" "$REPO/requirements-dev.txt" "$REPO/requirements-optional.txt" "$COMFY/requirements.txt"; echo "$COMFY")
 stamp=$(printf '%s' "$stamp_src" | sha256sum | cut -c1-16)
 stamp_file="$(dirname "$PY")/../.kiln-provisioned"
 if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ]; then

@@ -4,12 +4,16 @@ config sets (the CLI fills every other input with the node's own default) and th
 
 Keys keep kohya's names and meaning (sections such as ``[model_arguments]`` are flattened, as kohya does);
 a key Kiln does not know is an error naming it, and keys that change nothing in Kiln are reported as such.
+kohya's training options without a widget (training_args.KEYS) go, as key=value lines, into the Train node's
+``training_args`` input.
 """
 from __future__ import annotations
 
 import tomllib
 
 from .errors import KilnError
+from .optim import OPTIMIZERS, SCHEDULERS
+from .training_args import KEYS as TRAINING_ARGS, format_value, parse_training_args
 
 TRAIN_NODE = {"sd1": "KilnTrainSD1", "sdxl": "KilnTrainSDXL", "sd3": "KilnTrainSD3"}
 NETWORK_MODULES = {"networks.lora": ("sd1", "sdxl"), "networks.lora_sd3": ("sd3",)}
@@ -26,7 +30,8 @@ TRAIN_KEYS = {
 SD3_KEYS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "training_shift", "t5xxl_max_token_length",
             "apply_lg_attn_mask", "apply_t5_attn_mask", "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate",
             "pos_emb_random_crop_rate")
-HANDLED = {"pretrained_model_name_or_path", "dataset_config", "output_dir", "output_name", "save_precision",
+HANDLED = {"pretrained_model_name_or_path", "text_encoder_lr1", "text_encoder_lr2", "text_encoder_lr3", "clip_l", "clip_g",
+           "t5xxl", "dataset_config", "output_dir", "output_name", "save_precision",
            "network_module", "network_dim", "network_alpha", "network_dropout", "network_args", "unet_lr",
            "text_encoder_lr", "network_train_unet_only", "mixed_precision", "cache_latents_to_disk", "no_half_vae",
            "save_model_as", "network_weights"}
@@ -38,7 +43,9 @@ NO_EFFECT = {
     "log_prefix": "no logging backend", "max_data_loader_n_workers": "latents are cached",
     "persistent_data_loader_workers": "latents are cached", "full_fp16": "LoRA weights stay fp32",
     "full_bf16": "LoRA weights stay fp32", "lowram": "ComfyUI manages memory", "highvram": "ComfyUI manages memory",
+    "blocks_to_swap": "ComfyUI places the model; no block swapping",
 }
+TE_FILES = ("clip_l", "clip_g", "t5xxl")  # kohya's separate SD3 text-encoder files -> ComfyUI's CLIP loaders
 
 
 def flatten(cfg: dict) -> dict:
@@ -63,6 +70,9 @@ def te_rates(cfg: dict, family: str) -> dict[str, float]:
     lrs = [float(x) for x in lr] if isinstance(lr, list) else [float(lr)]
     lrs = (lrs + [lrs[-1]] * len(names))[:len(names)] if lrs else [0.0] * len(names)
     out = dict(zip(names, lrs))
+    for name in names:  # sdxl/sd3_train_network's text_encoder_lr1/2/3 win over text_encoder_lr
+        if name in cfg and name != "text_encoder_lr":
+            out[name] = float(cfg[name])
     if family == "sd3" and "train_t5xxl=true" not in [a.replace(" ", "").lower() for a in cfg.get("network_args", [])]:
         out["text_encoder_lr3"] = 0.0
     return out
@@ -92,7 +102,7 @@ def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str
         cfg = flatten(tomllib.loads(text))
     except tomllib.TOMLDecodeError as e:
         raise KilnError(f"{path} is not valid TOML: {e}") from None
-    known = set(TRAIN_KEYS) | set(SD3_KEYS) | HANDLED | set(NO_EFFECT)
+    known = set(TRAIN_KEYS) | set(SD3_KEYS) | HANDLED | set(NO_EFFECT) | set(TRAINING_ARGS)
     unknown = sorted(k for k in cfg if k not in known)
     if unknown:
         raise KilnError(f"{path}: kohya key '{unknown[0]}' is not read by Kiln's CLI (known: "
@@ -101,6 +111,10 @@ def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str
         if key not in cfg:
             raise KilnError(f"{path} has no {key}: the CLI needs the checkpoint and the dataset TOML.")
     module = cfg.get("network_module", "networks.lora_sd3" if family == "sd3" else "networks.lora")
+    notes = []
+    if family == "sd3" and module == "networks.lora":  # kohya's own SD3 example writes it so
+        module = "networks.lora_sd3"
+        notes.append("network_module networks.lora on an SD3 model: trained as networks.lora_sd3 (kohya's SD3 LoRA)")
     if family not in NETWORK_MODULES.get(module, ()):
         raise KilnError(f"{path}: network_module {module!r} does not train a {family} model with Kiln (use "
                         f"networks.lora for SD1/SDXL, networks.lora_sd3 for SD3).")
@@ -113,7 +127,18 @@ def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str
         raise KilnError(f"{path}: {next(k for k in SD3_KEYS if k in cfg)} is an SD3 option; this is a {family} model.")
     if family == "sd3" and "min_snr_gamma" in cfg:
         raise KilnError(f"{path}: min_snr_gamma does not apply to SD3 (rectified flow); use weighting_scheme.")
-    notes = [f"{k}: no effect in Kiln ({NO_EFFECT[k]})" for k in cfg if k in NO_EFFECT]
+    if cfg.get("lr_scheduler", "constant") not in SCHEDULERS:
+        raise KilnError(f"{path}: lr_scheduler {cfg['lr_scheduler']!r} is not one of {', '.join(SCHEDULERS)}; give "
+                        f"another as lr_scheduler_type (a class path) with lr_scheduler_args.")
+    te_keys = [k for k in ("text_encoder_lr1", "text_encoder_lr2", "text_encoder_lr3") if k in cfg]
+    allowed = {"sd1": 0, "sdxl": 2, "sd3": 3}[family]
+    if any(int(k[-1]) > allowed for k in te_keys):
+        raise KilnError(f"{path}: {next(k for k in te_keys if int(k[-1]) > allowed)} does not exist for {family} "
+                        f"(use text_encoder_lr{'' if family == 'sd1' else '1/2'}).")
+    if family != "sd3" and any(k in cfg for k in TE_FILES):
+        raise KilnError(f"{path}: {next(k for k in TE_FILES if k in cfg)} names an SD3 text-encoder file; this is a "
+                        f"{family} model (its encoders come from the checkpoint).")
+    notes += [f"{k}: no effect in Kiln ({NO_EFFECT[k]})" for k in cfg if k in NO_EFFECT]
 
     train = {TRAIN_KEYS[k]: v for k, v in cfg.items() if k in TRAIN_KEYS}
     train.update({k: v for k, v in cfg.items() if k in SD3_KEYS})
@@ -122,7 +147,27 @@ def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str
     if "mixed_precision" in cfg:
         train["precision"] = PRECISION.get(str(cfg["mixed_precision"]), "auto")
     train.update(te_rates(cfg, family))
-    train.update(model=["1", 0], clip=["1", 1], dataset=["4", 0], lora_config=["5", 0])
+    widget_fits = {"optimizer_type": lambda v: str(v).lower() in {o.lower() for o in OPTIMIZERS},
+                   "lr_warmup_steps": lambda v: isinstance(v, int)}
+    for key, fits in widget_fits.items():  # a kohya name / a step count fits the widget; else training_args
+        if key in cfg and fits(cfg[key]):
+            value = cfg[key]
+            train[TRAIN_KEYS[key]] = next(o for o in OPTIMIZERS if o.lower() == str(value).lower()) \
+                if key == "optimizer_type" else value
+        elif key in cfg:
+            train.pop(TRAIN_KEYS[key], None)
+    args = "\n".join(f"{k}={format_value(v)}" for k, v in cfg.items()
+                     if k in TRAINING_ARGS and v is not None and not (k in widget_fits and widget_fits[k](v)))
+    if args:
+        try:
+            parse_training_args(args, family, path)  # a bad value is named with the config file, before loading
+        except KilnError as e:
+            raise KilnError(str(e).replace("training_args key", "key")) from None
+        train["training_args"] = args
+    if cfg.get("save_every_n_steps") or cfg.get("save_every_n_epochs"):
+        train["save_name"] = cfg.get("output_name", "last")  # kohya: <output_name>-000001, -step00000500
+    files = [cfg[k] for k in TE_FILES if cfg.get(k)]
+    train.update(model=["1", 0], clip=["3", 0] if files else ["1", 1], dataset=["4", 0], lora_config=["5", 0])
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": cfg["pretrained_model_name_or_path"]}},
         "2": {"class_type": "KilnLoadDataset", "inputs": {"folder": cfg["dataset_config"]}},
@@ -135,4 +180,9 @@ def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str
             "lora": ["6", 1], "filename": cfg.get("output_name", "last"), "overwrite": True,
             "precision": PRECISION.get(str(cfg.get("save_precision", "fp16")), "fp16")}},
     }
+    if files:  # separate encoder files, as kohya's --clip_l/--clip_g/--t5xxl: ComfyUI's own CLIP loaders
+        names = {f"clip_name{i + 1}": f for i, f in enumerate(files)}
+        prompt["3"] = ({"class_type": "TripleCLIPLoader", "inputs": names} if len(files) == 3 else
+                       {"class_type": "DualCLIPLoader", "inputs": {**names, "type": "sd3"}} if len(files) == 2 else
+                       {"class_type": "CLIPLoader", "inputs": {"clip_name": files[0], "type": "sd3"}})
     return prompt, notes

@@ -7,21 +7,24 @@ conditioning, each drawn sample's geometry) into the network's conditioning tens
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
-from collections import defaultdict
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from . import validation
 from .cache import LatentCache
 from .checkpointing import gradient_checkpointing
 from .data.captions import augment_caption, base_caption
+from .epochs import epoch_batches, resolve_epochs, steps_per_epoch
 from .errors import KilnError
 from .losses import elementwise, per_sample_loss
 from .lora.network import LoRANetwork
-from .optim import build_optimizer, build_scheduler
+from .optim import FusedBackward, Schedule, build_optimizer, build_scheduler, check_fused
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -33,7 +36,6 @@ class TrainConfig:
     batch_size: int = 1
     grad_accum: int = 1
     optimizer: str = "AdamW"
-    weight_decay: float = 0.01
     lr_scheduler: str = "constant"
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
@@ -46,6 +48,55 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     group_lrs: dict = field(default_factory=dict)  # adapter group ("te1", ...) -> its own learning rate
     save_every: int = 0                            # hand a resumable state to on_save every N steps (0: never)
+    # kohya's training_args (trainer_core/training_args.py), same names and meaning
+    max_train_epochs: int | None = None            # sets steps (epochs.steps_per_epoch)
+    save_every_n_epochs: int | None = None         # on_save(..., epoch=N) at the end of every Nth epoch
+    save_last_n_epochs: int | None = None          # read by the host that writes the files (epochs.py rules)
+    save_last_n_steps: int | None = None
+    sample_every_n_epochs: int | None = None       # read by the host's on_step (StepInfo.epoch_end)
+    # noise and timesteps: read when the host builds the objective (noise.NoiseOptions.from_config)
+    noise_offset: float | None = None
+    noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float | None = None
+    multires_noise_iterations: int | None = None
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float | None = None
+    ip_noise_gamma_random_strength: bool = False
+    zero_terminal_snr: bool = False
+    min_timestep: int | None = None
+    max_timestep: int | None = None
+    optimizer_type: str = ""                       # overrides optimizer (a kohya name or a class path)
+    optimizer_args: dict | None = None
+    lr_warmup_steps: float | None = None           # overrides warmup_steps; < 1 = fraction of all steps
+    lr_decay_steps: float = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    lr_scheduler_min_lr_ratio: float | None = None
+    lr_scheduler_type: str = ""
+    lr_scheduler_args: dict | None = None
+    fused_backward_pass: bool = False              # optim.FusedBackward: step each parameter during backward
+    validation_split: float | None = None          # validation.py: held-out images, fixed timesteps and noise
+    validation_seed: int | None = None             # (default: seed)
+    validate_every_n_steps: int | None = None
+    validate_every_n_epochs: int | None = None     # None: every epoch (when there is a validation part)
+    max_validation_steps: int | None = None
+    training_args: dict = field(default_factory=dict)  # the training_args given (for the node's text)
+
+    @property
+    def optimizer_name(self) -> str:
+        return self.optimizer_type or self.optimizer
+
+    def schedule(self) -> Schedule:
+        warmup = self.warmup_steps if self.lr_warmup_steps is None else self.lr_warmup_steps
+        return Schedule(self.lr_scheduler, warmup, self.lr_decay_steps, self.lr_scheduler_num_cycles,
+                        self.lr_scheduler_power, self.lr_scheduler_min_lr_ratio, self.lr_scheduler_type,
+                        self.lr_scheduler_args or {})
+    huber_schedule: str = "snr"
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
+    v_pred_like_loss: float | None = None
+    debiased_estimation_loss: bool = False
+    scale_v_pred_loss_like_noise_pred: bool = False
 
 
 @dataclass
@@ -55,6 +106,9 @@ class StepInfo:
     loss: float
     lr: float
     seconds: float
+    epoch: int = 1
+    epoch_end: bool = False   # this step finished an epoch
+    val_loss: float | None = None  # the validation loss measured after this step, if any
 
 
 @dataclass
@@ -65,28 +119,11 @@ class TrainResult:
     seconds: float = 0.0
     probe_loss_start: float = float("nan")
     probe_loss_end: float = float("nan")
+    validation: list = field(default_factory=list)  # (step, validation loss)
 
     @property
     def seconds_per_step(self) -> float:
         return self.seconds / max(1, self.steps)
-
-
-def epoch_batches(cache: LatentCache, batch_size: int, rng: random.Random) -> list[list[int]]:
-    """kohya's epoch: every sample ``repeats`` times, batches never mix buckets nor [[datasets]] blocks (each
-    block batched by its own batch_size), batch order shuffled."""
-    by_bucket = defaultdict(list)
-    size = {}
-    for i, s in enumerate(cache.samples):
-        key = (s.block, tuple(s.latent.shape))
-        by_bucket[key].extend([i] * s.repeats)
-        size[key] = s.batch_size or batch_size
-    batches = []
-    for key in sorted(by_bucket):
-        idx, n = by_bucket[key], size[key]
-        rng.shuffle(idx)
-        batches += [idx[b:b + n] for b in range(0, len(idx), n)]
-    rng.shuffle(batches)
-    return batches
 
 
 class BatchStream:
@@ -104,12 +141,17 @@ class BatchStream:
         return self
 
     def __next__(self) -> tuple[int, list[int]]:
+        self.left_in_epoch()
+        self.pos += 1
+        return self.epoch, self.batches[self.pos - 1]
+
+    def left_in_epoch(self) -> int:
+        """Batches still to come in the current epoch (a new epoch is started when the last one is done)."""
         if self.pos >= len(self.batches):
             self.epoch += 1
             self.epoch_start = self.rng.getstate()
             self.batches, self.pos = epoch_batches(self.cache, self.batch_size, self.rng), 0
-        self.pos += 1
-        return self.epoch, self.batches[self.pos - 1]
+        return len(self.batches) - self.pos
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos, "rng": self.epoch_start}
@@ -128,7 +170,7 @@ RESUMABLE_SETTINGS = ("steps", "learning_rate", "group_lrs", "lr_scheduler", "wa
 def run_settings(cfg: TrainConfig) -> dict:
     """The settings a saved state records; on resume they may differ (and then take effect), except the
     optimizer, whose saved state only fits the optimizer that wrote it."""
-    return {"optimizer": cfg.optimizer, **{k: getattr(cfg, k) for k in RESUMABLE_SETTINGS}}
+    return {"optimizer": cfg.optimizer_name, **{k: getattr(cfg, k) for k in RESUMABLE_SETTINGS}}
 
 
 def changed_settings(saved: dict | None, cfg: TrainConfig) -> list[str]:
@@ -147,14 +189,21 @@ def changed_settings(saved: dict | None, cfg: TrainConfig) -> list[str]:
 def train(network: LoRANetwork, objective, forward: Callable, conditioning: Callable[..., dict],
           cache: LatentCache, latent_in: Callable[[torch.Tensor], torch.Tensor], cfg: TrainConfig,
           device: torch.device, checkpoint_blocks=(), on_step: Callable[[StepInfo], None] | None = None,
-          on_save: Callable[[int, dict, "TrainResult"], None] | None = None, resume: dict | None = None) -> TrainResult:
-    """Train ``network`` (already attached to the frozen host network) for ``cfg.steps`` optimizer steps.
+          on_save: Callable[..., None] | None = None, resume: dict | None = None) -> TrainResult:
+    """Train ``network`` (already attached to the frozen host network) for ``cfg.steps`` optimizer steps
+    (``cfg.max_train_epochs`` epochs when set). An optimizer step never spans two epochs (kohya's
+    accumulation ends with the epoch's last batch).
 
-    Every ``cfg.save_every`` steps ``on_save(step, state, result)`` gets the training state (optimizer,
-    schedule, every RNG, the batch position); passing such a state back as ``resume`` (with the adapters
-    loaded from the LoRA saved at that step) continues exactly where that run was."""
+    Every ``cfg.save_every`` steps ``on_save(step, state, result, epoch=None)`` gets the training state
+    (optimizer, schedule, every RNG, the batch position), and at the end of every ``cfg.save_every_n_epochs``-th
+    epoch ``on_save(step, state, result, epoch=N)``; passing such a state back as ``resume`` (with the adapters
+    loaded from the LoRA saved then) continues exactly where that run was."""
     if not cache.samples:
         raise KilnError("the cached dataset is empty: nothing to train on.")
+    cache, val_cache = validation.parts(cache, cfg)
+    resolve_epochs(cfg, cache)
+    per_epoch = steps_per_epoch(cache, cfg.batch_size, cfg.grad_accum)
+    num_epochs = math.ceil(cfg.steps / per_epoch)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     network.to(device=device, dtype=torch.float32).train()
@@ -164,10 +213,16 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
                         "Check the mask folder or alpha channels, or set Alpha/Mask Source's mode to none.")
     groups = network.param_groups(cfg.learning_rate, cfg.group_lrs)
     group_lr = {g["name"]: g["lr"] for g in groups}
-    opt = build_optimizer(cfg.optimizer, groups, cfg.learning_rate, cfg.weight_decay)
-    sched = build_scheduler(opt, cfg.lr_scheduler, cfg.steps, cfg.warmup_steps)
-    if hasattr(opt, "train"):
-        opt.train()  # schedule-free optimizers keep separate train/eval weights
+    opt = build_optimizer(cfg.optimizer_name, groups, cfg.learning_rate, cfg.optimizer_args)
+    sched = build_scheduler(opt, cfg.schedule(), cfg.steps, cfg.learning_rate)
+    fused = None
+    if cfg.fused_backward_pass:
+        check_fused(cfg.grad_accum, cfg.max_grad_norm, cfg.precision)
+        fused = FusedBackward(opt, cfg.optimizer_name, cfg.optimizer_args)
+    stepping = fused.children if fused else [opt]
+    for o in stepping:
+        if hasattr(o, "train"):
+            o.train()  # schedule-free optimizers keep separate train/eval weights
     autocast_dtype = PRECISIONS[cfg.precision]
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
 
@@ -178,8 +233,8 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
 
     flip_rng = random.Random(cfg.seed + 3)  # flip_aug: each drawn sample is mirrored with p = 0.5, seeded
 
-    def batch_tensors(indices, train, epoch, caption_rng):
-        samples = [cache.samples[i] for i in indices]
+    def batch_tensors(indices, train, epoch, caption_rng, source):
+        samples = [source.samples[i] for i in indices]
         flips = [train and flip_rng.random() < 0.5 for _ in samples]  # the probe is never mirrored
         views = [s.view(f) for s, f in zip(samples, flips)]
         geometries = [s.drawn_geometry(f) for s, f in zip(samples, flips)]  # SDXL's size/crop conditioning
@@ -193,17 +248,26 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
         cond = {k: v.to(device) for k, v in conditioning(captions, train=train, geometries=geometries).items()}
         return x0, mask, weights, cond
 
-    def loss_of(indices, generator, train=True, epoch=1, caption_rng=None):
-        x0, mask, weights, cond = batch_tensors(indices, train, epoch, caption_rng)
-        nb = objective.sample(x0, generator)
+    def loss_of(indices, generator, train=True, epoch=1, caption_rng=None, timestep=None, source=cache):
+        x0, mask, weights, cond = batch_tensors(indices, train, epoch, caption_rng, source)
+        if timestep is None:
+            nb = objective.sample(x0, generator)
+        else:  # validation: one fixed timestep, noise from the validation generator
+            noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+            nb = objective.at(x0, torch.full((x0.shape[0],), timestep, dtype=torch.long), noise)
         with autocast():
             pred = forward(nb.x_t, nb.timesteps, cond)
-        err = elementwise(objective.output(pred, nb), nb.target, cfg.loss_type)
+        huber_c = None
+        if cfg.loss_type in ("huber", "smooth_l1"):
+            huber_c = objective.huber_c(nb, cfg.huber_schedule, cfg.huber_c, cfg.huber_scale).to(device)
+        err = elementwise(objective.output(pred, nb), nb.target, cfg.loss_type, huber_c)
         per_sample = per_sample_loss(err, mask, cfg.mask_normalize)
         if nb.weight is not None:
             per_sample = per_sample * nb.weight.to(device)
         if cfg.min_snr_gamma:
             per_sample = per_sample * objective.min_snr_weight(nb.snr, cfg.min_snr_gamma).to(device)
+        if hasattr(objective, "loss_weight"):
+            per_sample = per_sample * objective.loss_weight(nb.snr, cfg).to(device)
         return (per_sample * weights).mean()
 
     # a fixed probe batch (same samples, noise and timesteps) measured before and after training
@@ -227,13 +291,14 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
             raise KilnError(f"the run to resume already made {resume['step']} steps; set steps above that to "
                             f"train on.")
         changed = changed_settings(resume.get("settings"), cfg)
-        opt.load_state_dict(resume["optimizer"])
+        (fused or opt).load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         # the restored state brings the old learning rates back: the requested ones (and schedule) take effect
-        sched.base_lrs = [group_lr.get(g.get("name"), cfg.learning_rate) for g in opt.param_groups]
-        for k, (g, base) in enumerate(zip(opt.param_groups, sched.base_lrs)):
-            g["initial_lr"], g["lr"] = base, base * sched.lr_lambdas[k](sched.last_epoch)
-        sched._last_lr = [g["lr"] for g in opt.param_groups]
+        if hasattr(sched, "lr_lambdas") and type(sched).__name__ != "AdafactorSchedule":  # not class-path ones
+            sched.base_lrs = [group_lr.get(g.get("name"), cfg.learning_rate) for g in opt.param_groups]
+            for k, (g, base) in enumerate(zip(opt.param_groups, sched.base_lrs)):
+                g["initial_lr"], g["lr"] = base, base * sched.lr_lambdas[k](sched.last_epoch)
+            sched._last_lr = [g["lr"] for g in opt.param_groups]
         if scaler and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
         gen.set_state(resume["generator"])
@@ -242,7 +307,8 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
         flip_rng.setstate(resume["flip_rng"])
         batches.restore(resume["batches"])
         result = TrainResult(losses=list(resume["losses"]), steps=resume["step"],
-                             probe_loss_start=resume["probe_loss_start"])
+                             probe_loss_start=resume["probe_loss_start"],
+                             validation=[tuple(v) for v in resume.get("validation", [])])
         first = resume["step"] + 1
         if changed:
             result.notes.append(f"resumed at step {resume['step']}, changed since the saved run: {', '.join(changed)}; "
@@ -251,28 +317,49 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
             result.notes.append(f"resuming exactly at step {resume['step']}")
 
     def state(step: int) -> dict:
-        return {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        return {"step": step, "optimizer": (fused or opt).state_dict(), "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict() if scaler else None, "generator": gen.get_state(),
                 "torch_rng": torch.get_rng_state(), "caption_rng": caption_rng.getstate(),
                 "flip_rng": flip_rng.getstate(), "batches": batches.state(), "losses": list(result.losses),
-                "probe_loss_start": result.probe_loss_start, "settings": run_settings(cfg)}
+                "probe_loss_start": result.probe_loss_start, "settings": run_settings(cfg),
+                "validation": [list(v) for v in result.validation]}
 
     initial = [p.detach().clone() for p in params]  # "nothing changed" is checked against these
-    grads_checked = False
+    grads_checked = fused is not None  # fused: each gradient is freed as soon as its parameter stepped
+    val_batches = validation.batches(val_cache, cfg.batch_size, cfg.max_validation_steps) if val_cache else []
+    val_timesteps = validation.timesteps(cfg.min_timestep, cfg.max_timestep, getattr(objective, "num_timesteps", 1000))
+
+    def validation_loss() -> float:
+        """Mean loss over the validation batches × fixed timesteps, fixed noise, no dropout (kohya)."""
+        network.eval()
+        for o in stepping:
+            if hasattr(o, "eval"):
+                o.eval()
+        gen_v = torch.Generator().manual_seed(cfg.seed if cfg.validation_seed is None else cfg.validation_seed)
+        with torch.no_grad():
+            losses = [float(loss_of(b, gen_v, train=False, timestep=t, source=val_cache))
+                      for b in val_batches for t in val_timesteps]
+        for o in stepping:
+            if hasattr(o, "train"):
+                o.train()
+        network.train()
+        return sum(losses) / len(losses)
 
     start = time.perf_counter()
     with gradient_checkpointing(list(checkpoint_blocks), cfg.gradient_checkpointing):
         for step in range(first, cfg.steps + 1):
             total = 0.0
-            for _ in range(cfg.grad_accum):
+            n = min(cfg.grad_accum, batches.left_in_epoch())  # the epoch's last step may hold fewer batches
+            for _ in range(n):
                 epoch, indices = next(batches)
                 loss = loss_of(indices, gen, epoch=epoch, caption_rng=caption_rng)
                 if not torch.isfinite(loss):
                     raise KilnError(f"the loss became {loss.item()} at step {step}: lower the learning rate "
                                     f"(now {cfg.learning_rate:g}), or train in fp32/bf16 instead of fp16.")
-                scaled = loss / cfg.grad_accum
+                scaled = loss / n
                 (scaler.scale(scaled) if scaler else scaled).backward()
-                total += loss.item() / cfg.grad_accum
+                total += loss.item() / n
+            epoch_end = batches.pos >= len(batches.batches)
             if not grads_checked and total > 0:  # a batch that counts (a black-masked one has loss 0 exactly)
                 grads_checked = True
                 if all(p.grad is None or not bool(p.grad.any()) for p in params):
@@ -285,22 +372,37 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
             if scaler:
                 scaler.step(opt)
                 scaler.update()
-            else:
+            elif not fused:  # fused: every parameter was already stepped during backward
                 opt.step()
             if step == first and scaler is None and all(torch.equal(p, p0) for p, p0 in zip(params, initial)):
                 raise KilnError(f"the first step changed no LoRA weight (learning rate {cfg.learning_rate:g}): training "
                                 f"would change nothing. Likely causes: {NO_CHANGE_CAUSES}.")
-            sched.step()
+            with warnings.catch_warnings():
+                if fused:  # the main optimizer only holds the rates: torch warns that it was never stepped
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                sched.step()
             opt.zero_grad(set_to_none=True)
             result.losses.append(total)
             result.steps = step
+            val_loss = None
+            if val_batches and ((cfg.validate_every_n_steps and step % cfg.validate_every_n_steps == 0) or
+                                (epoch_end and epoch % (cfg.validate_every_n_epochs or 1) == 0)):
+                val_loss = validation_loss()
+                result.validation.append((step, val_loss))
             result.seconds = time.perf_counter() - start
             if on_step:
-                on_step(StepInfo(step, cfg.steps, total, sched.get_last_lr()[0], result.seconds))
+                on_step(StepInfo(step, cfg.steps, total, sched.get_last_lr()[0], result.seconds, epoch, epoch_end,
+                                 val_loss))
             if on_save and cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                on_save(step, state(step), result)
-    if hasattr(opt, "eval"):
-        opt.eval()
+                on_save(step, state(step), result, epoch=None)
+            if (on_save and epoch_end and cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0
+                    and epoch < num_epochs and step < cfg.steps):
+                on_save(step, state(step), result, epoch=epoch)
+    for o in stepping:
+        if hasattr(o, "eval"):
+            o.eval()
+    if fused:
+        fused.remove()
     network.eval()
     if all(torch.equal(p, p0) for p, p0 in zip(params, initial)):
         raise KilnError(f"after {result.steps} steps the LoRA is bit-identical to its starting state: training changed "

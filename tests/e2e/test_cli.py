@@ -57,7 +57,7 @@ caption_extension = ".txt"
 [[datasets]]
   [[datasets.subsets]]
   image_dir = "{images / '5_kiln toy'}"
-  num_repeats = 2
+  num_repeats = 1
 ''')
     (tmp_path / "train.toml").write_text(f'''
 [model_arguments]
@@ -67,7 +67,11 @@ dataset_config = "dataset.toml"
 [training_arguments]
 output_dir = "out"
 output_name = "from_kohya"
-max_train_steps = 3
+max_train_epochs = 2
+save_every_n_epochs = 1
+noise_offset = 0.05
+loss_type = "huber"
+huber_schedule = "exponential"
 learning_rate = 2e-3
 network_train_unet_only = true
 cache_latents = true
@@ -83,4 +87,9 @@ network_alpha = 4
     assert "a sd1 run of KilnTrainSD1" in run.stdout and "cache_latents: no effect" in run.stdout
     with safe_open(str(tmp_path / "out" / "from_kohya.safetensors"), "pt") as f:
         meta, keys = f.metadata(), list(f.keys())
-    assert meta["ss_network_dim"] == "4" and meta["ss_steps"] == "3" and not any(k.startswith("lora_te") for k in keys)
+    assert meta["ss_network_dim"] == "4" and not any(k.startswith("lora_te") for k in keys)
+    # kohya's epochs: steps = 2 × batches per epoch; the epoch-1 LoRA is written as kohya names it
+    assert int(meta["ss_steps"]) == 2 * int(meta["ss_num_batches_per_epoch"]) and meta["ss_epoch"] == "2"
+    assert (meta["ss_noise_offset"], meta["ss_loss_type"], meta["ss_huber_schedule"]) == ("0.05", "huber", "exponential")
+    assert (tmp_path / "out" / "from_kohya-000001.safetensors").is_file()
+    assert "epoch 2/2" in run.stdout

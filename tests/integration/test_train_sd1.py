@@ -1,6 +1,7 @@
 """Train SD1 in process, on the tiny SD1 checkpoint loaded by ComfyUI's own CheckpointLoaderSimple."""
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -212,3 +213,40 @@ def test_save_every_n_steps_then_resume_exactly(comfy, loaded, cached):
         comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=bigger, **opts,
                        resume_from="kiln/resume_test-step000003.safetensors")
     assert type(err.value).__name__ == "KilnError" and "does not fit this LoRA" in str(err.value)
+
+
+def test_training_args_epochs_saves_noise_and_metadata(comfy, loaded, cached):
+    """kohya options from the node's training_args: steps from max_train_epochs, one LoRA per epoch with the
+    older one removed (save_last_n_epochs), the noise/loss options used and recorded as kohya records them."""
+    model, clip, _ = loaded
+    cfg = comfy.run_node("KilnLoraConfig", rank=2, alpha=2.0, conv_rank=0, conv_alpha=1.0, dropout=0.0,
+                         rank_dropout=0.0, module_dropout=0.0)[0]
+    args = ("max_train_epochs=3\nsave_every_n_epochs=1 save_last_n_epochs=1\nnoise_offset=0.05\n"
+            "huber_schedule=exponential huber_c=0.2\nmin_timestep=100\nvalidation_split=0.3 validate_every_n_steps=2")
+    opts = TRAIN | dict(steps=1, sample_every=0, sample_steps=1, loss_type="huber")
+    comfy.events.clear()
+    out = comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=cfg, **opts,
+                         training_args=args, save_name="kiln/epochs")
+    meta = out[1].metadata
+    per_epoch = int(meta["ss_num_batches_per_epoch"])
+    assert int(meta["ss_max_train_steps"]) == int(meta["ss_steps"]) == 3 * per_epoch
+    assert (meta["ss_num_epochs"], meta["ss_epoch"], meta["ss_noise_offset"]) == ("3", "3", "0.05")
+    assert (meta["ss_loss_type"], meta["ss_huber_schedule"], meta["ss_huber_c"]) == ("huber", "exponential", "0.2")
+    assert meta["ss_min_timestep"] == "100" and meta["ss_adaptive_noise_scale"] == "None"
+    kept = comfy.loras_dir / "kiln" / "epochs-000002.safetensors"
+    assert kept.is_file() and kept.with_suffix(".kiln-state").is_file()
+    assert not (comfy.loras_dir / "kiln" / "epochs-000001.safetensors").exists()  # removed when epoch 2 was saved
+    assert not (comfy.loras_dir / "kiln" / "epochs-000001.kiln-state").exists()
+    assert not (comfy.loras_dir / "kiln" / "epochs-000003.safetensors").exists()  # the last is the output
+    text = " ".join(map(str, out.ui["text"]))
+    assert f"3 epochs of {per_epoch} steps" in text and "training_args: max_train_epochs=3" in text
+    losses = [d for e, d in comfy.events if e == "kiln.loss"]
+    assert [d["epoch"] for d in losses][-1] == 3 and losses[-1]["epochs"] == 3
+    assert int(meta["ss_num_validation_images"]) > 0 and meta["ss_validation_split"] == "0.3"
+    curve = json.loads(meta["kiln_validation_loss"])
+    assert [step for step, _ in curve][:2] == [2, 4] and [d["val_loss"] for d in losses if d["step"] == 2][0] == pytest.approx(curve[0][1], abs=1e-6)
+    assert "validation loss" in text
+    with pytest.raises(Exception) as err:
+        comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=cfg, **opts,
+                       training_args="max_train_epoch=3")
+    assert type(err.value).__name__ == "KilnError" and "Did you mean 'max_train_epochs'" in str(err.value)

@@ -62,8 +62,106 @@ def test_sd3_keys_and_network_args():
     ("color_jitter = 1\n", "sd1", "kohya key 'color_jitter' is not read"),
     ('weighting_scheme = "mode"\n', "sd1", "is an SD3 option"),
     ('save_model_as = "ckpt"\n', "sd1", "save_model_as must be safetensors"),
-    ("", "sd3", "does not train a sd3 model"),
 ])
 def test_what_kiln_cannot_honour_is_refused_by_name(extra, family, message):
     with pytest.raises(KilnError, match=message):
         graph_from_config(BASE + extra, "t.toml", family)
+
+
+def test_training_options_go_into_training_args():
+    extra = ("max_train_epochs = 10\nsave_every_n_epochs = 2\nnoise_offset = 0.0357\n"
+             "noise_offset_random_strength = true\nhuber_schedule = \"exponential\"\n")
+    p, _ = graph_from_config(BASE + extra, "t.toml", "sdxl")
+    assert p["6"]["inputs"]["training_args"].splitlines() == [
+        "max_train_epochs=10", "save_every_n_epochs=2", "noise_offset=0.0357", "noise_offset_random_strength=true",
+        "huber_schedule=exponential"]
+    with pytest.raises(KilnError, match="t.toml: key 'noise_offset' does not apply to sd3"):
+        graph_from_config(BASE.replace('"networks.lora"', '"networks.lora_sd3"') + "noise_offset = 0.1\n", "t.toml", "sd3")
+    with pytest.raises(KilnError, match="max_train_epochs must be an integer"):
+        graph_from_config(BASE + "max_train_epochs = 0\n", "t.toml", "sd1")
+
+
+def test_optimizer_and_schedule_keys_fill_widgets_or_training_args():
+    extra = ('lr_scheduler = "cosine_with_restarts"\nlr_warmup_steps = 0.1\nlr_scheduler_num_cycles = 3\n'
+             'optimizer_args = ["weight_decay=0.1", "betas=0.9,0.99"]\n')
+    p, _ = graph_from_config(BASE.replace('"AdamW8bit"', '"adamw8bit"') + extra, "t.toml", "sd1")
+    t = p["6"]["inputs"]
+    assert t["optimizer"] == "AdamW8bit" and t["lr_scheduler"] == "cosine_with_restarts" and "warmup_steps" not in t
+    assert t["training_args"].splitlines() == ["lr_warmup_steps=0.1", "lr_scheduler_num_cycles=3",
+                                               "optimizer_args=[weight_decay=0.1 betas=0.9,0.99]"]
+    p, _ = graph_from_config(BASE.replace('"AdamW8bit"', '"pytorch_optimizer.CAME"') + "lr_warmup_steps = 50\n",
+                             "t.toml", "sd1")
+    t = p["6"]["inputs"]
+    assert "optimizer" not in t and t["training_args"] == "optimizer_type=pytorch_optimizer.CAME"
+    assert t["warmup_steps"] == 50
+    with pytest.raises(KilnError, match="lr_scheduler 'rex' is not one of"):
+        graph_from_config(BASE + 'lr_scheduler = "rex"\n', "t.toml", "sd1")
+
+
+# kohya's own examples (docs/sdxl_train_network.md, docs/sd3_train_network.md), as config files
+SDXL_EXAMPLE = '''
+pretrained_model_name_or_path = "sdxl.safetensors"
+dataset_config = "my_sdxl_dataset_config.toml"
+output_dir = "out"
+output_name = "my_sdxl_lora"
+save_model_as = "safetensors"
+network_module = "networks.lora"
+network_dim = 32
+network_alpha = 16
+learning_rate = 1e-4
+unet_lr = 1e-4
+text_encoder_lr1 = 1e-5
+text_encoder_lr2 = 1e-5
+optimizer_type = "AdamW8bit"
+lr_scheduler = "constant"
+max_train_epochs = 10
+save_every_n_epochs = 1
+mixed_precision = "bf16"
+gradient_checkpointing = true
+cache_text_encoder_outputs = true
+cache_latents = true
+'''
+SD3_EXAMPLE = '''
+pretrained_model_name_or_path = "sd3.safetensors"
+clip_l = "te/clip_l.safetensors"
+clip_g = "te/clip_g.safetensors"
+t5xxl = "te/t5xxl.safetensors"
+dataset_config = "my_sd3_dataset_config.toml"
+output_dir = "out"
+output_name = "my_sd3_lora"
+save_model_as = "safetensors"
+network_module = "networks.lora"
+network_dim = 16
+network_alpha = 1
+learning_rate = 1e-4
+optimizer_type = "AdamW8bit"
+lr_scheduler = "constant"
+sdpa = true
+max_train_epochs = 10
+save_every_n_epochs = 1
+mixed_precision = "fp16"
+gradient_checkpointing = true
+weighting_scheme = "uniform"
+blocks_to_swap = 32
+'''
+
+
+def test_kohyas_sdxl_example_config():
+    p, notes = graph_from_config(SDXL_EXAMPLE, "sdxl.toml", "sdxl")
+    t = p["6"]["inputs"]
+    assert (t["text_encoder_lr1"], t["text_encoder_lr2"], t["learning_rate"]) == (1e-5, 1e-5, 1e-4)
+    assert t["training_args"].splitlines() == ["max_train_epochs=10", "save_every_n_epochs=1"]
+    assert t["save_name"] == "my_sdxl_lora" and t["precision"] == "bf16" and t["gradient_checkpointing"] is True
+
+
+def test_kohyas_sd3_example_config():
+    p, notes = graph_from_config(SD3_EXAMPLE, "sd3.toml", "sd3")
+    t = p["6"]["inputs"]
+    assert p["3"] == {"class_type": "TripleCLIPLoader", "inputs": {
+        "clip_name1": "te/clip_l.safetensors", "clip_name2": "te/clip_g.safetensors", "clip_name3": "te/t5xxl.safetensors"}}
+    assert t["clip"] == ["3", 0] and t["weighting_scheme"] == "uniform" and t["precision"] == "fp16"
+    assert any("networks.lora_sd3" in n for n in notes) and any("blocks_to_swap" in n for n in notes)
+    with pytest.raises(KilnError, match="networks.lora_sd3' does not train a sd1 model"):
+        graph_from_config(BASE.replace('"networks.lora"', '"networks.lora_sd3"'), "x.toml", "sd1")
+    with pytest.raises(KilnError, match="text_encoder_lr3 does not exist for sdxl"):
+        graph_from_config(SDXL_EXAMPLE + "text_encoder_lr3 = 1e-5\n", "x.toml", "sdxl")

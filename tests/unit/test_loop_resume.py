@@ -13,6 +13,7 @@ from trainer_core.data.transforms import Geometry
 from trainer_core.errors import KilnError
 from trainer_core.families.sd1 import SD1Objective
 from trainer_core.lora.network import LoRANetwork
+from trainer_core.noise import NoiseOptions
 from trainer_core.lora.targets import TargetRule
 from trainer_core.loop import TrainConfig, train
 
@@ -28,7 +29,7 @@ def data() -> LatentCache:
     return LatentCache(samples, dataset=None, encoder_id="test")
 
 
-def run(resume=None, weights=None, save_every=0):
+def run(resume=None, weights=None, save_every=0, options=None, noise=NoiseOptions()):
     torch.manual_seed(0)
     root = nn.Sequential(nn.Conv2d(4, 8, 1), nn.SiLU(), nn.Conv2d(8, 4, 1))
     network = LoRANetwork(root, [TargetRule(r".*", ("conv1x1",), 2, 2.0)], lambda p: f"lora_{p}", dropout=0.2, seed=1)
@@ -44,15 +45,16 @@ def run(resume=None, weights=None, save_every=0):
     def forward(x, t, c):
         return root(x) * (1 + c["context"].view(-1, 1, 1, 1) / 100)
 
-    def on_save(step, state, result):
+    def on_save(step, state, result, epoch=None):
         buf = io.BytesIO()
         torch.save(state, buf)
         buf.seek(0)
-        saved[step] = (torch.load(buf, weights_only=True), network.kohya_state_dict())
+        saved[step] = (torch.load(buf, weights_only=True), network.kohya_state_dict(), epoch)
 
     with network.attached():
-        result = train(network, SD1Objective(torch.linspace(0.99, 0.01, 100)), forward, conditioning, data(),
-                       lambda z: z, TrainConfig(**CFG, save_every=save_every), torch.device("cpu"),
+        objective = SD1Objective(torch.linspace(0.99, 0.01, 100), noise=noise, min_timestep=10, max_timestep=90)
+        result = train(network, objective, forward, conditioning, data(),
+                       lambda z: z, TrainConfig(**{**CFG, **(options or {})}, save_every=save_every), torch.device("cpu"),
                        on_save=on_save, resume=resume)
     return network.kohya_state_dict(), result, saved, captions
 
@@ -60,7 +62,7 @@ def run(resume=None, weights=None, save_every=0):
 def test_resumed_run_ends_bit_identical_to_the_uninterrupted_one():
     full, full_result, saved, _ = run(save_every=4)
     assert sorted(saved) == [4, 8]  # not at the last step: the final LoRA is the node's output
-    state, weights = saved[4]
+    state, weights, _ = saved[4]
     resumed, result, _, _ = run(resume=state, weights=weights)
     assert result.losses == full_result.losses and result.steps == 9
     assert all(torch.equal(full[k], resumed[k]) for k in full)
@@ -71,3 +73,30 @@ def test_resume_past_the_end_is_refused():
     _, _, saved, _ = run(save_every=4)
     with pytest.raises(KilnError, match="already made 9 steps"):
         run(resume=dict(saved[8][0], step=9), weights=saved[8][1])
+
+
+def test_resume_from_an_epoch_save_with_kohyas_noise_loss_and_epoch_options():
+    options = dict(max_train_epochs=4, save_every_n_epochs=1, grad_accum=2, loss_type="huber",
+                   huber_schedule="snr", debiased_estimation_loss=True, v_pred_like_loss=0.1,
+                   validation_split=0.2, validate_every_n_steps=3)
+    noise = NoiseOptions(noise_offset=0.1, noise_offset_random_strength=True, adaptive_noise_scale=0.05,
+                         multires_noise_iterations=3, ip_noise_gamma=0.1, ip_noise_gamma_random_strength=True)
+    full, full_result, saved, _ = run(options=options, noise=noise)
+    assert [(step, epoch) for step, (_, _, epoch) in sorted(saved.items())] == [(2, 1), (4, 2), (6, 3)]
+    state, weights, _ = saved[4]
+    resumed, result, _, _ = run(resume=state, weights=weights, options=options, noise=noise)
+    assert result.steps == 8 and result.losses == full_result.losses
+    assert result.validation == full_result.validation and len(result.validation) >= 4
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+@pytest.mark.parametrize("optimizer", ["Adafactor", "AdamWScheduleFree", "Prodigy", "pytorch_optimizer.CAME",
+                                       "AdamW8bit"])
+def test_resume_is_bit_identical_with_other_optimizers(optimizer):
+    options = dict(optimizer_type=optimizer, optimizer_args={"weight_decay": 0.05}, lr_scheduler="polynomial",
+                   lr_warmup_steps=0.2)
+    full, full_result, saved, _ = run(save_every=5, options=options)
+    state, weights, _ = saved[5]
+    resumed, result, _, _ = run(resume=state, weights=weights, options=options)
+    assert result.losses == full_result.losses
+    assert all(torch.equal(full[k], resumed[k]) for k in full)

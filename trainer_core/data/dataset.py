@@ -59,11 +59,11 @@ class Dataset:
     skipped_files: int = 0
     report: list[str] = field(default_factory=list)
 
-    def sample_repeats(self) -> list[int]:
+    def sample_repeats(self, held_out: frozenset[int] = frozenset()) -> list[int]:
         """Repeats per item for one epoch, with regularization images balanced the way kohya does:
         reg images are repeated (round-robin, one extra repeat at a time after their own repeats) until
-        an epoch holds as many reg samples as training samples."""
-        repeats = [self.subsets[i.subset].num_repeats for i in self.items]
+        an epoch holds as many reg samples as training samples. Items in ``held_out`` (validation) get 0."""
+        repeats = [0 if k in held_out else self.subsets[i.subset].num_repeats for k, i in enumerate(self.items)]
         reg = [k for k, i in enumerate(self.items) if self.subsets[i.subset].is_reg]
         if not reg:
             return repeats

@@ -11,6 +11,8 @@ from torch import nn
 
 from ..lora.kohya_names import CompvisToDiffusers, kohya_name
 from ..lora.targets import TargetRule
+from ..losses import huber_threshold, snr_loss_weight
+from ..noise import NoiseOptions, input_noise, shaped_noise
 from .common import NoisyBatch
 
 UNET_PREFIX = "lora_unet"
@@ -36,34 +38,59 @@ def checkpoint_blocks(unet: nn.Module) -> list[nn.Module]:
     return list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks)
 
 
+def zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023 (arXiv 2305.08891), kohya's zero_terminal_snr: √ᾱ shifted so its last value is 0 and
+    rescaled so its first is unchanged (kohya rewrites the betas; the resulting ᾱ is the same)."""
+    s = alphas_cumprod.double().sqrt()
+    s0, st = s[0].clone(), s[-1].clone()
+    return ((s - st) * s0 / (s0 - st)) ** 2
+
+
 class SD1Objective:
-    """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε at integer t, target ε (or v = √ᾱ_t·ε − √(1−ᾱ_t)·x0)."""
+    """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε at integer t in [min_timestep, max_timestep), target ε (or
+    v = √ᾱ_t·ε − √(1−ᾱ_t)·x0); kohya's noise options shape ε (noise.py)."""
 
     def __init__(self, alphas_cumprod: torch.Tensor, prediction: str = "eps",
-                 min_timestep: int = 0, max_timestep: int | None = None, noise_offset: float = 0.0):
+                 min_timestep: int | None = None, max_timestep: int | None = None,
+                 noise: NoiseOptions = NoiseOptions(), zsnr: bool = False):
         if prediction not in ("eps", "v"):
             raise ValueError(f"SD1/SD2 prediction must be eps or v, got {prediction}")
         self.acp = alphas_cumprod.double().cpu()
+        if zsnr:
+            self.acp = zero_terminal_snr(self.acp)
         self.prediction = prediction
-        self.min_t = min_timestep
-        self.max_t = len(self.acp) if max_timestep is None else max_timestep
-        self.noise_offset = noise_offset
+        self.num_timesteps = len(self.acp)
+        self.min_t = min_timestep or 0
+        self.max_t = self.num_timesteps if max_timestep is None else max_timestep
+        self.noise = noise
 
     def sample(self, x0: torch.Tensor, generator: torch.Generator) -> NoisyBatch:
         b = x0.shape[0]
-        t = torch.randint(self.min_t, self.max_t, (b,), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        if self.noise_offset:
-            noise = noise + self.noise_offset * torch.randn((b, x0.shape[1], 1, 1), generator=generator)
-        return self.at(x0, t, noise.to(x0.device, x0.dtype))
+        if self.min_t < self.max_t:
+            t = torch.randint(self.min_t, self.max_t, (b,), generator=generator)
+        else:  # kohya: min_timestep == max_timestep trains that one timestep
+            t = torch.full((b,), self.max_t, dtype=torch.long)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+        noise = shaped_noise(x0, noise, self.noise, generator)
+        return self.at(x0, t, noise, input_noise(noise, self.noise, generator))
 
-    def at(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> NoisyBatch:
-        acp = self.acp[t].to(x0.device)
+    def at(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, noised_with: torch.Tensor | None = None) -> NoisyBatch:
+        """``noised_with`` (input perturbation) goes into x_t in place of ``noise``; the target keeps ``noise``."""
+        acp = self.acp[t.cpu()].to(x0.device)
         a = acp.sqrt().to(x0.dtype).view(-1, 1, 1, 1)
         s = (1 - acp).sqrt().to(x0.dtype).view(-1, 1, 1, 1)
-        x_t = a * x0 + s * noise
+        x_t = a * x0 + s * (noise if noised_with is None else noised_with)
         target = noise if self.prediction == "eps" else a * noise - s * x0
         return NoisyBatch(x_t, t.to(x0.device).float(), target, (acp / (1 - acp)).float())
+
+    def huber_c(self, nb: NoisyBatch, schedule: str, c: float, scale: float) -> torch.Tensor:
+        return huber_threshold(schedule, c, scale, nb.timesteps, self.num_timesteps, self.acp)
+
+    def loss_weight(self, snr: torch.Tensor, cfg) -> torch.Tensor:
+        """kohya's post-processing weights after min-SNR (scale_v_pred_loss_like_noise_pred, v_pred_like_loss,
+        debiased_estimation_loss)."""
+        return snr_loss_weight(snr, self.prediction == "v", cfg.scale_v_pred_loss_like_noise_pred,
+                               cfg.v_pred_like_loss or 0.0, cfg.debiased_estimation_loss)
 
     def output(self, pred: torch.Tensor, nb: NoisyBatch) -> torch.Tensor:
         """The prediction in the space of ``nb.target`` (SD1/SD2 compare it as it is)."""

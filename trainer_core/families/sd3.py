@@ -20,6 +20,7 @@ from torch import nn
 
 from ..lora.network_args import block_selection, int_arg, int_list_arg
 from ..lora.targets import TargetRule
+from ..losses import huber_threshold
 from .common import NoisyBatch
 
 UNET_PREFIX = "lora_unet"
@@ -148,6 +149,9 @@ class SD3Objective:
         x_t = (1 - s) * x0 + s * noise
         snr = ((1 - sigma) / sigma.clamp_min(1e-3)) ** 2
         return NoisyBatch(x_t, t.to(x0.device).float(), x0, snr.float(), loss_weight(self.scheme, sigma).float(), s)
+
+    def huber_c(self, nb: NoisyBatch, schedule: str, c: float, scale: float) -> torch.Tensor:
+        return huber_threshold(schedule, c, scale, nb.timesteps, 1000)
 
     def output(self, pred: torch.Tensor, nb: NoisyBatch) -> torch.Tensor:
         """Velocity prediction -> implied x0 (kohya's preconditioning), compared with x0."""

@@ -1,0 +1,72 @@
+"""kohya's validation loss (sd-scripts ≥ 0.10): images held out by validation_split, scored on fixed timesteps
+and fixed noise, so two evaluations of the same weights give the same number.
+
+Split (kohya's split_train_val, per subset): the subset's images in path order, shuffled with
+validation_seed; training keeps the first ⌈n·(1 − split)⌉, validation gets the rest (kohya's validation part,
+n − round(n·split) onwards, can overlap the training part when rounding meets; here it never does: held-out
+images are never trained on). Regularization images stay in training, balanced again against what is left.
+Scoring: every validation batch at the timesteps linspace(min, max, 6)[1:-1] (200, 400, 600, 800 for the
+full range), noise drawn from a generator seeded with validation_seed each time.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import replace
+
+from .cache import LatentCache
+from .errors import KilnError
+
+NUM_TIMESTEPS = 4
+
+
+def split(cache: LatentCache, fraction: float | None, seed: int) -> tuple[LatentCache, LatentCache | None]:
+    """(training part, validation part or None when fraction is 0)."""
+    if not fraction:
+        return cache, None
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(cache.samples):
+        if not s.is_reg:
+            groups.setdefault((s.block, os.path.dirname(s.path)), []).append(i)
+    held = []
+    for members in groups.values():
+        members = sorted(members, key=lambda i: cache.samples[i].path)
+        random.Random(seed).shuffle(members)
+        held += members[math.ceil(len(members) * (1 - fraction)):]
+    if not held:
+        raise KilnError(f"validation_split {fraction:g} holds out no image (too few per folder); raise it or "
+                        f"leave it at 0.")
+    if len(held) == sum(1 for s in cache.samples if not s.is_reg):
+        raise KilnError(f"validation_split {fraction:g} holds out every training image; lower it.")
+    held_set = frozenset(held)
+    repeats = ([s.repeats for s in cache.samples] if cache.dataset is None or
+               len(cache.dataset.items) != len(cache.samples) else cache.dataset.sample_repeats(held_set))
+    train = [replace(s, repeats=repeats[i]) for i, s in enumerate(cache.samples) if i not in held_set]
+    val = [replace(s, repeats=1) for i, s in enumerate(cache.samples) if i in held_set]
+    return replace(cache, samples=train), replace(cache, samples=val)
+
+
+def timesteps(min_timestep: int | None, max_timestep: int | None, num_timesteps: int = 1000) -> list[int]:
+    """kohya's validation timesteps: np.linspace(min, max, 6, dtype=int)[1:-1]."""
+    lo = min_timestep or 0
+    hi = num_timesteps if max_timestep is None else max_timestep
+    return [int(lo + (hi - lo) * k / (NUM_TIMESTEPS + 1)) for k in range(1, NUM_TIMESTEPS + 1)]
+
+
+def batches(cache: LatentCache, batch_size: int, max_steps: int | None) -> list[list[int]]:
+    """Validation batches in a fixed order (per bucket, by path), at most max_validation_steps of them."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, s in enumerate(cache.samples):
+        by_shape.setdefault((s.block, tuple(s.latent.shape)), []).append(i)
+    out = []
+    for key in sorted(by_shape):
+        idx = sorted(by_shape[key], key=lambda i: cache.samples[i].path)
+        n = cache.samples[idx[0]].batch_size or batch_size
+        out += [idx[b:b + n] for b in range(0, len(idx), n)]
+    return out if max_steps is None else out[:max_steps]
+
+
+def parts(cache: LatentCache, cfg) -> tuple[LatentCache, LatentCache | None]:
+    """The training and validation parts for a TrainConfig (validation_seed defaults to the seed, as kohya)."""
+    return split(cache, cfg.validation_split, cfg.seed if cfg.validation_seed is None else cfg.validation_seed)
