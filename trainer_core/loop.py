@@ -194,7 +194,7 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
     (``cfg.max_train_epochs`` epochs when set). An optimizer step never spans two epochs (kohya's
     accumulation ends with the epoch's last batch).
 
-    Every ``cfg.save_every`` steps ``on_save(step, state, result, epoch=None)`` gets the training state
+    Every ``cfg.save_every`` steps ``on_save(step, state, result)`` gets the training state
     (optimizer, schedule, every RNG, the batch position), and at the end of every ``cfg.save_every_n_epochs``-th
     epoch ``on_save(step, state, result, epoch=N)``; passing such a state back as ``resume`` (with the adapters
     loaded from the LoRA saved then) continues exactly where that run was."""
@@ -326,6 +326,7 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
 
     initial = [p.detach().clone() for p in params]  # "nothing changed" is checked against these
     grads_checked = fused is not None  # fused: each gradient is freed as soon as its parameter stepped
+    change_checked = False
     val_batches = validation.batches(val_cache, cfg.batch_size, cfg.max_validation_steps) if val_cache else []
     val_timesteps = validation.timesteps(cfg.min_timestep, cfg.max_timestep, getattr(objective, "num_timesteps", 1000))
 
@@ -349,6 +350,7 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
     with gradient_checkpointing(list(checkpoint_blocks), cfg.gradient_checkpointing):
         for step in range(first, cfg.steps + 1):
             total = 0.0
+            lr_now = max((g["lr"] for g in opt.param_groups), key=lambda v: -1 if v is None else v)  # None: Adafactor
             n = min(cfg.grad_accum, batches.left_in_epoch())  # the epoch's last step may hold fewer batches
             for _ in range(n):
                 epoch, indices = next(batches)
@@ -374,9 +376,12 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
                 scaler.update()
             elif not fused:  # fused: every parameter was already stepped during backward
                 opt.step()
-            if step == first and scaler is None and all(torch.equal(p, p0) for p, p0 in zip(params, initial)):
-                raise KilnError(f"the first step changed no LoRA weight (learning rate {cfg.learning_rate:g}): training "
-                                f"would change nothing. Likely causes: {NO_CHANGE_CAUSES}.")
+            warming_up = lr_now == 0 and any(b for b in sched.base_lrs)  # kohya's warmup starts at lr 0
+            if not change_checked and scaler is None and not warming_up:
+                change_checked = True
+                if all(torch.equal(p, p0) for p, p0 in zip(params, initial)):
+                    raise KilnError(f"the first step changed no LoRA weight (learning rate {cfg.learning_rate:g}): "
+                                    f"training would change nothing. Likely causes: {NO_CHANGE_CAUSES}.")
             with warnings.catch_warnings():
                 if fused:  # the main optimizer only holds the rates: torch warns that it was never stepped
                     warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
@@ -394,7 +399,7 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
                 on_step(StepInfo(step, cfg.steps, total, sched.get_last_lr()[0], result.seconds, epoch, epoch_end,
                                  val_loss))
             if on_save and cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                on_save(step, state(step), result, epoch=None)
+                on_save(step, state(step), result)
             if (on_save and epoch_end and cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0
                     and epoch < num_epochs and step < cfg.steps):
                 on_save(step, state(step), result, epoch=epoch)
