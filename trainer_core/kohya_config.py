@@ -66,9 +66,11 @@ def te_rates(cfg: dict, family: str) -> dict[str, float]:
              "sd3": ["text_encoder_lr1", "text_encoder_lr2", "text_encoder_lr3"]}[family]
     if cfg.get("network_train_unet_only"):
         return {n: 0.0 for n in names}
-    lr = cfg.get("text_encoder_lr", cfg.get("learning_rate", 1e-4))
+    lr = cfg.get("text_encoder_lr")
+    if lr is None or lr == []:  # kohya: an empty list is unset, like no key at all -> learning_rate
+        lr = cfg.get("learning_rate", 1e-4)
     lrs = [float(x) for x in lr] if isinstance(lr, list) else [float(lr)]
-    lrs = (lrs + [lrs[-1]] * len(names))[:len(names)] if lrs else [0.0] * len(names)
+    lrs = (lrs + [lrs[-1]] * len(names))[:len(names)]
     out = dict(zip(names, lrs))
     for name in names:  # sdxl/sd3_train_network's text_encoder_lr1/2/3 win over text_encoder_lr
         if name in cfg and name != "text_encoder_lr":
@@ -110,7 +112,13 @@ def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str
     for key in ("pretrained_model_name_or_path", "dataset_config"):
         if key not in cfg:
             raise KilnError(f"{path} has no {key}: the CLI needs the checkpoint and the dataset TOML.")
-    module = cfg.get("network_module", "networks.lora_sd3" if family == "sd3" else "networks.lora")
+    if "network_module" not in cfg:
+        raise KilnError(f"{path} has no network_module: that is a kohya train_db.py / fine-tuning config (the whole "
+                        f"model trains, at its own learning rate of {cfg.get('learning_rate', 'unset')}). Kiln trains "
+                        f"LoRA-type networks only and will not turn it into a LoRA silently: add network_module = "
+                        f"\"networks.lora\" (networks.lora_sd3 for SD3) with network_dim/network_alpha and a LoRA "
+                        f"learning rate such as 1e-4.")
+    module = cfg["network_module"]
     notes = []
     if family == "sd3" and module == "networks.lora":  # kohya's own SD3 example writes it so
         module = "networks.lora_sd3"
@@ -178,7 +186,8 @@ def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str
         "6": {"class_type": TRAIN_NODE[family], "inputs": train},
         "7": {"class_type": "KilnSaveLora", "inputs": {
             "lora": ["6", 1], "filename": cfg.get("output_name", "last"), "overwrite": True,
-            "precision": PRECISION.get(str(cfg.get("save_precision", "fp16")), "fp16")}},
+            # unset: kohya saves in the trained dtype, fp32 for LoRA weights
+            "precision": PRECISION.get(str(cfg.get("save_precision", "fp32")), "fp32")}},
     }
     if files:  # separate encoder files, as kohya's --clip_l/--clip_g/--t5xxl: ComfyUI's own CLIP loaders
         names = {f"clip_name{i + 1}": f for i, f in enumerate(files)}

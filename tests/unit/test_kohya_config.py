@@ -48,6 +48,21 @@ def test_text_encoder_rates_and_unet_only():
     assert p["6"]["inputs"]["text_encoder_lr"] == 0.0
 
 
+def test_empty_text_encoder_lr_is_unset_and_save_precision_defaults_to_fp32():
+    """kohya reads text_encoder_lr = [] as not given (learning_rate), and saves in the trained dtype when
+    save_precision is not given (fp32 LoRA weights)."""
+    p, _ = graph_from_config(BASE + "text_encoder_lr = []\n", "t.toml", "sdxl")
+    assert p["6"]["inputs"]["text_encoder_lr1"] == p["6"]["inputs"]["text_encoder_lr2"] == 1e-4
+    p, _ = graph_from_config(BASE.replace('save_precision = "bf16"\n', ""), "t.toml", "sd1")
+    assert p["7"]["inputs"]["precision"] == "fp32"
+
+
+def test_a_train_db_config_is_refused_not_turned_into_a_lora():
+    text = "\n".join(line for line in BASE.splitlines() if not line.startswith(("network_", "[network")))
+    with pytest.raises(KilnError, match="no network_module: that is a kohya train_db.py"):
+        graph_from_config(text.replace("learning_rate = 1e-4", "learning_rate = 1e-6"), "db.toml", "sd1")
+
+
 def test_sd3_keys_and_network_args():
     text = BASE.replace('"networks.lora"', '"networks.lora_sd3"').replace(
         '["conv_dim=4", "conv_alpha=2", "rank_dropout=0.1"]', '["context_attn_dim=8", "train_block_indices=0-3"]')
