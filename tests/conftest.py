@@ -331,6 +331,17 @@ def comfy_server(kiln_env, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def new_comfy_server(kiln_env):
+    """A factory of extra real servers, each over its own base directory with only this pack in custom_nodes
+    (e.g. to restart a killed one); the caller stops them."""
+    def start(base: Path) -> ComfyServer:
+        if not (base / "custom_nodes" / PACK_NAME).exists():
+            _link_pack(base / "custom_nodes")
+        return ComfyServer(kiln_env.python, kiln_env.comfyui, base, cpu=FORCE_CPU)
+    return start
+
+
+@pytest.fixture(scope="session")
 def server_sd1_checkpoint(comfy_server, tiny_sd1_path) -> str:
     """File name of the tiny SD1 checkpoint in comfy_server's models/checkpoints."""
     return comfy_server.install(tiny_sd1_path, "checkpoints")

@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import FORCE_CPU, ComfyServer, _link_pack
 from fixtures.datasets import make_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,10 +31,9 @@ def loadable(path: Path) -> None:
             f.get_tensor(k)
 
 
-def test_sigkill_mid_run_leaves_only_complete_files_and_resumes(kiln_env, tiny_sd1_path, tmp_path):
+def test_sigkill_mid_run_leaves_only_complete_files_and_resumes(new_comfy_server, tiny_sd1_path, tmp_path):
     base = tmp_path / "server"
-    _link_pack(base / "custom_nodes")
-    server = ComfyServer(kiln_env.python, kiln_env.comfyui, base, cpu=FORCE_CPU)
+    server = new_comfy_server(base)
     try:
         ckpt = server.install(tiny_sd1_path, "checkpoints")
         make_dataset(server.input_dir / "crash")
@@ -71,7 +69,7 @@ def test_sigkill_mid_run_leaves_only_complete_files_and_resumes(kiln_env, tiny_s
     damaged = sorted((cache / "latents").glob("*.safetensors"))[0]
     damaged.write_bytes(damaged.read_bytes()[:100])
 
-    server = ComfyServer(kiln_env.python, kiln_env.comfyui, base, cpu=FORCE_CPU)
+    server = new_comfy_server(base)
     try:
         wf["6"]["inputs"]["resume_from"] = f"kiln/crash-step{last:06d}.safetensors"
         entry = server.wait(server.post_prompt(wf), timeout=900)
