@@ -8,7 +8,7 @@ from comfy_api.latest import io, ui
 import folder_paths
 
 from ..trainer_core.errors import KilnError
-from ..trainer_core.lora.config import LoraConfig
+from ..trainer_core.lora.config import ALGORITHMS, LoraConfig
 from ..trainer_core.lora.io import DTYPES, TrainedLora, save_lora_file
 from ..trainer_core.lora.network_args import parse_network_args
 from .options import check_options, check_text
@@ -35,15 +35,25 @@ class KilnLoraConfig(io.ComfyNode):
                                 tooltip="kohya --network_args, key=value pairs, e.g. for SD3: context_attn_dim=16 "
                                         "x_mlp_dim=8 emb_dims=[0,0,0,0,0,0] train_block_indices=0-11 verbose=True. "
                                         "The Train node says which keys it reads."),
+                io.Combo.Input("algorithm", options=list(ALGORITHMS), default="lora", optional=True,
+                               tooltip="lora (LoCon with conv_rank), loha, lokr, dora (LoRA with weight decomposition). "
+                                       "Files load as LyCORIS files (ComfyUI's Load LoRA, A1111, Forge). Needs "
+                                       "lycoris-lora for all but lora."),
+                io.Int.Input("factor", default=-1, min=-1, max=1024, optional=True,
+                             tooltip="LoKr: Kronecker factor (LyCORIS factor); -1 = as square as possible."),
+                io.Boolean.Input("full_matrix", default=False, optional=True,
+                                 tooltip="LoKr: the large Kronecker half as a full matrix (no low rank; alpha unused)."),
             ],
             outputs=[KilnLoraConfigType.Output(display_name="lora_config")],
         )
 
     @classmethod
-    def execute(cls, rank, alpha, conv_rank, conv_alpha, dropout, rank_dropout, module_dropout, network_args="") -> io.NodeOutput:
+    def execute(cls, rank, alpha, conv_rank, conv_alpha, dropout, rank_dropout, module_dropout, network_args="",
+                algorithm="lora", factor=-1, full_matrix=False) -> io.NodeOutput:
         parse_network_args(network_args)  # a typo is reported here, on this node
-        return io.NodeOutput(LoraConfig(rank, alpha, conv_rank, conv_alpha, dropout, rank_dropout, module_dropout,
-                                        network_args.strip()))
+        config = LoraConfig(rank, alpha, conv_rank, conv_alpha, dropout, rank_dropout, module_dropout,
+                            network_args.strip(), algorithm, factor, full_matrix)
+        return io.NodeOutput(config.check())
 
 
 def lora_output_path(name: str, node: str = "Save LoRA", what: str = "filename") -> str:

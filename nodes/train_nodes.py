@@ -186,7 +186,8 @@ def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: L
                 tags.setdefault(folder, {}).setdefault(tag, 0)
                 tags[folder][tag] += s.repeats
     base = {
-        "network_dim": lcfg.rank, "network_alpha": lcfg.alpha, "network_args": lcfg.network_args(),
+        "network_module": lcfg.network_module, "network_dim": lcfg.rank, "network_alpha": lcfg.alpha,
+        "network_args": lcfg.network_args(),
         "network_dropout": lcfg.dropout, "learning_rate": tcfg.learning_rate, "unet_lr": tcfg.learning_rate,
         "text_encoder_lr": text_encoder_lr(tcfg), "max_train_steps": tcfg.steps, "steps": result.steps,
         "num_train_images": len(ds.items) - reg, "num_reg_images": reg, "batch_size_per_device": ds.batch_size,
@@ -431,8 +432,8 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
             net.train()
             return images
 
-        network = LoRANetwork(net_host, plan.rules(net_host), plan.namer(net_host), lora_config.dropout,
-                              lora_config.rank_dropout, lora_config.module_dropout, tcfg.seed)
+        network = LoRANetwork(net_host, plan.rules(net_host), plan.namer(net_host), seed=tcfg.seed,
+                              **lora_config.check(plan.node).network_kwargs())
         for e in te_train:
             last = last_layer_reached(clip, e) if e in plan.hidden_only else None
             network.add(encoders, te_rules([e], lora_config.rank, lora_config.alpha, None if last is None else {e: last}),
@@ -441,7 +442,8 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
             raise KilnError(f"{plan.node}: no layer got a LoRA; check rank and network_args "
                             f"({lora_config.args or 'none'}).")
         signature = {"seed": tcfg.seed, "samples": len(cache.samples),
-                     "batch_size": tcfg.batch_size, "grad_accum": tcfg.grad_accum, "modules": len(network)}
+                     "batch_size": tcfg.batch_size, "grad_accum": tcfg.grad_accum, "modules": len(network),
+                     "algorithm": lora_config.algorithm}
         resume = resume_network(network, opts.get("resume_from", ""), signature, plan.node, notes)
         tcfg.save_every = opts.get("save_every_n_steps", 0)
         save_name = save_name_of(opts)
@@ -499,7 +501,8 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
     meta["kiln_text_encoder_outputs_from_disk"] = str(cond.from_disk)
     plot = pil_to_image(loss_plot(result.losses, validation=result.validation))
     groups = {g: sum(1 for n in network.groups.values() if n == g) for g in dict.fromkeys(network.groups.values())}
-    text = (f"{len(network)} LoRA modules ({', '.join(f'{g} {k}' for g, k in groups.items())}), {result.steps} steps "
+    label = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "dora": "DoRA"}[lora_config.algorithm]
+    text = (f"{len(network)} {label} modules ({', '.join(f'{g} {k}' for g, k in groups.items())}), {result.steps} steps "
             f"in {result.seconds:.1f}s ({result.seconds_per_step:.3f}s/step); probe loss "
             f"{result.probe_loss_start:.4f} → {result.probe_loss_end:.4f}; {len(seen)} distinct captions trained, "
             f"{cond.encodes} text-encoder calls; {epochs} epoch{'s' if epochs != 1 else ''} of {per_epoch} steps")
@@ -547,9 +550,9 @@ def resume_network(network: LoRANetwork, name: str, signature: dict, node: str, 
 
 def describe_modules(network: LoRANetwork) -> str:
     """Which layer got which rank (kohya's verbose listing), for the node's output text."""
-    rows = [(name, a.rank, a.alpha) for name, a in network.adapters.items()]
-    width = max(len(n) for n, _, _ in rows)
-    return "\n".join(f"{n:{width}}  rank {r}, alpha {a:g}" for n, r, a in rows)
+    rows = [(name, a.algorithm, a.rank, a.alpha) for name, a in network.adapters.items()]
+    width = max(len(n) for n, *_ in rows)
+    return "\n".join(f"{n:{width}}  {algo} rank {r}, alpha {a:g}" for n, algo, r, a in rows)
 
 
 class KilnTrainSD1(TrainNode):

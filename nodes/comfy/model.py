@@ -188,5 +188,5 @@ def unmapped_lora_keys(model, kohya_sd: dict[str, torch.Tensor], clip=None) -> l
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     if clip is not None:
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
-    names = {k.rsplit(".lora_down.weight", 1)[0] for k in kohya_sd if k.endswith(".lora_down.weight")}
+    names = {k.rsplit(".alpha", 1)[0] for k in kohya_sd if k.endswith(".alpha")}  # every algorithm writes alpha
     return sorted(n for n in names if n not in key_map)

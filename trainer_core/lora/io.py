@@ -56,8 +56,8 @@ def build_metadata(family_arch: str, base: dict[str, object], title: str) -> dic
     now = datetime.datetime.now(datetime.timezone.utc)
     meta = {f"ss_{k}": metadata_value(v) for k, v in base.items()
             if not (k == "network_args" and not v)}  # kohya omits empty network args
+    meta.setdefault("ss_network_module", "networks.lora")  # base["network_module"] names another (lycoris.kohya)
     meta.update({
-        "ss_network_module": "networks.lora",
         "ss_training_finished_at": str(now.timestamp()),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": family_arch,

@@ -7,8 +7,27 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .modules import LoRAModule
+from .config import ALGORITHMS
+from .modules import Adapter, LoRAModule
 from .targets import TargetRule, select_targets
+
+# key suffix that only this algorithm writes -> algorithm (how a file's algorithm is told)
+_SIGNATURES = (("dora_scale", "dora"), ("hada_w1_a", "loha"), ("lokr_w1", "lokr"), ("lokr_w1_a", "lokr"),
+               ("lora_down.weight", "lora"))
+
+
+def _rank_in(key: str, shape) -> str:
+    """The rank a factor's shape says (down/b factors lead with it, up/a factors end with it)."""
+    if key.startswith(("lora_down", "lokr_w2_b")) or key.endswith("_b"):
+        return str(shape[0])
+    if key.startswith(("lora_up", "lokr_w2_a")) or key.endswith("_a"):
+        return str(shape[1])
+    return "?"
+
+
+def file_algorithm(sd: dict, name: str) -> str | None:
+    """The algorithm a LoRA/LyCORIS file used for module ``name`` (None: the module is not in the file)."""
+    return next((algo for key, algo in _SIGNATURES if f"{name}.{key}" in sd), None)
 
 
 class LoRANetwork(nn.Module):
@@ -16,10 +35,14 @@ class LoRANetwork(nn.Module):
     name (e.g. ``lora_unet_down_blocks_0_attentions_0_proj_in``)."""
 
     def __init__(self, root: nn.Module, rules: list[TargetRule], name_of: Callable[[str], str],
-                 dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0, seed: int = 0):
+                 dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0, seed: int = 0,
+                 algorithm: str = "lora", factor: int = -1, full_matrix: bool = False):
         super().__init__()
         self.init = torch.Generator().manual_seed(seed)  # the same seed gives the same starting adapters
         self.dropouts = (dropout, rank_dropout, module_dropout)
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {algorithm!r}; one of {ALGORITHMS}")
+        self.algorithm, self.factor, self.full_matrix = algorithm, factor, full_matrix
         self.adapters = nn.ModuleDict()
         self.paths: dict[str, str] = {}  # kohya name -> host module path
         self.groups: dict[str, str] = {}  # kohya name -> "unet" or a text encoder (own learning rate)
@@ -32,10 +55,21 @@ class LoRANetwork(nn.Module):
             name = name_of(path)
             if name in self.adapters:
                 raise RuntimeError(f"two modules map to the LoRA name {name}")
-            self.adapters[name] = LoRAModule(name, module, rank, alpha, *self.dropouts, self.init)
+            self.adapters[name] = self.make_adapter(name, module, rank, alpha)
             self.paths[name] = path
             self.groups[name] = group
         return len(self.adapters) - before
+
+    def make_adapter(self, name: str, module: nn.Module, rank: int, alpha: float) -> Adapter:
+        dropout, rank_dropout, module_dropout = self.dropouts
+        if self.algorithm == "lora":
+            return LoRAModule(name, module, rank, alpha, dropout, rank_dropout, module_dropout, self.init)
+        from . import lycoris_algos as ly  # imports the optional lycoris-lora package
+        if self.algorithm == "dora":
+            return ly.DoRAModule(name, module, rank, alpha, dropout, rank_dropout, module_dropout, self.init)
+        if self.algorithm == "loha":
+            return ly.LoHaModule(name, module, rank, alpha, module_dropout, self.init)
+        return ly.LoKrModule(name, module, rank, alpha, module_dropout, self.init, self.factor, self.full_matrix)
 
     def param_groups(self, lr: float, group_lrs: dict[str, float]) -> list[dict]:
         """Optimizer parameter groups, one per adapter group, each at its own learning rate."""
@@ -68,30 +102,33 @@ class LoRANetwork(nn.Module):
             a.enabled = on
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """``<name>.lora_down.weight``, ``<name>.lora_up.weight``, ``<name>.alpha`` per adapter (copies: a
-        snapshot taken mid-training must not follow the live weights)."""
-        sd = {}
-        for name, a in self.adapters.items():
-            sd[f"{name}.lora_down.weight"] = a.lora_down.weight.detach().to("cpu", dtype, copy=True).contiguous()
-            sd[f"{name}.lora_up.weight"] = a.lora_up.weight.detach().to("cpu", dtype, copy=True).contiguous()
-            sd[f"{name}.alpha"] = torch.tensor(a.alpha, dtype=dtype)
-        return sd
+        """``<name>.<key>`` per adapter with kohya/LyCORIS keys (``lora_down.weight``, ``hada_w1_a``, ``lokr_w1``,
+        ``dora_scale``, ``alpha``...); copies: a snapshot taken mid-training must not follow the live weights."""
+        return {f"{name}.{key}": t.detach().to("cpu", dtype, copy=True).contiguous()
+                for name, a in self.adapters.items() for key, t in a.state_items().items()}
 
     def load_kohya_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        """Resume from a saved file: every adapter must be present with the same rank."""
-        missing = [n for n in self.adapters if f"{n}.lora_down.weight" not in sd]
+        """Start from a saved file (resume, kohya's network_weights): every adapter must be in it, with the same
+        algorithm and shapes; the message says which module differs and how."""
+        missing = [n for n in self.adapters if file_algorithm(sd, n) is None]
         if missing:
-            raise KeyError(f"{len(missing)} LoRA modules missing from the file, e.g. {missing[0]}")
+            raise KeyError(f"{len(missing)} of {len(self.adapters)} modules are missing from the file, e.g. "
+                           f"{missing[0]}")
         for name, a in self.adapters.items():
-            for part in ("lora_down", "lora_up"):
-                have, want = sd[f"{name}.{part}.weight"].shape, getattr(a, part).weight.shape
-                if have != want:  # copy_ would broadcast a rank-1 file into every row of a rank-4 adapter
-                    rank_of = (lambda s: s[0]) if part == "lora_down" else (lambda s: s[1])
-                    raise ValueError(f"{name}: the file has rank {rank_of(have)} ({part} {tuple(have)}), this "
-                                     f"LoRA rank {rank_of(want)} ({tuple(want)})")
-        for name, a in self.adapters.items():
-            with torch.no_grad():
-                a.lora_down.weight.copy_(sd[f"{name}.lora_down.weight"])
-                a.lora_up.weight.copy_(sd[f"{name}.lora_up.weight"])
-                if f"{name}.alpha" in sd:
-                    a.alpha = float(sd[f"{name}.alpha"])
+            found = file_algorithm(sd, name)
+            if found != a.algorithm:
+                raise KeyError(f"{name} was trained with algorithm {found!r} in the file, this run uses "
+                               f"{a.algorithm!r}")
+            ours = a.state_items()
+            absent = [k for k in ours if f"{name}.{k}" not in sd and k != "alpha"]
+            if absent:
+                raise KeyError(f"{name}.{absent[0]} is not in the file (another rank, or LoKr factor/full_matrix)")
+            for key, t in ours.items():
+                have = sd.get(f"{name}.{key}")
+                if key != "alpha" and tuple(have.shape) != tuple(t.shape):
+                    # copy_ would broadcast a rank-1 file into every row of a rank-4 adapter
+                    raise ValueError(f"{name}: the file has rank {_rank_in(key, have.shape)} ({key} "
+                                     f"{tuple(have.shape)}), this {a.algorithm} adapter rank {a.rank} "
+                                     f"({tuple(t.shape)})")
+        for name, a in self.adapters.items():  # everything checked: nothing is half loaded
+            a.load_items({k: sd[f"{name}.{k}"] for k in a.state_items() if f"{name}.{k}" in sd})
