@@ -107,6 +107,21 @@ def prompt_from_kohya_config(path: str, config_dir: str, family: str) -> dict:
         if key.startswith("clip_name") and os.path.isfile(resolve(name)):
             folder_paths.add_model_folder_path("text_encoders", os.path.dirname(resolve(name)))
             prompt["3"]["inputs"][key] = os.path.basename(name)
+    if flat.get("network_weights"):
+        weights = resolve(flat["network_weights"])
+        if not os.path.isfile(weights):
+            sys.exit(f"kiln: {path}: network_weights {flat['network_weights']!r} is not a file.")
+        folder_paths.add_model_folder_path("loras", os.path.dirname(weights))
+        prompt["6"]["inputs"]["resume_from"] = os.path.basename(weights)
+        if flat.get("dim_from_weights"):
+            from trainer_core.lora.from_weights import config_from_weights
+            from trainer_core.lora.io import load_lora_file
+            try:
+                shape = config_from_weights(load_lora_file(weights)[0], weights)
+            except KilnError as e:
+                sys.exit(f"kiln: {e}")
+            prompt["5"]["inputs"].update(shape)
+            print(f"[kiln] dim_from_weights: {shape}", flush=True)
     if flat.get("output_dir"):
         os.makedirs(resolve(flat["output_dir"]), exist_ok=True)
         folder_paths.add_model_folder_path("loras", resolve(flat["output_dir"]), is_default=True)

@@ -30,6 +30,8 @@ from ..trainer_core.lora.network_args import bool_arg, check_keys, parse_network
 from ..trainer_core.latent_store import DiskStore
 from ..trainer_core.lora.text_encoders import te_namer, te_rules
 from ..trainer_core.lora.network import LoRANetwork
+from ..trainer_core.lora.blocks import (NETWORK_ARGS as BLOCK_ARGS, BlockPlan, block_index, block_name, block_plan,
+                                        loraplus_ratios, total_blocks)
 from ..trainer_core.loop import PRECISIONS, StepInfo, TrainConfig, train
 from ..trainer_core.losses import LOSS_TYPES
 from ..trainer_core.optim import OPTIMIZERS, SCHEDULERS, kohya_optimizer_name
@@ -233,6 +235,7 @@ def train_schema(node_id: str, display_name: str, description: str, inputs: list
 
 
 VERBOSE = {"verbose": "list every module and its rank in the node's output text (True/False)"}
+LORAPLUS_ARGS = {k: v for k, v in BLOCK_ARGS.items() if k.startswith("loraplus")}
 
 
 @dataclass
@@ -251,6 +254,17 @@ class FamilyPlan:
     network_args: dict = field(default_factory=lambda: dict(VERBOSE))  # network_args keys this family reads
     while_training: Callable = lambda network, seed: contextlib.nullcontext()  # e.g. SD3.5's pos-embed crops
     hidden_only: tuple = ()  # encoders whose pooled output the family ignores: clip skip leaves their last layers out
+    blocks: BlockPlan | None = None              # kohya's block-wise ranks / learning rates (SD1, SDXL)
+    is_sdxl: bool = False                        # which block numbering ``blocks`` uses
+
+
+def unet_blocks(lc: LoraConfig, is_sdxl: bool) -> BlockPlan | None:
+    return block_plan(parse_network_args(lc.args), is_sdxl, lc.rank, lc.alpha, lc.conv_rank, lc.conv_alpha)
+
+
+def unet_conv_rank(lc: LoraConfig, blocks: BlockPlan | None) -> int:
+    """conv_block_dims alone also puts adapters on the 3x3 convs (kohya)."""
+    return lc.conv_rank or (blocks.max_conv_dim if blocks else 0)
 
 
 def train_config(model, dataset: KilnDataset, opts: dict, args: dict) -> TrainConfig:
@@ -432,8 +446,17 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
             net.train()
             return images
 
-        network = LoRANetwork(net_host, plan.rules(net_host), plan.namer(net_host), seed=tcfg.seed,
+        blocks = plan.blocks
+        rank_of = (lambda name, conv, r, a: blocks.rank_of(name, plan.is_sdxl, conv, r, a)) if blocks else None
+        network = LoRANetwork(net_host, plan.rules(net_host), plan.namer(net_host), seed=tcfg.seed, rank_of=rank_of,
                               **lora_config.check(plan.node).network_kwargs())
+        if blocks and blocks.lr_weights:
+            network.block_lr = lambda name: block_lr_of(name, blocks, plan.is_sdxl)
+        plus_unet, plus_te = loraplus_ratios(args)
+        network.plus = {k: v for k, v in (("unet", plus_unet), ("text_encoder", plus_te)) if v}
+        if network.plus and lora_config.algorithm in ("loha", "lokr"):
+            notes.append(f"LoRA+ ratios act on lora_up matrices; {lora_config.algorithm} has none, so they change "
+                         f"nothing (as in kohya with LyCORIS)")
         for e in te_train:
             last = last_layer_reached(clip, e) if e in plan.hidden_only else None
             network.add(encoders, te_rules([e], lora_config.rank, lora_config.alpha, None if last is None else {e: last}),
@@ -516,6 +539,8 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
         notes.append(f"{len(unmapped)} modules do not map in ComfyUI, e.g. {unmapped[0]}")
     text += "".join(f"\nnote: {n}" for n in notes + result.notes)
     if bool_arg(args, "verbose"):
+        if plan.blocks:
+            text += "\n" + block_table(network, plan.blocks, plan.is_sdxl, tcfg.learning_rate)
         text += "\n" + describe_modules(network)
     lora = TrainedLora(lora_sd, meta, family)
     model_out, clip_out = cmodel.apply_lora(model, clip, lora_sd)
@@ -548,6 +573,28 @@ def resume_network(network: LoRANetwork, name: str, signature: dict, node: str, 
     return state
 
 
+def block_lr_of(name: str, blocks: BlockPlan, is_sdxl: bool) -> tuple[str, float]:
+    i = block_index(name, is_sdxl)
+    return ("unet", 1.0) if i < 0 else (f"unet_block{i}", blocks.lr_weights[i])
+
+
+def block_table(network: LoRANetwork, blocks: BlockPlan, is_sdxl: bool, lr: float) -> str:
+    """kohya's block-wise settings as they landed: per block, its modules, ranks, alphas and learning rate."""
+    rows: dict[int, list] = {}
+    for name, a in network.adapters.items():
+        if network.groups[name] == "unet":
+            rows.setdefault(block_index(name, is_sdxl), []).append(a)
+    lines = [f"{'block':>5}  {'where':<16} {'modules':>7}  {'rank':<8} {'alpha':<10} lr"]
+    for i in range(total_blocks(is_sdxl)):
+        adapters = rows.get(i, [])
+        weight = blocks.lr_weights[i] if blocks.lr_weights else 1.0
+        ranks = "/".join(str(r) for r in sorted({a.rank for a in adapters})) or "-"
+        alphas = "/".join(f"{x:g}" for x in sorted({a.alpha for a in adapters})) or "-"
+        lines.append(f"{i:>5}  {block_name(i, is_sdxl):<16} {len(adapters):>7}  {ranks:<8} {alphas:<10} "
+                     f"{lr * weight:.3g} (×{weight:g})")
+    return "\n".join(lines)
+
+
 def describe_modules(network: LoRANetwork) -> str:
     """Which layer got which rank (kohya's verbose listing), for the node's output text."""
     rows = [(name, a.algorithm, a.rank, a.alpha) for name, a in network.adapters.items()]
@@ -570,9 +617,10 @@ class KilnTrainSD1(TrainNode):
         is_v = cmodel.prediction_type(model, node) == "v"
         is_sd2 = fam not in ("SD15", "SD15_instructpix2pix")
         lc = lora_config
+        blocks = unet_blocks(lc, False)
         plan = FamilyPlan(
-            node=node,
-            rules=lambda unet: sd1.unet_rules(lc.rank, lc.alpha, lc.conv_rank, lc.conv_alpha),
+            node=node, blocks=blocks, is_sdxl=False, network_args={**VERBOSE, **BLOCK_ARGS},
+            rules=lambda unet: sd1.unet_rules(lc.rank, lc.alpha, unet_conv_rank(lc, blocks), lc.conv_alpha),
             namer=sd1.unet_namer, checkpoint_blocks=sd1.checkpoint_blocks,
             architecture=lambda unet: sd1.modelspec_architecture(is_v, is_sd2),
             version=("sd_v2" if is_sd2 else "sd_v1") + ("_v" if is_v else ""),
@@ -631,7 +679,8 @@ class KilnTrainSD3(TrainNode):
             objective=sd3.SD3Objective(opts["weighting_scheme"], opts["logit_mean"], opts["logit_std"],
                                        opts["mode_scale"], opts["training_shift"], tcfg.min_timestep or 0,
                                        1000 if tcfg.max_timestep is None else tcfg.max_timestep),
-            conditioning=conditioning, network_args={**VERBOSE, **sd3.NETWORK_ARGS}, te_prefixes=sd3.TE_PREFIXES,
+            conditioning=conditioning, network_args={**VERBOSE, **sd3.NETWORK_ARGS, **LORAPLUS_ARGS},
+            te_prefixes=sd3.TE_PREFIXES,
             te_lrs={"clip_l": opts.get("text_encoder_lr1", 0.0), "clip_g": opts.get("text_encoder_lr2", 0.0),
                     "t5xxl": opts.get("text_encoder_lr3", 0.0)},
             while_training=lambda mmdit, seed: cmodel.random_pos_embed_crop(mmdit, opts["pos_emb_random_crop_rate"], seed))
@@ -654,9 +703,10 @@ class KilnTrainSDXL(TrainNode):
         fam, tcfg = prepare(model, dataset, opts, cmodel.SDXL_FAMILIES, node, cls, "sdxl")
         is_v = cmodel.prediction_type(model, node) == "v"
         lc = lora_config
+        blocks = unet_blocks(lc, True)
         plan = FamilyPlan(
-            node=node,
-            rules=lambda unet: sdxl.unet_rules(lc.rank, lc.alpha, lc.conv_rank, lc.conv_alpha),
+            node=node, blocks=blocks, is_sdxl=True, network_args={**VERBOSE, **BLOCK_ARGS},
+            rules=lambda unet: sdxl.unet_rules(lc.rank, lc.alpha, unet_conv_rank(lc, blocks), lc.conv_alpha),
             namer=sdxl.unet_namer, checkpoint_blocks=sdxl.checkpoint_blocks,
             architecture=lambda unet: sdxl.ARCHITECTURE, version=sdxl.BASE_MODEL_VERSION + ("_v" if is_v else ""),
             objective=ddpm_objective(model, is_v, tcfg),

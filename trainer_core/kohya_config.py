@@ -16,7 +16,19 @@ from .optim import OPTIMIZERS, SCHEDULERS
 from .training_args import KEYS as TRAINING_ARGS, format_value, parse_training_args
 
 TRAIN_NODE = {"sd1": "KilnTrainSD1", "sdxl": "KilnTrainSDXL", "sd3": "KilnTrainSD3"}
-NETWORK_MODULES = {"networks.lora": ("sd1", "sdxl"), "networks.lora_sd3": ("sd3",)}
+NETWORK_MODULES = {"networks.lora": ("sd1", "sdxl"), "networks.lora_sd3": ("sd3",),
+                   "lycoris.kohya": ("sd1", "sdxl", "sd3")}
+# LyCORIS's algo= values Kiln trains (LoRA Config algorithm); DoRA is LyCORIS's lora/locon with dora_wd=True
+LYCORIS_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}
+LYCORIS_OTHER_ALGOS = ("glora", "ia3", "boft", "diag-oft", "oft", "dylora", "full", "tlora", "norms")
+# LyCORIS network_args Kiln does not have
+LYCORIS_REFUSED = {"use_tucker": "Tucker/CP decomposition", "use_cp": "Tucker/CP decomposition",
+                   "use_scalar": "the trainable scalar", "decompose_both": "LoKr with both halves low rank",
+                   "rank_dropout_scale": "rescaled rank dropout", "train_norm": "norm-layer training",
+                   "bypass_mode": "bypass mode (Kiln picks the forward per algorithm)", "rs_lora": "rank-stabilised "
+                   "scaling", "unbalanced_factorization": "unbalanced LoKr factorisation", "preset": "LyCORIS presets "
+                   "(Kiln trains kohya's LoRA targets; conv_dim adds the convolutions)",
+                   "constraint": "OFT constraints", "block_size": "OFT blocks", "rescaled": "OFT rescaling"}
 PRECISION = {"no": "fp32", "fp32": "fp32", "float": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 # kohya key -> Train node input (same value)
@@ -34,7 +46,7 @@ HANDLED = {"pretrained_model_name_or_path", "text_encoder_lr1", "text_encoder_lr
            "t5xxl", "dataset_config", "output_dir", "output_name", "save_precision",
            "network_module", "network_dim", "network_alpha", "network_dropout", "network_args", "unet_lr",
            "text_encoder_lr", "network_train_unet_only", "mixed_precision", "cache_latents_to_disk", "no_half_vae",
-           "save_model_as", "network_weights"}
+           "save_model_as", "network_weights", "dim_from_weights"}
 NO_EFFECT = {
     "cache_latents": "Kiln always caches latents", "cache_text_encoder_outputs": "frozen encoders' outputs are "
     "always kept in memory", "sdpa": "attention is ComfyUI's choice", "xformers": "attention is ComfyUI's choice",
@@ -80,20 +92,57 @@ def te_rates(cfg: dict, family: str) -> dict[str, float]:
     return out
 
 
-def lora_config_inputs(cfg: dict) -> dict:
+def _true(value: str) -> bool:
+    return value.strip().lower() in ("true", "1", "yes")
+
+
+def lycoris_args(args: dict[str, str], path: str) -> dict:
+    """LyCORIS's network_args (``algo``, ``factor``, ``full_matrix``, ``dora_wd``, ...) as LoRA Config inputs."""
+    algo = args.pop("algo", "lora").strip().lower()
+    if algo not in LYCORIS_ALGOS:
+        known = "lora/locon, loha, lokr (dora: dora_wd=True)"
+        what = "is a LyCORIS algorithm Kiln does not train" if algo in LYCORIS_OTHER_ALGOS else "is not a LyCORIS algorithm"
+        raise KilnError(f"{path}: network_args algo={algo} {what}; use one of {known}.")
+    inputs = {"algorithm": LYCORIS_ALGOS[algo]}
+    for key in [k for k in args if k in LYCORIS_REFUSED]:
+        value = args.pop(key)
+        if key in ("preset", "constraint", "block_size") or _true(value):  # a switch set to False asks for nothing
+            raise KilnError(f"{path}: network_args {key}={value}: Kiln does not offer {LYCORIS_REFUSED[key]}; "
+                            f"remove it.")
+    if _true(args.pop("dora_wd", "false")):
+        if inputs["algorithm"] != "lora":
+            raise KilnError(f"{path}: dora_wd=True with algo={algo}: Kiln trains DoRA on LoRA (algo=locon) only.")
+        inputs["algorithm"] = "dora"
+    if _true(args.pop("wd_on_output", "false")):
+        raise KilnError(f"{path}: wd_on_output=True: Kiln's DoRA normalises per input channel (wd_on_output=False), "
+                        f"the form ComfyUI's loader applies exactly; remove it.")
+    if "factor" in args:
+        inputs["factor"] = int(args.pop("factor"))
+    if "full_matrix" in args:
+        inputs["full_matrix"] = _true(args.pop("full_matrix"))
+    if "dropout" in args:  # LyCORIS's name for the down projection's input dropout
+        inputs["dropout"] = float(args.pop("dropout"))
+    return inputs
+
+
+def lora_config_inputs(cfg: dict, path: str = "config") -> dict:
     inputs = {"rank": int(cfg.get("network_dim", 4)), "alpha": float(cfg.get("network_alpha", 1.0)),
               "dropout": float(cfg.get("network_dropout") or 0.0)}
-    rest = []
     fields = {"conv_dim": ("conv_rank", int), "conv_alpha": ("conv_alpha", float),
               "rank_dropout": ("rank_dropout", float), "module_dropout": ("module_dropout", float)}
+    args: dict[str, str] = {}
     for arg in cfg.get("network_args", []):
         key, _, value = arg.partition("=")
-        key = key.strip()
+        args[key.strip()] = value.strip()
+    if cfg.get("network_module") == "lycoris.kohya":
+        inputs.update(lycoris_args(args, path))
+    rest = []
+    for key, value in args.items():
         if key in fields:
             name, kind = fields[key]
-            inputs[name] = kind(value.strip())
+            inputs[name] = kind(value)
         elif key != "train_t5xxl":
-            rest.append(arg.strip())
+            rest.append(f"{key}={value}")
     inputs["network_args"] = " ".join(rest)
     return inputs
 
@@ -125,12 +174,10 @@ def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str
         notes.append("network_module networks.lora on an SD3 model: trained as networks.lora_sd3 (kohya's SD3 LoRA)")
     if family not in NETWORK_MODULES.get(module, ()):
         raise KilnError(f"{path}: network_module {module!r} does not train a {family} model with Kiln (use "
-                        f"networks.lora for SD1/SDXL, networks.lora_sd3 for SD3).")
+                        f"networks.lora for SD1/SDXL, networks.lora_sd3 for SD3, or lycoris.kohya).")
     if cfg.get("save_model_as", "safetensors") != "safetensors":
         raise KilnError(f"{path}: save_model_as must be safetensors; Kiln writes nothing else.")
-    if "network_weights" in cfg:
-        raise KilnError(f"{path}: network_weights: put the LoRA in models/loras and give it as the Train node's "
-                        f"resume_from (--set 6.resume_from=NAME).")
+
     if family != "sd3" and any(k in cfg for k in SD3_KEYS):
         raise KilnError(f"{path}: {next(k for k in SD3_KEYS if k in cfg)} is an SD3 option; this is a {family} model.")
     if family == "sd3" and "min_snr_gamma" in cfg:
@@ -150,6 +197,12 @@ def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str
 
     train = {TRAIN_KEYS[k]: v for k, v in cfg.items() if k in TRAIN_KEYS}
     train.update({k: v for k, v in cfg.items() if k in SD3_KEYS})
+    if cfg.get("dim_from_weights") and "network_weights" not in cfg:
+        raise KilnError(f"{path}: dim_from_weights needs network_weights (the file to read the ranks from).")
+    if "network_weights" in cfg:  # the CLI registers the file's folder with ComfyUI and passes its name
+        train["resume_from"] = cfg["network_weights"]
+        notes.append(f"network_weights: training starts from {cfg['network_weights']} (its algorithm, rank and "
+                     f"targets must match this config)")
     if "unet_lr" in cfg:
         train["learning_rate"] = cfg["unet_lr"]
     if "mixed_precision" in cfg:
@@ -182,7 +235,7 @@ def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str
         "4": {"class_type": "KilnCacheLatents", "inputs": {"dataset": ["2", 0], "vae": ["1", 2],
                                                            "disk_cache": bool(cfg.get("cache_latents_to_disk", False)),
                                                            "no_half_vae": bool(cfg.get("no_half_vae", False))}},
-        "5": {"class_type": "KilnLoraConfig", "inputs": lora_config_inputs(cfg)},
+        "5": {"class_type": "KilnLoraConfig", "inputs": lora_config_inputs(cfg, path)},
         "6": {"class_type": TRAIN_NODE[family], "inputs": train},
         "7": {"class_type": "KilnSaveLora", "inputs": {
             "lora": ["6", 1], "filename": cfg.get("output_name", "last"), "overwrite": True,

@@ -21,14 +21,22 @@ FAMILIES = {
     "sd3": ("server_sd3_checkpoint", "EmptySD3LatentImage", "stable-diffusion-3-medium/lora", "sd3",
             "lora_unet_joint_blocks_0_x_block_mlp_fc1"),  # x_mlp_dim from the workflow's network_args
 }
+FAMILIES["sdxl_lokr"] = FAMILIES["sdxl"]  # sdxl_lokr.json: the SDXL example with algorithm lokr
+WORKFLOW = {"sdxl": "sdxl_lora", "sd3": "sd3_lora", "sdxl_lokr": "sdxl_lokr"}
+OUTPUT = {"sdxl": "sdxl_demo", "sd3": "sd3_demo", "sdxl_lokr": "sdxl_lokr"}
+# keys each module of the file must have (LoKr's w2 is full on small layers, factorised on the rest)
+MODULE_KEYS = {"sdxl": ({"lora_down.weight", "lora_up.weight", "alpha"},) * 2,
+               "sd3": ({"lora_down.weight", "lora_up.weight", "alpha"},) * 2,
+               "sdxl_lokr": ({"lokr_w1", "alpha"}, {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"})}
 
 
-@pytest.fixture(scope="module", params=[pytest.param("sd3"), pytest.param("sdxl", marks=pytest.mark.slow)],
-                ids=["sd3", "sdxl"])
+@pytest.fixture(scope="module", params=[pytest.param("sd3"), pytest.param("sdxl", marks=pytest.mark.slow),
+                                        pytest.param("sdxl_lokr", marks=pytest.mark.slow)],
+                ids=["sd3", "sdxl", "sdxl_lokr"])
 def trained(request, comfy_server):
     family = request.param
     ckpt = request.getfixturevalue(FAMILIES[family][0])
-    api = json.loads((REPO / "example_workflows" / "api" / f"{family}_lora.json").read_text())
+    api = json.loads((REPO / "example_workflows" / "api" / f"{WORKFLOW[family]}.json").read_text())
     assert ckpt == api["1"]["inputs"]["ckpt_name"]
     if not (comfy_server.input_dir / "kiln_demo" / "train").is_dir():
         make_dataset(comfy_server.input_dir / "kiln_demo")
@@ -40,12 +48,18 @@ def trained(request, comfy_server):
 def test_example_workflow_writes_a_kohya_lora_of_its_family(comfy_server, trained):
     family, _, entry, log = trained
     _, _, arch, version, module = FAMILIES[family]
-    path = comfy_server.loras_dir / "kiln" / f"{family}_demo.safetensors"
+    path = comfy_server.loras_dir / "kiln" / f"{OUTPUT[family]}.safetensors"
     assert path.is_file(), log[-3000:]
     with safe_open(str(path), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
-    modules = {k.rsplit(".lora_down.weight", 1)[0] for k in keys if k.endswith(".lora_down.weight")}
+    modules = {k.rsplit(".alpha", 1)[0] for k in keys if k.endswith(".alpha")}
     assert module in modules and all(m.startswith("lora_unet_") for m in modules)
+    least, most = MODULE_KEYS[family]
+    for m in modules:
+        assert least <= {k[len(m) + 1:] for k in keys if k.startswith(m + ".")} <= most, m
+    if family == "sdxl_lokr":
+        assert meta["ss_network_module"] == "lycoris.kohya"
+        assert json.loads(meta["ss_network_args"]) == {"algo": "lokr", "factor": "4"}
     assert meta["modelspec.architecture"] == arch and meta["ss_base_model_version"] == version
     assert float(meta["kiln_probe_loss_end"]) < 0.9 * float(meta["kiln_probe_loss_start"])
     previews = [o for nid, o in entry["outputs"].items() if nid in ("8", "9")]
@@ -58,7 +72,7 @@ def test_stock_lora_loader_applies_every_key(comfy_server, trained):
     base = comfy_server.wait(comfy_server.post_prompt(sample_workflow(ckpt, None, f"{family}base", latent)), 300)
     log_before = len(comfy_server.log_text())
     with_lora = comfy_server.wait(comfy_server.post_prompt(
-        sample_workflow(ckpt, f"kiln/{family}_demo.safetensors", f"{family}lora", latent)), 300)
+        sample_workflow(ckpt, f"kiln/{OUTPUT[family]}.safetensors", f"{family}lora", latent)), 300)
     log = comfy_server.log_text()[log_before:]
     assert "lora key not loaded" not in log and "NOT LOADED" not in log, log[-3000:]
     diff = np.abs(saved_image(comfy_server, base) - saved_image(comfy_server, with_lora))

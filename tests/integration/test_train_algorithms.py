@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("lycoris.functional")
 
 from test_train_sd1 import TRAIN, ksample, load_and_cache
+from test_train_sd3 import SD3_OPTS
 
 ALGOS = {"loha": {}, "lokr": {"factor": 4}, "dora": {}}
 KEYS = {"loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
@@ -61,22 +62,52 @@ def test_sd1_every_algorithm_on_linear_conv_and_text_encoder(comfy, sd1, algorit
     assert torch.equal(ksample(comfy, model, clip), before)
 
 
+@pytest.fixture(scope="module")
+def sdxl(comfy, sdxl_checkpoint, dataset_dir):
+    return load_and_cache(comfy, sdxl_checkpoint, dataset_dir)
+
+
+@pytest.fixture(scope="module")
+def sd3(comfy, sd3_checkpoint, dataset_dir):
+    return load_and_cache(comfy, sd3_checkpoint, dataset_dir)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", list(ALGOS))
-def test_sdxl_every_algorithm(comfy, sdxl_checkpoint, dataset_dir, algorithm):
-    model, clip, cached = load_and_cache(comfy, sdxl_checkpoint, dataset_dir)
+def test_sdxl_every_algorithm(comfy, sdxl, algorithm):
+    model, clip, cached = sdxl
     lora = comfy.run_node("KilnTrainSDXL", model=model, clip=clip, dataset=cached,
                           lora_config=config(comfy, algorithm, conv_rank=2), **OPTS)[1]
     check_lora(comfy, model, clip, lora, algorithm)
 
 
 @pytest.mark.parametrize("algorithm", list(ALGOS))
-def test_sd3_every_algorithm_with_per_layer_ranks(comfy, sd3_checkpoint, dataset_dir, algorithm):
-    model, clip, cached = load_and_cache(comfy, sd3_checkpoint, dataset_dir)
+def test_sd3_every_algorithm_with_per_layer_ranks(comfy, sd3, algorithm):
+    model, clip, cached = sd3
     cfg = config(comfy, algorithm, network_args="x_mlp_dim=2 context_attn_dim=0 emb_dims=[0,0,2,0,0,0]")
     opts = {k: v for k, v in OPTS.items() if k != "min_snr_gamma"}
-    lora = comfy.run_node("KilnTrainSD3", model=model, clip=clip, dataset=cached, lora_config=cfg, **opts)[1]
+    lora = comfy.run_node("KilnTrainSD3", model=model, clip=clip, dataset=cached, lora_config=cfg, **opts,
+                          **SD3_OPTS)[1]
     check_lora(comfy, model, clip, lora, algorithm)
     names = {k.split(".")[0] for k in lora.state_dict}
     assert any("x_block_mlp_fc1" in n for n in names) and not any("context_block_attn" in n for n in names)
     assert "lora_unet_x_embedder_proj" in names  # the patch-embedding conv, through emb_dims
+
+
+def test_sd1_block_dims_lr_weights_loraplus_and_verbose_table(comfy, sd1):
+    model, clip, cached = sd1
+    dims = [4] * 12 + [6] + [2] * 12
+    args = (f"block_dims={','.join(map(str, dims))} down_lr_weight=zeros mid_lr_weight=2 up_lr_weight=sine+.5 "
+            f"conv_block_dims={','.join(['3'] * 25)} loraplus_lr_ratio=16 verbose=True")
+    cfg = comfy.run_node("KilnLoraConfig", rank=8, alpha=8.0, conv_rank=0, conv_alpha=1.0, dropout=0.0,
+                         rank_dropout=0.0, module_dropout=0.0, network_args=args)[0]
+    out = comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=cfg,
+                         **(OPTS | dict(steps=1)))
+    sd, text = out[1].state_dict, out.ui["text"][0]
+    ranks = {k.split(".")[0]: v.shape[0] for k, v in sd.items() if k.endswith("lora_down.weight")}
+    assert not any("down_blocks" in n for n in ranks)  # down_lr_weight=zeros: no LoRA there at all (kohya)
+    assert {r for n, r in ranks.items() if "mid_block" in n and not n.endswith(("conv1", "conv2"))} == {6}
+    assert {r for n, r in ranks.items() if "up_blocks" in n and n.endswith(("conv1", "conv2"))} == {3}
+    assert {r for n, r in ranks.items() if "up_blocks" in n and "attentions" in n} == {2}
+    assert bridge_of(comfy).unmapped_lora_keys(model, sd) == []
+    assert "block  where" in text and "mid_block" in text and "(×2)" in text and "(×0)" in text

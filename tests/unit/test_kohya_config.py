@@ -180,3 +180,43 @@ def test_kohyas_sd3_example_config():
         graph_from_config(BASE.replace('"networks.lora"', '"networks.lora_sd3"'), "x.toml", "sd1")
     with pytest.raises(KilnError, match="text_encoder_lr3 does not exist for sdxl"):
         graph_from_config(SDXL_EXAMPLE + "text_encoder_lr3 = 1e-5\n", "x.toml", "sdxl")
+
+
+def lycoris(args: str) -> str:
+    return BASE.replace('"networks.lora"', '"lycoris.kohya"').replace(
+        '["conv_dim=4", "conv_alpha=2", "rank_dropout=0.1"]', args)
+
+
+@pytest.mark.parametrize("args, want", [
+    ('["algo=lokr", "factor=8", "conv_dim=4", "conv_alpha=1", "use_tucker=False"]',
+     {"algorithm": "lokr", "factor": 8, "conv_rank": 4, "conv_alpha": 1.0}),
+    ('["algo=lokr", "full_matrix=True"]', {"algorithm": "lokr", "full_matrix": True}),
+    ('["algo=loha", "module_dropout=0.1"]', {"algorithm": "loha", "module_dropout": 0.1}),
+    ('["algo=locon", "dora_wd=True", "dropout=0.05"]', {"algorithm": "dora", "dropout": 0.05}),
+    ('["algo=lora"]', {"algorithm": "lora"}),
+])
+def test_lycoris_network_args_map_onto_lora_config(args, want):
+    for family in ("sd1", "sdxl", "sd3"):
+        p, _ = graph_from_config(lycoris(args), "t.toml", family)
+        lora = p["5"]["inputs"]
+        assert {k: lora[k] for k in want} == want and lora["network_args"] == ""
+
+
+def test_lycoris_keeps_family_network_args():
+    p, _ = graph_from_config(lycoris('["algo=loha", "context_attn_dim=8", "verbose=True"]'), "t.toml", "sd3")
+    assert p["5"]["inputs"]["network_args"] == "context_attn_dim=8 verbose=True"
+
+
+@pytest.mark.parametrize("args, message", [
+    ('["algo=glora"]', "algo=glora is a LyCORIS algorithm Kiln does not train"),
+    ('["algo=ia3"]', "algo=ia3 is a LyCORIS algorithm Kiln does not train"),
+    ('["algo=boft"]', "algo=boft is a LyCORIS algorithm Kiln does not train"),
+    ('["algo=lokr", "use_tucker=True"]', "use_tucker=True: Kiln does not offer Tucker"),
+    ('["algo=lokr", "decompose_both=True"]', "decompose_both"),
+    ('["algo=lokr", "preset=full"]', "preset=full"),
+    ('["algo=loha", "dora_wd=True"]', "DoRA on LoRA"),
+    ('["algo=locon", "dora_wd=True", "wd_on_output=True"]', "wd_on_output=True"),
+])
+def test_lycoris_what_kiln_does_not_have_is_refused_by_name(args, message):
+    with pytest.raises(KilnError, match=message):
+        graph_from_config(lycoris(args), "t.toml", "sdxl")

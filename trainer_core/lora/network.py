@@ -36,13 +36,17 @@ class LoRANetwork(nn.Module):
 
     def __init__(self, root: nn.Module, rules: list[TargetRule], name_of: Callable[[str], str],
                  dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0, seed: int = 0,
-                 algorithm: str = "lora", factor: int = -1, full_matrix: bool = False):
+                 algorithm: str = "lora", factor: int = -1, full_matrix: bool = False,
+                 rank_of: Callable[[str, bool, int, float], tuple[int, float]] | None = None):
         super().__init__()
         self.init = torch.Generator().manual_seed(seed)  # the same seed gives the same starting adapters
         self.dropouts = (dropout, rank_dropout, module_dropout)
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {algorithm!r}; one of {ALGORITHMS}")
         self.algorithm, self.factor, self.full_matrix = algorithm, factor, full_matrix
+        self.rank_of = rank_of      # (name, is 3x3 conv, rank, alpha) -> (rank, alpha): kohya's block_dims
+        self.block_lr = None        # UNet name -> (block label, lr multiplier): kohya's *_lr_weight
+        self.plus: dict[str, float] = {}  # "unet" / "text_encoder" -> LoRA+ ratio
         self.adapters = nn.ModuleDict()
         self.paths: dict[str, str] = {}  # kohya name -> host module path
         self.groups: dict[str, str] = {}  # kohya name -> "unet" or a text encoder (own learning rate)
@@ -53,6 +57,11 @@ class LoRANetwork(nn.Module):
         before = len(self.adapters)
         for path, module, rank, alpha in select_targets(root, rules):
             name = name_of(path)
+            if group == "unet" and self.rank_of is not None:
+                conv3x3 = isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+                rank, alpha = self.rank_of(name, conv3x3, rank, alpha)
+                if rank <= 0:
+                    continue
             if name in self.adapters:
                 raise RuntimeError(f"two modules map to the LoRA name {name}")
             self.adapters[name] = self.make_adapter(name, module, rank, alpha)
@@ -72,11 +81,24 @@ class LoRANetwork(nn.Module):
         return ly.LoKrModule(name, module, rank, alpha, module_dropout, self.init, self.factor, self.full_matrix)
 
     def param_groups(self, lr: float, group_lrs: dict[str, float]) -> list[dict]:
-        """Optimizer parameter groups, one per adapter group, each at its own learning rate."""
-        groups: dict[str, list] = {}
+        """Optimizer parameter groups, one per adapter group (UNet, each text encoder) at its own learning rate;
+        with ``block_lr`` (UNet name -> (block label, multiplier)) one per UNet block, and with LoRA+ ratios
+        (``plus``: group -> ratio) the ``lora_up`` matrices in their own group at lr · ratio, as kohya builds
+        them (a block whose multiplier is 0 has no adapters at all: see blocks.block_plan)."""
+        groups: dict[tuple[str, bool], dict] = {}
         for name, a in self.adapters.items():
-            groups.setdefault(self.groups[name], []).extend(p for p in a.parameters() if p.requires_grad)
-        return [{"params": ps, "lr": group_lrs.get(g, lr), "name": g} for g, ps in groups.items()]
+            group = self.groups[name]
+            label, mult = (group, 1.0) if group != "unet" or self.block_lr is None else self.block_lr(name)
+            ratio = self.plus.get("unet" if group == "unet" else "text_encoder")
+            for pname, p in a.named_parameters():
+                if not p.requires_grad:
+                    continue
+                plus = ratio is not None and "lora_up" in pname
+                rate = group_lrs.get(group, lr) * mult * (ratio if plus else 1.0)
+                entry = groups.setdefault((label, plus), {"params": [], "lr": rate,
+                                                          "name": label + (" plus" if plus else "")})
+                entry["params"].append(p)
+        return list(groups.values())
 
     def __len__(self):
         return len(self.adapters)

@@ -1,0 +1,156 @@
+"""Network types: the training step of each algorithm relative to LoRA at the same rank, and, for LoKr and
+LoHa, the bypass forward against the materialised delta weight; all measured in one run.
+
+    $KILN_PYTHON bench/algorithms.py [--family sd1] [--rank 8] [--steps 6] [--warmup 2] [--threads 2] [--json out.json]
+
+Part 1 (whole step): trainer_core.loop.train on the test fixture's network shapes (fp32, 64², batch 1; the real
+shapes in bf16 on a CUDA GPU), every algorithm with kohya's LoRA targets at the same rank and alpha (LoKr at
+factor 8, so w2 stays low rank on the larger layers); seconds per optimizer step, the ratio to LoRA, trainable
+parameters. Part 2 (one layer, forward + backward): LoKr's bypass (w1·X·w2ᵀ, lycoris.functional.lokr) against
+building ΔW = kron(w1, w2) and applying it, and LoHa's materialised ΔW (lycoris.functional.loha) against a
+bypass through the face-splitting identity (w1a·w1b) ⊙ (w2a·w2b) = (w1a • w2a)(w1b ∘ w2b) of rank r², at the
+layer widths of SD1/SDXL and a token count per width. Kiln keeps the faster path per layer type (see
+trainer_core/lora/lycoris_algos.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from train_overhead import build, setup_comfy, sync  # noqa: E402
+
+ALGOS = {"lora": {}, "loha": {}, "lokr": {"factor": 8}, "dora": {}}
+
+
+def step_time(family, net, cond, x0, algorithm, kw, rank, steps, warmup, device, precision):
+    from trainer_core.cache import CachedSample, LatentCache
+    from trainer_core.data.transforms import plan_geometry
+    from trainer_core.families import sd1, sd3
+    from trainer_core.lora.network import LoRANetwork
+    from trainer_core.loop import TrainConfig, train
+
+    if family == "sd3":
+        rules, name = sd3.SD3LayerRanks.from_args({}, rank, sd3.depth_of(net)).rules(rank), sd3.unet_namer
+        objective = sd3.SD3Objective("logit_normal")
+    else:
+        rules, name = sd1.unet_rules(rank, rank), (lambda p: "lora_unet_" + p.replace(".", "_"))
+        objective = sd1.SD1Objective(torch.linspace(0.9991, 0.0047, 1000, dtype=torch.float64))
+    network = LoRANetwork(net, rules, name, seed=0, algorithm=algorithm, **kw)
+    h, w = x0.shape[-2:]
+    geometry = plan_geometry((w * 8, h * 8), (w * 8, h * 8))
+    cache = LatentCache([CachedSample(x0[0].float().cpu(), None, "a", 1, False, geometry, f"b{i}") for i in range(4)],
+                        None, "bench")
+    stamps = []
+
+    def forward(x, timesteps, c):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return net(x.to(x0.dtype), timesteps, context=c["context"], **({"y": c["y"]} if "y" in c else {}))
+
+    def on_step(info):
+        sync(device)
+        stamps.append(time.perf_counter())
+
+    cfg = TrainConfig(steps=warmup + steps, learning_rate=1e-4, batch_size=1, precision=precision)
+    with network.attached():
+        train(network, objective, forward, lambda caps, train=False, geometries=None: cond, cache, lambda z: z, cfg,
+              device, (), on_step)
+    params = sum(p.numel() for p in network.parameters())
+    return (stamps[-1] - stamps[warmup - 1]) / steps, params, len(network)
+
+
+def timed(fn, reps, device) -> float:
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / reps
+
+
+def layer_paths(width, tokens, rank, reps, device, dtype):
+    """Seconds per forward+backward of the adapter delta alone, each path, for a width×width linear layer."""
+    from lycoris.functional import factorization, loha, lokr
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, tokens, width, generator=g).to(device, dtype)
+    a, b = factorization(width, 8)
+    c, d = factorization(width, 8)
+
+    def leaf(*shape):
+        return (torch.randn(*shape, generator=g) * 0.1).to(device, dtype).requires_grad_(True)
+
+    w1, w2a, w2b = leaf(a, c), leaf(b, rank), leaf(rank, d)
+    h1a, h1b, h2a, h2b = leaf(width, rank), leaf(rank, width), leaf(width, rank), leaf(rank, width)
+    gamma = torch.tensor(1.0, device=device)
+
+    def lokr_bypass():
+        lokr.bypass_forward_diff(x, None, w1, None, None, None, w2a, w2b, None, gamma=1.0, backend="torch").sum().backward()
+
+    def lokr_dense():
+        dw = lokr.diff_weight(w1, None, None, None, w2a, w2b, None, gamma=1.0, backend="torch")
+        torch.nn.functional.linear(x, dw).sum().backward()
+
+    def loha_dense():
+        dw = loha.diff_weight(h1b, h1a, h2b, h2a, None, None, gamma=gamma, backend="torch")
+        torch.nn.functional.linear(x, dw).sum().backward()
+
+    def loha_face_split():
+        up = (h1a[:, :, None] * h2a[:, None, :]).reshape(width, rank * rank)    # row-wise Kronecker (out, r²)
+        down = (h1b[:, None, :] * h2b[None, :, :]).reshape(rank * rank, width)  # column-wise (r², in)
+        torch.nn.functional.linear(torch.nn.functional.linear(x, down), up).sum().backward()
+
+    return {name: timed(fn, reps, device) for name, fn in
+            [("lokr_bypass", lokr_bypass), ("lokr_dense", lokr_dense), ("loha_dense", loha_dense),
+             ("loha_face_split", loha_face_split)]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--family", default="sd1", choices=("sd1", "sdxl", "sd3"))
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gpu = torch.cuda.is_available()
+    setup_comfy(cpu=not gpu)
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype, precision = (torch.bfloat16, "bf16") if gpu else (torch.float32, "fp32")
+    net, cond, channels = build(args.family, gpu, device, dtype)
+    cond = {k: v.to(device, dtype) for k, v in cond.items()}
+    res = 1024 if gpu else 64
+    x0 = torch.randn(1, channels, res // 8, res // 8, device=device, dtype=dtype)
+    out = {"family": args.family, "rank": args.rank, "device": str(device), "steps": {}, "layers": {}}
+    print(f"{args.family} ({'real shapes, bf16' if gpu else 'fixture shapes, fp32'}), rank {args.rank}: s/step")
+    for algorithm, kw in ALGOS.items():
+        sec, params, modules = step_time(args.family, net, cond, x0, algorithm, kw, args.rank, args.steps,
+                                         args.warmup, device, precision)
+        out["steps"][algorithm] = {"seconds_per_step": sec, "params": params, "modules": modules}
+        ratio = sec / out["steps"]["lora"]["seconds_per_step"]
+        print(f"  {algorithm:5} {sec:8.4f}  ×{ratio:5.2f} vs lora  {params / 1e6:6.2f}M params in {modules} modules",
+              flush=True)
+    print("one linear layer, forward+backward of the delta alone: ms (dense / bypass)")
+    for width, tokens in ((320, 4096), (640, 1024), (1280, 256), (1280, 4096)):
+        r = layer_paths(width, tokens, args.rank, 5, device, dtype)
+        out["layers"][f"{width}x{tokens}"] = r
+        print(f"  {width:5} wide, {tokens:5} tokens: lokr bypass {r['lokr_bypass'] * 1e3:7.2f}  dense "
+              f"{r['lokr_dense'] * 1e3:7.2f} (×{r['lokr_dense'] / r['lokr_bypass']:.2f});  loha dense "
+              f"{r['loha_dense'] * 1e3:7.2f}  face-split {r['loha_face_split'] * 1e3:7.2f} "
+              f"(×{r['loha_dense'] / r['loha_face_split']:.2f})", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
