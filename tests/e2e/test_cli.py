@@ -93,3 +93,40 @@ network_alpha = 4
     assert (meta["ss_noise_offset"], meta["ss_loss_type"], meta["ss_huber_schedule"]) == ("0.05", "huber", "exponential")
     assert (tmp_path / "out" / "from_kohya-000001.safetensors").is_file()
     assert "epoch 2/2" in run.stdout
+
+
+    assert meta["ss_network_dim"] == "4" and meta["ss_steps"] == "3" and not any(k.startswith("lora_te") for k in keys)
+
+
+def test_cli_lycoris_config_then_network_weights_with_dim_from_weights(kiln_env, base, tiny_sd1_path, tmp_path):
+    pytest.importorskip("lycoris.functional")
+    images = base / "input" / "kiln_demo" / "train"
+    (tmp_path / "dataset.toml").write_text(f'[general]\nresolution = 64\nbatch_size = 2\ncaption_extension = ".txt"\n'
+                                           f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{images / "5_kiln toy"}"\n')
+
+    def run(name, network, extra=""):
+        (tmp_path / f"{name}.toml").write_text(
+            f'pretrained_model_name_or_path = "{tiny_sd1_path}"\ndataset_config = "dataset.toml"\noutput_dir = "out"\n'
+            f'output_name = "{name}"\nmax_train_steps = 2\nlearning_rate = 2e-3\nnetwork_train_unet_only = true\n'
+            f'network_module = "lycoris.kohya"\n{network}\n{extra}')
+        cmd = [kiln_env.python, str(REPO / "cli.py"), "--comfyui", str(kiln_env.comfyui), "--config",
+               str(tmp_path / f"{name}.toml"), "--set", "6.sample_steps=1", "--", "--cpu", "--base-directory", str(base)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd="/")
+
+    first = run("lokr", 'network_dim = 4\nnetwork_alpha = 2\nnetwork_args = ["algo=lokr", "factor=4", "conv_dim=2"]')
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    with safe_open(str(tmp_path / "out" / "lokr.safetensors"), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["ss_network_module"] == "lycoris.kohya" and any(k.endswith(".lokr_w1") for k in keys)
+    # a config with other dims: dim_from_weights takes the file's algorithm and shape and continues from it
+    again = run("again", 'network_dim = 16\nnetwork_args = ["algo=loha"]',
+                f'network_weights = "out/lokr.safetensors"\ndim_from_weights = true')
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert "dim_from_weights: {'algorithm': 'lokr', 'rank': 4, 'alpha': 2.0, 'conv_rank': 2" in again.stdout
+    assert "resume_from lokr.safetensors" in again.stdout
+    with safe_open(str(tmp_path / "out" / "again.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(keys)
+    # without dim_from_weights, a file of another algorithm is refused naming the module and both algorithms
+    wrong = run("wrong", 'network_dim = 4\nnetwork_args = ["algo=loha"]', 'network_weights = "out/lokr.safetensors"')
+    assert wrong.returncode != 0
+    assert "trained with algorithm 'lokr' in the file, this run uses 'loha'" in wrong.stdout + wrong.stderr
