@@ -160,8 +160,10 @@ def test_resume_refuses_another_algorithm_or_rank():
     torch.manual_seed(0)
     bigger = LoRANetwork(Host(), [TargetRule(r"lin|pw", ("linear", "conv1x1"), 8, 2.0),
                                   TargetRule(r"conv", ("conv3x3",), 2, 1.0)], names, algorithm="loha")
-    with pytest.raises(RuntimeError, match="shape"):
+    before = {k: v.clone() for k, v in bigger.kohya_state_dict().items()}
+    with pytest.raises(ValueError, match=r"lora_unet_lin: the file has rank 4 .*loha adapter rank 8"):
         bigger.load_kohya_state_dict(sd)
+    assert all(torch.equal(v, bigger.kohya_state_dict()[k]) for k, v in before.items())  # nothing half loaded
 
 
 def test_config_checks_and_metadata():
