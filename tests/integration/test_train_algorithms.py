@@ -2,8 +2,6 @@
 maps in full, and the MODEL output carries them."""
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
@@ -20,7 +18,7 @@ OPTS = TRAIN | dict(steps=2, learning_rate=1e-2, sample_every=0, sample_steps=1,
 
 
 def bridge_of(comfy):
-    return sys.modules[comfy.node_class("KilnTrainSD1").__module__.rsplit(".", 1)[0] + ".comfy_bridge"]
+    return comfy.pack_module("nodes.comfy.model")
 
 
 def config(comfy, algorithm, conv_rank=0, **kw):
