@@ -599,7 +599,8 @@ def describe_modules(network: LoRANetwork) -> str:
     """Which layer got which rank (kohya's verbose listing), for the node's output text."""
     rows = [(name, a.algorithm, a.rank, a.alpha) for name, a in network.adapters.items()]
     width = max(len(n) for n, *_ in rows)
-    return "\n".join(f"{n:{width}}  {algo} rank {r}, alpha {a:g}" for n, algo, r, a in rows)
+    return "\n".join(f"{n:{width}}  rank {r}, alpha {a:g}" + ("" if algo == "lora" else f" ({algo})")
+                     for n, algo, r, a in rows)
 
 
 class KilnTrainSD1(TrainNode):
