@@ -25,9 +25,10 @@ class KilnLoraConfig(io.ComfyNode):
             description="Shape of the LoRA: rank (network_dim), alpha (scale = alpha / rank), dropouts, conv LoRA.",
             inputs=[
                 io.Int.Input("rank", default=16, min=1, max=1024, tooltip="kohya network_dim."),
-                io.Float.Input("alpha", default=16.0, min=0.0, max=1024.0, step=0.5, tooltip="kohya network_alpha; scale = alpha / rank."),
+                io.Float.Input("alpha", default=16.0, min=0.0, max=1024.0, step=0.5, tooltip="kohya network_alpha; scale = alpha / rank. 0 = alpha equals rank (scale 1), as kohya reads it."),
                 io.Int.Input("conv_rank", default=0, min=0, max=1024, tooltip="LoRA on 3x3 convolutions (kohya conv_dim); 0 = off."),
-                io.Float.Input("conv_alpha", default=1.0, min=0.0, max=1024.0, step=0.5),
+                io.Float.Input("conv_alpha", default=1.0, min=0.0, max=1024.0, step=0.5,
+                               tooltip="kohya conv_alpha; 0 = conv_rank (scale 1), as kohya reads it."),
                 io.Float.Input("dropout", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="kohya network_dropout."),
                 io.Float.Input("rank_dropout", default=0.0, min=0.0, max=1.0, step=0.01),
                 io.Float.Input("module_dropout", default=0.0, min=0.0, max=1.0, step=0.01),

@@ -220,3 +220,14 @@ def test_lycoris_keeps_family_network_args():
 def test_lycoris_what_kiln_does_not_have_is_refused_by_name(args, message):
     with pytest.raises(KilnError, match=message):
         graph_from_config(lycoris(args), "t.toml", "sdxl")
+
+
+def test_network_alpha_zero_trains_at_scale_one():
+    """network_alpha = 0 reaches the LoRA Config as 0, which every adapter reads as alpha = rank (kohya)."""
+    from torch import nn
+    from trainer_core.lora.modules import LoRAModule
+    p, _ = graph_from_config(BASE.replace("network_alpha = 8", "network_alpha = 0"), "t.toml", "sd1")
+    lora = p["5"]["inputs"]
+    assert lora["alpha"] == 0.0
+    assert LoRAModule("n", nn.Linear(4, 4), lora["rank"], lora["alpha"]).scale == 1.0
+    assert LoRAModule("n", nn.Conv2d(2, 2, 3), lora["conv_rank"], 0).alpha == lora["conv_rank"]

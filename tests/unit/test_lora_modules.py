@@ -69,3 +69,22 @@ def test_network_kohya_state_dict_round_trip():
     other = LoRANetwork(Toy(), [TargetRule(r"blocks\.\d+\.\d+", ("linear",), 2, 1.0)], lambda p: "lora_unet_" + p.replace(".", "_"))
     other.load_kohya_state_dict(sd)
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values()))
+
+
+def test_alpha_zero_is_alpha_rank_as_kohya_reads_it():
+    """kohya's LoRAModule: alpha 0 (or None) -> alpha = lora_dim, scale 1; the file's alpha tensor holds the rank.
+    With a literal 0 the update (and so every gradient) would be zero."""
+    torch.manual_seed(0)
+    for base, x in [(nn.Linear(8, 6), torch.randn(2, 8)), (nn.Conv2d(4, 5, 3, padding=1), torch.randn(1, 4, 5, 5))]:
+        lora = LoRAModule("n", base, rank=4, alpha=0)
+        assert lora.alpha == 4.0 and lora.scale == 1.0
+        assert float(lora.state_items()["alpha"]) == 4.0
+        lora.attach()
+        base(x).sum().backward()
+        lora.detach()
+        assert lora.lora_up.weight.grad.abs().sum() > 0
+    # a file whose alpha tensor says 0 loads as alpha = rank too (kohya's create_network_from_weights)
+    net = LoRANetwork(Toy(), [TargetRule(r"blocks\.\d+\.\d+", ("linear",), 2, 1.0)], lambda p: "lora_unet_" + p.replace(".", "_"))
+    sd = {k: (torch.tensor(0.0) if k.endswith(".alpha") else v) for k, v in net.kohya_state_dict().items()}
+    net.load_kohya_state_dict(sd)
+    assert {a.alpha for a in net.adapters.values()} == {2.0}

@@ -25,7 +25,7 @@ class Adapter(nn.Module):
             raise TypeError(f"adapters support Linear and Conv2d, not {type(base).__name__} ({name})")
         self.name = name
         self.rank = int(rank)
-        self.alpha = float(alpha)
+        self.alpha = self.kohya_alpha(alpha, self.rank)
         self.module_dropout = float(module_dropout)
         self.is_conv = isinstance(base, nn.Conv2d)
         if self.is_conv:
@@ -37,6 +37,12 @@ class Adapter(nn.Module):
         self.enabled = True
         self._base = [base]  # a list keeps the base out of this module's parameters and state dict
         self._base_forward = None
+
+    @staticmethod
+    def kohya_alpha(alpha: float, rank: int) -> float:
+        """kohya (networks/lora.py) and LyCORIS read alpha 0 (or none) as alpha = rank, i.e. scale 1; a literal
+        0 would scale every update, and so every gradient, to zero."""
+        return float(alpha) if alpha else float(rank)
 
     @property
     def scale(self) -> float:
@@ -105,7 +111,7 @@ class Adapter(nn.Module):
                                        f"{tuple(target.shape)} here")
                 target.copy_(value)
         if "alpha" in items:
-            self.alpha = float(items["alpha"])
+            self.alpha = self.kohya_alpha(float(items["alpha"]), self.rank)
 
     def param_for(self, key: str) -> torch.Tensor:
         return getattr(self, key)
