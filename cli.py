@@ -29,9 +29,11 @@ PACK = os.path.dirname(os.path.abspath(__file__))
 
 def load_compat():
     """nodes/comfy/compat.py, the one module that knows how ComfyUI versions differ (loaded by file: this pack's
-    nodes/ package is shadowed by ComfyUI's nodes.py here)."""
+    nodes/ package is shadowed by ComfyUI's nodes.py here; the test harness loads it through here too)."""
     import importlib.util
 
+    if "kiln_compat" in sys.modules:
+        return sys.modules["kiln_compat"]
     spec = importlib.util.spec_from_file_location("kiln_compat", os.path.join(PACK, "nodes", "comfy", "compat.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # before exec: its dataclasses look their module up

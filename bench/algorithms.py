@@ -24,45 +24,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from train_overhead import build, setup_comfy, sync  # noqa: E402
+from train_overhead import kiln_step, prepare, setup_comfy, sync  # noqa: E402
 
 ALGOS = {"lora": {}, "loha": {}, "lokr": {"factor": 8}, "dora": {}}
-
-
-def step_time(family, net, cond, x0, algorithm, kw, rank, steps, warmup, device, precision):
-    from trainer_core.cache import CachedSample, LatentCache
-    from trainer_core.data.transforms import plan_geometry
-    from trainer_core.families import sd1, sd3
-    from trainer_core.lora.network import LoRANetwork
-    from trainer_core.loop import TrainConfig, train
-
-    if family == "sd3":
-        rules, name = sd3.SD3LayerRanks.from_args({}, rank, sd3.depth_of(net)).rules(rank), sd3.unet_namer
-        objective = sd3.SD3Objective("logit_normal")
-    else:
-        rules, name = sd1.unet_rules(rank, rank), (lambda p: "lora_unet_" + p.replace(".", "_"))
-        objective = sd1.SD1Objective(torch.linspace(0.9991, 0.0047, 1000, dtype=torch.float64))
-    network = LoRANetwork(net, rules, name, seed=0, algorithm=algorithm, **kw)
-    h, w = x0.shape[-2:]
-    geometry = plan_geometry((w * 8, h * 8), (w * 8, h * 8))
-    cache = LatentCache([CachedSample(x0[0].float().cpu(), None, "a", 1, False, geometry, f"b{i}") for i in range(4)],
-                        None, "bench")
-    stamps = []
-
-    def forward(x, timesteps, c):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            return net(x.to(x0.dtype), timesteps, context=c["context"], **({"y": c["y"]} if "y" in c else {}))
-
-    def on_step(info):
-        sync(device)
-        stamps.append(time.perf_counter())
-
-    cfg = TrainConfig(steps=warmup + steps, learning_rate=1e-4, batch_size=1, precision=precision)
-    with network.attached():
-        train(network, objective, forward, lambda caps, train=False, geometries=None: cond, cache, lambda z: z, cfg,
-              device, (), on_step)
-    params = sum(p.numel() for p in network.parameters())
-    return (stamps[-1] - stamps[warmup - 1]) / steps, params, len(network)
 
 
 def timed(fn, reps, device) -> float:
@@ -125,17 +89,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     gpu = torch.cuda.is_available()
     setup_comfy(cpu=not gpu)
-    device = torch.device("cuda" if gpu else "cpu")
-    dtype, precision = (torch.bfloat16, "bf16") if gpu else (torch.float32, "fp32")
-    net, cond, channels = build(args.family, gpu, device, dtype)
-    cond = {k: v.to(device, dtype) for k, v in cond.items()}
-    res = 1024 if gpu else 64
-    x0 = torch.randn(1, channels, res // 8, res // 8, device=device, dtype=dtype)
+    b = prepare(args.family)
+    device, dtype = b.device, b.dtype
     out = {"family": args.family, "rank": args.rank, "device": str(device), "steps": {}, "layers": {}}
     print(f"{args.family} ({'real shapes, bf16' if gpu else 'fixture shapes, fp32'}), rank {args.rank}: s/step")
     for algorithm, kw in ALGOS.items():
-        sec, params, modules = step_time(args.family, net, cond, x0, algorithm, kw, args.rank, args.steps,
-                                         args.warmup, device, precision)
+        sec, network = kiln_step(b, args.rank, args.steps, args.warmup, network_options={"algorithm": algorithm, **kw})
+        params, modules = sum(p.numel() for p in network.parameters()), len(network)
         out["steps"][algorithm] = {"seconds_per_step": sec, "params": params, "modules": modules}
         ratio = sec / out["steps"]["lora"]["seconds_per_step"]
         print(f"  {algorithm:5} {sec:8.4f}  ×{ratio:5.2f} vs lora  {params / 1e6:6.2f}M params in {modules} modules",

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_overhead import build, kiln_step, setup_comfy  # noqa: E402
+from train_overhead import kiln_step, prepare, setup_comfy  # noqa: E402
 
 
 def main() -> None:
@@ -36,22 +36,9 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     setup_comfy(cpu=not gpu)
     from trainer_core.errors import KilnError
-    from trainer_core.families import sd1, sd3
     from trainer_core.optim import OPTIMIZERS
 
-    device = torch.device("cuda" if gpu else "cpu")
-    dtype, precision = (torch.bfloat16, "bf16") if gpu else (torch.float32, "fp32")
-    family = args.family or ("sdxl" if gpu else "sd1")
-    res = 1024 if gpu else 64
-    net, cond, channels = build(family, gpu, device, dtype)
-    cond = {k: v.to(device, dtype) for k, v in cond.items()}
-    x0 = torch.randn(1, channels, res // 8, res // 8, device=device, dtype=dtype)
-    blocks = sd3.checkpoint_blocks(net) if family == "sd3" else sd1.checkpoint_blocks(net)
-
-    def forward(x, timesteps, c):
-        with torch.autocast(device.type, dtype=dtype, enabled=gpu):
-            return net(x.to(dtype), timesteps, context=c["context"], **({"y": c["y"]} if "y" in c else {}))
-
+    b = prepare(args.family or ("sdxl" if gpu else "sd1"))
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     runs = [("AdamW", {})] + [(o, {}) for o in OPTIMIZERS if o != "AdamW"]
     runs += [("AdamW+fused_backward_pass", {"fused_backward_pass": True, "max_grad_norm": 0.0}), ("AdamW (again)", {})]
@@ -59,13 +46,12 @@ def main() -> None:
     for label, extra in runs:
         name = label.split("+")[0].split(" ")[0]
         try:
-            seconds, _ = kiln_step(family, net, forward, x0, cond, args.rank, args.steps, args.warmup, device,
-                                   precision, False, blocks, clock=clock, optimizer_type=name, **extra)
+            seconds, _ = kiln_step(b, args.rank, args.steps, args.warmup, clock=clock, optimizer_type=name, **extra)
         except KilnError as e:
             print(f"{label:26} skipped: {e}", flush=True)
             continue
         base = base or seconds
-        rows.append(dict(optimizer=label, seconds=seconds, relative_to_adamw=seconds / base, family=family,
+        rows.append(dict(optimizer=label, seconds=seconds, relative_to_adamw=seconds / base, family=b.family,
                          device=torch.cuda.get_device_name() if gpu else f"cpu x{torch.get_num_threads()}"))
         print(f"{label:26} {seconds * 1000:8.1f} ms/step ({args.clock})  {seconds / base:5.2f}× AdamW", flush=True)
     if args.json:

@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -89,6 +90,46 @@ def build(family: str, real: bool, device, dtype) -> tuple[torch.nn.Module, dict
     return net, cond, channels
 
 
+@dataclass
+class Setup:
+    """One benchmark network with its inputs, as every script in bench/ times it."""
+    family: str
+    net: torch.nn.Module
+    cond: dict
+    x0: torch.Tensor
+    blocks: list
+    device: torch.device
+    dtype: torch.dtype
+    precision: str
+    real: bool
+
+    def forward(self, x, timesteps, c):
+        gpu = self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=gpu):
+            return self.net(x.to(self.dtype), timesteps, context=c["context"], **({"y": c["y"]} if "y" in c else {}))
+
+    @property
+    def params_m(self) -> float:
+        return sum(p.numel() for p in self.net.parameters()) / 1e6
+
+
+def prepare(family: str, real: bool | None = None, resolution: int | None = None) -> Setup:
+    """The family's network on the GPU in bf16 (real shapes, 1024²) or on the CPU in fp32 (fixture shapes, 64²)
+    unless told otherwise, with a batch-1 latent and conditioning."""
+    from trainer_core.families import sd1, sd3
+
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype, precision = (torch.bfloat16, "bf16") if gpu else (torch.float32, "fp32")
+    real = gpu if real is None else real
+    res = resolution or (1024 if gpu else 64)
+    net, cond, channels = build(family, real, device, dtype)
+    cond = {k: v.to(device, dtype) for k, v in cond.items()}
+    x0 = torch.randn(1, channels, res // 8, res // 8, device=device, dtype=dtype)
+    blocks = sd3.checkpoint_blocks(net) if family == "sd3" else sd1.checkpoint_blocks(net)
+    return Setup(family, net, cond, x0, blocks, device, dtype, precision, real)
+
+
 def peak_memory_reset(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -112,55 +153,55 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def raw_step(net, forward, x0, cond, t, steps, warmup, device, checkpointing, blocks) -> float:
+def raw_step(b: Setup, t, steps, warmup, checkpointing) -> float:
     """Seconds per forward + backward of the frozen network (gradient to the input only)."""
     from trainer_core.checkpointing import gradient_checkpointing
 
-    with gradient_checkpointing(blocks, checkpointing):
+    with gradient_checkpointing(b.blocks, checkpointing):
         for i in range(warmup + steps):
             if i == warmup:
-                sync(device)
+                sync(b.device)
                 start = time.perf_counter()
-            x = x0.clone().requires_grad_(True)
-            out = forward(x, t, cond)
+            x = b.x0.clone().requires_grad_(True)
+            out = b.forward(x, t, b.cond)
             out.float().pow(2).mean().backward()
-    sync(device)
+    sync(b.device)
     return (time.perf_counter() - start) / steps
 
 
-def kiln_step(family, net, forward, x0, cond, rank, steps, warmup, device, precision, checkpointing, blocks,
-              clock=time.perf_counter, **options):
-    """Seconds per optimizer step of trainer_core.loop.train, and the number of LoRA modules (``options``: more
-    TrainConfig fields, e.g. optimizer_type)."""
+def kiln_step(b: Setup, rank, steps, warmup, checkpointing=False, clock=time.perf_counter, network_options=None,
+              **options):
+    """(seconds per optimizer step of trainer_core.loop.train, the LoRANetwork it trained); ``network_options``:
+    LoRANetwork arguments (e.g. algorithm), ``options``: more TrainConfig fields (e.g. optimizer_type)."""
     from trainer_core.cache import CachedSample, LatentCache
     from trainer_core.data.transforms import plan_geometry
     from trainer_core.families import sd1, sd3
     from trainer_core.lora.network import LoRANetwork
     from trainer_core.loop import TrainConfig, train
 
-    if family == "sd3":
-        rules, name = sd3.SD3LayerRanks.from_args({}, rank, sd3.depth_of(net)).rules(rank), sd3.unet_namer
+    if b.family == "sd3":
+        rules, name = sd3.SD3LayerRanks.from_args({}, rank, sd3.depth_of(b.net)).rules(rank), sd3.unet_namer
         objective = sd3.SD3Objective("logit_normal")
     else:
         rules, name = sd1.unet_rules(rank, rank), (lambda p: "lora_unet_" + p.replace(".", "_"))
         objective = sd1.SD1Objective(torch.linspace(0.9991, 0.0047, 1000, dtype=torch.float64))
-    network = LoRANetwork(net, rules, name, seed=0)
-    h, w = x0.shape[-2:]
+    network = LoRANetwork(b.net, rules, name, seed=0, **(network_options or {}))
+    h, w = b.x0.shape[-2:]
     geometry = plan_geometry((w * 8, h * 8), (w * 8, h * 8))
-    samples = [CachedSample(x0[0].float().cpu(), None, "a", 1, False, geometry, f"bench{i}") for i in range(4)]
+    samples = [CachedSample(b.x0[0].float().cpu(), None, "a", 1, False, geometry, f"bench{i}") for i in range(4)]
     cache = LatentCache(samples, None, "bench")
     stamps = []
-    cfg = TrainConfig(steps=warmup + steps, learning_rate=1e-4, batch_size=1, precision=precision,
+    cfg = TrainConfig(steps=warmup + steps, learning_rate=1e-4, batch_size=1, precision=b.precision,
                       gradient_checkpointing=checkpointing, **options)
 
     def on_step(info):
-        sync(device)
+        sync(b.device)
         stamps.append(clock())
 
     with network.attached():
-        train(network, objective, forward, lambda caps, train=False, geometries=None: cond, cache, lambda z: z,
-              cfg, device, blocks, on_step)
-    return (stamps[-1] - stamps[warmup - 1]) / steps, len(network)
+        train(network, objective, b.forward, lambda caps, train=False, geometries=None: b.cond, cache, lambda z: z,
+              cfg, b.device, b.blocks, on_step)
+    return (stamps[-1] - stamps[warmup - 1]) / steps, network
 
 
 def main() -> None:
@@ -177,44 +218,31 @@ def main() -> None:
     args = ap.parse_args()
     gpu = torch.cuda.is_available()
     setup_comfy(cpu=not gpu)
-    device = torch.device("cuda" if gpu else "cpu")
-    dtype, precision = (torch.bfloat16, "bf16") if gpu else (torch.float32, "fp32")
-    res = args.resolution or (1024 if gpu else 64)
     families = (args.families or ("sdxl,sd3" if gpu else "sd1,sdxl,sd3")).split(",")
     modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpointing]
-    from trainer_core.families import sd1, sd3
-
     rows = []
     for family in families:
-        real = args.shape == "real" if args.shape else gpu
-        net, cond, channels = build(family, real, device, dtype)
-        cond = {k: v.to(device, dtype) for k, v in cond.items()}
-        x0 = torch.randn(1, channels, res // 8, res // 8, device=device, dtype=dtype)
-        t = torch.tensor([500.0], device=device)
-        blocks = sd3.checkpoint_blocks(net) if family == "sd3" else sd1.checkpoint_blocks(net)
-
-        def forward(x, timesteps, c):
-            with torch.autocast(device.type, dtype=dtype, enabled=gpu):
-                return net(x.to(dtype), timesteps, context=c["context"], **({"y": c["y"]} if "y" in c else {}))
-
-        params = sum(p.numel() for p in net.parameters()) / 1e6
+        b = prepare(family, args.shape == "real" if args.shape else None, args.resolution)
+        res = b.x0.shape[-1] * 8
+        t = torch.tensor([500.0], device=b.device)
         for ckpt in modes:
-            peak_memory_reset(device)
-            raw = raw_step(net, forward, x0, cond, t, args.steps, args.warmup, device, ckpt, blocks)
-            raw_mem = peak_memory_mib(device)
-            peak_memory_reset(device)
-            kiln, modules = kiln_step(family, net, forward, x0, cond, args.rank, args.steps, args.warmup, device,
-                                      precision, ckpt, blocks)
-            kiln_mem = peak_memory_mib(device)
+            peak_memory_reset(b.device)
+            raw = raw_step(b, t, args.steps, args.warmup, ckpt)
+            raw_mem = peak_memory_mib(b.device)
+            peak_memory_reset(b.device)
+            kiln, network = kiln_step(b, args.rank, args.steps, args.warmup, ckpt)
+            kiln_mem = peak_memory_mib(b.device)
+            modules = len(network)
             row = dict(family=family, device=torch.cuda.get_device_name() if gpu else f"cpu x{torch.get_num_threads()}",
-                       shape="real" if real else "fixture", params_m=round(params, 1), resolution=res, rank=args.rank,
-                       checkpointing=ckpt, lora_modules=modules, raw_s=raw, kiln_s=kiln, raw_it_s=1 / raw,
-                       kiln_it_s=1 / kiln, overhead=kiln / raw - 1, raw_peak_mib=raw_mem, kiln_peak_mib=kiln_mem)
+                       shape="real" if b.real else "fixture", params_m=round(b.params_m, 1), resolution=res,
+                       rank=args.rank, checkpointing=ckpt, lora_modules=modules, raw_s=raw, kiln_s=kiln,
+                       raw_it_s=1 / raw, kiln_it_s=1 / kiln, overhead=kiln / raw - 1, raw_peak_mib=raw_mem,
+                       kiln_peak_mib=kiln_mem)
             rows.append(row)
-            print(f"{family:5} {row['shape']:7} {params:7.1f}M {res}px ckpt={'on ' if ckpt else 'off'} "
+            print(f"{family:5} {row['shape']:7} {b.params_m:7.1f}M {res}px ckpt={'on ' if ckpt else 'off'} "
                   f"raw {1 / raw:7.2f} it/s  kiln {1 / kiln:7.2f} it/s  overhead {100 * (kiln / raw - 1):+6.1f}%  "
                   f"peak {raw_mem:8.0f} / {kiln_mem:8.0f} MiB  ({modules} LoRA modules)", flush=True)
-        net = None  # free it before the next family is built
+        b = network = None  # free it before the next family is built
         if gpu:
             torch.cuda.empty_cache()
     if args.json:

@@ -119,14 +119,14 @@ def _link_pack(custom_nodes: Path) -> None:
 # --- ComfyUI in process ----------------------------------------------------------------------------------
 
 def comfy_compat():
-    """Kiln's nodes/comfy/compat.py (what differs between ComfyUI versions), loaded by file like cli.py does."""
+    """Kiln's nodes/comfy/compat.py (what differs between ComfyUI versions), loaded by cli.py's own loader."""
     import importlib.util
-    if "kiln_compat" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("kiln_compat", REPO / "nodes" / "comfy" / "compat.py")
+    if "kiln_cli" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("kiln_cli", REPO / "cli.py")
         module = importlib.util.module_from_spec(spec)
-        sys.modules["kiln_compat"] = module  # before exec: its dataclasses look their module up
         spec.loader.exec_module(module)
-    return sys.modules["kiln_compat"]
+        sys.modules["kiln_cli"] = module
+    return sys.modules["kiln_cli"].load_compat()
 
 
 class _UiRecorder:

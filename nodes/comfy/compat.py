@@ -32,13 +32,15 @@ class PrivateCopy:
     seconds: float      # time to get it (a reload from disk the first time; cached by ComfyUI afterwards)
     host_bytes: int     # process RSS growth while getting it
     size_bytes: int     # the model's weight bytes
+    kept: bool          # ComfyUI keeps it on the input patcher for the next run (the dynamic delegate)
 
     def describe(self, what: str, why: str) -> str:
         gib = 1024 ** 3
-        return (f"{what}: {why}, so it trains through a non-dynamic copy re-loaded by ComfyUI's own loader "
+        life = ("ComfyUI keeps it for the next run, the GPU never holds two copies" if self.kept
+                else "freed after the run")
+        return (f"{what}: {why}, so Kiln computes with a non-dynamic copy re-loaded by ComfyUI's own loader "
                 f"({self.size_bytes / gib:.2f} GiB of weights; took {self.seconds:.1f} s and "
-                f"+{max(self.host_bytes, 0) / gib:.2f} GiB host RAM; ComfyUI keeps it for the next run, "
-                f"the GPU never holds two copies)")
+                f"+{max(self.host_bytes, 0) / gib:.2f} GiB host RAM; {life})")
 
 
 def private_copy(patcher) -> PrivateCopy:
@@ -47,13 +49,15 @@ def private_copy(patcher) -> PrivateCopy:
     ``clone(force_deepcopy=True)``) otherwise. Raises RuntimeError when ComfyUI does not know how the model was
     loaded (``cached_patcher_init`` unset: a custom loader) or is too old to re-load it."""
     rss, t0 = psutil.Process().memory_info().rss, time.perf_counter()
-    if is_dynamic(patcher):
+    kept = is_dynamic(patcher)
+    if kept:
         copy = patcher.get_non_dynamic_delegate()
     elif getattr(patcher, "cached_patcher_init", None) is not None:
         copy = patcher.clone(force_deepcopy=True)
     else:
         raise RuntimeError("ComfyUI cannot re-load this model (it records no loader for it)")
-    return PrivateCopy(copy, time.perf_counter() - t0, psutil.Process().memory_info().rss - rss, copy.model_size())
+    return PrivateCopy(copy, time.perf_counter() - t0, psutil.Process().memory_info().rss - rss, copy.model_size(),
+                       kept)
 
 
 def executor_cache(args) -> tuple[object, dict]:

@@ -6,7 +6,6 @@ Other nodes share that object, so after training it must behave exactly as befor
 from __future__ import annotations
 
 import contextlib
-import logging
 import random
 from dataclasses import dataclass
 
@@ -19,9 +18,9 @@ import comfy.sd
 
 from ...trainer_core.errors import KilnError
 from . import compat
+from . import private as private_model
 from .tensors import autograd_views
 
-log = logging.getLogger("kiln")
 
 # ComfyUI model_config class names per Kiln train node
 SD1_FAMILIES = ("SD15", "SD15_instructpix2pix", "SD20", "SD21UnclipL", "SD21UnclipH", "SD_X4Upscaler", "LotusD")
@@ -112,17 +111,8 @@ def trainable_patcher(model, node: str, private: bool = False) -> tuple[object, 
     dynamic = compat.is_dynamic(model)
     if not (dynamic or private):
         return model, None
-    try:
-        copy = compat.private_copy(model)
-    except RuntimeError as e:
-        raise KilnError(f"{node}: this MODEL runs under ComfyUI's dynamic VRAM, where weights are streamed to the "
-                        f"GPU through shared buffers that training cannot save for backward, and {e}. Load it with "
-                        f"a core loader node (Load Checkpoint, Load Diffusion Model), or start ComfyUI with "
-                        f"--disable-dynamic-vram.") from None
-    why = "ComfyUI streams this MODEL's weights (dynamic VRAM)" if dynamic else "a private copy was asked for"
-    note = copy.describe("MODEL", why)
-    log.info("kiln: %s: %s", node, note)
-    return copy.patcher, note
+    why = private_model.DYNAMIC if dynamic else "a private copy was asked for"
+    return private_model.private_patcher(model, "MODEL", node, why)
 
 
 @contextlib.contextmanager

@@ -6,18 +6,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-import logging
 import random
 
 import torch
 
-from ...trainer_core.errors import KilnError
 from ...trainer_core.families import sd3, sdxl
 from . import compat
 from .model import TrainingTarget
+from .private import private_patcher
 from .tensors import autograd_views, fingerprint, normal_tensor
-
-log = logging.getLogger("kiln")
 
 
 def _clone_input(module, args):
@@ -29,17 +26,10 @@ def trainable_clip(clip, node: str) -> tuple[object, str | None]:
     non-dynamic copy of its encoders (see compat.py)."""
     if not compat.is_dynamic(clip.patcher):
         return clip, None
-    try:
-        delegate = compat.private_copy(clip.patcher)
-    except RuntimeError as e:
-        raise KilnError(f"{node}: this CLIP runs under ComfyUI's dynamic VRAM and {e}, so its text encoders cannot "
-                        f"be trained. Load it with a core loader node, set the text-encoder learning rates to 0, "
-                        f"or start ComfyUI with --disable-dynamic-vram.") from None
+    patcher, note = private_patcher(clip.patcher, "CLIP", node, also="set the text-encoder learning rates to 0, ")
     trained = clip.clone()
-    trained.patcher = delegate.patcher
-    trained.cond_stage_model = delegate.patcher.model
-    note = delegate.describe("CLIP", "ComfyUI streams this CLIP's weights (dynamic VRAM)")
-    log.info("kiln: %s: %s", node, note)
+    trained.patcher = patcher
+    trained.cond_stage_model = patcher.model
     return trained, note
 
 

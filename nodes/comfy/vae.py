@@ -5,15 +5,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import logging
 
 import torch
 
-from ...trainer_core.errors import KilnError
 from . import compat
+from .private import private_patcher
 from .tensors import fingerprint
-
-log = logging.getLogger("kiln")
 
 
 def vae_encoder(vae):
@@ -31,16 +28,10 @@ def vae_in_fp32(vae, notes: list[str] | None = None):
     non-dynamic copy of the VAE instead (its cost goes to ``notes``)."""
     target = vae
     if vae.vae_dtype != torch.float32 and compat.is_dynamic(vae.patcher):
-        try:
-            private = compat.private_copy(vae.patcher)
-        except RuntimeError as e:
-            raise KilnError(f"Cache Latents, no_half_vae: this VAE runs under ComfyUI's dynamic VRAM and {e}; load it with a "
-                               f"core loader node or start ComfyUI with --disable-dynamic-vram") from None
+        patcher, note = private_patcher(vae.patcher, "VAE", "Cache Latents, no_half_vae")
         target = copy.copy(vae)
-        target.patcher = private.patcher
-        target.first_stage_model = private.patcher.model
-        note = private.describe("VAE", "ComfyUI streams this VAE's weights (dynamic VRAM)")
-        log.info("kiln: %s", note)
+        target.patcher = patcher
+        target.first_stage_model = patcher.model
         if notes is not None:
             notes.append(note)
     original = target.vae_dtype

@@ -75,6 +75,17 @@ def test_private_copy_trains_like_the_loaded_weights(comfy, sd1_checkpoint):
     assert torch.equal(before, ksample(comfy, model, clip))
 
 
+def test_a_model_comfyui_cannot_reload_is_refused_with_what_to_do(comfy, sd1_checkpoint):
+    model, _, _ = comfy.run_node("CheckpointLoaderSimple", ckpt_name=sd1_checkpoint)
+    foreign = model.clone()
+    foreign.cached_patcher_init = None  # what a custom loader's MODEL looks like: no recorded way to re-load it
+    cmodel = comfy.pack_module("nodes.comfy.model")
+    errors = comfy.pack_module("trainer_core.errors")
+    with pytest.raises(errors.KilnError, match=r"^Train LoRA \(SD1\): this MODEL cannot be used in place .*"
+                                               r"records no loader.*Load Checkpoint.*--disable-dynamic-vram"):
+        cmodel.trainable_patcher(foreign, "Train LoRA (SD1)", private=True)
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() and os.environ.get("KILN_TEST_GPU") == "1"),
                     reason="dynamic VRAM exists on CUDA only: run with KILN_TEST_GPU=1 on an NVIDIA GPU")
 def test_dynamic_model_trains_like_a_classic_one(comfy, tiny_sd1_path):
