@@ -7,6 +7,8 @@ n − round(n·split) onwards, can overlap the training part when rounding meets
 images are never trained on). Regularization images stay in training, balanced again against what is left.
 Scoring: every validation batch at the timesteps linspace(min, max, 6)[1:-1] (200, 400, 600, 800 for the
 full range), noise drawn from a generator seeded with validation_seed each time.
+A dataset TOML's [[datasets]] block (or [general]) may set its own validation_split / validation_seed: as in
+kohya they override the training's for that block's subsets (the noise seed stays the training's).
 """
 from __future__ import annotations
 
@@ -22,23 +24,30 @@ NUM_TIMESTEPS = 4
 
 
 def split(cache: LatentCache, fraction: float | None, seed: int) -> tuple[LatentCache, LatentCache | None]:
-    """(training part, validation part or None when fraction is 0)."""
-    if not fraction:
-        return cache, None
+    """(training part, validation part or None when nothing is held out)."""
+    own = {sub.block: (sub.validation_split, sub.validation_seed)
+           for sub in (cache.dataset.subsets if cache.dataset is not None else [])}
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(cache.samples):
         if not s.is_reg:
             groups.setdefault((s.block, os.path.dirname(s.path)), []).append(i)
-    held = []
-    for members in groups.values():
+    held, asked = [], set()
+    for (block, _), members in groups.items():
+        block_fraction, block_seed = own.get(block, (None, None))
+        f = fraction if block_fraction is None else block_fraction
+        if not f:
+            continue
+        asked.add(f"{f:g}")
         members = sorted(members, key=lambda i: cache.samples[i].path)
-        random.Random(seed).shuffle(members)
-        held += members[math.ceil(len(members) * (1 - fraction)):]
+        random.Random(seed if block_seed is None else block_seed).shuffle(members)
+        held += members[math.ceil(len(members) * (1 - f)):]
+    if not asked:
+        return cache, None
+    what = f"validation_split {'/'.join(sorted(asked))}"
     if not held:
-        raise KilnError(f"validation_split {fraction:g} holds out no image (too few per folder); raise it or "
-                        f"leave it at 0.")
+        raise KilnError(f"{what} holds out no image (too few per folder); raise it or leave it at 0.")
     if len(held) == sum(1 for s in cache.samples if not s.is_reg):
-        raise KilnError(f"validation_split {fraction:g} holds out every training image; lower it.")
+        raise KilnError(f"{what} holds out every training image; lower it.")
     held_set = frozenset(held)
     repeats = ([s.repeats for s in cache.samples] if cache.dataset is None or
                len(cache.dataset.items) != len(cache.samples) else cache.dataset.sample_repeats(held_set))

@@ -149,3 +149,26 @@ def test_each_block_keeps_its_own_batch_size(tmp_path):
     subsets, _, batch_size = load_dataset_toml(path)
     assert [s.batch_size for s in subsets] == [2, 3] and [s.block for s in subsets] == [0, 1] and batch_size == 2
 
+
+
+def test_validation_split_is_a_datasets_key_that_ascends_from_general(tmp_path):
+    path = write(tmp_path, """
+[general]
+validation_split = 0.25
+
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "a"
+
+[[datasets]]
+validation_split = 1.0
+validation_seed = 7
+  [[datasets.subsets]]
+  image_dir = "b"
+""")
+    a, b = load_dataset_toml(path)[0]
+    assert (a.validation_split, a.validation_seed, b.validation_split, b.validation_seed) == (0.25, None, 1.0, 7)
+    with pytest.raises(KilnError, match=r"'validation_split' in .*line 4.*\[\[datasets\]\] key in kohya.*move it up"):
+        load_dataset_toml(write(tmp_path, '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\nvalidation_split = 0.1\n'))
+    with pytest.raises(KilnError, match=r"'validation_split' .*between 0 and 1, got 1.5"):
+        load_dataset_toml(write(tmp_path, '[general]\nvalidation_split = 1.5\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n'))

@@ -2,6 +2,7 @@
 what is left, the fixed timesteps, and in the loop: held-out images never trained on, the same weights give
 the same validation loss, and the curve is reported per step."""
 import os
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -40,6 +41,34 @@ def test_split_per_folder_is_seeded_and_never_overlaps():
     assert {s.path for s in split(folders(), 0.4, seed=1)[1].samples} >= held  # a larger split holds more
     whole = folders()
     assert split(whole, None, 1) == (whole, None)
+
+
+def test_a_datasets_blocks_own_split_and_seed_override_the_trainings():
+    """kohya: a [[datasets]] block's validation_split / validation_seed win over the training's for its subsets."""
+    def blocks(own_split, own_seed):
+        subsets = [Subset("/d/a", 1, block=0), Subset("/d/b", 1, block=1, validation_split=own_split,
+                                                        validation_seed=own_seed)]
+        samples = [replace(sample(f"/d/a/{i}.png"), block=0) for i in range(4)] + \
+                  [replace(sample(f"/d/b/{i}.png"), block=1) for i in range(4)]
+        items = [ImageItem(s.path, "c", (32, 32), (32, 32), s.block) for s in samples]
+        return LatentCache(samples, Dataset(subsets, items, BucketConfig()), "x")
+
+    def held(cache, fraction, seed):
+        return sorted(s.path for s in split(cache, fraction, seed)[1].samples)
+
+    # no training split: only block 1 holds out, ⌈4·0.5⌉ = 2 of 4 kept, shuffled with its own seed 7
+    only_b = held(blocks(0.5, 7), None, 1)
+    import random
+    order = sorted(f"/d/b/{i}.png" for i in range(4))
+    random.Random(7).shuffle(order)
+    assert only_b == sorted(order[2:])
+    assert held(blocks(0.5, 7), None, 99) == only_b  # the training's seed does not move it
+    # a training split applies to block 0 only; block 1 keeps its own 0.5
+    both = held(blocks(0.5, 7), 0.25, 1)
+    assert len([p for p in both if "/a/" in p]) == 1 and [p for p in both if "/b/" in p] == only_b
+    # a block whose own split is 0 holds nothing out even when the training asks for one
+    assert [p for p in held(blocks(0.0, None), 0.5, 1) if "/b/" in p] == []
+    assert split(blocks(0.0, None), None, 1)[1] is None
 
 
 def test_reg_images_are_balanced_against_the_training_images_left():

@@ -39,6 +39,8 @@ class Subset:
     flip_aug: bool = False           # also train on the mirror image (cached as a second latent)
     random_crop: bool = False        # kohya key; needs fresh pixels, so Cache Latents refuses it
     color_aug: bool = False          # kohya key; likewise refused together with latent caching
+    validation_split: float | None = None  # its [[datasets]] block's own split (kohya: it overrides the training's)
+    validation_seed: int | None = None     # and the seed of that split
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from .dataset import Subset
 DATASET_KEYS = {
     "resolution": (int, list), "batch_size": (int,), "enable_bucket": (bool,), "min_bucket_reso": (int,),
     "max_bucket_reso": (int,), "bucket_reso_steps": (int,), "bucket_no_upscale": (bool,),
+    "validation_split": (float, int), "validation_seed": (int,),
 }
 SUBSET_KEYS = {
     "image_dir": (str,), "num_repeats": (int,), "caption_extension": (str,), "class_tokens": (str,),
@@ -28,7 +29,8 @@ SUBSET_KEYS = {
 CAPTION_KEYS = [f.name for f in fields(CaptionOptions)]
 # (low, high) of numeric keys, both inclusive; None = unbounded
 RANGES = {"num_repeats": (1, None), "keep_tokens": (0, None), "caption_dropout_every_n_epochs": (0, None),
-          "caption_dropout_rate": (0, 1), "caption_tag_dropout_rate": (0, 1), "batch_size": (1, None)}
+          "caption_dropout_rate": (0, 1), "caption_tag_dropout_rate": (0, 1), "batch_size": (1, None),
+          "validation_split": (0, 1)}
 # Every key above is built or checked. random_crop / color_aug are read into the Subset and refused by
 # Cache Latents (kohya refuses them together with latent caching), so the message appears where the conflict is.
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
@@ -45,6 +47,9 @@ def _check(table: dict, allowed: dict, where: str, path: str, text: str) -> None
             continue
         line = _line_of(text, key)
         at = f"{path}" + (f", line {line}" if line else "") + f" ({where})"
+        if key not in allowed and key in DATASET_KEYS:
+            raise KilnError(f"'{key}' in {at} is a [[datasets]] key in kohya (it applies to every subset of the "
+                            f"block): move it up to its [[datasets]] block or to [general].")
         if key not in allowed:
             raise KilnError(f"unknown key '{key}' in {at}. Known keys here: {', '.join(sorted(allowed))}.")
         types = allowed[key]
@@ -114,7 +119,9 @@ def load_dataset_toml(path: str, base_dir: str | None = None) -> tuple[list[Subs
                                   m.get("caption_extension", ".caption"), m.get("is_reg", False), mode, mask_dir,
                                   captions=captions, buckets=buckets, block=d_index,
                                   batch_size=merged_ds.get("batch_size", 1), flip_aug=m.get("flip_aug", False),
-                                  random_crop=m.get("random_crop", False), color_aug=m.get("color_aug", False)))
+                                  random_crop=m.get("random_crop", False), color_aug=m.get("color_aug", False),
+                                  validation_split=merged_ds.get("validation_split"),
+                                  validation_seed=merged_ds.get("validation_seed")))
     if not subsets:
         raise KilnError(f"{path} has datasets but no [[datasets.subsets]] with an image_dir.")
     return subsets, blocks[0][0], blocks[0][1]  # each subset also carries its own block's batch_size
