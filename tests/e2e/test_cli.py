@@ -95,6 +95,54 @@ network_alpha = 4
     assert "epoch 2/2" in run.stdout
 
 
+@pytest.mark.slow
+def test_cli_runs_the_sdxl_example_config_of_kohyas_docs(kiln_env, base, tiny_sdxl_path, tmp_path):
+    """sd-scripts docs/sdxl_train_network.md's example command as a --config_file, on the SDXL fixture: every key
+    as the docs write it, but 2 epochs instead of 10, 64² images, and network_train_unet_only, which kohya's
+    sdxl_train_network.py itself requires together with cache_text_encoder_outputs."""
+    images = base / "input" / "kiln_demo" / "train"
+    (tmp_path / "my_sdxl_dataset_config.toml").write_text(
+        f'[general]\nresolution = 64\nbatch_size = 2\ncaption_extension = ".txt"\n'
+        f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{images / "5_kiln toy"}"\n  num_repeats = 1\n')
+    (tmp_path / "sdxl.toml").write_text(f'''
+pretrained_model_name_or_path = "{tiny_sdxl_path}"
+dataset_config = "my_sdxl_dataset_config.toml"
+output_dir = "out"
+output_name = "my_sdxl_lora"
+save_model_as = "safetensors"
+network_module = "networks.lora"
+network_dim = 32
+network_alpha = 16
+learning_rate = 1e-4
+unet_lr = 1e-4
+text_encoder_lr1 = 1e-5
+text_encoder_lr2 = 1e-5
+optimizer_type = "AdamW8bit"
+lr_scheduler = "constant"
+max_train_epochs = 2
+save_every_n_epochs = 1
+mixed_precision = "bf16"
+gradient_checkpointing = true
+cache_text_encoder_outputs = true
+cache_latents = true
+network_train_unet_only = true
+''')
+    pytest.importorskip("bitsandbytes")
+    cmd = [kiln_env.python, str(REPO / "cli.py"), "--comfyui", str(kiln_env.comfyui), "--config",
+           str(tmp_path / "sdxl.toml"), "--set", "6.sample_every=0", "--", "--cpu", "--base-directory", str(base)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd="/")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "a sdxl run of KilnTrainSDXL" in run.stdout and "epoch 2/2" in run.stdout
+    with safe_open(str(tmp_path / "out" / "my_sdxl_lora.safetensors"), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_mixed_precision"]) == ("32", "16.0", "bf16")
+    assert meta["ss_optimizer"].endswith("AdamW8bit") and meta["ss_lr_scheduler"] == "constant"
+    assert meta["ss_gradient_checkpointing"] == "True" and meta["modelspec.architecture"].startswith("stable-diffusion-xl")
+    assert int(meta["ss_steps"]) == 2 * int(meta["ss_num_batches_per_epoch"]) and meta["ss_epoch"] == "2"
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert (tmp_path / "out" / "my_sdxl_lora-000001.safetensors").is_file()
+
+
 def test_cli_lycoris_config_then_network_weights_with_dim_from_weights(kiln_env, base, tiny_sd1_path, tmp_path):
     pytest.importorskip("lycoris.functional")
     images = base / "input" / "kiln_demo" / "train"
