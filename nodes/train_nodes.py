@@ -177,7 +177,7 @@ def kohya_training_metadata(tcfg: TrainConfig, cache: LatentCache) -> dict[str, 
 
 
 def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: LoraConfig, tcfg: TrainConfig,
-                      result, model_name: str, epoch: int = 1) -> dict[str, str]:
+                      result, model_name: str, epoch: int = 1, family_meta: dict | None = None) -> dict[str, str]:
     ds = data.dataset
     reg = sum(1 for i in ds.items if ds.subsets[i.subset].is_reg)
     tags: dict[str, dict[str, int]] = {}
@@ -207,7 +207,7 @@ def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: L
         "tag_frequency": tags, "flip_aug": any(s.flip_aug for s in ds.subsets),
         "dataset_dirs": {os.path.basename(s.image_dir.rstrip("/")): {"n_repeats": s.num_repeats,
                          "img_count": sum(1 for i in ds.items if i.subset == k)} for k, s in enumerate(ds.subsets)},
-        **dataset_metadata(ds),
+        **dataset_metadata(ds), **(family_meta or {}),
     }
     meta = build_metadata(arch, base, model_name or "kiln lora")
     meta["kiln_probe_loss_start"] = repr(result.probe_loss_start)
@@ -256,6 +256,7 @@ class FamilyPlan:
     hidden_only: tuple = ()  # encoders whose pooled output the family ignores: clip skip leaves their last layers out
     blocks: BlockPlan | None = None              # kohya's block-wise ranks / learning rates (SD1, SDXL)
     is_sdxl: bool = False                        # which block numbering ``blocks`` uses
+    metadata: dict = field(default_factory=dict)  # ss_* keys kohya's trainer for this family adds (update_metadata)
 
 
 def unet_blocks(lc: LoraConfig, is_sdxl: bool) -> BlockPlan | None:
@@ -488,7 +489,7 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
         def on_save(step: int, state: dict, so_far, epoch: int | None = None) -> None:
             path = intermediate_path(step, epoch)
             meta = training_metadata(plan.version, plan.architecture(net_host), dataset, lora_config, tcfg, so_far, "",
-                                     state["batches"]["epoch"])
+                                     state["batches"]["epoch"], plan.metadata)
             save_lora_file(path, network.kohya_state_dict(), meta)
             save_state(path, state, signature)
             log.info("kiln: %s step %d: saved %s (+ %s)", plan.node, step, path, SUFFIX)
@@ -518,7 +519,7 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
         lora_sd = network.kohya_state_dict()
         arch = plan.architecture(net_host)
 
-    meta = training_metadata(plan.version, arch, dataset, lora_config, tcfg, result, "", epochs)
+    meta = training_metadata(plan.version, arch, dataset, lora_config, tcfg, result, "", epochs, plan.metadata)
     meta["kiln_distinct_captions"] = str(len(seen))
     meta["kiln_text_encoder_calls"] = str(cond.encodes)
     meta["kiln_text_encoder_outputs_from_disk"] = str(cond.from_disk)
@@ -684,7 +685,9 @@ class KilnTrainSD3(TrainNode):
             te_prefixes=sd3.TE_PREFIXES,
             te_lrs={"clip_l": opts.get("text_encoder_lr1", 0.0), "clip_g": opts.get("text_encoder_lr2", 0.0),
                     "t5xxl": opts.get("text_encoder_lr3", 0.0)},
-            while_training=lambda mmdit, seed: cmodel.random_pos_embed_crop(mmdit, opts["pos_emb_random_crop_rate"], seed))
+            while_training=lambda mmdit, seed: cmodel.random_pos_embed_crop(mmdit, opts["pos_emb_random_crop_rate"], seed),
+            metadata={k: opts[k] for k in ("apply_lg_attn_mask", "apply_t5_attn_mask", "weighting_scheme", "logit_mean",
+                                           "logit_std", "mode_scale")})  # sd3_train_network.update_metadata
         return run_training(model, clip, dataset, lora_config, tcfg, plan, opts, cls.hidden.unique_id, fam)
 
 

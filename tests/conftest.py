@@ -102,6 +102,14 @@ def tiny_sd3_path(kiln_env, fixture_cache) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_split(kiln_env, fixture_cache) -> dict[str, Path]:
+    """SD3 in separate files, as kohya's --clip_l/--clip_g load it: {"model", "clip_l", "clip_g"} paths in the
+    cache (built on first use: ~15 s, 1.6 GB, most of it ComfyUI's fixed-size CLIP-G)."""
+    _import_comfy_core(kiln_env.comfyui)
+    return {k: Path(v) for k, v in tiny_models.build_sd3_split_files(str(fixture_cache)).items()}
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl_path(kiln_env, fixture_cache) -> Path:
     """The SDXL-family checkpoint (KOALA_700M-shaped UNet + full-size CLIP-L/G + TAESD) in the cache (built on
     first use: ~25 s, 1.8 GB; the size is ComfyUI's fixed CLIP-G)."""

@@ -72,6 +72,11 @@ def test_sd3_per_layer_ranks_embedders_and_block_selection(comfy, sd3):
     assert f"{9 + len(te1)} LoRA modules (unet 9, clip_l {len(te1)})" in text
     assert re.search(r"lora_unet_x_embedder_proj +rank 6, alpha 4", text)
     assert "clip_g is not in this CLIP" in text
+    meta = out[1].metadata  # what kohya's sd3_train_network adds to train_network's keys
+    assert (meta["ss_weighting_scheme"], meta["ss_apply_lg_attn_mask"], meta["ss_apply_t5_attn_mask"]) == \
+        ("mode", "True", "False")
+    assert (meta["ss_logit_mean"], meta["ss_logit_std"], meta["ss_mode_scale"]) == \
+        tuple(str(float(SD3_OPTS[k])) for k in ("logit_mean", "logit_std", "mode_scale"))
 
 
 def test_sd3_node_refuses_keys_it_does_not_read(comfy, sd3):
