@@ -75,6 +75,7 @@ class TrainConfig:
     lr_scheduler_type: str = ""
     lr_scheduler_args: dict | None = None
     fused_backward_pass: bool = False              # optim.FusedBackward: step each parameter during backward
+    stop_text_encoder_training: int | None = None  # kohya (train_db): text encoders train in steps 1..N only
     validation_split: float | None = None          # validation.py: held-out images, fixed timesteps and noise
     validation_seed: int | None = None             # (default: seed)
     validate_every_n_steps: int | None = None
@@ -184,6 +185,27 @@ def changed_settings(saved: dict | None, cfg: TrainConfig) -> list[str]:
                         f"fit {now['optimizer']}: set optimizer back to {saved['optimizer']}, or rename the "
                         f".kiln-state file away to continue from the LoRA's weights with a fresh optimizer.")
     return [f"{k} {saved[k]!r} → {now[k]!r}" for k in RESUMABLE_SETTINGS if k in saved and saved[k] != now[k]]
+
+
+def sampled(p: torch.Tensor, most: int = 4096) -> torch.Tensor:
+    """Up to ``most`` evenly strided values of a parameter: enough to see that a step changed it (every value
+    of a small LoRA matrix), without a second copy of a fully fine-tuned model."""
+    flat = p.detach().flatten()
+    return flat[::max(1, flat.numel() // most)].clone()
+
+
+def unchanged(params: list, initial: list) -> bool:
+    return all(torch.equal(sampled(p), p0) for p, p0 in zip(params, initial))
+
+
+def freeze_text_encoders(groups: list[dict]) -> None:
+    """kohya's stop_text_encoder_training: every group that is not the UNet's stops training (no gradient, no
+    optimizer step, weight decay included) from this step on."""
+    for g in groups:
+        if not g["name"].startswith("unet"):
+            for p in g["params"]:
+                p.requires_grad_(False)
+                p.grad = None
 
 
 def train(network: LoRANetwork, objective, forward: Callable, conditioning: Callable[..., dict],
@@ -324,7 +346,7 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
                 "probe_loss_start": result.probe_loss_start, "settings": run_settings(cfg),
                 "validation": [list(v) for v in result.validation]}
 
-    initial = [p.detach().clone() for p in params]  # "nothing changed" is checked against these
+    initial = [sampled(p) for p in params]  # "nothing changed" is checked against these
     grads_checked = fused is not None  # fused: each gradient is freed as soon as its parameter stepped
     change_checked = False
     val_batches = validation.batches(val_cache, cfg.batch_size, cfg.max_validation_steps) if val_cache else []
@@ -349,6 +371,8 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
     start = time.perf_counter()
     with gradient_checkpointing(list(checkpoint_blocks), cfg.gradient_checkpointing):
         for step in range(first, cfg.steps + 1):
+            if cfg.stop_text_encoder_training is not None and step > cfg.stop_text_encoder_training:
+                freeze_text_encoders(groups)
             total = 0.0
             lr_now = max((g["lr"] for g in opt.param_groups), key=lambda v: -1 if v is None else v)  # None: Adafactor
             n = min(cfg.grad_accum, batches.left_in_epoch())  # the epoch's last step may hold fewer batches
@@ -379,7 +403,7 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
             warming_up = lr_now == 0 and any(b for b in sched.base_lrs)  # kohya's warmup starts at lr 0
             if not change_checked and scaler is None and not warming_up:
                 change_checked = True
-                if all(torch.equal(p, p0) for p, p0 in zip(params, initial)):
+                if unchanged(params, initial):
                     raise KilnError(f"the first step changed no LoRA weight (learning rate {cfg.learning_rate:g}): "
                                     f"training would change nothing. Likely causes: {NO_CHANGE_CAUSES}.")
             with warnings.catch_warnings():
@@ -409,7 +433,7 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
     if fused:
         fused.remove()
     network.eval()
-    if all(torch.equal(p, p0) for p, p0 in zip(params, initial)):
+    if unchanged(params, initial):
         raise KilnError(f"after {result.steps} steps the LoRA is bit-identical to its starting state: training changed "
                         f"nothing (learning rate {cfg.learning_rate:g}). Likely causes: {NO_CHANGE_CAUSES}.")
     result.probe_loss_end = probe_loss()
