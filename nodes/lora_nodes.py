@@ -57,20 +57,20 @@ class KilnLoraConfig(io.ComfyNode):
         return io.NodeOutput(config.check())
 
 
-def lora_output_path(name: str, node: str = "Save LoRA", what: str = "filename") -> str:
-    """``name`` inside ComfyUI's first models/loras folder; names that would leave it, or hold control
-    characters, are refused naming the input (``what``)."""
-    root = os.path.realpath(folder_paths.get_folder_paths("loras")[0])
+def lora_output_path(name: str, node: str = "Save LoRA", what: str = "filename", kind: str = "loras") -> str:
+    """``name`` inside ComfyUI's first models/loras folder (models/``kind``); names that would leave it, or hold
+    control characters, are refused naming the input (``what``)."""
+    root = os.path.realpath(folder_paths.get_folder_paths(kind)[0])
     check_text(name, node, what)
     clean = name.strip()
     if not clean:
-        raise KilnError(f"{node}: {what} is empty; give a name such as 'kiln/my_lora'.")
+        raise KilnError(f"{node}: {what} is empty; give a name such as 'kiln/my_{kind.rstrip('s')}'.")
     if not clean.endswith(".safetensors"):
         clean += ".safetensors"
     path = os.path.realpath(os.path.join(root, clean))
     if os.path.isabs(name.strip()) or os.path.commonpath([root, path]) != root:
-        raise KilnError(f"{node}: {what} {name!r} points outside models/loras ({root}); use a plain name or a "
-                        f"sub-folder such as 'kiln/my_lora'.")
+        raise KilnError(f"{node}: {what} {name!r} points outside models/{kind} ({root}); use a plain name or a "
+                        f"sub-folder such as 'kiln/my_{kind.rstrip('s')}'.")
     return path
 
 
@@ -80,10 +80,10 @@ def nearest_existing(path: str) -> str:
     return path
 
 
-def check_output_file(name: str, node: str, what: str, overwrite: bool = True) -> str | None:
-    """What is wrong with saving to ``name`` (for validation before anything runs), or None."""
+def check_output_file(name: str, node: str, what: str, overwrite: bool = True, kind: str = "loras") -> str | None:
+    """What is wrong with saving to ``name`` in models/``kind`` (for validation before anything runs), or None."""
     try:
-        path = lora_output_path(name, node, what)
+        path = lora_output_path(name, node, what, kind)
     except KilnError as e:
         return str(e)
     folder = nearest_existing(os.path.dirname(path))

@@ -61,11 +61,11 @@ def te_lr_input(name: str, what: str) -> io.Float.Input:
                           tooltip=f"Learning rate of the {what} LoRA; 0 = {what} not trained (kohya: no LR, skipped).")
 
 
-def common_inputs(min_snr: bool = True, sample_cfg: float = 7.0) -> list:
+def common_inputs(min_snr: bool = True, sample_cfg: float = 7.0, learning_rate: float = 1e-4) -> list:
     """Schedule, optimizer, precision, loss and sampling options shared by every Train node."""
     inputs = [
         io.Int.Input("steps", default=500, min=1, max=1_000_000),
-        io.Float.Input("learning_rate", default=1e-4, min=0.0, max=10.0, step=1e-6),
+        io.Float.Input("learning_rate", default=learning_rate, min=0.0, max=10.0, step=1e-6),
         io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="AdamW"),
         io.Combo.Input("lr_scheduler", options=list(SCHEDULERS), default="constant"),
         io.Int.Input("warmup_steps", default=0, min=0, max=100_000),
@@ -176,8 +176,9 @@ def kohya_training_metadata(tcfg: TrainConfig, cache: LatentCache) -> dict[str, 
     return meta
 
 
-def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: LoraConfig, tcfg: TrainConfig,
+def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: LoraConfig | None, tcfg: TrainConfig,
                       result, model_name: str, epoch: int = 1, family_meta: dict | None = None) -> dict[str, str]:
+    """kohya's ss_* keys and modelspec for a LoRA (``lcfg``) or, without one, a fully fine-tuned model."""
     ds = data.dataset
     reg = sum(1 for i in ds.items if ds.subsets[i.subset].is_reg)
     tags: dict[str, dict[str, int]] = {}
@@ -187,10 +188,11 @@ def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: L
             if tag:
                 tags.setdefault(folder, {}).setdefault(tag, 0)
                 tags[folder][tag] += s.repeats
-    base = {
+    network = {} if lcfg is None else {
         "network_module": lcfg.network_module, "network_dim": lcfg.rank, "network_alpha": lcfg.alpha,
-        "network_args": lcfg.network_args(),
-        "network_dropout": lcfg.dropout, "learning_rate": tcfg.learning_rate, "unet_lr": tcfg.learning_rate,
+        "network_args": lcfg.network_args(), "network_dropout": lcfg.dropout}
+    base = {
+        **network, "learning_rate": tcfg.learning_rate, "unet_lr": tcfg.learning_rate,
         "text_encoder_lr": text_encoder_lr(tcfg), "max_train_steps": tcfg.steps, "steps": result.steps,
         "num_train_images": len(ds.items) - reg, "num_reg_images": reg, "batch_size_per_device": ds.batch_size,
         "gradient_accumulation_steps": tcfg.grad_accum,
@@ -209,7 +211,7 @@ def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: L
                          "img_count": sum(1 for i in ds.items if i.subset == k)} for k, s in enumerate(ds.subsets)},
         **dataset_metadata(ds), **(family_meta or {}),
     }
-    meta = build_metadata(arch, base, model_name or "kiln lora")
+    meta = build_metadata(arch, base, model_name or ("kiln lora" if lcfg else "kiln model"), lora=lcfg is not None)
     meta["kiln_probe_loss_start"] = repr(result.probe_loss_start)
     meta["kiln_probe_loss_end"] = repr(result.probe_loss_end)
     meta["kiln_seconds_per_step"] = f"{result.seconds_per_step:.4f}"
@@ -390,6 +392,63 @@ def ddpm_objective(model, is_v: bool, tcfg: TrainConfig) -> sd1.SD1Objective:
                             tcfg.max_timestep, NoiseOptions.from_config(tcfg), tcfg.zero_terminal_snr)
 
 
+def sample_setup(opts: dict, cache: LatentCache) -> tuple[list[str], int, int]:
+    """(sample prompts, width, height) of the previews: the prompts given, else the first caption, at the first
+    sample's bucket size."""
+    first = cache.samples[0]
+    prompts = [p.strip() for p in opts["sample_prompts"].splitlines() if p.strip()] or [base_caption(first.caption,
+                                                                                                 first.captions)]
+    width, height = first.geometry.bucket
+    return prompts, width, height
+
+
+def caption_conditioning(cond: TextConditioning, dataset: KilnDataset, te_train: list[str], opts: dict,
+                         node: str) -> tuple[Callable[..., dict], set[str]]:
+    """The loop's ``conditioning`` callable over ``cond`` and the set of distinct captions it trained on.
+    Trained text encoders (``te_train``) encode every caption again at every step; otherwise fixed captions are
+    encoded once, before the loop (or read from the disk cache), and augmented ones on demand."""
+    cond.live = bool(te_train)
+    if opts.get("cache_text_encoder_outputs_to_disk"):
+        varying = next((s for s in dataset.cache.samples if s.captions.varies), None)
+        if te_train or varying is not None:
+            why = (f"the text encoders are being trained ({', '.join(te_train)} learning rate > 0)" if te_train else
+                   f"caption augmentation is on (e.g. for {os.path.dirname(varying.path)})")
+            raise KilnError(f"{node}: cache_text_encoder_outputs_to_disk cannot be used because {why}: the "
+                            f"outputs differ at every step. Turn the option off, or set the text-encoder learning "
+                            f"rates to 0 and switch off shuffle_caption / caption dropout.")
+        cond.use_disk(DiskStore(default_cache_folder("text"), redo="encoding its caption again"))
+    if not cond.live:
+        for s in dataset.cache.samples:
+            if not s.captions.varies:
+                cond.encode(base_caption(s.caption, s.captions), pin=True)
+    seen: set[str] = set()
+
+    def conditioning(captions: list[str], train: bool = False, geometries=None) -> dict[str, torch.Tensor]:
+        if train:
+            seen.update(captions)
+        return cond(captions, train=train, geometries=geometries)
+    return conditioning, seen
+
+
+def step_reporter(progress: Progress, tcfg: TrainConfig, opts: dict, epochs: int,
+                  preview: Callable[[], object]) -> Callable[[StepInfo], None]:
+    """The loop's ``on_step``: progress (with a preview image every ``sample_every`` steps, or every
+    ``sample_every_n_epochs`` epochs as kohya) and the loss chart's event."""
+    every = opts["sample_every"]
+
+    def on_step(info: StepInfo) -> None:
+        image = None
+        by_epoch = tcfg.sample_every_n_epochs  # kohya: overrides the step interval
+        due = (info.epoch_end and info.epoch % by_epoch == 0) if by_epoch else (every and info.step % every == 0)
+        if due and info.step < info.total:
+            image = preview()
+        progress.update(info.step, image)
+        progress.send("kiln.loss", {"step": info.step, "total": info.total, "loss": info.loss, "lr": info.lr,
+                                    "seconds": info.seconds, "epoch": info.epoch, "epochs": epochs,
+                                    "val_loss": info.val_loss})
+    return on_step
+
+
 def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcfg: TrainConfig, plan: FamilyPlan,
                  opts: dict, node_id, family: str) -> io.NodeOutput:
     """Train on the shared MODEL (and CLIP, for text-encoder LoRA) in place, report progress, and return the
@@ -401,31 +460,9 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
     notes = [f"{e} is not in this CLIP: its text-encoder learning rate is ignored"
              for e, lr in plan.te_lrs.items() if lr > 0 and e not in loaded and e in plan.te_prefixes]
     tcfg.group_lrs = {e: plan.te_lrs[e] for e in te_train}
-    first = dataset.cache.samples[0]
-    prompts = [p.strip() for p in opts["sample_prompts"].splitlines() if p.strip()] or [base_caption(first.caption,
-                                                                                                 first.captions)]
-    width, height = first.geometry.bucket
+    prompts, width, height = sample_setup(opts, dataset.cache)
     cond = plan.conditioning
-    cond.live = bool(te_train)  # trained text encoders: every caption is encoded again at every step
-    if opts.get("cache_text_encoder_outputs_to_disk"):
-        varying = next((s for s in dataset.cache.samples if s.captions.varies), None)
-        if te_train or varying is not None:
-            why = (f"the text encoders are being trained ({', '.join(te_train)} learning rate > 0)" if te_train else
-                   f"caption augmentation is on (e.g. for {os.path.dirname(varying.path)})")
-            raise KilnError(f"{plan.node}: cache_text_encoder_outputs_to_disk cannot be used because {why}: the "
-                            f"outputs differ at every step. Turn the option off, or set the text-encoder learning "
-                            f"rates to 0 and switch off shuffle_caption / caption dropout.")
-        cond.use_disk(DiskStore(default_cache_folder("text"), redo="encoding its caption again"))
-    if not cond.live:
-        for s in dataset.cache.samples:  # fixed captions: encoded once, before the loop; augmented ones on demand
-            if not s.captions.varies:
-                cond.encode(base_caption(s.caption, s.captions), pin=True)
-    seen: set[str] = set()  # distinct captions trained on (more than the images when augmentation is on)
-
-    def conditioning(captions: list[str], train: bool = False, geometries=None) -> dict[str, torch.Tensor]:
-        if train:
-            seen.update(captions)
-        return cond(captions, train=train, geometries=geometries)
+    conditioning, seen = caption_conditioning(cond, dataset, te_train, opts, plan.node)
 
     cache = normal_cache(dataset.cache)
     progress = Progress(tcfg.steps, node_id)
@@ -497,18 +534,7 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
                    step_save_to_remove(step, tcfg.save_every, tcfg.save_last_n_steps))
             if old:  # kohya's save_last_n_epochs / save_last_n_steps: the older intermediate file goes
                 remove_save(intermediate_path(old, old if epoch else None))
-        every = opts["sample_every"]
-
-        def on_step(info: StepInfo) -> None:
-            image = None
-            by_epoch = tcfg.sample_every_n_epochs  # kohya: overrides the step interval
-            due = (info.epoch_end and info.epoch % by_epoch == 0) if by_epoch else (every and info.step % every == 0)
-            if due and info.step < info.total:
-                image = to_pil(preview(network)[0])
-            progress.update(info.step, image)
-            progress.send("kiln.loss", {"step": info.step, "total": info.total, "loss": info.loss, "lr": info.lr,
-                                        "seconds": info.seconds, "epoch": info.epoch, "epochs": epochs,
-                                        "val_loss": info.val_loss})
+        on_step = step_reporter(progress, tcfg, opts, epochs, lambda: to_pil(preview(network)[0]))
 
         with network.attached():
             result = train(network, plan.objective, cmodel.unet_forward(target.patcher, net_host), conditioning,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 import comfy.lora
+import comfy.model_base
 import comfy.model_management
 import comfy.model_sampling
 import comfy.sd
@@ -126,10 +127,11 @@ def training_session(model, node: str, private: bool = False):
         yield TrainingTarget(patcher, unet, note)
 
 
-def unet_forward(model, unet):
+def unet_forward(model, unet, dtype: torch.dtype | None = None):
     """fn(x_t, t, cond) for the diffusion network (compvis UNet or MMDiT): the call ComfyUI's _apply_model
-    makes, with ``t`` in the model's own timestep units (DDPM index, or σ·1000 for flow models)."""
-    dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+    makes, with ``t`` in the model's own timestep units (DDPM index, or σ·1000 for flow models). Inputs go in
+    the model's compute dtype, or ``dtype`` (a fully fine-tuned network computes with its float32 weights)."""
+    dtype = dtype or model.model.manual_cast_dtype or model.model.get_dtype()
 
     def forward(x_t, timesteps, cond):
         extra = {"y": cond["y"].to(dtype)} if "y" in cond else {}
@@ -180,3 +182,51 @@ def unmapped_lora_keys(model, kohya_sd: dict[str, torch.Tensor], clip=None) -> l
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
     names = {k.rsplit(".alpha", 1)[0] for k in kohya_sd if k.endswith(".alpha")}  # every algorithm writes alpha
     return sorted(n for n in names if n not in key_map)
+
+
+# --- fully fine-tuned weights back into ComfyUI (DreamBooth) ------------------------------------------------
+
+METADATA_OPTION = "kiln_checkpoint_metadata"  # model_options key: the training metadata Save Checkpoint writes
+
+
+def apply_weights(model, clip, unet_sd: dict[str, torch.Tensor], clip_sd: dict[str, torch.Tensor],
+                  metadata: dict[str, str]):
+    """Clones of MODEL (and CLIP, when ``clip_sd`` has weights) whose weights are the trained ones: ComfyUI "set"
+    weight patches (keys as in ``model.model``'s / the CLIP model's state dict), applied by ComfyUI whenever the
+    clone is loaded and taken off again for the input MODEL, exactly like a LoRA's patches. ``metadata`` rides
+    along in the clone's model_options for Kiln's Save Checkpoint."""
+    model_out = model.clone()
+    missing = [k for k in unet_sd if k not in model_out.add_patches({k: ("set", (t,)) for k, t in unet_sd.items()})]
+    model_out.model_options[METADATA_OPTION] = dict(metadata)
+    clip_out = clip
+    if clip_sd:
+        clip_out = clip.clone()
+        missing += [k for k in clip_sd if k not in clip_out.add_patches({k: ("set", (t,)) for k, t in clip_sd.items()})]
+    if missing:  # a bug if it ever happens: a trained weight ComfyUI would not apply
+        raise KilnError(f"{len(missing)} trained weights do not map onto the model, e.g. {missing[0]}")
+    return model_out, clip_out
+
+
+def checkpoint_state_dict(model, clip, vae, in_place: bool = False,
+                          dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a full checkpoint the way ComfyUI's own Save Checkpoint assembles it: the MODEL
+    and CLIP loaded with their patches written into the weights, the VAE's own, each renamed by the model
+    config to the original checkpoint layout (model.diffusion_model.*, cond_stage_model.*, first_stage_model.*),
+    the v_pred marker and modelspec.predict_key; plus the training metadata Kiln trained it with.
+    ``in_place``: the weights are read as they are now (a training run's intermediate save), and float32 ones
+    are stored as ``dtype`` when given (the dtype the model was loaded in)."""
+    if not in_place:
+        comfy.model_management.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
+    sd = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd())
+    sd = {k: t.detach().to("cpu", dtype=dtype if dtype and t.dtype == torch.float32 else t.dtype).contiguous()
+          for k, t in sd.items()}
+    meta = dict(model.model_options.get(METADATA_OPTION, {}))
+    kind = model.model.model_type
+    if kind == comfy.model_base.ModelType.V_PREDICTION:
+        meta["modelspec.predict_key"] = "v"
+        sd["v_pred"] = torch.tensor([])
+        if getattr(model_sampling(model), "zsnr", False):
+            sd["ztsnr"] = torch.tensor([])
+    elif kind == comfy.model_base.ModelType.EPS:
+        meta["modelspec.predict_key"] = "epsilon"
+    return sd, meta

@@ -103,7 +103,7 @@ class SD1Objective:
         return torch.clamp(snr, max=gamma) / (snr + 1)
 
 
-def modelspec_architecture(is_v: bool, is_sd2: bool) -> str:
-    if is_sd2:
-        return "stable-diffusion-v2-768-v/lora" if is_v else "stable-diffusion-v2-512/lora"
-    return "stable-diffusion-v1/lora"
+def modelspec_architecture(is_v: bool, is_sd2: bool, lora: bool = True) -> str:
+    """modelspec.architecture of a LoRA for this model, or of the model itself (a full fine-tune)."""
+    arch = ("stable-diffusion-v2-768-v" if is_v else "stable-diffusion-v2-512") if is_sd2 else "stable-diffusion-v1"
+    return arch + "/lora" if lora else arch

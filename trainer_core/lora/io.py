@@ -51,12 +51,14 @@ def metadata_value(v: object) -> str:
     return str(v)
 
 
-def build_metadata(family_arch: str, base: dict[str, object], title: str) -> dict[str, str]:
-    """``ss_*`` training facts and ``modelspec.*`` identity (safetensors metadata is str -> str)."""
+def build_metadata(family_arch: str, base: dict[str, object], title: str, lora: bool = True) -> dict[str, str]:
+    """``ss_*`` training facts and ``modelspec.*`` identity (safetensors metadata is str -> str); ``lora`` False
+    for a fully fine-tuned model (no ss_network_module)."""
     now = datetime.datetime.now(datetime.timezone.utc)
     meta = {f"ss_{k}": metadata_value(v) for k, v in base.items()
             if not (k == "network_args" and not v)}  # kohya omits empty network args
-    meta.setdefault("ss_network_module", "networks.lora")  # base["network_module"] names another (lycoris.kohya)
+    if lora:
+        meta.setdefault("ss_network_module", "networks.lora")  # base["network_module"] names another (lycoris.kohya)
     meta.update({
         "ss_training_finished_at": str(now.timestamp()),
         "modelspec.sai_model_spec": "1.0.0",

@@ -1,0 +1,229 @@
+"""Train DreamBooth (SD1/SD2) and Save Checkpoint: kohya's train_db.py as a node. The whole UNet (and, with a
+text-encoder learning rate, the text encoder) trains, through the same loop, dataset, schedule, optimizer,
+precision, loss and sample plumbing as the Train LoRA nodes (train_nodes.py); trainer_core/full.py holds the
+weights while they train and gives the input MODEL/CLIP back as they were."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..trainer_core import validation
+from ..trainer_core.atomic import check_writable
+from ..trainer_core.checkpoint_io import checkpoint_bytes, save_checkpoint_file
+from ..trainer_core.epochs import epoch_save_to_remove, step_save_to_remove, steps_per_epoch
+from ..trainer_core.errors import KilnError
+from ..trainer_core.families import sd1
+from ..trainer_core.full import FullNetwork
+from ..trainer_core.loop import train
+from ..trainer_core.plot import loss_plot
+from ..trainer_core.training_args import effective
+from .comfy import model as cmodel
+from .comfy.preview import pil_to_image, sample_images, to_pil
+from .comfy.progress import Progress
+from .comfy.text import TextConditioning, text_encoder_names, text_encoder_session
+from .lora_nodes import check_output_file, lora_output_path
+from .options import check_text
+from .train_nodes import (caption_conditioning, common_inputs, ddpm_objective, normal_cache, prepare, remove_save,
+                          sample_setup, step_reporter, training_args_input, training_metadata)
+from .types import KilnDataset, KilnDatasetType
+
+log = logging.getLogger("kiln")
+
+NODE = "Train DreamBooth (SD1/SD2)"
+SAVE_NODE = "Save Checkpoint (Kiln)"
+DEFAULT_SAVE_NAME = "kiln/dreambooth"
+LORA_ONLY = ("save_every_n_steps", "save_name", "resume_from")  # the LoRA nodes' save/resume inputs (models/loras)
+SD1_ENCODERS = ("clip_l", "clip_h")  # SD1's CLIP-L, SD2's OpenCLIP-H
+
+
+def dreambooth_inputs() -> list:
+    shared = [i for i in common_inputs(learning_rate=1e-6) if i.id not in LORA_ONLY]
+    return shared + [
+        io.Float.Input("text_encoder_lr", default=0.0, min=0.0, max=10.0, step=1e-7, optional=True,
+                       tooltip="Learning rate of the text encoder (kohya learning_rate_te); 0 = the text encoder "
+                               "does not train (kohya stop_text_encoder_training=-1)."),
+        io.Int.Input("stop_text_encoder_training", default=0, min=0, max=1_000_000, optional=True,
+                     tooltip="The text encoder trains in the first N steps only, then only the UNet (kohya's "
+                             "meaning); 0 = it trains to the end."),
+        io.Boolean.Input("fused_backward_pass", default=False, optional=True,
+                         tooltip="Step each weight as soon as its gradient is ready and free that gradient: the "
+                                 "gradients of the whole model are never held together. Needs max_grad_norm 0, "
+                                 "grad_accum 1, no fp16."),
+        io.Int.Input("save_every_n_steps", default=0, min=0, max=1_000_000, optional=True,
+                     tooltip="Also write the full checkpoint every N steps, as <save_name>-stepNNNNNN.safetensors "
+                             "in models/checkpoints. 0 = off."),
+        io.String.Input("save_name", default=DEFAULT_SAVE_NAME, optional=True,
+                        tooltip="Name (inside models/checkpoints) of the intermediate checkpoints."),
+    ]
+
+
+def save_name_of(opts: dict) -> str:
+    return (opts.get("save_name") or DEFAULT_SAVE_NAME).strip()
+
+
+def checkpoint_path(name: str, what: str = "save_name", node: str = NODE) -> str:
+    return lora_output_path(name, node, what, "checkpoints")
+
+
+class KilnTrainDreamBooth(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KilnTrainDreamBooth", display_name=NODE, category="Kiln",
+            description="DreamBooth in kohya's sense (train_db.py): fine-tunes the whole UNet (and the text encoder "
+                        "with a learning rate) of the loaded SD 1.x/2.x model, with regularization images and "
+                        "prior_loss_weight. The input MODEL/CLIP are left exactly as they were.",
+            inputs=[io.Model.Input("model"), io.Clip.Input("clip"), KilnDatasetType.Input("dataset")]
+            + dreambooth_inputs() + [training_args_input("sd1")],
+            outputs=[io.Model.Output(display_name="model", tooltip="The fine-tuned model."),
+                     io.Clip.Output(display_name="clip", tooltip="The fine-tuned CLIP (the input CLIP when the "
+                                                                "text encoder did not train)."),
+                     io.Image.Output(display_name="samples"), io.Image.Output(display_name="loss_plot")],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt], not_idempotent=False)
+
+    @classmethod
+    def validate_inputs(cls, save_every_n_steps=None, save_name=None):
+        if save_every_n_steps and save_name is not None:
+            return check_output_file(f"{save_name_of({'save_name': save_name})}-step000001", NODE, "save_name",
+                                     kind="checkpoints") or True
+        return True
+
+    @classmethod
+    def execute(cls, model, clip, dataset: KilnDataset, **opts) -> io.NodeOutput:
+        saving = {k: opts.pop(k) for k in LORA_ONLY if k in opts}
+        check_text(saving.get("save_name") or "", NODE, "save_name")
+        fam, tcfg = prepare(model, dataset, opts, cmodel.SD1_FAMILIES, NODE, cls, "sd1")
+        is_v = cmodel.prediction_type(model, NODE) == "v"
+        is_sd2 = fam not in ("SD15", "SD15_instructpix2pix")
+        tcfg.fused_backward_pass = tcfg.fused_backward_pass or bool(opts.get("fused_backward_pass"))
+        tcfg.stop_text_encoder_training = opts.get("stop_text_encoder_training") or None
+        te_lr = opts.get("text_encoder_lr") or 0.0
+        encoders = [e for e in text_encoder_names(clip) if e in SD1_ENCODERS] if te_lr > 0 else []
+        tcfg.group_lrs = {e: te_lr for e in encoders}
+        tcfg.save_every = saving.get("save_every_n_steps") or 0
+        save_name = save_name_of(saving)
+        if tcfg.save_every or tcfg.save_every_n_epochs:
+            checkpoint_path(f"{save_name}-step000001")
+
+        cond = TextConditioning(clip)
+        prompts, width, height = sample_setup(opts, dataset.cache)
+        conditioning, seen = caption_conditioning(cond, dataset, encoders, opts, NODE)
+        cache = normal_cache(dataset.cache)
+        progress = Progress(tcfg.steps, cls.hidden.unique_id)
+        epochs = math.ceil(tcfg.steps / steps_per_epoch(validation.parts(cache, tcfg)[0], tcfg.batch_size,
+                                                        tcfg.grad_accum))
+        version = ("sd_v2" if is_sd2 else "sd_v1") + ("_v" if is_v else "")
+        arch = sd1.modelspec_architecture(is_v, is_sd2, lora=False)
+        notes: list[str] = []
+        net = FullNetwork()
+        te_session = text_encoder_session(clip, NODE) if encoders else contextlib.nullcontext()
+        with cmodel.training_session(model, NODE) as target, te_session as te_target:
+            notes += [t.note for t in (target, te_target) if t is not None and t.note]
+            if te_target is not None:
+                cond.clip = te_target.patcher  # encode through the CLIP that trains
+            try:
+                net.add(target.network, "unet", "diffusion_model.")
+                for e in encoders:
+                    net.add(getattr(te_target.network, e), e, f"{e}.")
+                weights_dtype = model.model.get_dtype()
+
+                def preview() -> torch.Tensor:
+                    return sample_images(target.patcher, cond, dataset.vae, prompts, tcfg.seed, opts["sample_steps"],
+                                         opts["sample_cfg"], width, height, negative=opts.get("sample_negative", ""))
+
+                def intermediate_path(step: int, epoch: int | None) -> str:  # kohya's names, as the LoRA nodes'
+                    return checkpoint_path(f"{save_name}-{epoch:06d}" if epoch else f"{save_name}-step{step:06d}")
+
+                def on_save(step: int, state: dict, so_far, epoch: int | None = None) -> None:
+                    sd, meta = cmodel.checkpoint_state_dict(target.patcher, te_target.patcher if te_target else clip,
+                                                            dataset.vae, in_place=True, dtype=weights_dtype)
+                    meta.update(training_metadata(version, arch, dataset, None, tcfg, so_far, "",
+                                                  state["batches"]["epoch"]))
+                    path = save_checkpoint_file(intermediate_path(step, epoch), sd, meta)
+                    log.info("kiln: %s step %d: saved %s", NODE, step, path)
+                    old = (epoch_save_to_remove(epoch, tcfg.save_every_n_epochs, tcfg.save_last_n_epochs) if epoch
+                           else step_save_to_remove(step, tcfg.save_every, tcfg.save_last_n_steps))
+                    if old:
+                        remove_save(intermediate_path(old, old if epoch else None))
+
+                if tcfg.save_every or tcfg.save_every_n_epochs:
+                    size = net.numel() * torch.finfo(weights_dtype).bits // 8
+                    check_writable(os.path.dirname(intermediate_path(1, None)), 2 * size, f"{NODE}: save_name",
+                                   "Choose another save_name, free disk space, or set save_every_n_steps to 0.")
+                on_step = step_reporter(progress, tcfg, opts, epochs, lambda: to_pil(preview()[0]))
+                result = train(net, ddpm_objective(model, is_v, tcfg),
+                               cmodel.unet_forward(target.patcher, target.network, torch.float32), conditioning,
+                               cache, cmodel.latent_in(model), tcfg, cmodel.device_of(model),
+                               sd1.checkpoint_blocks(target.network), on_step, on_save if tcfg.save_every or
+                               tcfg.save_every_n_epochs else None)
+                samples = preview()
+                unet_sd = net.trained("unet")
+                clip_sd = {k: v for e in encoders for k, v in net.trained(e).items()}
+            finally:
+                net.restore()  # Cancel, a NaN loss or success: the input MODEL/CLIP get their own weights back
+        cond.live, cond.clip = False, clip
+
+        meta = training_metadata(version, arch, dataset, None, tcfg, result, "", epochs)
+        meta["ss_stop_text_encoder_training"] = str(tcfg.stop_text_encoder_training or (tcfg.steps if encoders else 0))
+        meta["ss_fused_backward_pass"] = str(tcfg.fused_backward_pass)
+        meta["kiln_trained"] = ",".join(["unet"] + encoders)
+        model_out, clip_out = cmodel.apply_weights(model, clip, unet_sd, clip_sd, meta)
+        plot = pil_to_image(loss_plot(result.losses, validation=result.validation))
+        trained = f"UNet ({sum(t.numel() for t in unet_sd.values()) / 1e6:.1f}M weights)"
+        if encoders:
+            stop = f", stopped after step {tcfg.stop_text_encoder_training}" if tcfg.stop_text_encoder_training else ""
+            trained += f" + {'/'.join(encoders)} ({sum(t.numel() for t in clip_sd.values()) / 1e6:.1f}M{stop})"
+        text = (f"DreamBooth: {trained}, {result.steps} steps in {result.seconds:.1f}s "
+                f"({result.seconds_per_step:.3f}s/step); probe loss {result.probe_loss_start:.4f} → "
+                f"{result.probe_loss_end:.4f}; {len(seen)} distinct captions; {epochs} epoch{'s' if epochs != 1 else ''}")
+        if result.validation:
+            text += f"; validation loss {result.validation[0][1]:.4f} → {result.validation[-1][1]:.4f}"
+        if tcfg.training_args:
+            text += f"\ntraining_args: {effective(tcfg.training_args)}"
+        text += "".join(f"\nnote: {n}" for n in notes + result.notes)
+        return io.NodeOutput(model_out, clip_out, samples, plot, ui=ui.PreviewText(text))
+
+
+class KilnSaveCheckpoint(io.ComfyNode):
+    """ComfyUI's Save Checkpoint writes the same tensors (same assembly: nodes/comfy/model.checkpoint_state_dict)
+    but no training metadata, into output/; this one writes Kiln's ss_* keys too, atomically, into
+    models/checkpoints, where Load Checkpoint lists it at once."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="KilnSaveCheckpoint", display_name=SAVE_NODE, category="Kiln",
+            description="Writes MODEL + CLIP + VAE as one .safetensors checkpoint (the layout Load Checkpoint, A1111 "
+                        "and Forge read) into models/checkpoints, atomically, with the training metadata of a "
+                        "Train DreamBooth run.",
+            inputs=[io.Model.Input("model"), io.Clip.Input("clip"), io.Vae.Input("vae"),
+                    io.String.Input("filename", default=DEFAULT_SAVE_NAME,
+                                    tooltip="Inside models/checkpoints; sub-folders allowed."),
+                    io.Boolean.Input("overwrite", default=True,
+                                     tooltip="Off: stop instead of replacing an existing file.")],
+            outputs=[io.String.Output(display_name="path")], is_output_node=True)
+
+    @classmethod
+    def validate_inputs(cls, filename=None, overwrite=None):
+        if filename is not None:
+            return check_output_file(filename, SAVE_NODE, "filename", overwrite is not False, "checkpoints") or True
+        return True
+
+    @classmethod
+    def execute(cls, model, clip, vae, filename, overwrite=True) -> io.NodeOutput:
+        path = checkpoint_path(filename, "filename", SAVE_NODE)
+        if os.path.exists(path) and not overwrite:
+            raise KilnError(f"{SAVE_NODE}: {path} exists and overwrite is off; choose another name or turn "
+                            f"overwrite on.")
+        sd, meta = cmodel.checkpoint_state_dict(model, clip, vae)
+        check_writable(os.path.dirname(path), checkpoint_bytes(sd), f"{SAVE_NODE}: filename",
+                       "Free disk space or choose another filename.")
+        meta["ss_output_name"] = os.path.splitext(os.path.basename(path))[0]
+        meta.setdefault("modelspec.title", meta["ss_output_name"])
+        save_checkpoint_file(path, sd, meta)
+        return io.NodeOutput(path, ui=ui.PreviewText(f"saved {path}"))
