@@ -4,8 +4,9 @@
     python custom_nodes/comfyui-kiln/cli.py --config kohya_train.toml [--family auto|sd1|sdxl|sd3] [...]
 
 ``--config`` takes kohya's training ``--config_file`` (trainer_core/kohya_config.py maps its keys onto Load
-Dataset → Cache Latents → LoRA Config → Train → Save LoRA; every input it does not set keeps the node's
-default); the family is read from the checkpoint's keys unless given.
+Dataset → Cache Latents → LoRA Config → Train → Save LoRA, or, for a train_db.py config (no network_module),
+onto Train DreamBooth → Save Checkpoint (Kiln); every input it does not set keeps the node's default); the
+family is read from the checkpoint's keys unless given.
 
 The workflow is an API-format file (ComfyUI's "Export (API)", or example_workflows/api/*.json). ``--set``
 changes one input before running: ``NODE.INPUT=VALUE`` where NODE is the node id or its class_type (all nodes
@@ -126,7 +127,8 @@ def prompt_from_kohya_config(path: str, config_dir: str, family: str) -> dict:
             print(f"[kiln] dim_from_weights: {shape}", flush=True)
     if flat.get("output_dir"):
         os.makedirs(resolve(flat["output_dir"]), exist_ok=True)
-        folder_paths.add_model_folder_path("loras", resolve(flat["output_dir"]), is_default=True)
+        kind = "checkpoints" if prompt["6"]["class_type"] == "KilnTrainDreamBooth" else "loras"  # train_db.py: a model
+        folder_paths.add_model_folder_path(kind, resolve(flat["output_dir"]), is_default=True)
     print(f"[kiln] {path}: a {fam} run of {prompt['6']['class_type']}", flush=True)
     for note in notes:
         print(f"[kiln] note: {note}", flush=True)

@@ -57,6 +57,8 @@ NO_EFFECT = {
     "full_bf16": "LoRA weights stay fp32", "lowram": "ComfyUI manages memory", "highvram": "ComfyUI manages memory",
     "blocks_to_swap": "ComfyUI places the model; no block swapping",
 }
+# train_db.py's own keys (a config without network_module: DreamBooth, the whole model trains)
+DREAMBOOTH_KEYS = {"learning_rate_te", "stop_text_encoder_training", "no_token_padding", "use_safetensors"}
 TE_FILES = ("clip_l", "clip_g", "t5xxl")  # kohya's separate SD3 text-encoder files -> ComfyUI's CLIP loaders
 
 
@@ -147,13 +149,44 @@ def lora_config_inputs(cfg: dict, path: str = "config") -> dict:
     return inputs
 
 
+DREAMBOOTH_NODE = "KilnTrainDreamBooth"
+
+
+def dreambooth_checks(cfg: dict, path: str, family: str) -> None:
+    """What a train_db.py config asks that Kiln does not do, refused by name."""
+    if family != "sd1":
+        raise KilnError(f"{path} has no network_module: a kohya train_db.py (DreamBooth) config, which Kiln runs on "
+                        f"SD 1.x/2.x models (Train DreamBooth); this is a {family} model (kohya's sdxl_train.py is "
+                        f"not offered). Add network_module = \"networks.lora\" to train a LoRA instead.")
+    if cfg.get("no_token_padding"):
+        raise KilnError(f"{path}: no_token_padding = true: ComfyUI's SD tokenizer always pads captions to 77 tokens, "
+                        f"so Kiln cannot train without padding; remove the key.")
+    if cfg.get("save_precision") not in (None, "float", "fp32"):
+        raise KilnError(f"{path}: save_precision {cfg['save_precision']!r}: Train DreamBooth saves the checkpoint in "
+                        f"the dtype ComfyUI loaded the model in; remove the key.")
+
+
+def dreambooth_te_inputs(cfg: dict) -> dict:
+    """train_db.py's text encoder: it trains unless stop_text_encoder_training is negative (or 0: stopped
+    before the first step), at learning_rate_te, else learning_rate; a positive value stops it after that
+    many steps."""
+    stop = cfg.get("stop_text_encoder_training")
+    lr = cfg.get("learning_rate_te")
+    lr = cfg.get("learning_rate", 1e-6) if lr is None else lr
+    if stop is not None and stop <= 0:
+        return {"text_encoder_lr": 0.0, "stop_text_encoder_training": 0}
+    return {"text_encoder_lr": float(lr), "stop_text_encoder_training": int(stop or 0)}
+
+
 def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str]]:
     """(API-format prompt with only the inputs the config sets, notes) for ``family`` in sd1/sdxl/sd3."""
     try:
         cfg = flatten(tomllib.loads(text))
     except tomllib.TOMLDecodeError as e:
         raise KilnError(f"{path} is not valid TOML: {e}") from None
+    dreambooth = "network_module" not in cfg  # kohya's train_db.py
     known = set(TRAIN_KEYS) | set(SD3_KEYS) | HANDLED | set(NO_EFFECT) | set(TRAINING_ARGS)
+    known |= DREAMBOOTH_KEYS if dreambooth else set()
     unknown = sorted(k for k in cfg if k not in known)
     if unknown:
         raise KilnError(f"{path}: kohya key '{unknown[0]}' is not read by Kiln's CLI (known: "
@@ -161,20 +194,17 @@ def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str
     for key in ("pretrained_model_name_or_path", "dataset_config"):
         if key not in cfg:
             raise KilnError(f"{path} has no {key}: the CLI needs the checkpoint and the dataset TOML.")
-    if "network_module" not in cfg:
-        raise KilnError(f"{path} has no network_module: that is a kohya train_db.py / fine-tuning config (the whole "
-                        f"model trains, at its own learning rate of {cfg.get('learning_rate', 'unset')}). Kiln trains "
-                        f"LoRA-type networks only and will not turn it into a LoRA silently: add network_module = "
-                        f"\"networks.lora\" (networks.lora_sd3 for SD3) with network_dim/network_alpha and a LoRA "
-                        f"learning rate such as 1e-4.")
-    module = cfg["network_module"]
     notes = []
-    if family == "sd3" and module == "networks.lora":  # kohya's own SD3 example writes it so
-        module = "networks.lora_sd3"
-        notes.append("network_module networks.lora on an SD3 model: trained as networks.lora_sd3 (kohya's SD3 LoRA)")
-    if family not in NETWORK_MODULES.get(module, ()):
-        raise KilnError(f"{path}: network_module {module!r} does not train a {family} model with Kiln (use "
-                        f"networks.lora for SD1/SDXL, networks.lora_sd3 for SD3, or lycoris.kohya).")
+    if dreambooth:
+        dreambooth_checks(cfg, path, family)
+    else:
+        module = cfg["network_module"]
+        if family == "sd3" and module == "networks.lora":  # kohya's own SD3 example writes it so
+            module = "networks.lora_sd3"
+            notes.append("network_module networks.lora on an SD3 model: trained as networks.lora_sd3 (kohya's SD3 LoRA)")
+        if family not in NETWORK_MODULES.get(module, ()):
+            raise KilnError(f"{path}: network_module {module!r} does not train a {family} model with Kiln (use "
+                            f"networks.lora for SD1/SDXL, networks.lora_sd3 for SD3, or lycoris.kohya).")
     if cfg.get("save_model_as", "safetensors") != "safetensors":
         raise KilnError(f"{path}: save_model_as must be safetensors; Kiln writes nothing else.")
 
@@ -207,7 +237,7 @@ def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str
         train["learning_rate"] = cfg["unet_lr"]
     if "mixed_precision" in cfg:
         train["precision"] = PRECISION.get(str(cfg["mixed_precision"]), "auto")
-    train.update(te_rates(cfg, family))
+    train.update(dreambooth_te_inputs(cfg) if dreambooth else te_rates(cfg, family))
     widget_fits = {"optimizer_type": lambda v: str(v).lower() in {o.lower() for o in OPTIMIZERS},
                    "lr_warmup_steps": lambda v: isinstance(v, int)}
     for key, fits in widget_fits.items():  # a kohya name / a step count fits the widget; else training_args
@@ -228,7 +258,9 @@ def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str
     if cfg.get("save_every_n_steps") or cfg.get("save_every_n_epochs"):
         train["save_name"] = cfg.get("output_name", "last")  # kohya: <output_name>-000001, -step00000500
     files = [cfg[k] for k in TE_FILES if cfg.get(k)]
-    train.update(model=["1", 0], clip=["3", 0] if files else ["1", 1], dataset=["4", 0], lora_config=["5", 0])
+    train.update(model=["1", 0], clip=["3", 0] if files else ["1", 1], dataset=["4", 0])
+    if not dreambooth:
+        train["lora_config"] = ["5", 0]
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": cfg["pretrained_model_name_or_path"]}},
         "2": {"class_type": "KilnLoadDataset", "inputs": {"folder": cfg["dataset_config"]}},
@@ -242,6 +274,12 @@ def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str
             # unset: kohya saves in the trained dtype, fp32 for LoRA weights
             "precision": PRECISION.get(str(cfg.get("save_precision", "fp32")), "fp32")}},
     }
+    if dreambooth:  # the trained MODEL and CLIP with the checkpoint's own VAE, as kohya's train_db saves them
+        del prompt["5"]
+        prompt["6"]["class_type"] = DREAMBOOTH_NODE
+        prompt["7"] = {"class_type": "KilnSaveCheckpoint", "inputs": {
+            "model": ["6", 0], "clip": ["6", 1], "vae": ["1", 2], "filename": cfg.get("output_name", "last"),
+            "overwrite": True}}
     if files:  # separate encoder files, as kohya's --clip_l/--clip_g/--t5xxl: ComfyUI's own CLIP loaders
         names = {f"clip_name{i + 1}": f for i, f in enumerate(files)}
         prompt["3"] = ({"class_type": "TripleCLIPLoader", "inputs": names} if len(files) == 3 else

@@ -14,7 +14,7 @@ from test_train_sd1 import DATASET, ksample
 TRAIN = dict(steps=8, learning_rate=5e-4, optimizer="AdamW", lr_scheduler="constant", warmup_steps=0, grad_accum=1,
              max_grad_norm=1.0, seed=3, precision="fp32", gradient_checkpointing=False, loss_type="l2",
              min_snr_gamma=0.0, mask_normalize=False, prior_loss_weight=1.0, sample_prompts="a kiln toy",
-             sample_every=4, sample_steps=3, sample_cfg=5.0)
+             sample_every=6, sample_steps=2, sample_cfg=5.0)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,6 @@ def test_saved_checkpoint_has_the_stock_layout_metadata_and_loads_back(comfy, tr
     assert float(meta["kiln_probe_loss_end"]) < float(meta["kiln_probe_loss_start"])
     model2, clip2, _ = comfy.run_node("CheckpointLoaderSimple", ckpt_name="kiln_test/db_saved.safetensors")
     assert torch.equal(ksample(comfy, model2, clip2), ksample(comfy, model_out, clip_out))
-    assert torch.equal(ksample(comfy, trained["model"], trained["clip"]), trained["before"])
 
 
 def test_text_encoder_trains_until_stop_and_the_input_clip_is_left_alone(comfy, loaded, cached):

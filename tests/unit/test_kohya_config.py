@@ -57,10 +57,41 @@ def test_empty_text_encoder_lr_is_unset_and_save_precision_defaults_to_fp32():
     assert p["7"]["inputs"]["precision"] == "fp32"
 
 
-def test_a_train_db_config_is_refused_not_turned_into_a_lora():
-    text = "\n".join(line for line in BASE.splitlines() if not line.startswith(("network_", "[network")))
-    with pytest.raises(KilnError, match="no network_module: that is a kohya train_db.py"):
-        graph_from_config(text.replace("learning_rate = 1e-4", "learning_rate = 1e-6"), "db.toml", "sd1")
+DB = "\n".join(line for line in BASE.splitlines() if not line.startswith(("network_", "[network", "save_precision")))
+
+
+def test_a_train_db_config_runs_train_dreambooth_not_a_lora():
+    text = DB.replace("learning_rate = 1e-4", "learning_rate = 1e-6") + "\nprior_loss_weight = 0.5\nsave_every_n_steps = 100\n"
+    prompt, _ = graph_from_config(text, "db.toml", "sd1")
+    train = prompt["6"]["inputs"]
+    assert prompt["6"]["class_type"] == "KilnTrainDreamBooth" and "5" not in prompt and "lora_config" not in train
+    assert train["learning_rate"] == 1e-6 and train["prior_loss_weight"] == 0.5 and train["steps"] == 800
+    # train_db.py trains the text encoder by default, at learning_rate unless learning_rate_te is given
+    assert train["text_encoder_lr"] == 1e-6 and train["stop_text_encoder_training"] == 0
+    assert train["save_every_n_steps"] == 100 and train["save_name"] == "mine"
+    assert prompt["7"] == {"class_type": "KilnSaveCheckpoint", "inputs": {
+        "model": ["6", 0], "clip": ["6", 1], "vae": ["1", 2], "filename": "mine", "overwrite": True}}
+
+
+@pytest.mark.parametrize("extra, lr, stop", [
+    ("learning_rate_te = 5e-7\nstop_text_encoder_training = 300\n", 5e-7, 300),
+    ("stop_text_encoder_training = -1\n", 0.0, 0),   # kohya: -1 = the text encoder never trains
+    ("stop_text_encoder_training = 0\n", 0.0, 0),    # stopped before its first step
+])
+def test_train_db_text_encoder_keys(extra, lr, stop):
+    train = graph_from_config(DB + "\n" + extra, "db.toml", "sd1")[0]["6"]["inputs"]
+    assert (train["text_encoder_lr"], train["stop_text_encoder_training"]) == (lr, stop)
+
+
+@pytest.mark.parametrize("extra, family, message", [
+    ("no_token_padding = true\n", "sd1", "no_token_padding = true: ComfyUI's SD tokenizer always pads"),
+    ("", "sdxl", "this is a sdxl model"),
+    ('save_precision = "fp16"\n', "sd1", "save_precision 'fp16'"),
+    ("learning_rate_te = 1e-6\nnetwork_module = \"networks.lora\"\n", "sd1", "kohya key 'learning_rate_te' is not read"),
+])
+def test_train_db_what_kiln_does_not_do_is_refused_by_name(extra, family, message):
+    with pytest.raises(KilnError, match=message):
+        graph_from_config(DB + "\n" + extra, "db.toml", family)
 
 
 def test_sd3_keys_and_network_args():
