@@ -1,10 +1,10 @@
-// Kiln frontend: a live loss chart on every Train LoRA node, fed by the "kiln.loss" events the
+// Kiln frontend: a live loss chart on every Train node (LoRA and DreamBooth), fed by the "kiln.loss" events the
 // Train nodes send each optimizer step (step, total, loss, lr, seconds). Sample previews need no code
 // here: ComfyUI shows the node's progress preview image itself.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const TRAIN_NODES = new Set(["KilnTrainSD1", "KilnTrainSDXL", "KilnTrainSD3"]);
+const TRAIN_NODES = new Set(["KilnTrainSD1", "KilnTrainSDXL", "KilnTrainSD3", "KilnTrainDreamBooth"]);
 const HEIGHT = 140;
 
 function movingAverage(values, window) {

@@ -139,3 +139,35 @@ def test_a_nan_loss_restores_the_input_and_keeps_the_last_intermediate_checkpoin
     with safe_open(os.path.join(folder, files[-1]), "pt") as f:
         assert "model.diffusion_model.out.2.weight" in set(f.keys())
         assert f.metadata()["ss_steps"] == files[-1][len("run-step"):-len(".safetensors")].lstrip("0")
+
+
+def test_cancel_restores_model_and_clip_and_keeps_the_intermediate_checkpoint(comfy, loaded, cached):
+    import comfy.model_management as mm
+    import comfy.utils as cutils
+    import folder_paths
+    model, clip, _ = loaded
+    unet, encoders = model.model.diffusion_model, clip.cond_stage_model
+    params, clip_params = state(unet), state(encoders)
+    previous_hook, seen = cutils.PROGRESS_BAR_HOOK, []
+
+    def cancel_after_1(value, total, preview=None, prompt_id=None, node_id=None):
+        seen.append(value)
+        if value == 1:  # step 1 ends with its checkpoint saved; step 2's progress update sees the Cancel
+            mm.interrupt_current_processing(True)  # what the Cancel button / POST /interrupt does
+    cutils.set_progress_bar_global_hook(cancel_after_1)
+    opts = TRAIN | dict(steps=50, sample_every=0, sample_steps=1, optimizer="SGD", save_every_n_steps=1,
+                        save_name="kiln_cancel/run")
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            comfy.run_node("KilnTrainDreamBooth", model=model, clip=clip, dataset=cached, **opts, text_encoder_lr=1e-3)
+    finally:
+        mm.interrupt_current_processing(False)
+        cutils.set_progress_bar_global_hook(previous_hook)
+    assert max(seen) == 1, seen
+    assert_as_before(unet, params)
+    assert_as_before(encoders, clip_params)
+    assert all(p.is_inference() for p in list(unet.parameters()) + list(encoders.parameters()))
+    folder = os.path.join(folder_paths.get_folder_paths("checkpoints")[0], "kiln_cancel")
+    assert sorted(os.listdir(folder)) == ["run-step000001.safetensors"]  # whole; nothing half-written beside it
+    with safe_open(os.path.join(folder, "run-step000001.safetensors"), "pt") as f:
+        assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in set(f.keys())
