@@ -95,6 +95,54 @@ network_alpha = 4
     assert "epoch 2/2" in run.stdout
 
 
+def test_cli_runs_a_train_db_config_as_dreambooth(kiln_env, base, tiny_sd1_path, tmp_path):
+    """kohya's train_db.py config (no network_module): the whole UNet trains, with regularization images, and a
+    full checkpoint is written where output_dir/output_name say, as kohya's train_db saves it."""
+    make_dataset(base / "input" / "kiln_reg_cli", seed=1)
+    images, reg = base / "input" / "kiln_demo" / "train", base / "input" / "kiln_reg_cli" / "train"
+    (tmp_path / "dataset.toml").write_text(f'''
+[general]
+resolution = 64
+batch_size = 2
+caption_extension = ".txt"
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "{images / '5_kiln toy'}"
+  num_repeats = 1
+  [[datasets.subsets]]
+  image_dir = "{reg / '5_kiln toy'}"
+  is_reg = true
+  num_repeats = 1
+''')
+    (tmp_path / "db.toml").write_text(f'''
+pretrained_model_name_or_path = "{tiny_sd1_path}"
+dataset_config = "dataset.toml"
+output_dir = "out"
+output_name = "db_kohya"
+max_train_steps = 8
+save_every_n_steps = 4
+learning_rate = 5e-4
+prior_loss_weight = 1.0
+stop_text_encoder_training = -1
+optimizer_type = "AdamW"
+max_grad_norm = 0.0
+fused_backward_pass = true
+cache_latents = true
+''')
+    cmd = [kiln_env.python, str(REPO / "cli.py"), "--comfyui", str(kiln_env.comfyui), "--config",
+           str(tmp_path / "db.toml"), "--set", "6.sample_steps=1", "--", "--cpu", "--base-directory", str(base)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd="/")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "a sd1 run of KilnTrainDreamBooth" in run.stdout and "[kiln]   step 8/8" in run.stdout
+    with safe_open(str(tmp_path / "out" / "db_kohya.safetensors"), "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    assert "model.diffusion_model.out.2.weight" in keys and "first_stage_model.taesd_decoder.1.weight" in keys
+    assert "ss_network_module" not in meta and meta["kiln_trained"] == "unet" and meta["ss_steps"] == "8"
+    assert int(meta["ss_num_reg_images"]) > 0 and meta["ss_fused_backward_pass"] == "True"
+    assert float(meta["kiln_probe_loss_end"]) < float(meta["kiln_probe_loss_start"])
+    assert (tmp_path / "out" / "db_kohya-step000004.safetensors").is_file()
+
+
 @pytest.mark.slow
 def test_cli_runs_the_sdxl_example_config_of_kohyas_docs(kiln_env, base, tiny_sdxl_path, tmp_path):
     """sd-scripts docs/sdxl_train_network.md's example command as a --config_file, on the SDXL fixture: every key
