@@ -51,8 +51,7 @@ NO_EFFECT = {
     "cache_latents": "Kiln always caches latents", "cache_text_encoder_outputs": "frozen encoders' outputs are "
     "always kept in memory", "sdpa": "attention is ComfyUI's choice", "xformers": "attention is ComfyUI's choice",
     "mem_eff_attn": "attention is ComfyUI's choice", "v2": "read from the model", "v_parameterization": "read from "
-    "the model", "sdxl": "read from the model", "logging_dir": "no logging backend", "log_with": "no logging backend",
-    "log_prefix": "no logging backend", "max_data_loader_n_workers": "latents are cached",
+    "the model", "sdxl": "read from the model", "max_data_loader_n_workers": "latents are cached",
     "persistent_data_loader_workers": "latents are cached", "full_fp16": "LoRA weights stay fp32",
     "full_bf16": "LoRA weights stay fp32", "lowram": "ComfyUI manages memory", "highvram": "ComfyUI manages memory",
     "blocks_to_swap": "ComfyUI places the model; no block swapping",

@@ -81,6 +81,10 @@ class TrainConfig:
     validate_every_n_steps: int | None = None
     validate_every_n_epochs: int | None = None     # None: every epoch (when there is a validation part)
     max_validation_steps: int | None = None
+    logging_dir: str | None = None                 # tracking.py, read by the host: TensorBoard event files
+    log_prefix: str | None = None
+    log_with: str | None = None
+    log_tracker_name: str | None = None
     training_args: dict = field(default_factory=dict)  # the training_args given (for the node's text)
 
     @property
@@ -110,6 +114,7 @@ class StepInfo:
     epoch: int = 1
     epoch_end: bool = False   # this step finished an epoch
     val_loss: float | None = None  # the validation loss measured after this step, if any
+    lrs: dict | None = None        # learning rate per optimizer group name (tracking.py logs them)
 
 
 @dataclass
@@ -420,8 +425,10 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
                 result.validation.append((step, val_loss))
             result.seconds = time.perf_counter() - start
             if on_step:
+                lrs = {g.get("name") or f"group{k}": lr for k, (g, lr) in enumerate(zip(opt.param_groups,
+                                                                                    sched.get_last_lr()))}
                 on_step(StepInfo(step, cfg.steps, total, sched.get_last_lr()[0], result.seconds, epoch, epoch_end,
-                                 val_loss))
+                                 val_loss, lrs))
             if on_save and cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 on_save(step, state(step), result)
             if (on_save and epoch_end and cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0

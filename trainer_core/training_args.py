@@ -78,6 +78,13 @@ KEYS: dict[str, Key] = {
     "max_validation_steps": Key("int", None, "use at most N validation batches", 1),
     "fused_backward_pass": Key("bool", False, "step each parameter as soon as its gradient is ready (less "
                                "memory); not with grad_accum > 1, max_grad_norm > 0, fp16, Prodigy/D-Adaptation"),
+    # logging (tracking.py): TensorBoard event files, kohya's folder layout and tags
+    "logging_dir": Key("str", None, "write loss, learning rates, validation loss and samples as TensorBoard "
+                       "events under this folder (needs: pip install tensorboard)"),
+    "log_prefix": Key("str", None, "prefix of the run's folder name (before its timestamp)"),
+    "log_with": Key("choice", None, "tensorboard (the only backend; wandb is refused)",
+                    choices=("tensorboard", "wandb", "all")),
+    "log_tracker_name": Key("str", None, "sub-folder of the run (default: network_train)"),
 }
 KEY_ORDER = list(KEYS)
 
