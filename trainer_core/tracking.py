@@ -61,9 +61,11 @@ class TensorBoardLog:
             self.epoch_losses = []
         w.flush()
 
-    def image(self, name: str, image, step: int) -> None:
-        """A sample image: an (H, W, 3) float tensor in [0, 1], as ComfyUI's IMAGE holds one."""
-        self.writer.add_image(f"samples/{name}", image.detach().float().cpu().clamp(0, 1), step, dataformats="HWC")
+    def image(self, name: str, picture, step: int) -> None:
+        """A sample preview (a PIL image, as the Train nodes render them)."""
+        import numpy as np
+
+        self.writer.add_image(f"samples/{name}", np.asarray(picture.convert("RGB")), step, dataformats="HWC")
         self.writer.flush()
 
     def close(self) -> None:

@@ -1,10 +1,11 @@
 """TensorBoard logging (kohya's logging_dir): the event files read back with TensorBoard's own reader hold kohya's
 tags and values at the right steps; refusals name what to do."""
+import io
 import os
 import sys
 
 import pytest
-import torch
+from PIL import Image
 
 from trainer_core.errors import KilnError
 from trainer_core.loop import StepInfo
@@ -29,8 +30,8 @@ def test_scalars_and_samples_under_kohyas_tags_and_folder_layout(tmp_path):
     for step, loss in enumerate(losses, 1):
         log.step(StepInfo(step, 4, loss, 1e-4, 0.1 * step, epoch=(step + 1) // 2, epoch_end=step % 2 == 0,
                           val_loss=0.35 if step == 4 else None, lrs={k: v * step for k, v in lrs.items()}))
-    image = torch.zeros(8, 16, 3)
-    image[:, :8, 0] = 1.0  # left half red
+    image = Image.new("RGB", (16, 8), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 8, 8))  # left half red
     log.image("step 4", image, 4)
     log.close()
 
@@ -46,6 +47,8 @@ def test_scalars_and_samples_under_kohyas_tags_and_folder_layout(tmp_path):
     assert scalars["loss/validation/step_average"] == [(4, 0.35)]
     img, = acc.Images("samples/step 4")
     assert img.step == 4 and (img.width, img.height) == (16, 8)
+    back = Image.open(io.BytesIO(img.encoded_image_string)).convert("RGB")
+    assert back.getpixel((2, 2)) == (255, 0, 0) and back.getpixel((12, 2)) == (0, 0, 255)
 
 
 def test_refusals_name_the_key_and_the_way_out(tmp_path, monkeypatch):
