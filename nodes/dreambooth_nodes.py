@@ -21,6 +21,7 @@ from ..trainer_core.families import sd1
 from ..trainer_core.full import FullNetwork
 from ..trainer_core.loop import train
 from ..trainer_core.plot import loss_plot
+from ..trainer_core.tracking import tensorboard_log
 from ..trainer_core.training_args import effective
 from .comfy import model as cmodel
 from .comfy.preview import pil_to_image, sample_images, to_pil
@@ -155,13 +156,16 @@ class KilnTrainDreamBooth(io.ComfyNode):
                     size = net.numel() * torch.finfo(weights_dtype).bits // 8
                     check_writable(os.path.dirname(intermediate_path(1, None)), 2 * size, f"{NODE}: save_name",
                                    "Choose another save_name, free disk space, or set save_every_n_steps to 0.")
-                on_step = step_reporter(progress, tcfg, opts, epochs, lambda: to_pil(preview()[0]))
-                result = train(net, ddpm_objective(model, is_v, tcfg),
-                               cmodel.unet_forward(target.patcher, target.network, torch.float32), conditioning,
-                               cache, cmodel.latent_in(model), tcfg, cmodel.device_of(model),
-                               sd1.checkpoint_blocks(target.network), on_step, on_save if tcfg.save_every or
-                               tcfg.save_every_n_epochs else None)
-                samples = preview()
+                with tensorboard_log(tcfg, NODE) as tracker:
+                    on_step = step_reporter(progress, tcfg, opts, epochs, lambda: to_pil(preview()[0]), tracker)
+                    result = train(net, ddpm_objective(model, is_v, tcfg),
+                                   cmodel.unet_forward(target.patcher, target.network, torch.float32), conditioning,
+                                   cache, cmodel.latent_in(model), tcfg, cmodel.device_of(model),
+                                   sd1.checkpoint_blocks(target.network), on_step, on_save if tcfg.save_every or
+                                   tcfg.save_every_n_epochs else None)
+                    samples = preview()
+                    if tracker is not None:
+                        tracker.image("final", to_pil(samples[0]), result.steps)
                 unet_sd = net.trained("unet")
                 clip_sd = {k: v for e in encoders for k, v in net.trained(e).items()}
             finally:

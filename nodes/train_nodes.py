@@ -36,6 +36,7 @@ from ..trainer_core.loop import PRECISIONS, StepInfo, TrainConfig, train
 from ..trainer_core.losses import LOSS_TYPES
 from ..trainer_core.optim import OPTIMIZERS, SCHEDULERS, kohya_optimizer_name
 from ..trainer_core.plot import loss_plot
+from ..trainer_core.tracking import TensorBoardLog, tensorboard_log
 from ..trainer_core.epochs import (batches_per_epoch, epoch_save_to_remove, resolve_epochs, step_save_to_remove,
                                    steps_per_epoch)
 from ..trainer_core.noise import NoiseOptions
@@ -431,9 +432,9 @@ def caption_conditioning(cond: TextConditioning, dataset: KilnDataset, te_train:
 
 
 def step_reporter(progress: Progress, tcfg: TrainConfig, opts: dict, epochs: int,
-                  preview: Callable[[], object]) -> Callable[[StepInfo], None]:
+                  preview: Callable[[], object], tracker: TensorBoardLog | None = None) -> Callable[[StepInfo], None]:
     """The loop's ``on_step``: progress (with a preview image every ``sample_every`` steps, or every
-    ``sample_every_n_epochs`` epochs as kohya) and the loss chart's event."""
+    ``sample_every_n_epochs`` epochs as kohya), the loss chart's event, and TensorBoard when logging_dir is set."""
     every = opts["sample_every"]
 
     def on_step(info: StepInfo) -> None:
@@ -443,6 +444,10 @@ def step_reporter(progress: Progress, tcfg: TrainConfig, opts: dict, epochs: int
         if due and info.step < info.total:
             image = preview()
         progress.update(info.step, image)
+        if tracker is not None:
+            tracker.step(info)
+            if image is not None:
+                tracker.image(f"step {info.step}", image, info.step)
         progress.send("kiln.loss", {"step": info.step, "total": info.total, "loss": info.loss, "lr": info.lr,
                                     "seconds": info.seconds, "epoch": info.epoch, "epochs": epochs,
                                     "val_loss": info.val_loss})
@@ -534,13 +539,14 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
                    step_save_to_remove(step, tcfg.save_every, tcfg.save_last_n_steps))
             if old:  # kohya's save_last_n_epochs / save_last_n_steps: the older intermediate file goes
                 remove_save(intermediate_path(old, old if epoch else None))
-        on_step = step_reporter(progress, tcfg, opts, epochs, lambda: to_pil(preview(network)[0]))
-
-        with network.attached():
+        with network.attached(), tensorboard_log(tcfg, plan.node) as tracker:
+            on_step = step_reporter(progress, tcfg, opts, epochs, lambda: to_pil(preview(network)[0]), tracker)
             result = train(network, plan.objective, cmodel.unet_forward(target.patcher, net_host), conditioning,
                            cache, cmodel.latent_in(model), tcfg, cmodel.device_of(model), plan.checkpoint_blocks(net_host),
                            on_step, on_save, resume)
             samples = preview(network)
+            if tracker is not None:
+                tracker.image("final", to_pil(samples[0]), result.steps)
         cond.live, cond.clip = False, clip
         lora_sd = network.kohya_state_dict()
         arch = plan.architecture(net_host)

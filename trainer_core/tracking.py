@@ -13,6 +13,7 @@ the ``tensorboard`` package; it is imported only when logging_dir is set.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -70,3 +71,15 @@ class TensorBoardLog:
 
     def close(self) -> None:
         self.writer.close()
+
+
+@contextlib.contextmanager
+def tensorboard_log(cfg, where: str):
+    """A TensorBoardLog for a run whose TrainConfig sets logging_dir or log_with (else None), closed afterwards."""
+    log = (TensorBoardLog(cfg.logging_dir, cfg.log_prefix, cfg.log_with, cfg.log_tracker_name, where=where)
+           if cfg.logging_dir or cfg.log_with else None)
+    try:
+        yield log
+    finally:
+        if log is not None:
+            log.close()

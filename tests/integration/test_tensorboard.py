@@ -29,6 +29,6 @@ def test_train_node_logs_losses_rates_and_samples_to_tensorboard(comfy, sd1_chec
     unet, te = ([e.value for e in acc.Scalars(f"lr/{g}")] for g in ("unet", "clip_l"))
     assert unet[0] < TRAIN["learning_rate"] and unet == sorted(unet, reverse=True)
     assert te == pytest.approx([v * 1e-3 / TRAIN["learning_rate"] for v in unet], rel=1e-5)
-    images = acc.Tags()["images"]
-    assert len(images) == 1 and images[0].startswith("samples/")
-    assert [i.step for i in acc.Images(images[0])] == [2]
+    # the preview shown at step 2 (sample_every) and the final sample the node outputs
+    assert sorted(acc.Tags()["images"]) == ["samples/final", "samples/step 2"]
+    assert [i.step for i in acc.Images("samples/step 2")] == [2] and [i.step for i in acc.Images("samples/final")] == [3]
