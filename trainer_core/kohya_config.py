@@ -52,8 +52,9 @@ NO_EFFECT = {
     "always kept in memory", "sdpa": "attention is ComfyUI's choice", "xformers": "attention is ComfyUI's choice",
     "mem_eff_attn": "attention is ComfyUI's choice", "v2": "read from the model", "v_parameterization": "read from "
     "the model", "sdxl": "read from the model", "max_data_loader_n_workers": "latents are cached",
-    "persistent_data_loader_workers": "latents are cached", "full_fp16": "LoRA weights stay fp32",
-    "full_bf16": "LoRA weights stay fp32", "lowram": "ComfyUI manages memory", "highvram": "ComfyUI manages memory",
+    "persistent_data_loader_workers": "latents are cached",
+    "full_fp16": "trained weights (LoRA or DreamBooth) stay fp32", "full_bf16": "trained weights (LoRA or DreamBooth) "
+    "stay fp32", "lowram": "ComfyUI manages memory", "highvram": "ComfyUI manages memory",
     "blocks_to_swap": "ComfyUI places the model; no block swapping",
 }
 # train_db.py's own keys (a config without network_module: DreamBooth, the whole model trains)
