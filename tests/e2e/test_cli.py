@@ -143,20 +143,31 @@ cache_latents = true
     assert (tmp_path / "out" / "db_kohya-step000004.safetensors").is_file()
 
 
+def run_example_config(kiln_env, base, tmp_path, config: str, output_name: str):
+    """kohya's docs' examples point at a dataset config of the demo images (64², batch 2, 1 repeat): write it and
+    ``config``, run ``cli.py --config`` without previews; (the run, the final LoRA's metadata and keys)."""
+    images = base / "input" / "kiln_demo" / "train"
+    (tmp_path / "dataset.toml").write_text(
+        f'[general]\nresolution = 64\nbatch_size = 2\ncaption_extension = ".txt"\n'
+        f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{images / "5_kiln toy"}"\n  num_repeats = 1\n')
+    (tmp_path / "train.toml").write_text(f'dataset_config = "dataset.toml"\noutput_dir = "out"\n'
+                                         f'output_name = "{output_name}"\n{config}')
+    pytest.importorskip("bitsandbytes")  # both examples use AdamW8bit
+    cmd = [kiln_env.python, str(REPO / "cli.py"), "--comfyui", str(kiln_env.comfyui), "--config",
+           str(tmp_path / "train.toml"), "--set", "6.sample_every=0", "--", "--cpu", "--base-directory", str(base)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd="/")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    with safe_open(str(tmp_path / "out" / f"{output_name}.safetensors"), "pt") as f:
+        return run, f.metadata(), list(f.keys())
+
+
 @pytest.mark.slow
 def test_cli_runs_the_sdxl_example_config_of_kohyas_docs(kiln_env, base, tiny_sdxl_path, tmp_path):
     """sd-scripts docs/sdxl_train_network.md's example command as a --config_file, on the SDXL fixture: every key
     as the docs write it, but 2 epochs instead of 10, 64² images, and network_train_unet_only, which kohya's
     sdxl_train_network.py itself requires together with cache_text_encoder_outputs."""
-    images = base / "input" / "kiln_demo" / "train"
-    (tmp_path / "my_sdxl_dataset_config.toml").write_text(
-        f'[general]\nresolution = 64\nbatch_size = 2\ncaption_extension = ".txt"\n'
-        f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{images / "5_kiln toy"}"\n  num_repeats = 1\n')
-    (tmp_path / "sdxl.toml").write_text(f'''
+    run, meta, keys = run_example_config(kiln_env, base, tmp_path, f'''
 pretrained_model_name_or_path = "{tiny_sdxl_path}"
-dataset_config = "my_sdxl_dataset_config.toml"
-output_dir = "out"
-output_name = "my_sdxl_lora"
 save_model_as = "safetensors"
 network_module = "networks.lora"
 network_dim = 32
@@ -174,15 +185,8 @@ gradient_checkpointing = true
 cache_text_encoder_outputs = true
 cache_latents = true
 network_train_unet_only = true
-''')
-    pytest.importorskip("bitsandbytes")
-    cmd = [kiln_env.python, str(REPO / "cli.py"), "--comfyui", str(kiln_env.comfyui), "--config",
-           str(tmp_path / "sdxl.toml"), "--set", "6.sample_every=0", "--", "--cpu", "--base-directory", str(base)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd="/")
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+''', "my_sdxl_lora")
     assert "a sdxl run of KilnTrainSDXL" in run.stdout and "epoch 2/2" in run.stdout
-    with safe_open(str(tmp_path / "out" / "my_sdxl_lora.safetensors"), "pt") as f:
-        meta, keys = f.metadata(), list(f.keys())
     assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_mixed_precision"]) == ("32", "16.0", "bf16")
     assert meta["ss_optimizer"].endswith("AdamW8bit") and meta["ss_lr_scheduler"] == "constant"
     assert meta["ss_gradient_checkpointing"] == "True" and meta["modelspec.architecture"].startswith("stable-diffusion-xl")
@@ -198,17 +202,10 @@ def test_cli_runs_the_sd3_example_config_of_kohyas_docs(kiln_env, base, tiny_sd3
     64² images; left out: t5xxl (no T5-XXL fixture fits a test run, see tiny_models.build_sd3_split_files) and
     blocks_to_swap (issue 13); added: network_train_unet_only, because text-encoder LoRA through the fixture's
     full-size CLIP-G costs about a minute a step on 2 CPU cores (measured: 62-73 s vs 1-2 s without)."""
-    images = base / "input" / "kiln_demo" / "train"
-    (tmp_path / "my_sd3_dataset_config.toml").write_text(
-        f'[general]\nresolution = 64\nbatch_size = 2\ncaption_extension = ".txt"\n'
-        f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{images / "5_kiln toy"}"\n  num_repeats = 1\n')
-    (tmp_path / "sd3.toml").write_text(f'''
+    run, meta, keys = run_example_config(kiln_env, base, tmp_path, f'''
 pretrained_model_name_or_path = "{tiny_sd3_split["model"]}"
 clip_l = "{tiny_sd3_split["clip_l"]}"
 clip_g = "{tiny_sd3_split["clip_g"]}"
-dataset_config = "my_sd3_dataset_config.toml"
-output_dir = "out"
-output_name = "my_sd3_lora"
 save_model_as = "safetensors"
 network_module = "networks.lora"
 network_dim = 16
@@ -223,15 +220,8 @@ mixed_precision = "fp16"
 gradient_checkpointing = true
 weighting_scheme = "uniform"
 network_train_unet_only = true
-''')
-    pytest.importorskip("bitsandbytes")
-    cmd = [kiln_env.python, str(REPO / "cli.py"), "--comfyui", str(kiln_env.comfyui), "--config",
-           str(tmp_path / "sd3.toml"), "--set", "6.sample_every=0", "--", "--cpu", "--base-directory", str(base)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd="/")
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+''', "my_sd3_lora")
     assert "a sd3 run of KilnTrainSD3" in run.stdout and "epoch 2/2" in run.stdout
-    with safe_open(str(tmp_path / "out" / "my_sd3_lora.safetensors"), "pt") as f:
-        meta, keys = f.metadata(), list(f.keys())
     assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_mixed_precision"]) == ("16", "1.0", "fp16")
     assert meta["ss_optimizer"].endswith("AdamW8bit") and meta["ss_weighting_scheme"] == "uniform"
     assert int(meta["ss_steps"]) == 2 * int(meta["ss_num_batches_per_epoch"]) and meta["ss_epoch"] == "2"
