@@ -47,7 +47,7 @@ from .comfy.preview import pil_to_image, sample_images, to_pil
 from .comfy.progress import Progress
 from .comfy.tensors import normal_tensor
 from .comfy.text import SD3TextConditioning, SDXLTextConditioning, TextConditioning, last_layer_reached, \
-    text_encoder_names, text_encoder_session
+    text_encoder_names, text_encoder_session, with_clip_skip
 from .dataset_nodes import default_cache_folder
 from .lora_nodes import check_output_file, lora_output_path
 from .options import check_options, check_text
@@ -206,6 +206,7 @@ def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: L
         "min_bucket_reso": ds.buckets.min_bucket_reso, "max_bucket_reso": ds.buckets.max_bucket_reso,
         "base_model_version": family_version, "v2": family_version.startswith("sd_v2"),
         "v_parameterization": family_version.endswith("_v"), "sd_model_name": model_name,
+        "clip_skip": tcfg.clip_skip, "max_token_length": tcfg.max_token_length,
         "masked_loss": data.cache.has_masks, "epoch": epoch, **kohya_training_metadata(tcfg, data.cache),
         "tag_frequency": tags, "flip_aug": any(s.flip_aug for s in ds.subsets),
         "dataset_dirs": {os.path.basename(s.image_dir.rstrip("/")): {"n_repeats": s.num_repeats,
@@ -454,6 +455,26 @@ def step_reporter(progress: Progress, tcfg: TrainConfig, opts: dict, epochs: int
     return on_step
 
 
+def caption_length_notes(cond: TextConditioning, dataset: KilnDataset, tcfg: TrainConfig, node: str) -> list[str]:
+    """One warning per caption longer than max_token_length, naming its file and the tokens lost (kohya cuts
+    them silently), and, when max_token_length is set, the longest caption's length."""
+    notes, longest = [], 0
+    for path, caption in {s.path: base_caption(s.caption, s.captions) for s in dataset.cache.samples}.items():
+        length = cond.token_count(caption)
+        if length is None:
+            return []
+        longest = max(longest, length)
+        lost = length - cond.token_limit
+        if lost > 0:
+            notes.append(f"the caption of {path} is {lost} token{'s' if lost != 1 else ''} longer than "
+                         f"max_token_length ({cond.token_limit}); they are not trained (set max_token_length=150 "
+                         f"or 225 in training_args, or shorten the caption)")
+            log.warning("kiln: %s: %s", node, notes[-1])
+    if tcfg.max_token_length:
+        notes.append(f"max_token_length {tcfg.max_token_length}: the longest caption has {longest} tokens")
+    return notes
+
+
 def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcfg: TrainConfig, plan: FamilyPlan,
                  opts: dict, node_id, family: str) -> io.NodeOutput:
     """Train on the shared MODEL (and CLIP, for text-encoder LoRA) in place, report progress, and return the
@@ -468,6 +489,7 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
     prompts, width, height = sample_setup(opts, dataset.cache)
     cond = plan.conditioning
     conditioning, seen = caption_conditioning(cond, dataset, te_train, opts, plan.node)
+    notes += caption_length_notes(cond, dataset, tcfg, plan.node)
 
     cache = normal_cache(dataset.cache)
     progress = Progress(tcfg.steps, node_id)
@@ -648,6 +670,7 @@ class KilnTrainSD1(TrainNode):
     def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
         node = "Train LoRA (SD1)"
         fam, tcfg = prepare(model, dataset, opts, cmodel.SD1_FAMILIES, node, cls, "sd1")
+        clip, tcfg.clip_skip = with_clip_skip(clip, tcfg.clip_skip, node)  # training, previews and the clip output
         is_v = cmodel.prediction_type(model, node) == "v"
         is_sd2 = fam not in ("SD15", "SD15_instructpix2pix")
         lc = lora_config
@@ -659,7 +682,7 @@ class KilnTrainSD1(TrainNode):
             architecture=lambda unet: sd1.modelspec_architecture(is_v, is_sd2),
             version=("sd_v2" if is_sd2 else "sd_v1") + ("_v" if is_v else ""),
             objective=ddpm_objective(model, is_v, tcfg),
-            conditioning=TextConditioning(clip),
+            conditioning=TextConditioning(clip, tcfg.max_token_length),
             te_prefixes={"clip_l": "lora_te", "clip_h": "lora_te"}, hidden_only=("clip_l", "clip_h"),
             te_lrs={"clip_l": opts.get("text_encoder_lr", 0.0), "clip_h": opts.get("text_encoder_lr", 0.0)})
         return run_training(model, clip, dataset, lora_config, tcfg, plan, opts, cls.hidden.unique_id, fam)
@@ -746,6 +769,6 @@ class KilnTrainSDXL(TrainNode):
             namer=sdxl.unet_namer, checkpoint_blocks=sdxl.checkpoint_blocks,
             architecture=lambda unet: sdxl.ARCHITECTURE, version=sdxl.BASE_MODEL_VERSION + ("_v" if is_v else ""),
             objective=ddpm_objective(model, is_v, tcfg),
-            conditioning=SDXLTextConditioning(clip, model), te_prefixes=sdxl.TE_PREFIXES, hidden_only=("clip_l",),
+            conditioning=SDXLTextConditioning(clip, model, tcfg.max_token_length), te_prefixes=sdxl.TE_PREFIXES, hidden_only=("clip_l",),
             te_lrs={"clip_l": opts.get("text_encoder_lr1", 0.0), "clip_g": opts.get("text_encoder_lr2", 0.0)})
         return run_training(model, clip, dataset, lora_config, tcfg, plan, opts, cls.hidden.unique_id, fam)

@@ -85,6 +85,8 @@ class TrainConfig:
     log_prefix: str | None = None
     log_with: str | None = None
     log_tracker_name: str | None = None
+    max_token_length: int | None = None            # read by the host's text conditioning (kohya's windows)
+    clip_skip: int | None = None                   # read by the host: the CLIP layer it encodes with
     training_args: dict = field(default_factory=dict)  # the training_args given (for the node's text)
 
     @property

@@ -76,6 +76,11 @@ KEYS: dict[str, Key] = {
     "validate_every_n_steps": Key("int", None, "also measure the validation loss every N steps", 1),
     "validate_every_n_epochs": Key("int", None, "measure it every N epochs (default: every epoch)", 1),
     "max_validation_steps": Key("int", None, "use at most N validation batches", 1),
+    # text encoders (SD1/SD2, SDXL)
+    "max_token_length": Key("int", None, "caption tokens trained: 75, 150 or 225 (kohya's 1-3 windows of 75; "
+                            "longer captions are cut, with a warning)", 75, 225, families=DDPM),
+    "clip_skip": Key("int", None, "train (and preview) with the CLIP's Nth layer from the end, 2 = penultimate, "
+                     "as CLIP Set Last Layer -N; SD1/SD2 (kohya ignores it for SDXL)", 1, 12, families=("sd1",)),
     "fused_backward_pass": Key("bool", False, "step each parameter as soon as its gradient is ready (less "
                                "memory); not with grad_accum > 1, max_grad_norm > 0, fp16, Prodigy/D-Adaptation"),
     # logging (tracking.py): TensorBoard event files, kohya's folder layout and tags
@@ -201,6 +206,9 @@ def parse_training_args(text: str, family: str, node: str) -> dict[str, object]:
     lo, hi = out.get("min_timestep", 0), out.get("max_timestep", 1000)
     if lo > hi:  # equal is allowed: kohya then trains that one timestep
         raise KilnError(f"{node}: training_args min_timestep ({lo}) must not be above max_timestep ({hi}).")
+    if out.get("max_token_length", 75) not in (75, 150, 225):
+        raise KilnError(f"{node}: training_args max_token_length must be 75, 150 or 225 (kohya's windows of 75 "
+                        f"tokens), got {out['max_token_length']}.")
     if "save_last_n_epochs" in out and "save_every_n_epochs" not in out:
         raise KilnError(f"{node}: training_args save_last_n_epochs needs save_every_n_epochs (what to keep).")
     return out

@@ -10,7 +10,9 @@ import random
 
 import torch
 
+from ...trainer_core.errors import KilnError
 from ...trainer_core.families import sd3, sdxl
+from ...trainer_core.token_windows import WINDOW, joined_positions, kohya_windows, windows_for
 from . import compat
 from .model import TrainingTarget
 from .private import private_patcher
@@ -78,6 +80,32 @@ def last_layer_reached(clip, encoder: str) -> int | None:
     return k if k < n - 1 else None
 
 
+def _skip_offset(clip) -> int:
+    """kohya's SD2 text encoder is built with 23 of OpenCLIP-H's 24 layers, so its clip_skip N is ComfyUI's
+    layer -(N + 1); SD1's CLIP-L has all 12 (clip_skip N = layer -N)."""
+    return 1 if "clip_h" in text_encoder_names(clip) else 0
+
+
+def with_clip_skip(clip, clip_skip: int | None, node: str):
+    """(the CLIP to train and preview with, kohya's clip_skip it uses or None). kohya's ``clip_skip`` N is CLIP Set
+    Last Layer -N (SD2: -(N + 1), see _skip_offset) on a clone, so the input CLIP is unchanged; a CLIP that comes
+    through CLIP Set Last Layer already is used as it is, and a clip_skip that contradicts it is refused."""
+    offset = _skip_offset(clip)
+    if clip_skip is not None:
+        layer = -(clip_skip + offset)
+        if clip.layer_idx is not None and clip.layer_idx != layer:
+            raise KilnError(f"{node}: training_args clip_skip={clip_skip} means CLIP layer {layer}, but the CLIP comes "
+                            f"through CLIP Set Last Layer {clip.layer_idx}; remove one of them or make them agree.")
+        if clip.layer_idx is None:
+            clip = clip.clone()
+            clip.clip_layer(layer)
+        return clip, clip_skip
+    if clip.layer_idx is None:
+        return clip, None  # kohya's default (SD1: the last layer; SD2: ComfyUI's and kohya's penultimate)
+    skip = -clip.layer_idx - offset
+    return clip, skip if skip >= 1 else None
+
+
 def clip_identity(clip, settings: str) -> str:
     """A stable id of what a CLIP turns a caption into (the text-encoder output cache's key): its encoders'
     weights, the patches applied on top (an upstream LoRA on the CLIP), clip skip and the caller's
@@ -100,7 +128,8 @@ def clip_identity(clip, settings: str) -> str:
 
 
 class TextConditioning:
-    """Caption -> conditioning tensors for training batches and sample previews.
+    """Caption -> conditioning tensors for training batches and sample previews; training captions in kohya's
+    max_token_length windows (1 by default: 77 states), previews as ComfyUI encodes a prompt.
 
     Frozen text encoders: captions known before training are encoded once and kept (``pin``). Caption
     augmentation makes a new string nearly every draw, so those are encoded on demand, one text-encoder
@@ -110,9 +139,9 @@ class TextConditioning:
     gradients when they are enabled, and nothing is cached.
     """
 
-    def __init__(self, clip, max_tokens: int = 77, recent: int = 256):
+    def __init__(self, clip, max_token_length: int | None = None, recent: int = 256):
         self.clip = clip
-        self.max_tokens = max_tokens
+        self.windows = windows_for(max_token_length)  # kohya's max_token_length: 1, 2 or 3 windows of 75 tokens
         self.recent_size = recent
         self.live = False
         self.raw: dict[str, tuple] = {}  # prompt -> (tokens, cond, pooled) for the sampler (prompts are few)
@@ -125,7 +154,7 @@ class TextConditioning:
 
     def settings(self) -> str:
         """What, besides the CLIP itself, decides the outputs (part of the disk cache key)."""
-        return f"{type(self).__name__}|{self.max_tokens}"
+        return f"{type(self).__name__}|kohya-windows|{self.windows}"
 
     def use_disk(self, store) -> None:
         self.store = store
@@ -135,22 +164,55 @@ class TextConditioning:
         key = hashlib.sha256(f"kiln-text-v1|{self.store_id}|{text}".encode()).hexdigest()[:32]
         return key, self.store.read(key)
 
+    @property
+    def token_limit(self) -> int:
+        """kohya's max_token_length in force: caption tokens beyond it are not trained."""
+        return WINDOW * self.windows
+
+    def _windowed(self, text: str) -> tuple[dict, int]:
+        """(kohya's windows per encoder, the caption's length in tokens) from ComfyUI's tokenization of ``text``."""
+        out, length = {}, 0
+        for key, chunks in self.clip.tokenize(text).items():
+            tok = getattr(self.clip.tokenizer, f"clip_{key}", None)
+            if getattr(tok, "start_token", None) is None or getattr(tok, "end_token", None) is None:
+                raise KilnError(f"this CLIP's '{key}' tokenizer has no start/end tokens, so captions cannot be cut "
+                                f"into kohya's 75-token windows; use a CLIP loaded by a core ComfyUI loader.")
+            out[key], n = kohya_windows(chunks, self.windows, tok.start_token, tok.end_token, tok.pad_token)
+            length = max(length, n)
+        return out, length
+
     def tokens(self, text: str) -> dict:
+        """Training tokens: kohya's max_token_length windows (see trainer_core/token_windows.py)."""
+        return self._windowed(text)[0]
+
+    def token_count(self, text: str) -> int | None:
+        """The caption's length in CLIP tokens (the Train node warns when it is above ``token_limit``)."""
+        return self._windowed(text)[1]
+
+    def preview_tokens(self, text: str) -> dict:
+        """Sample prompts are encoded as ComfyUI encodes a prompt (its own chunking, no length limit)."""
         return self.clip.tokenize(text)
 
-    def _encode(self, text: str) -> tuple:
+    def _encode(self, text: str, preview: bool = False) -> tuple:
         """One text-encoder call through ComfyUI's own encode (clip skip, weights, upstream CLIP LoRAs
         included): (tokens, cond [1,T,C], pooled)."""
         self.encodes += 1
-        tokens = self.tokens(text)
+        tokens = self.preview_tokens(text) if preview else self.tokens(text)
         with contextlib.nullcontext() if self.live else torch.no_grad():
             cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
         return tokens, cond, pooled
 
+    def joined(self, cond: torch.Tensor) -> torch.Tensor:
+        """kohya's 75·n + 2 states [T, C] from the n encoded windows [1, 77·n, C]."""
+        positions = joined_positions(self.windows)
+        if cond.shape[1] != positions[-1] + 1:
+            raise KilnError(f"the text encoder returned {cond.shape[1]} states for {self.windows} window(s) of 77 "
+                            f"tokens; expected {positions[-1] + 1}.")
+        return cond[0, positions]
+
     def _entry(self, tokens: dict, cond: torch.Tensor, pooled) -> dict[str, torch.Tensor]:
-        """What a training batch takes of one caption: the context [tokens, dim] (first 77 tokens, like
-        kohya's default)."""
-        return {"context": cond[0, :self.max_tokens].float()}
+        """What a training batch takes of one caption: the context [75·n + 2, dim], kohya's joined windows."""
+        return {"context": self.joined(cond).float()}
 
     def entry(self, text: str, pin: bool = False) -> dict[str, torch.Tensor]:
         if self.live:
@@ -165,8 +227,7 @@ class TextConditioning:
             self.from_disk += 1
             entry = {k: normal_tensor(v) for k, v in entry.items()}  # read inside the node's inference mode
         else:
-            raw = self.raw[text] if text in self.raw else self._encode(text)
-            entry = {k: normal_tensor(v.cpu()) for k, v in self._entry(*raw).items()}  # autograd-safe
+            entry = {k: normal_tensor(v.cpu()) for k, v in self._entry(*self._encode(text)).items()}  # autograd-safe
             if key is not None:
                 self.store.write(key, entry, source=text[:200], fmt="kiln-text-v1")
         if pin:
@@ -192,10 +253,10 @@ class TextConditioning:
         """The CONDITIONING list ComfyUI's samplers take (re-encoded while text-encoder LoRA trains)."""
         if self.live:
             with torch.no_grad():
-                _, cond, pooled = self._encode(text)
+                _, cond, pooled = self._encode(text, preview=True)
         else:
             if text not in self.raw:
-                self.raw[text] = self._encode(text)
+                self.raw[text] = self._encode(text, preview=True)
             _, cond, pooled = self.raw[text]
         return [[cond, {"pooled_output": pooled}]]
 
@@ -204,12 +265,12 @@ class SDXLTextConditioning(TextConditioning):
     """SDXL: context [77, 2048] from CLIP-L + CLIP-G, and y = the model's own ``encode_adm`` of the CLIP-G
     pooled output with each sample's size/crop/target conditioning (from its bucketing)."""
 
-    def __init__(self, clip, model):
-        super().__init__(clip)
+    def __init__(self, clip, model, max_token_length: int | None = None):
+        super().__init__(clip, max_token_length)
         self.model = model
 
     def _entry(self, tokens: dict, cond: torch.Tensor, pooled) -> dict[str, torch.Tensor]:
-        return {"context": cond[0, :self.max_tokens].float(), "pooled": pooled[0].float()}
+        return {"context": self.joined(cond).float(), "pooled": pooled[0].float()}  # pooled: the first window's
 
     def __call__(self, captions: list[str], train: bool = False, geometries=None) -> dict[str, torch.Tensor]:
         entries = [self.entry(c) for c in captions]
@@ -258,6 +319,12 @@ class SD3TextConditioning(TextConditioning):
             t5 = t5[:self.t5_tokens - 1] + [(tok.t5xxl.end_token,) + tuple(t5[-1][1:])]
         tokens["t5xxl"] = [t5]
         return tokens
+
+    def token_count(self, text: str) -> int | None:
+        return None  # kohya's SD3 cuts CLIP at 77 and T5 at t5xxl_max_token_length; max_token_length is not read
+
+    def preview_tokens(self, text: str) -> dict:
+        return self.tokens(text)
 
     def _entry(self, tokens: dict, cond: torch.Tensor, pooled) -> dict[str, torch.Tensor]:
         tok = self.clip.tokenizer

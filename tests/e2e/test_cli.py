@@ -263,3 +263,35 @@ def test_cli_lycoris_config_then_network_weights_with_dim_from_weights(kiln_env,
     wrong = run("wrong", 'network_dim = 4\nnetwork_args = ["algo=loha"]', 'network_weights = "out/lokr.safetensors"')
     assert wrong.returncode != 0
     assert "trained with algorithm 'lokr' in the file, this run uses 'loha'" in wrong.stdout + wrong.stderr
+
+
+def test_cli_kohya_config_long_captions_and_clip_skip(kiln_env, base, tiny_sd1_path, tmp_path):
+    """kohya's max_token_length = 225 with a ~180-token tag caption: every tag reaches the text encoder (no
+    warning, the node reports the caption's full length); clip_skip = 2: CLIP layer -2 for training, the last
+    CLIP layer gets no LoRA, ss_clip_skip / ss_max_token_length written."""
+    from transformers import CLIPTokenizer
+    tokenizer = CLIPTokenizer.from_pretrained(str(kiln_env.comfyui / "comfy" / "sd1_tokenizer"))
+    data = make_dataset(tmp_path / "data", count=3)
+    tags = [f"{c} {t}" for t in ("hair", "eyes", "dress", "ribbon", "shoes", "gloves", "hat", "scarf")
+            for c in ("red", "blue", "green", "yellow", "purple", "orange", "white", "black", "pink", "grey")]
+    caption = ", ".join(tags[:60])
+    n = len(tokenizer(caption)["input_ids"]) - 2
+    assert 170 <= n <= 200, n
+    data["images"][0].with_suffix(".txt").write_text(caption, encoding="utf-8")
+    (tmp_path / "dataset.toml").write_text(f'[general]\nresolution = 64\nbatch_size = 2\ncaption_extension = ".txt"\n'
+                                           f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{data["image_dir"]}"\n')
+    (tmp_path / "train.toml").write_text(
+        f'pretrained_model_name_or_path = "{tiny_sd1_path}"\ndataset_config = "dataset.toml"\noutput_dir = "out"\n'
+        f'output_name = "long"\nmax_train_steps = 1\nlearning_rate = 1e-3\nmax_token_length = 225\nclip_skip = 2\n'
+        f'network_module = "networks.lora"\nnetwork_dim = 2\nnetwork_alpha = 2\n')
+    cmd = [kiln_env.python, str(REPO / "cli.py"), "--comfyui", str(kiln_env.comfyui), "--config",
+           str(tmp_path / "train.toml"), "--set", "6.sample_steps=1", "--", "--cpu", "--base-directory", str(base)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd="/")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert f"max_token_length 225: the longest caption has {n} tokens" in run.stdout
+    assert "longer than max_token_length" not in run.stdout + run.stderr
+    with safe_open(str(tmp_path / "out" / "long.safetensors"), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert (meta["ss_max_token_length"], meta["ss_clip_skip"]) == ("225", "2")
+    te = {k.split(".")[0] for k in keys if k.startswith("lora_te_")}  # kohya trains the encoder at learning_rate
+    assert te and not any("_layers_11_" in k for k in te) and any("_layers_10_" in k for k in te)

@@ -71,6 +71,11 @@ def test_size_conditioning_reaches_the_unet(comfy, sdxl):
     other = next(s for s in samples if s.geometry.original_size != samples[0].geometry.original_size)
     b = cond([samples[0].caption], geometries=[other.geometry])
     assert torch.equal(a["y"][:, :1280], b["y"][:, :1280]) and not torch.equal(a["y"][:, 1280:], b["y"][:, 1280:])
+    # kohya's max_token_length on both CLIPs: 2 windows -> 152 states of L+G; pooled CLIP-G from the first window
+    long = comfy.pack_module("nodes.comfy.text").SDXLTextConditioning(clip, model, 150)
+    c = long([samples[0].caption], geometries=[samples[0].geometry])
+    assert c["context"].shape == (1, 152, 2048) and torch.allclose(c["y"], a["y"], atol=1e-5)
+    assert torch.allclose(c["context"][:, :76], a["context"][:, :76], atol=1e-5)
 
 
 def test_sdxl_text_encoder_loras_train_through_both_encoders(comfy, sdxl_checkpoint, dataset_dir):

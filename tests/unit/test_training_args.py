@@ -62,3 +62,15 @@ def test_readme_lists_every_key():
     from pathlib import Path
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     assert [k for k in KEYS if f"`{k}`" not in readme] == []
+
+
+def test_max_token_length_and_clip_skip_as_kohya_allows_them():
+    assert parse_training_args("max_token_length=225\nclip_skip=2", "sd1", "n") == {"max_token_length": 225,
+                                                                                    "clip_skip": 2}
+    assert parse_training_args("max_token_length=150", "sdxl", "n") == {"max_token_length": 150}
+    with pytest.raises(KilnError, match="75, 150 or 225"):
+        parse_training_args("max_token_length=100", "sd1", "n")
+    with pytest.raises(KilnError, match="does not apply to sdxl"):  # kohya ignores clip_skip for SDXL
+        parse_training_args("clip_skip=2", "sdxl", "n")
+    with pytest.raises(KilnError, match="does not apply to sd3"):
+        parse_training_args("max_token_length=225", "sd3", "n")
