@@ -101,11 +101,17 @@ def prompt_from_kohya_config(path: str, config_dir: str, family: str) -> dict:
             sys.exit(f"kiln: {path}: pretrained_model_name_or_path {ckpt!r} is neither a file nor in models/checkpoints.")
         fam = family if family != "auto" else family_of(ckpt_file)
         prompt, notes = graph_from_config(text, path, fam)
+        dataset_file = resolve(flat.get("dataset_config", ""))
+        if os.path.isfile(dataset_file):
+            from trainer_core.kohya_config import check_dataset_masks
+            check_dataset_masks(flat, open(dataset_file, encoding="utf-8").read(), path)
     except KilnError as e:
         sys.exit(f"kiln: {e}")
     folder_paths.add_model_folder_path("checkpoints", os.path.dirname(ckpt_file))
     prompt["1"]["inputs"]["ckpt_name"] = os.path.basename(ckpt_file)
     prompt["2"]["inputs"]["folder"] = resolve(prompt["2"]["inputs"]["folder"])
+    if prompt["6"]["inputs"].get("sample_prompts"):  # kohya's prompt file, relative to the config like the rest
+        prompt["6"]["inputs"]["sample_prompts"] = resolve(prompt["6"]["inputs"]["sample_prompts"])
     for key, name in list(prompt.get("3", {}).get("inputs", {}).items()):  # kohya's clip_l / clip_g / t5xxl files
         if key.startswith("clip_name") and os.path.isfile(resolve(name)):
             folder_paths.add_model_folder_path("text_encoders", os.path.dirname(resolve(name)))

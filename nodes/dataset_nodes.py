@@ -175,7 +175,9 @@ class KilnMaskSource(io.ComfyNode):
                                tooltip="alpha: the image's alpha channel; folder: a mask image with the same file name."),
                 io.String.Input("mask_folder", default="", tooltip="For mode 'folder' (absolute, or relative to ComfyUI's input folder)."),
                 io.Boolean.Input("missing_mask_is_white", default=False,
-                                 tooltip="Train the whole image when its mask (or alpha) is missing, instead of stopping."),
+                                 tooltip="folder mode: train the whole image when its mask is missing, instead of "
+                                         "stopping. (alpha mode: an image without an alpha channel always trains "
+                                         "whole, as in kohya, with a warning per subset.)"),
                 io.Int.Input("dilation", default=0, min=0, max=16,
                              tooltip="Grow masks by this many latent pixels (8 image pixels each) to keep fine edges."),
             ],
@@ -198,8 +200,10 @@ class KilnMaskSource(io.ComfyNode):
     def execute(cls, dataset: KilnDataset, mode, mask_folder, missing_mask_is_white, dilation=0) -> io.NodeOutput:
         check_options(cls, "Alpha/Mask Source", {"mode": mode})
         mask_dir = resolve_folder(mask_folder, "Alpha/Mask Source") if mode == "folder" else None
-        return io.NodeOutput(dataset.replace(dataset=dataset.dataset.with_masks(mode, mask_dir, missing_mask_is_white, dilation),
-                                             cache=None))
+        masked = dataset.dataset.with_masks(mode, mask_dir, missing_mask_is_white, dilation)
+        notes = masked.report[len(dataset.dataset.report):]  # e.g. images without alpha in alpha mode
+        text = "\n".join(f"note: {n}" for n in notes) or f"masks: {mode}"
+        return io.NodeOutput(dataset.replace(dataset=masked, cache=None), ui=ui.PreviewText(text))
 
 
 # Latents already encoded in this ComfyUI process (shared by every Cache Latents node; least recently

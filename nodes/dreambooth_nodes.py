@@ -30,7 +30,7 @@ from .comfy.text import TextConditioning, text_encoder_names, text_encoder_sessi
 from .lora_nodes import check_output_file, lora_output_path
 from .options import check_text
 from .train_nodes import (caption_conditioning, common_inputs, ddpm_objective, normal_cache, prepare, remove_save,
-                          sample_setup, step_reporter, training_args_input, training_metadata)
+                          preview_specs, step_reporter, training_args_input, training_metadata)
 from .types import KilnDataset, KilnDatasetType
 
 log = logging.getLogger("kiln")
@@ -112,7 +112,8 @@ class KilnTrainDreamBooth(io.ComfyNode):
             checkpoint_path(f"{save_name}-step000001")
 
         cond = TextConditioning(clip)
-        prompts, width, height = sample_setup(opts, dataset.cache)
+        notes: list[str] = []
+        previews = preview_specs(opts, tcfg, dataset, NODE, notes)
         conditioning, seen = caption_conditioning(cond, dataset, encoders, opts, NODE)
         cache = normal_cache(dataset.cache)
         progress = Progress(tcfg.steps, cls.hidden.unique_id)
@@ -120,7 +121,6 @@ class KilnTrainDreamBooth(io.ComfyNode):
                                                         tcfg.grad_accum))
         version = ("sd_v2" if is_sd2 else "sd_v1") + ("_v" if is_v else "")
         arch = sd1.modelspec_architecture(is_v, is_sd2, lora=False)
-        notes: list[str] = []
         net = FullNetwork()
         te_session = text_encoder_session(clip, NODE) if encoders else contextlib.nullcontext()
         with cmodel.training_session(model, NODE) as target, te_session as te_target:
@@ -134,8 +134,7 @@ class KilnTrainDreamBooth(io.ComfyNode):
                 weights_dtype = model.model.get_dtype()
 
                 def preview() -> torch.Tensor:
-                    return sample_images(target.patcher, cond, dataset.vae, prompts, tcfg.seed, opts["sample_steps"],
-                                         opts["sample_cfg"], width, height, negative=opts.get("sample_negative", ""))
+                    return sample_images(target.patcher, cond, dataset.vae, previews)
 
                 def intermediate_path(step: int, epoch: int | None) -> str:  # kohya's names, as the LoRA nodes'
                     return checkpoint_path(f"{save_name}-{epoch:06d}" if epoch else f"{save_name}-step{step:06d}")

@@ -42,13 +42,16 @@ from ..trainer_core.epochs import (batches_per_epoch, epoch_save_to_remove, reso
 from ..trainer_core.noise import NoiseOptions
 from ..trainer_core.training_args import describe as describe_training_args, effective, parse_training_args
 from ..trainer_core.resume import SUFFIX, load_state, save_state, state_path
+from ..trainer_core.sample_prompts import (SamplePrompt, comfy_sampler, is_prompt_file, load_prompt_file,
+                                           parse_sample_prompts)
 from .comfy import model as cmodel
-from .comfy.preview import pil_to_image, sample_images, to_pil
+from .comfy.preview import PreviewSpec, known_sampler, pil_to_image, sample_images, to_pil
 from .comfy.progress import Progress
 from .comfy.tensors import normal_tensor
 from .comfy.text import SD3TextConditioning, SDXLTextConditioning, TextConditioning, last_layer_reached, \
     text_encoder_names, text_encoder_session, with_clip_skip
-from .dataset_nodes import default_cache_folder
+from .dataset_nodes import confinement, default_cache_folder
+from ..trainer_core.data.confine import check_inside
 from .lora_nodes import check_output_file, lora_output_path
 from .options import check_options, check_text
 from .types import KilnDataset, KilnDatasetType, KilnLoraConfigType, KilnLoraType
@@ -81,7 +84,10 @@ def common_inputs(min_snr: bool = True, sample_cfg: float = 7.0, learning_rate: 
         io.Boolean.Input("mask_normalize", default=False, tooltip="Mean loss over the masked area, so small subjects weigh as much as large ones."),
         io.Float.Input("prior_loss_weight", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Loss weight of regularization images."),
         io.String.Input("sample_prompts", default="", multiline=True,
-                        tooltip="One prompt per line, sampled during and after training. Empty: the first caption."),
+                        tooltip="One prompt per line, sampled during and after training, with kohya's options: "
+                                "--n negative, --w/--h size, --d seed, --s steps, --l CFG, --ss sampler (e.g. "
+                                "'a toy --n blurry --w 768 --h 512 --d 42'). Or the path of a kohya prompt file "
+                                "(.txt/.toml/.json; relative: in ComfyUI's input folder). Empty: the first caption."),
         io.Int.Input("sample_every", default=0, min=0, max=100_000, tooltip="Preview a sample every N steps; 0 = only at the end."),
         io.Int.Input("sample_steps", default=20, min=1, max=150),
         io.Float.Input("sample_cfg", default=sample_cfg, min=0.0, max=30.0, step=0.5),
@@ -394,16 +400,6 @@ def ddpm_objective(model, is_v: bool, tcfg: TrainConfig) -> sd1.SD1Objective:
                             tcfg.max_timestep, NoiseOptions.from_config(tcfg), tcfg.zero_terminal_snr)
 
 
-def sample_setup(opts: dict, cache: LatentCache) -> tuple[list[str], int, int]:
-    """(sample prompts, width, height) of the previews: the prompts given, else the first caption, at the first
-    sample's bucket size."""
-    first = cache.samples[0]
-    prompts = [p.strip() for p in opts["sample_prompts"].splitlines() if p.strip()] or [base_caption(first.caption,
-                                                                                                 first.captions)]
-    width, height = first.geometry.bucket
-    return prompts, width, height
-
-
 def caption_conditioning(cond: TextConditioning, dataset: KilnDataset, te_train: list[str], opts: dict,
                          node: str) -> tuple[Callable[..., dict], set[str]]:
     """The loop's ``conditioning`` callable over ``cond`` and the set of distinct captions it trained on.
@@ -455,6 +451,48 @@ def step_reporter(progress: Progress, tcfg: TrainConfig, opts: dict, epochs: int
     return on_step
 
 
+def prompt_file_path(text: str, node: str) -> str:
+    """A prompt file named in sample_prompts: absolute, or inside ComfyUI's input folder (confined like datasets)."""
+    name = text.strip()
+    path = name if os.path.isabs(name) else os.path.join(folder_paths.get_input_directory(), name)
+    check_inside(path, confinement(), f"{node}: sample_prompts")
+    if not os.path.isfile(path):
+        raise KilnError(f"{node}: sample_prompts names the prompt file {path}, which does not exist (relative paths "
+                        f"are read inside ComfyUI's input folder).")
+    return path
+
+
+def preview_specs(opts: dict, tcfg: TrainConfig, dataset: KilnDataset, node: str, notes: list) -> list[PreviewSpec]:
+    """The sample previews: sample_prompts lines (or a kohya prompt file) with kohya's --n/--w/--h/--d/--s/--l/--ss,
+    the node's widgets for what a line does not set (seed + line number, the first bucket's size), the first
+    caption when there are none."""
+    text = opts.get("sample_prompts") or ""
+    try:
+        prompts = (load_prompt_file(prompt_file_path(text, node), notes) if is_prompt_file(text)
+                   else parse_sample_prompts(text, notes))
+    except KilnError as e:
+        raise KilnError(f"{node}: {e}") from None
+    first = dataset.cache.samples[0]
+    width, height = first.geometry.bucket
+    default_sampler = comfy_sampler(tcfg.sample_sampler, node) if tcfg.sample_sampler else ("euler", "normal")
+    if not prompts:
+        prompts = [SamplePrompt(base_caption(first.caption, first.captions))]
+    specs = []
+    for i, p in enumerate(prompts):
+        sampler, scheduler = comfy_sampler(p.sampler, node) if p.sampler else default_sampler
+        if not known_sampler(sampler, scheduler):
+            raise KilnError(f"{node}: this ComfyUI has no sampler {sampler!r} / scheduler {scheduler!r} (kohya's "
+                            f"{p.sampler or tcfg.sample_sampler}); choose another sample_sampler.")
+        specs.append(PreviewSpec(p.prompt, opts.get("sample_negative", "") if p.negative is None else p.negative,
+                                 p.width or width, p.height or height, tcfg.seed + i if p.seed is None else p.seed,
+                                 p.steps or opts["sample_steps"], opts["sample_cfg"] if p.cfg is None else p.cfg,
+                                 sampler, scheduler))
+    if len({(s.width, s.height) for s in specs}) > 1:
+        notes.append("sample previews of different sizes: the samples output places each top-left on the largest "
+                     "size (one IMAGE batch has one size)")
+    return specs
+
+
 def caption_length_notes(cond: TextConditioning, dataset: KilnDataset, tcfg: TrainConfig, node: str) -> list[str]:
     """One warning per caption longer than max_token_length, naming its file and the tokens lost (kohya cuts
     them silently), and, when max_token_length is set, the longest caption's length."""
@@ -486,7 +524,7 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
     notes = [f"{e} is not in this CLIP: its text-encoder learning rate is ignored"
              for e, lr in plan.te_lrs.items() if lr > 0 and e not in loaded and e in plan.te_prefixes]
     tcfg.group_lrs = {e: plan.te_lrs[e] for e in te_train}
-    prompts, width, height = sample_setup(opts, dataset.cache)
+    previews = preview_specs(opts, tcfg, dataset, plan.node, notes)
     cond = plan.conditioning
     conditioning, seen = caption_conditioning(cond, dataset, te_train, opts, plan.node)
     notes += caption_length_notes(cond, dataset, tcfg, plan.node)
@@ -506,8 +544,7 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
 
         def preview(net: LoRANetwork) -> torch.Tensor:
             net.eval()
-            images = sample_images(target.patcher, cond, dataset.vae, prompts, tcfg.seed, opts["sample_steps"],
-                                   opts["sample_cfg"], width, height, negative=opts.get("sample_negative", ""))
+            images = sample_images(target.patcher, cond, dataset.vae, previews)
             net.train()
             return images
 
@@ -563,6 +600,8 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
                 remove_save(intermediate_path(old, old if epoch else None))
         with network.attached(), tensorboard_log(tcfg, plan.node) as tracker:
             on_step = step_reporter(progress, tcfg, opts, epochs, lambda: to_pil(preview(network)[0]), tracker)
+            if tcfg.sample_at_first:  # kohya's sample_at_first: a preview of the model before the first step
+                progress.update(0, to_pil(preview(network)[0]))
             result = train(network, plan.objective, cmodel.unet_forward(target.patcher, net_host), conditioning,
                            cache, cmodel.latent_in(model), tcfg, cmodel.device_of(model), plan.checkpoint_blocks(net_host),
                            on_step, on_save, resume)

@@ -38,6 +38,7 @@ TRAIN_KEYS = {
     "max_grad_norm": "max_grad_norm", "seed": "seed", "gradient_checkpointing": "gradient_checkpointing",
     "loss_type": "loss_type", "prior_loss_weight": "prior_loss_weight", "save_every_n_steps": "save_every_n_steps",
     "cache_text_encoder_outputs_to_disk": "cache_text_encoder_outputs_to_disk", "min_snr_gamma": "min_snr_gamma",
+    "sample_every_n_steps": "sample_every",
 }
 SD3_KEYS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "training_shift", "t5xxl_max_token_length",
             "apply_lg_attn_mask", "apply_t5_attn_mask", "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate",
@@ -46,7 +47,7 @@ HANDLED = {"pretrained_model_name_or_path", "text_encoder_lr1", "text_encoder_lr
            "t5xxl", "dataset_config", "output_dir", "output_name", "save_precision",
            "network_module", "network_dim", "network_alpha", "network_dropout", "network_args", "unet_lr",
            "text_encoder_lr", "network_train_unet_only", "mixed_precision", "cache_latents_to_disk", "no_half_vae",
-           "save_model_as", "network_weights", "dim_from_weights"}
+           "save_model_as", "network_weights", "dim_from_weights", "sample_prompts", "alpha_mask", "masked_loss"}
 NO_EFFECT = {
     "cache_latents": "Kiln always caches latents", "cache_text_encoder_outputs": "frozen encoders' outputs are "
     "always kept in memory", "sdpa": "attention is ComfyUI's choice", "xformers": "attention is ComfyUI's choice",
@@ -178,6 +179,25 @@ def dreambooth_te_inputs(cfg: dict) -> dict:
     return {"text_encoder_lr": float(lr), "stop_text_encoder_training": int(stop or 0)}
 
 
+def check_dataset_masks(cfg: dict, dataset_text: str, path: str) -> None:
+    """kohya's mask keys against the dataset TOML: conditioning_data_dir (mask images) is read only with
+    masked_loss = true (kohya's schema refuses it otherwise), and --alpha_mask makes every subset use alpha masks,
+    which Kiln cannot combine with a subset's mask folder."""
+    try:
+        data = tomllib.loads(dataset_text)
+    except tomllib.TOMLDecodeError:
+        return  # Load Dataset reports it, naming the file
+    subsets = [s for d in data.get("datasets", []) for s in d.get("subsets", [])]
+    folders = [s for s in subsets if "conditioning_data_dir" in s] + \
+        ([data["general"]] if "conditioning_data_dir" in data.get("general", {}) else [])
+    if folders and not cfg.get("masked_loss"):
+        raise KilnError(f"{path}: the dataset config sets conditioning_data_dir (mask images), which kohya reads only "
+                        f"with masked_loss = true; add masked_loss = true to train with those masks, or remove it.")
+    if folders and cfg.get("alpha_mask"):
+        raise KilnError(f"{path}: alpha_mask = true and a subset with conditioning_data_dir: Kiln masks a run either "
+                        f"by alpha channels or by mask folders; remove one of them.")
+
+
 def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str]]:
     """(API-format prompt with only the inputs the config sets, notes) for ``family`` in sd1/sdxl/sd3."""
     try:
@@ -247,6 +267,11 @@ def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str
                 if key == "optimizer_type" else value
         elif key in cfg:
             train.pop(TRAIN_KEYS[key], None)
+    if cfg.get("sample_prompts"):  # kohya's prompt file (the CLI resolves its path); kohya samples with DDIM unless told
+        train["sample_prompts"] = cfg["sample_prompts"]
+        if "sample_sampler" not in cfg:
+            cfg = {**cfg, "sample_sampler": "ddim"}
+            notes.append("sample_sampler not set: previews use kohya's default, ddim (ComfyUI's ddim / ddim_uniform)")
     args = "\n".join(f"{k}={format_value(v)}" for k, v in cfg.items()
                      if k in TRAINING_ARGS and v is not None and not (k in widget_fits and widget_fits[k](v)))
     if args:
@@ -280,6 +305,13 @@ def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str
         prompt["7"] = {"class_type": "KilnSaveCheckpoint", "inputs": {
             "model": ["6", 0], "clip": ["6", 1], "vae": ["1", 2], "filename": cfg.get("output_name", "last"),
             "overwrite": True}}
+    if cfg.get("alpha_mask"):  # kohya's --alpha_mask: every subset's loss masked by its images' alpha channel
+        prompt["9"] = {"class_type": "KilnMaskSource", "inputs": {"dataset": ["2", 0], "mode": "alpha", "mask_folder": "",
+                                                                  "missing_mask_is_white": True, "dilation": 0}}
+        prompt["4"]["inputs"]["dataset"] = ["9", 0]
+    if cfg.get("sample_prompts"):  # kohya writes its samples to files; here ComfyUI's output folder
+        prompt["8"] = {"class_type": "SaveImage", "inputs": {"images": ["6", 2],
+                                                             "filename_prefix": f"{cfg.get('output_name', 'last')}_sample"}}
     if files:  # separate encoder files, as kohya's --clip_l/--clip_g/--t5xxl: ComfyUI's own CLIP loaders
         names = {f"clip_name{i + 1}": f for i, f in enumerate(files)}
         prompt["3"] = ({"class_type": "TripleCLIPLoader", "inputs": names} if len(files) == 3 else

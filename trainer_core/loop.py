@@ -87,6 +87,8 @@ class TrainConfig:
     log_tracker_name: str | None = None
     max_token_length: int | None = None            # read by the host's text conditioning (kohya's windows)
     clip_skip: int | None = None                   # read by the host: the CLIP layer it encodes with
+    sample_sampler: str | None = None              # read by the host's previews (sample_prompts.SAMPLERS)
+    sample_at_first: bool = False
     training_args: dict = field(default_factory=dict)  # the training_args given (for the node's text)
 
     @property

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import KilnError
+from .sample_prompts import SAMPLERS
 
 ALL = ("sd1", "sdxl", "sd3")
 DDPM = ("sd1", "sdxl")  # noise and loss options kohya applies to the DDPM families only
@@ -81,6 +82,11 @@ KEYS: dict[str, Key] = {
                             "longer captions are cut, with a warning)", 75, 225, families=DDPM),
     "clip_skip": Key("int", None, "train (and preview) with the CLIP's Nth layer from the end, 2 = penultimate, "
                      "as CLIP Set Last Layer -N; SD1/SD2 (kohya ignores it for SDXL)", 1, 12, families=("sd1",)),
+    # sample previews (kohya's sample_* options; prompts go in the node's sample_prompts)
+    "sample_sampler": Key("choice", None, "preview sampler by kohya's name (ddim, euler, euler_a, dpmsolver++, "
+                          "...; mapped onto ComfyUI's samplers); a prompt's --ss overrides it",
+                          choices=tuple(SAMPLERS)),
+    "sample_at_first": Key("bool", False, "also preview before the first step"),
     "fused_backward_pass": Key("bool", False, "step each parameter as soon as its gradient is ready (less "
                                "memory); not with grad_accum > 1, max_grad_norm > 0, fp16, Prodigy/D-Adaptation"),
     # logging (tracking.py): TensorBoard event files, kohya's folder layout and tags

@@ -1,27 +1,51 @@
 """Sample images from the model as it is during training (LoRA attached or not), with ComfyUI's sampler."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from PIL import Image
 
 import comfy.sample
+import comfy.samplers
 
 
-def sample_images(model, cond, vae, prompts: list[str], seed: int, steps: int, cfg: float,
-                  width: int, height: int, sampler: str = "euler", scheduler: str = "normal",
-                  negative: str = "") -> torch.Tensor:
-    """IMAGE [B,H,W,3]; ``model`` is the patcher that trains (text.TextConditioning gives the conditioning)."""
+@dataclass(frozen=True)
+class PreviewSpec:
+    """One preview: a prompt with every setting resolved (kohya's per-line options over the node's widgets)."""
+    prompt: str
+    negative: str
+    width: int
+    height: int
+    seed: int
+    steps: int
+    cfg: float
+    sampler: str = "euler"
+    scheduler: str = "normal"
+
+
+def known_sampler(sampler: str, scheduler: str) -> bool:
+    return sampler in comfy.samplers.KSampler.SAMPLERS and scheduler in comfy.samplers.KSampler.SCHEDULERS
+
+
+def sample_images(model, cond, vae, specs: list[PreviewSpec]) -> torch.Tensor:
+    """IMAGE [B,H,W,3]; ``model`` is the patcher that trains (text.TextConditioning gives the conditioning).
+    Previews of different sizes are placed top-left on the largest canvas (an IMAGE batch has one size)."""
     images = []
-    neg = cond.comfy_conditioning(negative)
     with torch.no_grad():
-        for i, prompt in enumerate(prompts):
-            latent = torch.zeros([1, model.model.latent_format.latent_channels, height // 8, width // 8])
-            noise = comfy.sample.prepare_noise(latent, seed + i)
-            out = comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, cond.comfy_conditioning(prompt),
-                                      neg, latent, seed=seed + i, disable_pbar=True)
+        for s in specs:
+            latent = torch.zeros([1, model.model.latent_format.latent_channels, s.height // 8, s.width // 8])
+            noise = comfy.sample.prepare_noise(latent, s.seed)
+            out = comfy.sample.sample(model, noise, s.steps, s.cfg, s.sampler, s.scheduler,
+                                      cond.comfy_conditioning(s.prompt), cond.comfy_conditioning(s.negative), latent,
+                                      seed=s.seed, disable_pbar=True)
             images.append(vae.decode(out).float().cpu().clamp(0, 1))
-    return torch.cat(images)
+    h, w = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
+    canvas = torch.zeros(len(images), h, w, 3)
+    for k, image in enumerate(images):
+        canvas[k, :image.shape[1], :image.shape[2]] = image[0]
+    return canvas
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

@@ -295,3 +295,32 @@ def test_cli_kohya_config_long_captions_and_clip_skip(kiln_env, base, tiny_sd1_p
     assert (meta["ss_max_token_length"], meta["ss_clip_skip"]) == ("225", "2")
     te = {k.split(".")[0] for k in keys if k.startswith("lora_te_")}  # kohya trains the encoder at learning_rate
     assert te and not any("_layers_11_" in k for k in te) and any("_layers_10_" in k for k in te)
+
+
+def test_cli_kohya_sample_prompt_file_sets_size_and_seed_reproducibly(kiln_env, base, tiny_sd1_path, tmp_path):
+    """kohya's sample_prompts file with --n/--w/--h/--d/--s: the saved preview has that size, and a second run
+    gives the same pixels (seeded by --d, not by the run)."""
+    import numpy as np
+    from PIL import Image
+    images = base / "input" / "kiln_demo" / "train" / "5_kiln toy"
+    (tmp_path / "dataset.toml").write_text(f'[general]\nresolution = 64\nbatch_size = 2\ncaption_extension = ".txt"\n'
+                                           f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{images}"\n')
+    (tmp_path / "prompts.txt").write_text("# kohya prompt file\na kiln toy --n blurry, lowres --w 96 --h 64 --d 42 "
+                                          "--s 2 --l 4\n", encoding="utf-8")
+    (tmp_path / "train.toml").write_text(
+        f'pretrained_model_name_or_path = "{tiny_sd1_path}"\ndataset_config = "dataset.toml"\noutput_dir = "out"\n'
+        f'output_name = "prompted"\nmax_train_steps = 1\nlearning_rate = 1e-3\nnetwork_train_unet_only = true\n'
+        f'sample_prompts = "prompts.txt"\nsample_sampler = "euler_a"\nseed = 3\n'
+        f'network_module = "networks.lora"\nnetwork_dim = 2\nnetwork_alpha = 2\n')
+    cmd = [kiln_env.python, str(REPO / "cli.py"), "--comfyui", str(kiln_env.comfyui), "--config",
+           str(tmp_path / "train.toml"), "--", "--cpu", "--base-directory", str(base)]
+    pixels = []
+    for run_no in (1, 2):
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd="/")
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        saved = sorted((base / "output").glob("prompted_sample_*.png"))
+        assert len(saved) == run_no, saved
+        with Image.open(saved[-1]) as im:
+            assert im.size == (96, 64)
+            pixels.append(np.asarray(im.convert("RGB")))
+    assert np.array_equal(pixels[0], pixels[1]) and pixels[0].std() > 0

@@ -262,3 +262,19 @@ def test_network_alpha_zero_trains_at_scale_one():
     assert lora["alpha"] == 0.0
     assert LoRAModule("n", nn.Linear(4, 4), lora["rank"], lora["alpha"]).scale == 1.0
     assert LoRAModule("n", nn.Conv2d(2, 2, 3), lora["conv_rank"], 0).alpha == lora["conv_rank"]
+
+
+def test_alpha_mask_and_masked_loss_keys():
+    from trainer_core.kohya_config import check_dataset_masks
+    p, _ = graph_from_config(BASE + "alpha_mask = true\n", "t.toml", "sd1")
+    assert p["9"]["class_type"] == "KilnMaskSource" and p["9"]["inputs"]["mode"] == "alpha"
+    assert p["4"]["inputs"]["dataset"] == ["9", 0] and p["9"]["inputs"]["dataset"] == ["2", 0]
+    p, _ = graph_from_config(BASE + "masked_loss = true\n", "t.toml", "sd1")
+    assert "9" not in p and p["4"]["inputs"]["dataset"] == ["2", 0]
+    masks = '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "i"\nconditioning_data_dir = "m"\n'
+    with pytest.raises(KilnError, match="only with masked_loss = true"):
+        check_dataset_masks({}, masks, "t.toml")
+    check_dataset_masks({"masked_loss": True}, masks, "t.toml")
+    with pytest.raises(KilnError, match="alpha channels or by mask folders"):
+        check_dataset_masks({"masked_loss": True, "alpha_mask": True}, masks, "t.toml")
+    check_dataset_masks({"alpha_mask": True}, '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "i"\n', "t.toml")

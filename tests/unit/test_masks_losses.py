@@ -21,10 +21,28 @@ def test_alpha_and_folder_masks(tmp_path):
 def test_missing_masks_are_errors_unless_white_is_asked_for(tmp_path):
     with pytest.raises(KilnError, match="b.png.*same file name"):
         load_mask(str(tmp_path / "b.png"), Image.new("RGB", (4, 4)), "folder", str(tmp_path))
-    with pytest.raises(KilnError, match="no alpha channel"):
-        load_mask("c.png", Image.new("RGB", (4, 4)), "alpha", None)
-    m = load_mask("c.png", Image.new("RGB", (4, 4)), "alpha", None, missing_is_white=True)
-    assert m.getextrema() == (255, 255)
+    # kohya converts an image without alpha to RGBA: fully opaque, the whole image trains (no error)
+    for white in (False, True):
+        assert load_mask("c.png", Image.new("RGB", (4, 4)), "alpha", None, white).getextrema() == (255, 255)
+
+
+def test_alpha_mask_subsets_warn_once_about_images_without_alpha(tmp_path):
+    from trainer_core.data.buckets import BucketConfig
+    from trainer_core.data.dataset import build_dataset
+    from trainer_core.data.toml_config import load_dataset_toml
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (8, 8)).save(folder / f"{name}.png")
+    Image.new("RGBA", (8, 8)).save(folder / "c.png")
+    (tmp_path / "d.toml").write_text(f'[[datasets]]\nresolution = 8\n[[datasets.subsets]]\nimage_dir = "{folder}"\n'
+                                     f'alpha_mask = true\n', encoding="utf-8")
+    subsets, buckets, batch = load_dataset_toml(str(tmp_path / "d.toml"))
+    ds = build_dataset(subsets, buckets, batch)
+    assert len(ds.report) == 1 and "2 of 3 images have no alpha channel (e.g. a.png)" in ds.report[0]
+    assert "fully opaque" in ds.summary()
+    plain = build_dataset([subsets[0].__class__(str(folder))], BucketConfig((8, 8), enable_bucket=False))
+    assert plain.report == [] and len(plain.with_masks("alpha", None, False).report) == 1
 
 
 def test_masked_region_gives_zero_gradient_and_grey_gives_half():

@@ -91,9 +91,10 @@ class Dataset:
         return subset.buckets or self.buckets
 
     def with_masks(self, mode: str, mask_dir: str | None, missing_is_white: bool, dilation: int = 0) -> "Dataset":
+        from .masks import opaque_alpha_notes
         subsets = [replace(s, mask_mode=mode, mask_dir=mask_dir or s.mask_dir, missing_mask_is_white=missing_is_white,
                            mask_dilation=dilation) for s in self.subsets]
-        return replace(self, subsets=subsets)
+        return replace(self, subsets=subsets, report=list(self.report) + opaque_alpha_notes(subsets, self.items))
 
     def summary(self) -> str:
         lines = list(self.report)
@@ -164,4 +165,5 @@ def build_dataset(subsets: list[Subset], buckets: BucketConfig, batch_size: int 
             items.append(ImageItem(path, caption, size, choose_bucket(size, cfg, tables[cfg]), k))
         if not images:
             raise KilnError(f"no images in {s.image_dir}: add PNG/JPEG/WebP files, or remove the folder.")
-    return Dataset(list(subsets), items, buckets, batch_size, skipped)
+    from .masks import opaque_alpha_notes
+    return Dataset(list(subsets), items, buckets, batch_size, skipped, opaque_alpha_notes(subsets, items))

@@ -40,10 +40,7 @@ def load_mask(image_path: str, image: Image.Image, mode: str, mask_dir: str | No
     if mode == "alpha":
         if image.mode == "RGBA":
             return image.getchannel("A")
-        if not missing_is_white:
-            raise KilnError(f"alpha mask mode, but {image_path} has no alpha channel. Save it as an RGBA PNG, "
-                            f"or enable 'missing mask = all white' on Alpha/Mask Source.")
-        return Image.new("L", image.size, 255)
+        return Image.new("L", image.size, 255)  # kohya converts to RGBA: no alpha channel = fully opaque
     if mode == "folder":
         path = mask_file_for(image_path, mask_dir, missing_is_white)
         if path is None:
@@ -57,8 +54,32 @@ def load_mask(image_path: str, image: Image.Image, mode: str, mask_dir: str | No
     raise KilnError(f"unknown mask mode {mode!r}; use one of {MASK_MODES}")
 
 
+def has_alpha(path: str) -> bool:
+    """Whether the file carries transparency (header only)."""
+    with Image.open(path) as im:
+        return im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+
+
+def opaque_alpha_notes(subsets, items) -> list[str]:
+    """One warning per alpha-mask subset holding images without an alpha channel: kohya trains them as fully
+    opaque (the whole image), and so does Kiln, but the user probably meant masks there."""
+    notes = []
+    for k, s in enumerate(subsets):
+        if s.mask_mode != "alpha":
+            continue
+        paths = [i.path for i in items if i.subset == k]
+        opaque = [p for p in paths if not has_alpha(p)]
+        if opaque:
+            notes.append(f"{s.image_dir}: {len(opaque)} of {len(paths)} images have no alpha channel (e.g. "
+                         f"{os.path.basename(opaque[0])}); with alpha masks they train as fully opaque, the whole "
+                         f"image, as kohya reads them")
+            log.warning("kiln: %s", notes[-1])
+    return notes
+
+
 def image_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-__all__ = ["MASK_MODES", "find_mask_file", "mask_file_for", "load_mask", "image_rgb", "open_image"]
+__all__ = ["MASK_MODES", "find_mask_file", "mask_file_for", "load_mask", "has_alpha", "opaque_alpha_notes", "image_rgb",
+           "open_image"]
