@@ -67,11 +67,19 @@ def apply_overrides(prompt: dict, overrides: list[str]) -> None:
 
 
 def family_of(checkpoint: str) -> str:
-    """sd1 / sdxl / sd3 from the checkpoint's key names (reads the safetensors header only)."""
-    from safetensors import safe_open
+    """sd1 / sdxl / sd3 from the checkpoint's key names (reads the safetensors header only). A .ckpt (pickle) is
+    not opened here: finding its family would mean unpickling it, so --family must say it."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(checkpoint, framework="pt") as f:
-        keys = list(f.keys())
+    if not checkpoint.lower().endswith(".safetensors"):
+        sys.exit(f"kiln: {checkpoint} is not a .safetensors file, so its family cannot be read from its header "
+                 f"(a .ckpt would have to be unpickled): pass --family sd1, sdxl or sd3 (ComfyUI's loader then loads "
+                 f"it), or convert it to .safetensors.")
+    try:
+        with safe_open(checkpoint, framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError) as e:
+        sys.exit(f"kiln: {checkpoint} cannot be read as safetensors ({e}); check the file, or pass --family.")
     if any(".joint_blocks." in k for k in keys):
         return "sd3"
     if any(k.startswith(("conditioner.embedders.1.", "model.diffusion_model.label_emb.")) for k in keys):
@@ -96,6 +104,13 @@ def prompt_from_kohya_config(path: str, config_dir: str, family: str) -> dict:
         except tomllib.TOMLDecodeError as e:
             raise KilnError(f"{path} is not valid TOML: {e}") from None
         ckpt = flat.get("pretrained_model_name_or_path", "")
+        if ckpt and os.path.isdir(resolve(ckpt)):
+            kind = ("a Diffusers-format folder" if os.path.isfile(os.path.join(resolve(ckpt), "model_index.json"))
+                    else "a folder")
+            sys.exit(f"kiln: {path}: pretrained_model_name_or_path {ckpt!r} is {kind}. Kiln trains the single-file "
+                     f"checkpoint ComfyUI's Load Checkpoint reads (.safetensors, or .ckpt with --family); Diffusers "
+                     f"folders are not loaded. Convert it to a single file (diffusers' "
+                     f"convert_diffusers_to_original_stable_diffusion.py / ..._sdxl.py) and name that file.")
         ckpt_file = resolve(ckpt) if ckpt and os.path.isfile(resolve(ckpt)) else folder_paths.get_full_path("checkpoints", ckpt)
         if not ckpt_file:
             sys.exit(f"kiln: {path}: pretrained_model_name_or_path {ckpt!r} is neither a file nor in models/checkpoints.")
@@ -112,6 +127,12 @@ def prompt_from_kohya_config(path: str, config_dir: str, family: str) -> dict:
     prompt["2"]["inputs"]["folder"] = resolve(prompt["2"]["inputs"]["folder"])
     if prompt["6"]["inputs"].get("sample_prompts"):  # kohya's prompt file, relative to the config like the rest
         prompt["6"]["inputs"]["sample_prompts"] = resolve(prompt["6"]["inputs"]["sample_prompts"])
+    if "10" in prompt:  # kohya's --vae: a separate VAE file, loaded by ComfyUI's VAELoader
+        vae = resolve(prompt["10"]["inputs"]["vae_name"])
+        if not os.path.isfile(vae):
+            sys.exit(f"kiln: {path}: vae {flat.get('vae')!r} is not a file.")
+        folder_paths.add_model_folder_path("vae", os.path.dirname(vae))
+        prompt["10"]["inputs"]["vae_name"] = os.path.basename(vae)
     for key, name in list(prompt.get("3", {}).get("inputs", {}).items()):  # kohya's clip_l / clip_g / t5xxl files
         if key.startswith("clip_name") and os.path.isfile(resolve(name)):
             folder_paths.add_model_folder_path("text_encoders", os.path.dirname(resolve(name)))

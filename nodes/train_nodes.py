@@ -7,7 +7,9 @@ import json
 import logging
 import math
 import os
+import random
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -62,7 +64,9 @@ log = logging.getLogger("kiln")
 
 def te_lr_input(name: str, what: str) -> io.Float.Input:
     return io.Float.Input(name, default=0.0, min=0.0, max=10.0, step=1e-6, optional=True,
-                          tooltip=f"Learning rate of the {what} LoRA; 0 = {what} not trained (kohya: no LR, skipped).")
+                          tooltip=f"Learning rate of the {what} LoRA; 0 = {what} not trained. (kohya differs: there "
+                                  f"an unset text-encoder LR trains at learning_rate, and network_train_unet_only "
+                                  f"switches the encoders off; cli --config follows kohya.)")
 
 
 def common_inputs(min_snr: bool = True, sample_cfg: float = 7.0, learning_rate: float = 1e-4) -> list:
@@ -132,6 +136,35 @@ def text_encoder_lr(tcfg: TrainConfig):
     return 0 if not lrs else lrs[0] if len(set(lrs)) == 1 else lrs
 
 
+def tag_frequency(ds: Dataset, block: int | None = None) -> dict[str, dict[str, int]]:
+    """kohya's tag frequency: per image folder, how many captions (one per image, repeats not counted) hold each
+    comma-separated tag."""
+    tags: dict[str, dict[str, int]] = {}
+    for item in ds.items:
+        subset = ds.subsets[item.subset]
+        if block is not None and subset.block != block:
+            continue
+        folder = tags.setdefault(os.path.basename(subset.image_dir.rstrip("/")), {})
+        for tag in (t.strip() for t in item.caption.split(",")):
+            if tag:
+                folder[tag] = folder.get(tag, 0) + 1
+    return tags
+
+
+def bucket_info(ds: Dataset, block: int) -> dict:
+    """kohya's per-dataset bucket_info: each bucket's resolution and image count (repeats included), and the mean
+    aspect-ratio error between the images and their buckets."""
+    counts: dict[tuple, int] = {}
+    errors = []
+    for item in ds.items:
+        subset = ds.subsets[item.subset]
+        if subset.block == block:
+            counts[item.bucket] = counts.get(item.bucket, 0) + subset.num_repeats
+            errors.append(abs(item.bucket[0] / item.bucket[1] - item.size[0] / item.size[1]))
+    return {"buckets": {i: {"resolution": list(b), "count": n} for i, (b, n) in enumerate(sorted(counts.items()))},
+            "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
+
+
 def dataset_metadata(ds: Dataset) -> dict[str, object]:
     """kohya's per-[[datasets]] ``ss_datasets`` (with each subset's caption options) and the top-level caption
     keys (``ss_shuffle_caption``, ``ss_caption_dropout_rate``, ...), written where every subset agrees."""
@@ -143,13 +176,14 @@ def dataset_metadata(ds: Dataset) -> dict[str, object]:
         subsets = [{"img_count": counts[k], "num_repeats": s.num_repeats, "color_aug": s.color_aug, "flip_aug": s.flip_aug,
                     "random_crop": s.random_crop, "image_dir": os.path.basename(s.image_dir.rstrip("/")),
                     "class_tokens": s.class_tokens, "is_reg": s.is_reg, "enable_wildcard": False,
-                    **dataclasses.asdict(s.captions)} for k, s in members]
+                    "resize_interpolation": None, **dataclasses.asdict(s.captions)} for k, s in members]
         blocks.append({"is_dreambooth": True, "batch_size_per_device": members[0][1].batch_size or ds.batch_size,
                        "num_train_images": sum(counts[k] * s.num_repeats for k, s in members if not s.is_reg),
                        "num_reg_images": sum(counts[k] * s.num_repeats for k, s in members if s.is_reg),
                        "resolution": list(b.resolution), "enable_bucket": b.enable_bucket,
                        "min_bucket_reso": b.min_bucket_reso, "max_bucket_reso": b.max_bucket_reso,
-                       "subsets": subsets})
+                       "tag_frequency": tag_frequency(ds, block), "bucket_info": bucket_info(ds, block),
+                       "resize_interpolation": None, "subsets": subsets})
     out: dict[str, object] = {"datasets": json.dumps(blocks)}
     for key in ("shuffle_caption", "keep_tokens", "caption_dropout_rate", "caption_dropout_every_n_epochs",
                 "caption_tag_dropout_rate"):
@@ -184,20 +218,17 @@ def kohya_training_metadata(tcfg: TrainConfig, cache: LatentCache) -> dict[str, 
 
 
 def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: LoraConfig | None, tcfg: TrainConfig,
-                      result, model_name: str, epoch: int = 1, family_meta: dict | None = None) -> dict[str, str]:
-    """kohya's ss_* keys and modelspec for a LoRA (``lcfg``) or, without one, a fully fine-tuned model."""
+                      result, model_name: str, epoch: int = 1, family_meta: dict | None = None,
+                      lora_module: str = "networks.lora") -> dict[str, str]:
+    """kohya's ss_* keys and modelspec for a LoRA (``lcfg``) or, without one, a fully fine-tuned model.
+    ``family_meta``: what kohya's trainer for the family adds; ``lora_module``: the family's kohya LoRA module (e.g.
+    networks.lora_sd3), while LyCORIS algorithms are written by lycoris.kohya whatever the family."""
     ds = data.dataset
     reg = sum(1 for i in ds.items if ds.subsets[i.subset].is_reg)
-    tags: dict[str, dict[str, int]] = {}
-    for s in data.cache.samples:
-        folder = os.path.basename(os.path.dirname(s.path))
-        for tag in (t.strip() for t in s.caption.split(",")):
-            if tag:
-                tags.setdefault(folder, {}).setdefault(tag, 0)
-                tags[folder][tag] += s.repeats
+    tags = tag_frequency(ds)
     network = {} if lcfg is None else {
-        "network_module": lcfg.network_module, "network_dim": lcfg.rank, "network_alpha": lcfg.alpha,
-        "network_args": lcfg.network_args(), "network_dropout": lcfg.dropout}
+        "network_module": lora_module if lcfg.algorithm == "lora" else lcfg.network_module, "network_dim": lcfg.rank,
+        "network_alpha": lcfg.alpha, "network_args": lcfg.network_args(), "network_dropout": lcfg.dropout}
     base = {
         **network, "learning_rate": tcfg.learning_rate, "unet_lr": tcfg.learning_rate,
         "text_encoder_lr": text_encoder_lr(tcfg), "max_train_steps": tcfg.steps, "steps": result.steps,
@@ -215,11 +246,19 @@ def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: L
         "clip_skip": tcfg.clip_skip, "max_token_length": tcfg.max_token_length,
         "masked_loss": data.cache.has_masks, "epoch": epoch, **kohya_training_metadata(tcfg, data.cache),
         "tag_frequency": tags, "flip_aug": any(s.flip_aug for s in ds.subsets),
+        # kohya keys with a fixed value in Kiln (README, "Metadata"): latents are always cached, LoRA weights stay fp32,
+        # the base model is not cast to fp8, no weight-norm scaling, face crops or comment; not trained by sd-scripts
+        "session_id": tcfg.session_id, "training_started_at": tcfg.training_started_at, "full_fp16": False,
+        "cache_latents": True, "lowram": False, "training_comment": None, "sd_scripts_commit_hash": None,
+        "face_crop_aug_range": None, "scale_weight_norms": None, "fp8_base": False, "fp8_base_unet": False,
+        "resize_interpolation": None,
         "dataset_dirs": {os.path.basename(s.image_dir.rstrip("/")): {"n_repeats": s.num_repeats,
                          "img_count": sum(1 for i in ds.items if i.subset == k)} for k, s in enumerate(ds.subsets)},
         **dataset_metadata(ds), **(family_meta or {}),
     }
     meta = build_metadata(arch, base, model_name or ("kiln lora" if lcfg else "kiln model"), lora=lcfg is not None)
+    # which encoder trained at which rate (kohya's ss_text_encoder_lr does not say; lr1 = CLIP-L, lr2 = CLIP-G, lr3 = T5)
+    meta["kiln_text_encoder_lrs"] = json.dumps(tcfg.group_lrs)
     meta["kiln_probe_loss_start"] = repr(result.probe_loss_start)
     meta["kiln_probe_loss_end"] = repr(result.probe_loss_end)
     meta["kiln_seconds_per_step"] = f"{result.seconds_per_step:.4f}"
@@ -267,6 +306,7 @@ class FamilyPlan:
     blocks: BlockPlan | None = None              # kohya's block-wise ranks / learning rates (SD1, SDXL)
     is_sdxl: bool = False                        # which block numbering ``blocks`` uses
     metadata: dict = field(default_factory=dict)  # ss_* keys kohya's trainer for this family adds (update_metadata)
+    network_module: str = "networks.lora"        # kohya's module for this family (ss_network_module)
 
 
 def unet_blocks(lc: LoraConfig, is_sdxl: bool) -> BlockPlan | None:
@@ -391,6 +431,8 @@ def prepare(model, dataset: KilnDataset, opts: dict, families: tuple[str, ...], 
         tcfg.huber_schedule = "constant"  # kohya's default (snr) needs a DDPM schedule and fails on SD3
     resolve_epochs(tcfg, validation.parts(dataset.cache, tcfg)[0])
     tcfg.training_args = args
+    tcfg.session_id = random.randint(0, 2 ** 32)  # kohya's ss_session_id: one random number per run
+    tcfg.training_started_at = time.time()
     return fam, tcfg
 
 
@@ -590,7 +632,8 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
         def on_save(step: int, state: dict, so_far, epoch: int | None = None) -> None:
             path = intermediate_path(step, epoch)
             meta = training_metadata(plan.version, plan.architecture(net_host), dataset, lora_config, tcfg, so_far, "",
-                                     state["batches"]["epoch"], plan.metadata)
+                                     state["batches"]["epoch"], plan.metadata,
+                                     plan.network_module)
             save_lora_file(path, network.kohya_state_dict(), meta)
             save_state(path, state, signature)
             log.info("kiln: %s step %d: saved %s (+ %s)", plan.node, step, path, SUFFIX)
@@ -612,7 +655,8 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
         lora_sd = network.kohya_state_dict()
         arch = plan.architecture(net_host)
 
-    meta = training_metadata(plan.version, arch, dataset, lora_config, tcfg, result, "", epochs, plan.metadata)
+    meta = training_metadata(plan.version, arch, dataset, lora_config, tcfg, result, "", epochs, plan.metadata,
+                             plan.network_module)
     meta["kiln_distinct_captions"] = str(len(seen))
     meta["kiln_text_encoder_calls"] = str(cond.encodes)
     meta["kiln_text_encoder_outputs_from_disk"] = str(cond.from_disk)
@@ -771,7 +815,8 @@ class KilnTrainSD3(TrainNode):
             tcfg.seed)
         plan = FamilyPlan(
             node=node, rules=lambda mmdit: ranks.rules(lora_config.alpha), namer=lambda mmdit: sd3.unet_namer,
-            checkpoint_blocks=sd3.checkpoint_blocks, architecture=sd3.modelspec_architecture, version="sd3",
+            checkpoint_blocks=sd3.checkpoint_blocks, architecture=sd3.modelspec_architecture,
+            version=sd3.model_type(model.model.diffusion_model), network_module="networks.lora_sd3",
             objective=sd3.SD3Objective(opts["weighting_scheme"], opts["logit_mean"], opts["logit_std"],
                                        opts["mode_scale"], opts["training_shift"], tcfg.min_timestep or 0,
                                        1000 if tcfg.max_timestep is None else tcfg.max_timestep),

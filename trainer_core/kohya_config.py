@@ -47,13 +47,13 @@ HANDLED = {"pretrained_model_name_or_path", "text_encoder_lr1", "text_encoder_lr
            "t5xxl", "dataset_config", "output_dir", "output_name", "save_precision",
            "network_module", "network_dim", "network_alpha", "network_dropout", "network_args", "unet_lr",
            "text_encoder_lr", "network_train_unet_only", "mixed_precision", "cache_latents_to_disk", "no_half_vae",
-           "save_model_as", "network_weights", "dim_from_weights", "sample_prompts", "alpha_mask", "masked_loss"}
+           "save_model_as", "network_weights", "dim_from_weights", "v_parameterization", "sample_prompts", "alpha_mask", "masked_loss", "vae"}
 NO_EFFECT = {
     "cache_latents": "Kiln always caches latents", "cache_text_encoder_outputs": "frozen encoders' outputs are "
-    "always kept in memory", "sdpa": "attention is ComfyUI's choice", "xformers": "attention is ComfyUI's choice",
-    "mem_eff_attn": "attention is ComfyUI's choice", "v2": "read from the model", "v_parameterization": "read from "
-    "the model", "sdxl": "read from the model", "max_data_loader_n_workers": "latents are cached",
-    "persistent_data_loader_workers": "latents are cached",
+    "always kept in memory (with trained encoders it is refused, as kohya refuses it)", "sdpa": "attention is "
+    "ComfyUI's choice", "xformers": "attention is ComfyUI's choice",
+    "mem_eff_attn": "attention is ComfyUI's choice", "v2": "read from the model", "sdxl": "read from the model",
+    "max_data_loader_n_workers": "latents are cached", "persistent_data_loader_workers": "latents are cached",
     "full_fp16": "trained weights (LoRA or DreamBooth) stay fp32", "full_bf16": "trained weights (LoRA or DreamBooth) "
     "stay fp32", "lowram": "ComfyUI manages memory", "highvram": "ComfyUI manages memory",
     "blocks_to_swap": "ComfyUI places the model; no block swapping",
@@ -61,6 +61,18 @@ NO_EFFECT = {
 # train_db.py's own keys (a config without network_module: DreamBooth, the whole model trains)
 DREAMBOOTH_KEYS = {"learning_rate_te", "stop_text_encoder_training", "no_token_padding", "use_safetensors"}
 TE_FILES = ("clip_l", "clip_g", "t5xxl")  # kohya's separate SD3 text-encoder files -> ComfyUI's CLIP loaders
+# kohya keys Kiln refuses in a LoRA config, with the reason
+REFUSED = {
+    "enable_scaled_pos_embed": "SD3.5's rescaled position embeddings per resolution are not used: ComfyUI samples "
+    "SD3.5 by cropping its fixed position-embedding grid, so Kiln trains with those same crops (a LoRA trained on "
+    "rescaled embeddings would be used with others). Remove it; pos_emb_random_crop_rate is supported",
+    "stop_text_encoder_training": "it is a train_db.py (DreamBooth) option; kohya's train_network.py (LoRA) has no "
+    "such argument. Set the text-encoder learning rate to 0, or network_train_unet_only = true",
+    "no_token_padding": "it is a train_db.py (DreamBooth) option; kohya's train_network.py (LoRA) has no such "
+    "argument, and LoRA training pads captions as kohya does",
+}
+# kohya's argparse defaults where Kiln's node defaults differ: an unset key trains as kohya would
+KOHYA_DEFAULTS = {"learning_rate": 2e-6, "max_train_steps": 1600, "mixed_precision": "no"}
 
 
 def flatten(cfg: dict) -> dict:
@@ -83,7 +95,7 @@ def te_rates(cfg: dict, family: str) -> dict[str, float]:
         return {n: 0.0 for n in names}
     lr = cfg.get("text_encoder_lr")
     if lr is None or lr == []:  # kohya: an empty list is unset, like no key at all -> learning_rate
-        lr = cfg.get("learning_rate", 1e-4)
+        lr = cfg.get("learning_rate", KOHYA_DEFAULTS["learning_rate"])
     lrs = [float(x) for x in lr] if isinstance(lr, list) else [float(lr)]
     lrs = (lrs + [lrs[-1]] * len(names))[:len(names)]
     out = dict(zip(names, lrs))
@@ -205,7 +217,7 @@ def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str
     except tomllib.TOMLDecodeError as e:
         raise KilnError(f"{path} is not valid TOML: {e}") from None
     dreambooth = "network_module" not in cfg  # kohya's train_db.py
-    known = set(TRAIN_KEYS) | set(SD3_KEYS) | HANDLED | set(NO_EFFECT) | set(TRAINING_ARGS)
+    known = set(TRAIN_KEYS) | set(SD3_KEYS) | HANDLED | set(NO_EFFECT) | set(TRAINING_ARGS) | set(REFUSED)
     known |= DREAMBOOTH_KEYS if dreambooth else set()
     unknown = sorted(k for k in cfg if k not in known)
     if unknown:
@@ -214,6 +226,9 @@ def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str
     for key in ("pretrained_model_name_or_path", "dataset_config"):
         if key not in cfg:
             raise KilnError(f"{path} has no {key}: the CLI needs the checkpoint and the dataset TOML.")
+    refused = [k for k in cfg if k in REFUSED and not (dreambooth and k in DREAMBOOTH_KEYS)]
+    if refused:
+        raise KilnError(f"{path}: {refused[0]} is refused: {REFUSED[refused[0]]}.")
     notes = []
     if dreambooth:
         dreambooth_checks(cfg, path, family)
@@ -253,11 +268,27 @@ def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str
         train["resume_from"] = cfg["network_weights"]
         notes.append(f"network_weights: training starts from {cfg['network_weights']} (its algorithm, rank and "
                      f"targets must match this config)")
+    unset = {k: v for k, v in KOHYA_DEFAULTS.items() if k not in cfg}
+    if "max_train_epochs" in cfg:
+        unset.pop("max_train_steps", None)
+    if "unet_lr" in cfg:
+        unset.pop("learning_rate", None)
+    if unset:  # kohya's defaults, not the Train node's
+        cfg = {**unset, **cfg}
+        train.update({TRAIN_KEYS[k]: v for k, v in unset.items() if k in TRAIN_KEYS})
+        notes.append("not set, so kohya's defaults: " + ", ".join(f"{k} = {v}" for k, v in unset.items()))
+    if "seed" not in cfg:
+        notes.append("seed not set: kohya draws a random one; Kiln uses 0, so runs repeat")
     if "unet_lr" in cfg:
         train["learning_rate"] = cfg["unet_lr"]
-    if "mixed_precision" in cfg:
-        train["precision"] = PRECISION.get(str(cfg["mixed_precision"]), "auto")
+    train["precision"] = PRECISION.get(str(cfg["mixed_precision"]), "auto")
     train.update(dreambooth_te_inputs(cfg) if dreambooth else te_rates(cfg, family))
+    trained = [] if dreambooth else [k for k, v in te_rates(cfg, family).items() if v > 0]
+    cached = [k for k in ("cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk") if cfg.get(k)]
+    if trained and cached:  # kohya: "network for Text Encoder cannot be trained with caching Text Encoder outputs"
+        raise KilnError(f"{path}: {cached[0]} = true while the text encoders train ({', '.join(trained)} > 0; kohya "
+                        f"trains them at learning_rate unless told otherwise): cached outputs cannot change. As kohya "
+                        f"does, this is refused: add network_train_unet_only = true, or remove {cached[0]}.")
     widget_fits = {"optimizer_type": lambda v: str(v).lower() in {o.lower() for o in OPTIMIZERS},
                    "lr_warmup_steps": lambda v: isinstance(v, int)}
     for key, fits in widget_fits.items():  # a kohya name / a step count fits the widget; else training_args
@@ -305,6 +336,15 @@ def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str
         prompt["7"] = {"class_type": "KilnSaveCheckpoint", "inputs": {
             "model": ["6", 0], "clip": ["6", 1], "vae": ["1", 2], "filename": cfg.get("output_name", "last"),
             "overwrite": True}}
+    if cfg.get("v_parameterization"):  # kohya trusts the flag: the model is trained (and sampled) as v-prediction
+        if family == "sd3":
+            raise KilnError(f"{path}: v_parameterization does not apply to SD3 (rectified flow).")
+        prompt["11"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "v_prediction",
+                                                                          "zsnr": False}}
+        train["model"] = ["11", 0]
+    if cfg.get("vae"):  # kohya's --vae: latents and previews use this VAE, not the checkpoint's
+        prompt["10"] = {"class_type": "VAELoader", "inputs": {"vae_name": cfg["vae"]}}
+        prompt["4"]["inputs"]["vae"] = ["10", 0]
     if cfg.get("alpha_mask"):  # kohya's --alpha_mask: every subset's loss masked by its images' alpha channel
         prompt["9"] = {"class_type": "KilnMaskSource", "inputs": {"dataset": ["2", 0], "mode": "alpha", "mask_folder": "",
                                                                   "missing_mask_is_white": True, "dilation": 0}}

@@ -90,6 +90,8 @@ class TrainConfig:
     sample_sampler: str | None = None              # read by the host's previews (sample_prompts.SAMPLERS)
     sample_at_first: bool = False
     training_args: dict = field(default_factory=dict)  # the training_args given (for the node's text)
+    session_id: int = 0                            # kohya's ss_session_id / ss_training_started_at (set by the host)
+    training_started_at: float = 0.0
 
     @property
     def optimizer_name(self) -> str:

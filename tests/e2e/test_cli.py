@@ -324,3 +324,20 @@ def test_cli_kohya_sample_prompt_file_sets_size_and_seed_reproducibly(kiln_env, 
             assert im.size == (96, 64)
             pixels.append(np.asarray(im.convert("RGB")))
     assert np.array_equal(pixels[0], pixels[1]) and pixels[0].std() > 0
+
+
+def test_cli_names_what_it_cannot_read_a_ckpt_without_family_and_a_diffusers_folder(kiln_env, base, tmp_path):
+    (tmp_path / "model.ckpt").write_bytes(b"not read")
+    diffusers = tmp_path / "sd15-diffusers"
+    diffusers.mkdir()
+    (diffusers / "model_index.json").write_text("{}")
+    out = {}
+    for name, ckpt in (("ckpt", "model.ckpt"), ("diffusers", "sd15-diffusers")):
+        (tmp_path / f"{name}.toml").write_text(f'pretrained_model_name_or_path = "{ckpt}"\ndataset_config = "d.toml"\n'
+                                               f'network_module = "networks.lora"\n')
+        cmd = [kiln_env.python, str(REPO / "cli.py"), "--comfyui", str(kiln_env.comfyui), "--config",
+               str(tmp_path / f"{name}.toml"), "--", "--cpu", "--base-directory", str(base)]
+        out[name] = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd="/")
+    assert out["ckpt"].returncode != 0 and "pass --family sd1, sdxl or sd3" in out["ckpt"].stderr
+    assert "Traceback" not in out["ckpt"].stderr
+    assert out["diffusers"].returncode != 0 and "is a Diffusers-format folder" in out["diffusers"].stderr

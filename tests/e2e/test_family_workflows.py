@@ -18,7 +18,7 @@ FAMILIES = {
     # name: (checkpoint fixture, sampler latent node, modelspec.architecture, ss_base_model_version, a module it must have)
     "sdxl": ("server_sdxl_checkpoint", "EmptyLatentImage", "stable-diffusion-xl-v1-base/lora", "sdxl_base_v1-0",
              "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q"),
-    "sd3": ("server_sd3_checkpoint", "EmptySD3LatentImage", "stable-diffusion-3-medium/lora", "sd3",
+    "sd3": ("server_sd3_checkpoint", "EmptySD3LatentImage", "stable-diffusion-3-medium/lora", "medium",
             "lora_unet_joint_blocks_0_x_block_mlp_fc1"),  # x_mlp_dim from the workflow's network_args
 }
 FAMILIES["sdxl_lokr"] = FAMILIES["sdxl"]  # sdxl_lokr.json: the SDXL example with algorithm lokr

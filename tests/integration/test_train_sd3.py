@@ -37,10 +37,15 @@ def test_sd3_lora_trains_maps_and_restores_the_model(comfy, sd3):
     meta = lora.metadata
     assert float(meta["kiln_probe_loss_end"]) < 0.9 * float(meta["kiln_probe_loss_start"])
     assert meta["modelspec.architecture"] == "stable-diffusion-3-medium/lora"
+    # kohya's names for SD3: networks.lora_sd3 and the model type (medium / 5-medium / 5-large)
+    assert (meta["ss_network_module"], meta["ss_base_model_version"]) == ("networks.lora_sd3", "medium")
     names = {k.split(".")[0] for k in lora.state_dict}
-    # default targets: attention qkv/proj of both streams of every joint block, nothing else
-    assert names == {f"lora_unet_joint_blocks_{b}_{s}_attn_{m}" for b in (0, 1) for s in ("context_block", "x_block")
-                     for m in ("qkv", "proj")} - {"lora_unet_joint_blocks_1_context_block_attn_proj"}
+    # default targets, as kohya's lora_sd3: every Linear of both streams (attention qkv/proj, MLP, adaLN modulation)
+    # of every joint block at the LoRA rank; nothing outside the joint blocks
+    want = {"lora_unet_" + n.replace(".", "_") for n, m in mmdit.named_modules()
+            if re.fullmatch(r"joint_blocks\.\d+\.(context|x)_block\.(attn\.(qkv|proj)|mlp\.fc[12]|adaLN_modulation\.1)", n)}
+    assert names == want and any("_mlp_fc1" in n for n in names) and any("adaLN_modulation" in n for n in names)
+    assert "lora_unet_joint_blocks_1_context_block_attn_proj" not in names  # the last context block has none
     assert comfy_model(comfy).unmapped_lora_keys(model, lora.state_dict) == []
     now = dict(mmdit.named_parameters())
     assert all(now[n] is p and p.data_ptr() == ptr for n, (p, ptr) in before.items())
@@ -65,11 +70,12 @@ def test_sd3_per_layer_ranks_embedders_and_block_selection(comfy, sd3):
         "lora_unet_joint_blocks_1_x_block_attn_qkv": 2, "lora_unet_joint_blocks_1_x_block_attn_proj": 2,
         "lora_unet_joint_blocks_1_x_block_mlp_fc1": 3, "lora_unet_joint_blocks_1_x_block_mlp_fc2": 3,
         "lora_unet_joint_blocks_1_x_block_adaLN_modulation_1": 1,
+        "lora_unet_joint_blocks_1_context_block_adaLN_modulation_1": 4,  # context_mod_dim not given: the LoRA rank
         "lora_unet_t_embedder_mlp_0": 5, "lora_unet_t_embedder_mlp_2": 5, "lora_unet_x_embedder_proj": 6,
         "lora_unet_final_layer_linear": 7}
     assert comfy_model(comfy).unmapped_lora_keys(model, sd, clip) == []
     text = " ".join(map(str, out.ui["text"]))  # the verbose listing is shown on the node
-    assert f"{9 + len(te1)} LoRA modules (unet 9, clip_l {len(te1)})" in text
+    assert f"{10 + len(te1)} LoRA modules (unet 10, clip_l {len(te1)})" in text
     assert re.search(r"lora_unet_x_embedder_proj +rank 6, alpha 4", text)
     assert "clip_g is not in this CLIP" in text
     meta = out[1].metadata  # what kohya's sd3_train_network adds to train_network's keys

@@ -193,9 +193,15 @@ blocks_to_swap = 32
 
 
 def test_kohyas_sdxl_example_config():
-    p, notes = graph_from_config(SDXL_EXAMPLE, "sdxl.toml", "sdxl")
+    """The docs' example trains the encoders (text_encoder_lr1/2) with cache_text_encoder_outputs: kohya's own
+    sdxl_train_network.py refuses that combination, and so does Kiln; with network_train_unet_only it runs."""
+    with pytest.raises(KilnError, match="cache_text_encoder_outputs = true while the text encoders train"):
+        graph_from_config(SDXL_EXAMPLE, "sdxl.toml", "sdxl")
+    p, notes = graph_from_config(SDXL_EXAMPLE + "network_train_unet_only = true\n", "sdxl.toml", "sdxl")
     t = p["6"]["inputs"]
-    assert (t["text_encoder_lr1"], t["text_encoder_lr2"], t["learning_rate"]) == (1e-5, 1e-5, 1e-4)
+    assert (t["text_encoder_lr1"], t["text_encoder_lr2"], t["learning_rate"]) == (0.0, 0.0, 1e-4)
+    p, _ = graph_from_config(SDXL_EXAMPLE.replace("cache_text_encoder_outputs = true\n", ""), "sdxl.toml", "sdxl")
+    assert (p["6"]["inputs"]["text_encoder_lr1"], p["6"]["inputs"]["text_encoder_lr2"]) == (1e-5, 1e-5)
     assert t["training_args"].splitlines() == ["max_train_epochs=10", "save_every_n_epochs=1"]
     assert t["save_name"] == "my_sdxl_lora" and t["precision"] == "bf16" and t["gradient_checkpointing"] is True
 
@@ -278,3 +284,36 @@ def test_alpha_mask_and_masked_loss_keys():
     with pytest.raises(KilnError, match="alpha channels or by mask folders"):
         check_dataset_masks({"masked_loss": True, "alpha_mask": True}, masks, "t.toml")
     check_dataset_masks({"alpha_mask": True}, '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "i"\n', "t.toml")
+
+
+@pytest.mark.parametrize("key", ["enable_scaled_pos_embed = true", "stop_text_encoder_training = 100",
+                                 "no_token_padding = true"])
+def test_keys_kiln_refuses_in_a_lora_config_name_the_reason(key):
+    with pytest.raises(KilnError, match=key.split(" ")[0] + " is refused: "):
+        graph_from_config(BASE + key + "\n", "t.toml", "sd3" if "pos_embed" in key else "sd1")
+
+
+def test_a_separate_vae_file_feeds_cache_latents():
+    p, _ = graph_from_config(BASE + 'vae = "vae/sdxl_vae.safetensors"\n', "t.toml", "sdxl")
+    assert p["10"] == {"class_type": "VAELoader", "inputs": {"vae_name": "vae/sdxl_vae.safetensors"}}
+    assert p["4"]["inputs"]["vae"] == ["10", 0]
+    p, _ = graph_from_config(BASE, "t.toml", "sdxl")
+    assert "10" not in p and p["4"]["inputs"]["vae"] == ["1", 2]
+
+
+def test_unset_keys_train_with_kohyas_defaults_not_the_nodes():
+    """kohya's argparse defaults: learning_rate 2e-6, max_train_steps 1600, mixed_precision "no" (fp32); the text
+    encoders fall back to that learning_rate too. v_parameterization is honoured as kohya honours it."""
+    minimal = ('pretrained_model_name_or_path = "m.safetensors"\ndataset_config = "d.toml"\n'
+               'network_module = "networks.lora"\n')
+    p, notes = graph_from_config(minimal, "t.toml", "sd1")
+    t = p["6"]["inputs"]
+    assert (t["learning_rate"], t["steps"], t["precision"], t["text_encoder_lr"]) == (2e-6, 1600, "fp32", 2e-6)
+    assert any("kohya's defaults" in n for n in notes) and any("seed not set" in n for n in notes)
+    p, _ = graph_from_config(minimal + "max_train_epochs = 3\nunet_lr = 1e-4\n", "t.toml", "sd1")
+    assert "steps" not in p["6"]["inputs"] and p["6"]["inputs"]["learning_rate"] == 1e-4
+    p, _ = graph_from_config(minimal + "v_parameterization = true\n", "t.toml", "sd1")
+    assert p["11"]["inputs"] == {"model": ["1", 0], "sampling": "v_prediction", "zsnr": False}
+    assert p["6"]["inputs"]["model"] == ["11", 0]
+    with pytest.raises(KilnError, match="v_parameterization does not apply to SD3"):
+        graph_from_config(minimal + "v_parameterization = true\n", "t.toml", "sd3")

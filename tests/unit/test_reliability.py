@@ -200,8 +200,14 @@ def test_sd3_modelspec_architecture_uses_kohyas_names():
     from types import SimpleNamespace as NS
     from trainer_core.families.sd3 import modelspec_architecture
 
-    def mmdit(depth, self_attn=False):
-        return NS(joint_blocks=[NS(x_block=NS(x_block_self_attn=self_attn)) for _ in range(depth)])
+    from torch import nn
+    from trainer_core.families.sd3 import model_type
+
+    def mmdit(depth, self_attn=False, qk_norm=False):  # kohya: q/k norms mean SD3.5
+        ln_q = nn.LayerNorm(4) if qk_norm else nn.Identity()
+        return NS(joint_blocks=[NS(x_block=NS(x_block_self_attn=self_attn, attn=NS(ln_q=ln_q))) for _ in range(depth)])
     assert modelspec_architecture(mmdit(24)) == "stable-diffusion-3-medium/lora"
-    assert modelspec_architecture(mmdit(24, True)) == "stable-diffusion-3-5-medium/lora"
-    assert modelspec_architecture(mmdit(38)) == "stable-diffusion-3-5-large/lora"
+    assert modelspec_architecture(mmdit(24, True, True)) == "stable-diffusion-3-5-medium/lora"
+    assert modelspec_architecture(mmdit(38, False, True)) == "stable-diffusion-3-5-large/lora"
+    assert [model_type(mmdit(24)), model_type(mmdit(24, True, True)), model_type(mmdit(2, False, True))] == \
+        ["medium", "5-medium", "5-large"]  # ss_base_model_version, as kohya writes it

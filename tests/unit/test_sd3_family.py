@@ -94,14 +94,23 @@ class TinyMMDiT(nn.Module):
         self.context_embedder = nn.Linear(8, 4)
 
 
-def test_default_targets_are_attention_of_every_block_and_ranks_per_group():
+def test_default_targets_are_every_linear_of_both_streams_as_kohyas_lora_sd3():
+    """kohya's lora_sd3 gives every Linear of a SingleDiTBlock (attention, MLP, modulation) network_dim unless a
+    *_dim says otherwise; attention_only=True keeps Kiln 0.2's attention-only default."""
     net = TinyMMDiT()
     default = sd3.SD3LayerRanks.from_args({}, rank=8, depth=3)
     paths = {p: r for p, _, r, _ in select_targets(net, default.rules(8.0))}
+    layers = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
+    assert paths == {f"joint_blocks.{b}.{s}.{m}": 8 for b in range(3) for s in ("context_block", "x_block")
+                     for m in layers if f"joint_blocks.{b}.{s}.{m}" in dict(net.named_modules())}
+    assert {p.rsplit(".", 2)[-2] for p in paths} >= {"mlp", "adaLN_modulation"}
+    only = sd3.SD3LayerRanks.from_args({"attention_only": "True"}, rank=8, depth=3)
+    paths = {p: r for p, _, r, _ in select_targets(net, only.rules(8.0))}
     assert paths == {f"joint_blocks.{b}.{s}.attn.{m}": 8 for b in range(3) for s in ("context_block", "x_block")
                      for m in ("qkv", "proj")}
     custom = sd3.SD3LayerRanks.from_args(parse_network_args(
-        "x_attn_dim=0 context_mlp_dim=2 emb_dims=[3,0,5,0,0,0] train_block_indices=2"), rank=8, depth=3)
+        "x_attn_dim=0 context_mlp_dim=2 x_mlp_dim=0 x_mod_dim=0 context_mod_dim=0 emb_dims=[3,0,5,0,0,0] "
+        "train_block_indices=2"), rank=8, depth=3)
     paths = {p: r for p, _, r, _ in select_targets(net, custom.rules(8.0))}
     assert paths == {"joint_blocks.2.context_block.attn.qkv": 8, "joint_blocks.2.context_block.attn.proj": 8,
                      "joint_blocks.2.context_block.mlp.fc1": 2, "joint_blocks.2.context_block.mlp.fc2": 2,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..lora.network_args import block_selection, int_arg, int_list_arg
+from ..lora.network_args import block_selection, bool_arg, int_arg, int_list_arg
 from ..lora.targets import TargetRule
 from ..losses import huber_threshold
 from .common import NoisyBatch
@@ -29,12 +29,14 @@ WEIGHTING_SCHEMES = ("uniform", "logit_normal", "mode", "cosmap", "sigma_sqrt")
 
 # network_args this family reads (kohya's lora_sd3 keys), with what they do
 NETWORK_ARGS = {
-    "context_attn_dim": "rank of context_block attn qkv/proj (default: the LoRA rank)",
-    "context_mlp_dim": "rank of context_block mlp fc1/fc2 (default 0 = none)",
-    "context_mod_dim": "rank of context_block adaLN modulation (default 0)",
+    "context_attn_dim": "rank of context_block attn qkv/proj (default: the LoRA rank; 0 = none)",
+    "context_mlp_dim": "rank of context_block mlp fc1/fc2 (default: the LoRA rank)",
+    "context_mod_dim": "rank of context_block adaLN modulation (default: the LoRA rank)",
     "x_attn_dim": "rank of x_block attn (and SD3.5 attn2) qkv/proj (default: the LoRA rank)",
-    "x_mlp_dim": "rank of x_block mlp fc1/fc2 (default 0)",
-    "x_mod_dim": "rank of x_block adaLN modulation (default 0)",
+    "x_mlp_dim": "rank of x_block mlp fc1/fc2 (default: the LoRA rank)",
+    "x_mod_dim": "rank of x_block adaLN modulation (default: the LoRA rank)",
+    "attention_only": "True: MLP and modulation default to 0, attention alone (Kiln 0.2's default; kohya writes "
+                      "the four *_mlp_dim / *_mod_dim = 0 for it)",
     "emb_dims": "six ranks: context_embedder, t_embedder, x_embedder, y_embedder, final_layer adaLN, final_layer linear",
     "train_block_indices": "joint blocks that get LoRA: all, none, or e.g. 0,1,4-5,7",
 }
@@ -60,7 +62,10 @@ class SD3LayerRanks:
 
     @classmethod
     def from_args(cls, args: dict[str, str], rank: int, depth: int) -> "SD3LayerRanks":
-        dims = {k: int_arg(args, k, rank if k.endswith("attn_dim") else 0) for k in _GROUPS}
+        """kohya's lora_sd3: every Linear of both streams (attention, MLP, modulation) gets network_dim unless its
+        group's *_dim says otherwise (0 = none); ``attention_only=True`` makes MLP and modulation default to 0."""
+        attention_only = bool_arg(args, "attention_only")
+        dims = {k: int_arg(args, k, rank if k.endswith("attn_dim") or not attention_only else 0) for k in _GROUPS}
         emb = int_list_arg(args, "emb_dims", 6) or [0] * 6
         blocks = block_selection(args.get("train_block_indices"), depth)
         return cls(dims, tuple(emb), tuple(blocks))
@@ -89,14 +94,19 @@ def checkpoint_blocks(mmdit: nn.Module) -> list[nn.Module]:
     return list(mmdit.joint_blocks)
 
 
+def model_type(mmdit: nn.Module) -> str:
+    """kohya's SD3 model type (library/sd3_utils.py load_mmdit), its ss_base_model_version: with q/k norms it is SD3.5,
+    "5-medium" when x-blocks have their own self-attention, else "5-large"; without them SD3 "medium"."""
+    qk_norm = not isinstance(getattr(mmdit.joint_blocks[0].x_block.attn, "ln_q", nn.Identity()), nn.Identity)
+    if not qk_norm:
+        return "medium"
+    return "5-medium" if any(getattr(b.x_block, "x_block_self_attn", False) for b in mmdit.joint_blocks) else "5-large"
+
+
 def modelspec_architecture(mmdit: nn.Module) -> str:
-    """kohya's names (library/sai_model_spec.py: "stable-diffusion-3-" + medium | 5-medium | 5-large; the ModelSpec
-    standard lists no SD3 ids): SD3 medium (24 blocks), SD3.5 medium (x-block self-attention), SD3.5 large (38)."""
-    if depth_of(mmdit) >= 38:
-        return "stable-diffusion-3-5-large/lora"
-    if any(getattr(b.x_block, "x_block_self_attn", False) for b in mmdit.joint_blocks):
-        return "stable-diffusion-3-5-medium/lora"
-    return "stable-diffusion-3-medium/lora"
+    """kohya's names (library/sai_model_spec.py: "stable-diffusion-3-" + the model type; the ModelSpec standard lists
+    no SD3 ids)."""
+    return f"stable-diffusion-3-{model_type(mmdit)}/lora"
 
 
 # --- objective ------------------------------------------------------------------------------------
