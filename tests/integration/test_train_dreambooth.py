@@ -130,8 +130,8 @@ def test_text_encoder_trains_until_stop_and_the_input_clip_is_left_alone(comfy, 
 def test_a_nan_loss_restores_the_input_and_keeps_the_last_intermediate_checkpoint(comfy, loaded, cached):
     import folder_paths
     model, clip, _ = loaded
+    before = ksample(comfy, model, clip)  # loads the input MODEL: an output MODEL sampled before has its patches off
     params = state(model.model.diffusion_model)
-    before = ksample(comfy, model, clip)
     folder = os.path.join(folder_paths.get_folder_paths("checkpoints")[0], "kiln_nan")
     opts = TRAIN | dict(steps=6, learning_rate=1e4, optimizer="SGD", max_grad_norm=0.0, sample_every=0,
                         sample_steps=1, save_every_n_steps=1, save_name="kiln_nan/run")
@@ -151,6 +151,7 @@ def test_cancel_restores_model_and_clip_and_keeps_the_intermediate_checkpoint(co
     import comfy.utils as cutils
     import folder_paths
     model, clip, _ = loaded
+    mm.load_models_gpu([model, clip.load_model()])  # the input's own weights in place (no output's patches)
     unet, encoders = model.model.diffusion_model, clip.cond_stage_model
     params, clip_params = state(unet), state(encoders)
     previous_hook, seen = cutils.PROGRESS_BAR_HOOK, []
