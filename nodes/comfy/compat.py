@@ -10,7 +10,9 @@ What changed (DESIGN.md fact 9):
     staged weights are evicted, never two copies on the GPU), its host copy kept by ComfyUI on the input
     patcher for the next run;
   * the prompt executor's cache arguments (``--cache-ram`` became a list; RAM pressure is the default);
-  * ``PromptServer.instance.node_replace_manager`` (0.33), which node packs register with at import.
+  * ``PromptServer.instance.node_replace_manager`` (0.33), which node packs register with at import;
+  * who assembles a full checkpoint: the model (0.3.x, ``get_sd`` of the CLIP) or the MODEL patcher (0.33, with
+    the unet's state dict passed in and the CLIP's ``state_dict_for_saving``).
 """
 from __future__ import annotations
 
@@ -58,6 +60,15 @@ def private_copy(patcher) -> PrivateCopy:
         raise RuntimeError("ComfyUI cannot re-load this model (it records no loader for it)")
     return PrivateCopy(copy, time.perf_counter() - t0, psutil.Process().memory_info().rss - rss, copy.model_size(),
                        kept)
+
+
+def checkpoint_tensors(patcher, clip, vae_sd: dict) -> dict:
+    """A full checkpoint's tensors assembled by ComfyUI's own code, as its Save Checkpoint node does: newer
+    versions ask the MODEL patcher (which also reads weights that are streamed or not patched in yet) with the
+    CLIP's ``state_dict_for_saving``; older ones ask the model itself with the CLIP's ``get_sd``."""
+    if hasattr(patcher, "state_dict_for_saving"):
+        return patcher.state_dict_for_saving(clip.state_dict_for_saving(), vae_sd)
+    return patcher.model.state_dict_for_saving(clip.get_sd(), vae_sd)
 
 
 def executor_cache(args) -> tuple[object, dict]:

@@ -217,7 +217,7 @@ def checkpoint_state_dict(model, clip, vae, in_place: bool = False,
     are stored as ``dtype`` when given (the dtype the model was loaded in)."""
     if not in_place:
         comfy.model_management.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
-    sd = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd())
+    sd = compat.checkpoint_tensors(model, clip, vae.get_sd())
     sd = {k: t.detach().to("cpu", dtype=dtype if dtype and t.dtype == torch.float32 else t.dtype).contiguous()
           for k, t in sd.items()}
     meta = dict(model.model_options.get(METADATA_OPTION, {}))
