@@ -20,17 +20,16 @@ from ..trainer_core.errors import KilnError
 from ..trainer_core.families import sd1
 from ..trainer_core.full import FullNetwork
 from ..trainer_core.loop import train
-from ..trainer_core.plot import loss_plot
 from ..trainer_core.tracking import tensorboard_log
-from ..trainer_core.training_args import effective
 from .comfy import model as cmodel
-from .comfy.preview import pil_to_image, sample_images, to_pil
+from .comfy.preview import sample_images, to_pil
 from .comfy.progress import Progress
 from .comfy.text import TextConditioning, text_encoder_names, text_encoder_session
 from .lora_nodes import check_output_file, lora_output_path
 from .options import check_text
-from .train_nodes import (caption_conditioning, common_inputs, ddpm_objective, normal_cache, prepare, remove_save,
-                          preview_specs, step_reporter, training_args_input, training_metadata)
+from .train_nodes import (caption_conditioning, common_inputs, ddpm_objective, loss_image, normal_cache, prepare,
+                          remove_save, preview_specs, run_summary, step_reporter, training_args_input,
+                          training_metadata)
 from .types import KilnDataset, KilnDatasetType
 
 log = logging.getLogger("kiln")
@@ -176,20 +175,13 @@ class KilnTrainDreamBooth(io.ComfyNode):
         meta["ss_fused_backward_pass"] = str(tcfg.fused_backward_pass)
         meta["kiln_trained"] = ",".join(["unet"] + encoders)
         model_out, clip_out = cmodel.apply_weights(model, clip, unet_sd, clip_sd, meta)
-        plot = pil_to_image(loss_plot(result.losses, validation=result.validation))
-        trained = f"UNet ({sum(t.numel() for t in unet_sd.values()) / 1e6:.1f}M weights)"
+        trained = f"DreamBooth: UNet ({sum(t.numel() for t in unet_sd.values()) / 1e6:.1f}M weights)"
         if encoders:
             stop = f", stopped after step {tcfg.stop_text_encoder_training}" if tcfg.stop_text_encoder_training else ""
             trained += f" + {'/'.join(encoders)} ({sum(t.numel() for t in clip_sd.values()) / 1e6:.1f}M{stop})"
-        text = (f"DreamBooth: {trained}, {result.steps} steps in {result.seconds:.1f}s "
-                f"({result.seconds_per_step:.3f}s/step); probe loss {result.probe_loss_start:.4f} → "
-                f"{result.probe_loss_end:.4f}; {len(seen)} distinct captions; {epochs} epoch{'s' if epochs != 1 else ''}")
-        if result.validation:
-            text += f"; validation loss {result.validation[0][1]:.4f} → {result.validation[-1][1]:.4f}"
-        if tcfg.training_args:
-            text += f"\ntraining_args: {effective(tcfg.training_args)}"
-        text += "".join(f"\nnote: {n}" for n in notes + result.notes)
-        return io.NodeOutput(model_out, clip_out, samples, plot, ui=ui.PreviewText(text))
+        text = run_summary(trained, f"{len(seen)} distinct captions; {epochs} epoch{'s' if epochs != 1 else ''}",
+                           result, tcfg, notes)
+        return io.NodeOutput(model_out, clip_out, samples, loss_image(result), ui=ui.PreviewText(text))
 
 
 class KilnSaveCheckpoint(io.ComfyNode):

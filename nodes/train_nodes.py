@@ -660,29 +660,38 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
     meta["kiln_distinct_captions"] = str(len(seen))
     meta["kiln_text_encoder_calls"] = str(cond.encodes)
     meta["kiln_text_encoder_outputs_from_disk"] = str(cond.from_disk)
-    plot = pil_to_image(loss_plot(result.losses, validation=result.validation))
     groups = {g: sum(1 for n in network.groups.values() if n == g) for g in dict.fromkeys(network.groups.values())}
     label = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "dora": "DoRA"}[lora_config.algorithm]
-    text = (f"{len(network)} {label} modules ({', '.join(f'{g} {k}' for g, k in groups.items())}), {result.steps} steps "
-            f"in {result.seconds:.1f}s ({result.seconds_per_step:.3f}s/step); probe loss "
-            f"{result.probe_loss_start:.4f} → {result.probe_loss_end:.4f}; {len(seen)} distinct captions trained, "
-            f"{cond.encodes} text-encoder calls; {epochs} epoch{'s' if epochs != 1 else ''} of {per_epoch} steps")
-    if result.validation:
-        text += f"; validation loss {result.validation[0][1]:.4f} → {result.validation[-1][1]:.4f}"
-    if tcfg.training_args:
-        text += f"\ntraining_args: {effective(tcfg.training_args)}"
     unmapped = cmodel.unmapped_lora_keys(model, lora_sd, clip)
     if unmapped:  # a bug if it ever happens: say so rather than ship a file ComfyUI half-applies
         log.warning("kiln: %d LoRA modules do not map onto this model in ComfyUI, e.g. %s", len(unmapped), unmapped[0])
         notes.append(f"{len(unmapped)} modules do not map in ComfyUI, e.g. {unmapped[0]}")
-    text += "".join(f"\nnote: {n}" for n in notes + result.notes)
+    text = run_summary(f"{len(network)} {label} modules ({', '.join(f'{g} {k}' for g, k in groups.items())})",
+                       f"{len(seen)} distinct captions trained, {cond.encodes} text-encoder calls; {epochs} "
+                       f"epoch{'s' if epochs != 1 else ''} of {per_epoch} steps", result, tcfg, notes)
     if bool_arg(args, "verbose"):
         if plan.blocks:
             text += "\n" + block_table(network, plan.blocks, plan.is_sdxl, tcfg.learning_rate)
         text += "\n" + describe_modules(network)
     lora = TrainedLora(lora_sd, meta, family)
     model_out, clip_out = cmodel.apply_lora(model, clip, lora_sd)
-    return io.NodeOutput(model_out, lora, samples, plot, clip_out, ui=ui.PreviewText(text))
+    return io.NodeOutput(model_out, lora, samples, loss_image(result), clip_out, ui=ui.PreviewText(text))
+
+
+def run_summary(head: str, details: str, result, tcfg: TrainConfig, notes: list[str]) -> str:
+    """The text every Train node shows when it finishes: what trained, how fast, whether it learned, and why
+    anything differed from what was asked."""
+    text = (f"{head}, {result.steps} steps in {result.seconds:.1f}s ({result.seconds_per_step:.3f}s/step); probe loss "
+            f"{result.probe_loss_start:.4f} → {result.probe_loss_end:.4f}; {details}")
+    if result.validation:
+        text += f"; validation loss {result.validation[0][1]:.4f} → {result.validation[-1][1]:.4f}"
+    if tcfg.training_args:
+        text += f"\ntraining_args: {effective(tcfg.training_args)}"
+    return text + "".join(f"\nnote: {n}" for n in notes + result.notes)
+
+
+def loss_image(result) -> torch.Tensor:
+    return pil_to_image(loss_plot(result.losses, validation=result.validation))
 
 
 def resume_path(name: str) -> str | None:
