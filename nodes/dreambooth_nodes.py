@@ -20,6 +20,7 @@ from ..trainer_core.errors import KilnError
 from ..trainer_core.families import sd1
 from ..trainer_core.full import FullNetwork
 from ..trainer_core.loop import train
+from ..trainer_core.resume import SUFFIX, load_state, save_state, state_path
 from ..trainer_core.tracking import tensorboard_log
 from .comfy import model as cmodel
 from .comfy.preview import sample_images, to_pil
@@ -28,8 +29,8 @@ from .comfy.text import TextConditioning, text_encoder_names, text_encoder_sessi
 from .lora_nodes import check_output_file, lora_output_path
 from .options import check_text
 from .train_nodes import (caption_conditioning, common_inputs, ddpm_objective, loss_image, normal_cache, prepare,
-                          remove_save, preview_specs, run_summary, step_reporter, training_args_input,
-                          training_metadata)
+                          remove_save, preview_specs, resume_path, run_summary, step_reporter, training_args_input,
+                          training_metadata, unique_save_name)
 from .types import KilnDataset, KilnDatasetType
 
 log = logging.getLogger("kiln")
@@ -59,6 +60,11 @@ def dreambooth_inputs() -> list:
                              "in models/checkpoints. 0 = off."),
         io.String.Input("save_name", default=DEFAULT_SAVE_NAME, optional=True,
                         tooltip="Name (inside models/checkpoints) of the intermediate checkpoints."),
+        io.String.Input("resume_from", default="", optional=True,
+                        tooltip="An intermediate checkpoint of an earlier run, as Load Checkpoint lists it (e.g. "
+                                "kiln/dreambooth-step000500.safetensors): training continues from its weights, "
+                                "and with the .kiln-state beside it and the same seed, data and settings, "
+                                "bit-identically to the run that never stopped. Empty = start from the input model."),
     ]
 
 
@@ -68,6 +74,39 @@ def save_name_of(opts: dict) -> str:
 
 def checkpoint_path(name: str, what: str = "save_name", node: str = NODE) -> str:
     return lora_output_path(name, node, what, "checkpoints")
+
+
+def resume_file(name: str) -> str | None:
+    check_text(name, NODE, "resume_from")
+    if not name.strip():
+        return None
+    path = resume_path(name, "checkpoints")
+    if path is None:
+        raise KilnError(f"{NODE}: resume_from {name.strip()!r} is not a file in models/checkpoints. Give the name as "
+                        f"Load Checkpoint lists it, e.g. kiln/dreambooth-step000500.safetensors, or leave it empty.")
+    return path
+
+
+def resume_weights(net: FullNetwork, model, path: str, signature: dict, notes: list) -> dict | None:
+    """Continue from an intermediate checkpoint: its weights go into the trainable tensors (refused when they do
+    not fit), and its training state is returned when it belongs to a run like this one."""
+    name = os.path.basename(path)
+    missing, mismatched = net.load_weights(cmodel.checkpoint_weights(model, path))
+    absent = set(missing)
+    empty = [g for g, slots in net.slots.items() if all(s.key in absent for s in slots)]
+    if mismatched or empty:
+        what = (f"{len(mismatched)} weights have another shape, e.g. {mismatched[0]}" if mismatched
+                else f"it holds no {'/'.join(empty)} weights")
+        raise KilnError(f"{NODE}: resume_from {name} does not fit this model: {what}. Resume with the model family "
+                        f"it was trained from.")
+    if missing:  # what ComfyUI leaves out of checkpoints (e.g. CLIP-L's unused logit_scale) Load Checkpoint skips too
+        notes.append(f"resume_from {name}: {len(missing)} weights not in the file keep the input model's values, "
+                     f"as Load Checkpoint leaves them (e.g. {missing[0]})")
+    state, note = load_state(path, signature)
+    if state is not None and "weights" in state:  # the float32 values behind a narrower checkpoint
+        net.load_weights(state.pop("weights"))
+    notes.append(f"resume_from {name}: {note}")
+    return state
 
 
 class KilnTrainDreamBooth(io.ComfyNode):
@@ -87,7 +126,11 @@ class KilnTrainDreamBooth(io.ComfyNode):
             hidden=[io.Hidden.unique_id, io.Hidden.prompt], not_idempotent=False)
 
     @classmethod
-    def validate_inputs(cls, save_every_n_steps=None, save_name=None):
+    def validate_inputs(cls, save_every_n_steps=None, save_name=None, resume_from=None):
+        try:
+            resume_file(resume_from or "")
+        except KilnError as e:
+            return str(e)
         if save_every_n_steps and save_name is not None:
             return check_output_file(f"{save_name_of({'save_name': save_name})}-step000001", NODE, "save_name",
                                      kind="checkpoints") or True
@@ -97,6 +140,7 @@ class KilnTrainDreamBooth(io.ComfyNode):
     def execute(cls, model, clip, dataset: KilnDataset, **opts) -> io.NodeOutput:
         saving = {k: opts.pop(k) for k in LORA_ONLY if k in opts}
         check_text(saving.get("save_name") or "", NODE, "save_name")
+        resuming = resume_file(saving.get("resume_from") or "")
         fam, tcfg = prepare(model, dataset, opts, cmodel.SD1_FAMILIES, NODE, cls, "sd1")
         is_v = cmodel.prediction_type(model, NODE) == "v"
         is_sd2 = fam not in ("SD15", "SD15_instructpix2pix")
@@ -107,11 +151,12 @@ class KilnTrainDreamBooth(io.ComfyNode):
         tcfg.group_lrs = {e: te_lr for e in encoders}
         tcfg.save_every = saving.get("save_every_n_steps") or 0
         save_name = save_name_of(saving)
+        notes: list[str] = []
         if tcfg.save_every or tcfg.save_every_n_epochs:
             checkpoint_path(f"{save_name}-step000001")
+            save_name = unique_save_name(save_name, resuming, NODE, notes, "checkpoints")
 
         cond = TextConditioning(clip)
-        notes: list[str] = []
         previews = preview_specs(opts, tcfg, dataset, NODE, notes)
         conditioning, seen = caption_conditioning(cond, dataset, encoders, opts, NODE)
         cache = normal_cache(dataset.cache)
@@ -131,6 +176,10 @@ class KilnTrainDreamBooth(io.ComfyNode):
                 for e in encoders:
                     net.add(getattr(te_target.network, e), e, f"{e}.")
                 weights_dtype = model.model.get_dtype()
+                signature = {"seed": tcfg.seed, "samples": len(cache.samples), "batch_size": tcfg.batch_size,
+                             "grad_accum": tcfg.grad_accum, "tensors": len(net), "trained": ",".join(net.slots)}
+                resume = resume_weights(net, model, resuming, signature, notes) if resuming else None
+                last_state: list[str] = []
 
                 def preview() -> torch.Tensor:
                     return sample_images(target.patcher, cond, dataset.vae, previews)
@@ -144,7 +193,14 @@ class KilnTrainDreamBooth(io.ComfyNode):
                     meta.update(training_metadata(version, arch, dataset, None, tcfg, so_far, "",
                                                   state["batches"]["epoch"]))
                     path = save_checkpoint_file(intermediate_path(step, epoch), sd, meta)
-                    log.info("kiln: %s step %d: saved %s", NODE, step, path)
+                    if weights_dtype != torch.float32:
+                        state = dict(state, weights=net.state_weights())
+                    save_state(path, state, signature)
+                    for older in last_state:  # a full model's state is ~3x its float32 size: keep the newest only
+                        if os.path.exists(older):
+                            os.remove(older)
+                    last_state[:] = [state_path(path)]
+                    log.info("kiln: %s step %d: saved %s (+ %s)", NODE, step, path, SUFFIX)
                     old = (epoch_save_to_remove(epoch, tcfg.save_every_n_epochs, tcfg.save_last_n_epochs) if epoch
                            else step_save_to_remove(step, tcfg.save_every, tcfg.save_last_n_steps))
                     if old:
@@ -152,7 +208,9 @@ class KilnTrainDreamBooth(io.ComfyNode):
 
                 if tcfg.save_every or tcfg.save_every_n_epochs:
                     size = net.numel() * torch.finfo(weights_dtype).bits // 8
-                    check_writable(os.path.dirname(intermediate_path(1, None)), 2 * size, f"{NODE}: save_name",
+                    state_size = net.numel() * 4 * 3  # AdamW's two moments and the float32 weights, at most
+                    check_writable(os.path.dirname(intermediate_path(1, None)), 2 * size + state_size,
+                                   f"{NODE}: save_name",
                                    "Choose another save_name, free disk space, or set save_every_n_steps to 0.")
                 with tensorboard_log(tcfg, NODE) as tracker:
                     on_step = step_reporter(progress, tcfg, opts, epochs, lambda: to_pil(preview()[0]), tracker)
@@ -160,7 +218,7 @@ class KilnTrainDreamBooth(io.ComfyNode):
                                    cmodel.unet_forward(target.patcher, target.network, torch.float32), conditioning,
                                    cache, cmodel.latent_in(model), tcfg, cmodel.device_of(model),
                                    sd1.checkpoint_blocks(target.network), on_step, on_save if tcfg.save_every or
-                                   tcfg.save_every_n_epochs else None)
+                                   tcfg.save_every_n_epochs else None, resume)
                     samples = preview()
                     if tracker is not None:
                         tracker.image("final", to_pil(samples[0]), result.steps)

@@ -368,24 +368,24 @@ def check_save_nodes(prompt: dict | None, node_id, node: str) -> list[str]:
     return targets
 
 
-def intermediate_series(save_name: str, node: str) -> tuple[str, list[str]]:
-    """(folder, files of the ``<save_name>-stepNNNNNN`` series already there: LoRAs and states)."""
-    folder = os.path.dirname(lora_output_path(f"{save_name}-step000001", node, "save_name"))
+def intermediate_series(save_name: str, node: str, kind: str = "loras") -> tuple[str, list[str]]:
+    """(folder, files of the ``<save_name>-stepNNNNNN`` series already there: LoRAs or checkpoints, and states)."""
+    folder = os.path.dirname(lora_output_path(f"{save_name}-step000001", node, "save_name", kind))
     stem = re.escape(os.path.basename(save_name))
     pattern = re.compile(rf"^{stem}-step\d+(\.safetensors|{re.escape(SUFFIX)})$")
     return folder, sorted(f for f in os.listdir(folder) if pattern.match(f)) if os.path.isdir(folder) else []
 
 
-def unique_save_name(save_name: str, resume_file: str | None, node: str, notes: list) -> str:
+def unique_save_name(save_name: str, resume_file: str | None, node: str, notes: list, kind: str = "loras") -> str:
     """``save_name``, unless another run's intermediate saves are there: then the first free ``save_name_N``
     (said in ``notes``), so one run never silently replaces another's checkpoints. A run resumed from one of
     that series continues it."""
-    folder, files = intermediate_series(save_name, node)
+    folder, files = intermediate_series(save_name, node, kind)
     if not files or (resume_file and os.path.realpath(os.path.dirname(resume_file)) == os.path.realpath(folder)
                      and os.path.basename(resume_file) in files):
         return save_name
     n = 2
-    while intermediate_series(f"{save_name}_{n}", node)[1]:
+    while intermediate_series(f"{save_name}_{n}", node, kind)[1]:
         n += 1
     new = f"{save_name}_{n}"
     notes.append(f"save_name {save_name}: {files[0]} and others belong to another run and are kept; this run's "
@@ -694,9 +694,9 @@ def loss_image(result) -> torch.Tensor:
     return pil_to_image(loss_plot(result.losses, validation=result.validation))
 
 
-def resume_path(name: str) -> str | None:
+def resume_path(name: str, kind: str = "loras") -> str | None:
     name = name.strip()
-    return folder_paths.get_full_path("loras", name) or folder_paths.get_full_path("loras", name + ".safetensors")
+    return folder_paths.get_full_path(kind, name) or folder_paths.get_full_path(kind, name + ".safetensors")
 
 
 def resume_network(network: LoRANetwork, name: str, signature: dict, node: str, notes: list) -> dict | None:

@@ -365,3 +365,12 @@ def server_sdxl_checkpoint(comfy_server, tiny_sdxl_path) -> str:
 def server_sd3_checkpoint(comfy_server, tiny_sd3_path) -> str:
     """File name of the tiny SD3 checkpoint in comfy_server's models/checkpoints."""
     return comfy_server.install(tiny_sd3_path, "checkpoints")
+
+
+@pytest.fixture(scope="session")
+def server_sd3_split(comfy_server, tiny_sd3_split) -> str:
+    """The SD3 split files in comfy_server: the MMDiT + VAE checkpoint in models/checkpoints (its name is
+    returned), CLIP-L and CLIP-G in models/text_encoders, where DualCLIPLoader lists them."""
+    for part in ("clip_l", "clip_g"):
+        comfy_server.install(tiny_sd3_split[part], "text_encoders")
+    return comfy_server.install(tiny_sd3_split["model"], "checkpoints")

@@ -105,6 +105,24 @@ class FullNetwork:
             out[s.key] = s.param.detach().to("cpu", dtype=s.original.dtype)
         return out
 
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        """Set the trainable tensors from ``weights`` (a saved run's, by key) before training continues from it.
+        Returns (missing, mismatched) keys: nothing is set when a shape differs; a missing key keeps its value."""
+        slots = [s for group in self.slots.values() for s in group]
+        missing = [s.key for s in slots if s.key not in weights]
+        mismatched = [s.key for s in slots if s.key in weights and tuple(weights[s.key].shape) != tuple(s.param.shape)]
+        if not mismatched:
+            with torch.no_grad():
+                for s in slots:
+                    if s.key in weights:
+                        s.param.copy_(weights[s.key].to(s.param.device, torch.float32))
+        return missing, mismatched
+
+    def state_weights(self) -> dict[str, torch.Tensor]:
+        """The trainable float32 tensors on the host, for a resumable state when a saved checkpoint holds them in
+        a narrower dtype (resuming from fp16 values would not continue the same run)."""
+        return {s.key: s.param.detach().to("cpu", copy=True) for group in self.slots.values() for s in group}
+
     def restore(self) -> None:
         """Put the original tensors back into their modules, with their storage and values as they were.
         Safe to call twice (after an error, and again on the way out)."""

@@ -13,9 +13,11 @@ import torch
 
 import comfy.lora
 import comfy.model_base
+import comfy.model_detection
 import comfy.model_management
 import comfy.model_sampling
 import comfy.sd
+import comfy.utils
 
 from ...trainer_core.errors import KilnError
 from . import compat
@@ -205,6 +207,17 @@ def apply_weights(model, clip, unet_sd: dict[str, torch.Tensor], clip_sd: dict[s
     if missing:  # a bug if it ever happens: a trained weight ComfyUI would not apply
         raise KilnError(f"{len(missing)} trained weights do not map onto the model, e.g. {missing[0]}")
     return model_out, clip_out
+
+
+def checkpoint_weights(model, path: str) -> dict[str, torch.Tensor]:
+    """A full checkpoint's UNet and text-encoder weights keyed the way the loaded ``model`` and its CLIP name
+    their modules ("diffusion_model.*", "clip_l.*"): converted by the model config's own loading functions, as
+    Load Checkpoint converts them."""
+    sd = comfy.utils.load_torch_file(path)
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
+    config = model.model.model_config
+    unet = config.process_unet_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+    return {**{f"diffusion_model.{k}": v for k, v in unet.items()}, **config.process_clip_state_dict(dict(sd))}
 
 
 def checkpoint_state_dict(model, clip, vae, in_place: bool = False,

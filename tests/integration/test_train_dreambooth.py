@@ -177,3 +177,31 @@ def test_cancel_restores_model_and_clip_and_keeps_the_intermediate_checkpoint(co
     assert sorted(os.listdir(folder)) == ["run-step000001.safetensors"]  # whole; nothing half-written beside it
     with safe_open(os.path.join(folder, "run-step000001.safetensors"), "pt") as f:
         assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in set(f.keys())
+
+
+def test_save_every_n_steps_then_resume_exactly(comfy, loaded, cached):
+    """Intermediate checkpoints with the newest one's .kiln-state; resuming from it (text encoder included, across
+    stop_text_encoder_training) ends bit-identical to the run that went on; an older one resumes from its weights
+    and says so; a name that is not there is refused."""
+    import folder_paths
+    model, clip, _ = loaded
+    folder = os.path.join(folder_paths.get_folder_paths("checkpoints")[0], "kiln_resume")
+    opts = TRAIN | dict(steps=6, sample_every=0, sample_steps=1, lr_scheduler="cosine", text_encoder_lr=1e-3,
+                        stop_text_encoder_training=5)
+    full = comfy.run_node("KilnTrainDreamBooth", model=model, clip=clip, dataset=cached, **opts, save_every_n_steps=2,
+                          save_name="kiln_resume/run")
+    assert sorted(os.listdir(folder)) == ["run-step000002.safetensors", "run-step000004.kiln-state",
+                                          "run-step000004.safetensors"]  # the older state goes; the last is the output
+    out = comfy.run_node("KilnTrainDreamBooth", model=model, clip=clip, dataset=cached, **opts,
+                         resume_from="kiln_resume/run-step000004.safetensors")
+    assert "resuming exactly at step 4" in " ".join(map(str, out.ui["text"]))
+    for a, b in ((full[0], out[0]), (full[1].patcher, out[1].patcher)):  # UNet, then CLIP
+        assert a.patches.keys() == b.patches.keys() and a.patches
+        assert all(torch.equal(a.patches[k][-1][1][1][0], b.patches[k][-1][1][1][0]) for k in a.patches)
+    older = comfy.run_node("KilnTrainDreamBooth", model=model, clip=clip, dataset=cached, **opts,
+                           resume_from="kiln_resume/run-step000002.safetensors")
+    assert "no run-step000002.kiln-state beside it" in " ".join(map(str, older.ui["text"]))
+    with pytest.raises(Exception) as err:
+        comfy.run_node("KilnTrainDreamBooth", model=model, clip=clip, dataset=cached, **opts,
+                       resume_from="kiln_resume/nothing.safetensors")
+    assert type(err.value).__name__ == "KilnError" and "not a file in models/checkpoints" in str(err.value)
