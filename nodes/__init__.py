@@ -4,11 +4,11 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .dreambooth_nodes import KilnSaveCheckpoint, KilnTrainDreamBooth
-from .dataset_nodes import KilnCacheLatents, KilnLoadDataset, KilnMaskSource
+from .dataset_nodes import KilnCacheLatents, KilnDatasetFromImages, KilnLoadDataset, KilnMaskSource
 from .lora_nodes import KilnLoraConfig, KilnSaveLora
 from .train_nodes import KilnTrainSD1, KilnTrainSD3, KilnTrainSDXL
 
-NODES: list[type[io.ComfyNode]] = [KilnLoadDataset, KilnMaskSource, KilnCacheLatents, KilnLoraConfig, KilnTrainSD1, KilnTrainSDXL, KilnTrainSD3, KilnSaveLora,
+NODES: list[type[io.ComfyNode]] = [KilnLoadDataset, KilnDatasetFromImages, KilnMaskSource, KilnCacheLatents, KilnLoraConfig, KilnTrainSD1, KilnTrainSDXL, KilnTrainSD3, KilnSaveLora,
                                  KilnTrainDreamBooth, KilnSaveCheckpoint]
 
 

@@ -18,8 +18,10 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
 def is_widget(spec: list) -> bool:
+    """A widget on the node (a value in widgets_values), not a socket; forceInput makes a widget type a socket."""
     kind = spec[0]
-    return isinstance(kind, list) or kind in WIDGET_TYPES
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return (isinstance(kind, list) or kind in WIDGET_TYPES) and not opts.get("forceInput")
 
 
 def has_seed_control(name: str, spec: list) -> bool:

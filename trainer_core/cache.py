@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .data.captions import CaptionOptions
 from .data.dataset import Dataset, ImageItem, Subset
 from .data.images import open_image
-from .data.masks import image_rgb, load_mask, mask_file_for
+from .data.masks import INPUT_MASKS, image_and_mask, image_rgb, load_mask, mask_file_for
 from .data.transforms import Geometry, apply_geometry, plan_geometry, to_tensor
 from .errors import KilnError
 from .latent_store import DiskStore, Entry, MemoryStore, entry_key, file_digest
@@ -117,8 +117,19 @@ def refuse_uncacheable(dataset: Dataset, node: str = "Cache Latents") -> None:
                 f"centre of each bucket; flip_aug = true is the augmentation that works with the cache.")
 
 
-def _pixels(rgb, mask, g: Geometry):
+def training_pixels(rgb, mask, g: Geometry):
+    """(CHW pixels in [0,1], 1HW mask or None) as the VAE sees them: image and mask through one geometry."""
     return to_tensor(apply_geometry(rgb, g)), (to_tensor(apply_geometry(mask, g)) if mask is not None else None)
+
+
+def item_geometry(item: ImageItem, flip: bool = False) -> Geometry:
+    """The resize/crop (and flip) an item trains with: its upright size covered onto its bucket, centre crop."""
+    return plan_geometry(item.size, item.bucket, flip)
+
+
+def item_digest(item: ImageItem) -> str:
+    """The content key of an item's image: its file's bytes, or the in-memory pixels' digest."""
+    return item.source.digest if item.source is not None else file_digest(item.path)
 
 
 def load_pixels(path: str, bucket, subset: Subset, flip: bool = False):
@@ -126,7 +137,7 @@ def load_pixels(path: str, bucket, subset: Subset, flip: bool = False):
     image = open_image(path)
     mask = load_mask(path, image, subset.mask_mode, subset.mask_dir, subset.missing_mask_is_white)
     g = plan_geometry(image.size, bucket, flip)
-    pixels, m = _pixels(image_rgb(image), mask, g)
+    pixels, m = training_pixels(image_rgb(image), mask, g)
     return pixels, m, g
 
 
@@ -151,6 +162,8 @@ def mask_token(item: ImageItem, subset: Subset) -> str:
     """What the mask of ``item`` depends on besides the image bytes (part of the cache key)."""
     if subset.mask_mode == "none":
         return "none"
+    if subset.mask_mode == INPUT_MASKS:  # the mask's own content, handed over with the image
+        return f"input {item.source.mask_digest}" if item.source is not None else "input none"
     if subset.mask_mode == "alpha":  # the alpha channel is in the image's own bytes
         return "alpha, missing=white" if subset.missing_mask_is_white else "alpha"
     if subset.mask_mode == "folder":
@@ -188,9 +201,9 @@ def _plan_jobs(dataset: Dataset, encoder_id: str) -> list[_Job]:
     jobs = []
     for idx, item in enumerate(dataset.items):
         subset = dataset.subsets[item.subset]
-        image_digest, token = file_digest(item.path), mask_token(item, subset)
+        image_digest, token = item_digest(item), mask_token(item, subset)
         for flip in (False, True) if subset.flip_aug else (False,):
-            g = plan_geometry(item.size, item.bucket, flip)
+            g = item_geometry(item, flip)
             jobs.append(_Job(idx, flip, g, entry_key(image_digest, token, g, encoder_id)))
     return jobs
 
@@ -202,11 +215,9 @@ def _load_chunk(dataset: Dataset, chunk: list[_Job]):
     for job in chunk:
         item = dataset.items[job.item]
         if job.item not in opened:
-            subset = dataset.subsets[item.subset]
-            image = open_image(item.path)
-            opened[job.item] = (image_rgb(image), load_mask(item.path, image, subset.mask_mode, subset.mask_dir,
-                                                            subset.missing_mask_is_white))
-        out.append(_pixels(*opened[job.item], job.geometry))
+            image, mask = image_and_mask(item, dataset.subsets[item.subset])
+            opened[job.item] = (image_rgb(image), mask)
+        out.append(training_pixels(*opened[job.item], job.geometry))
     return out
 
 

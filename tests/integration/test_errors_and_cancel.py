@@ -91,7 +91,7 @@ def test_load_dataset_reads_a_kohya_toml(comfy, dataset_dir, tmp_path):
                     f'max_bucket_reso = 128\nbucket_reso_steps = 32\nresolution = 64\nbatch_size = 2\n\n'
                     f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{dataset_dir["image_dir"]}"\n'
                     f'  num_repeats = 3\n  class_tokens = "toy"\n')
-    ds, summary = comfy.run_node("KilnLoadDataset", folder=str(toml), **DATASET)
+    ds, summary, _preview = comfy.run_node("KilnLoadDataset", folder=str(toml), **DATASET)
     assert ds.dataset.batch_size == 2 and ds.dataset.subsets[0].num_repeats == 3
     assert "× 3 repeats" in summary and len(ds.dataset.items) == len(dataset_dir["images"])
     toml.write_text(toml.read_text() + "  keep_tokens = \"1\"\n")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from ..errors import KilnError
 from .buckets import BucketConfig, bucket_resolutions, choose_bucket
 from .captions import CaptionOptions, read_caption
-from .images import check_dir, is_image_file
+from .images import MemoryImage, check_dir, is_image_file
 
 log = logging.getLogger("kiln")
 
@@ -28,7 +28,7 @@ class Subset:
     class_tokens: str = ""
     caption_extension: str = ".txt"
     is_reg: bool = False
-    mask_mode: str = "none"          # none | alpha | folder
+    mask_mode: str = "none"          # none | alpha | folder | input (masks handed over with in-memory images)
     mask_dir: str | None = None
     missing_mask_is_white: bool = False
     mask_dilation: int = 0           # grow masks by this many latent pixels (keeps thin details in)
@@ -41,6 +41,7 @@ class Subset:
     color_aug: bool = False          # kohya key; likewise refused together with latent caching
     validation_split: float | None = None  # its [[datasets]] block's own split (kohya: it overrides the training's)
     validation_seed: int | None = None     # and the seed of that split
+    in_memory: bool = False          # images handed over by the graph (Dataset from Images), not files
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class ImageItem:
     size: tuple[int, int]            # (w, h) of the upright image
     bucket: tuple[int, int]
     subset: int
+    source: MemoryImage | None = field(default=None, compare=False, repr=False)  # in-memory pixels; None: a file
 
 
 @dataclass
@@ -90,8 +92,24 @@ class Dataset:
         """The bucket settings a subset's images were placed with (its own block's, else the dataset's)."""
         return subset.buckets or self.buckets
 
+    def check_mask_source(self, mode: str) -> None:
+        """Alpha/Mask Source may not replace masks that came with in-memory images, nor look masks up by file
+        name for images that have none: both refused by name."""
+        from .masks import INPUT_MASKS
+        for s in self.subsets:
+            if s.mask_mode == INPUT_MASKS:
+                raise KilnError("Alpha/Mask Source: this dataset already has masks from the masks input of Dataset "
+                                "from Images; use one of the two: remove Alpha/Mask Source, or disconnect the masks "
+                                "input of Dataset from Images.")
+            if s.in_memory and mode == "folder":
+                raise KilnError("Alpha/Mask Source: images from Dataset from Images have no file names to find masks "
+                                "by in a mask folder; connect their masks to the masks input of Dataset from Images "
+                                "instead (e.g. from Load Image's MASK or a mask node).")
+
     def with_masks(self, mode: str, mask_dir: str | None, missing_is_white: bool, dilation: int = 0) -> "Dataset":
+        """The same images with masks from ``mode`` (Alpha/Mask Source)."""
         from .masks import opaque_alpha_notes
+        self.check_mask_source(mode)
         subsets = [replace(s, mask_mode=mode, mask_dir=mask_dir or s.mask_dir, missing_mask_is_white=missing_is_white,
                            mask_dilation=dilation) for s in self.subsets]
         return replace(self, subsets=subsets, report=list(self.report) + opaque_alpha_notes(subsets, self.items))
@@ -130,6 +148,22 @@ def subsets_from_folder(folder: str, caption_extension: str = ".txt", default_re
     if any(is_image_file(e) for e in os.listdir(folder)):
         subsets.append(Subset(folder, default_repeats, class_tokens, caption_extension, is_reg, flip_aug=flip_aug))
     return subsets
+
+
+def dataset_from_images(images: list[MemoryImage], captions: list[str], subset: Subset, buckets: BucketConfig,
+                        batch_size: int = 1) -> Dataset:
+    """One in-memory subset (Dataset from Images), its images placed in buckets exactly as build_dataset places
+    files. An empty caption falls back to the class token; item paths are labels such as
+    'Dataset from Images/image 03' (used in messages and as a stable order), the pixels travel in ``source``."""
+    if not images:
+        raise KilnError("the dataset has no images: connect at least one image.")
+    table = bucket_resolutions(buckets) if buckets.enable_bucket else None
+    width = len(str(len(images) - 1))
+    items = [ImageItem(f"{subset.image_dir}/image {k:0{width}d}", (caption or "").strip() or subset.class_tokens,
+                       im.size, choose_bucket(im.size, buckets, table), 0, source=im)
+             for k, (im, caption) in enumerate(zip(images, captions))]
+    from .masks import opaque_alpha_notes
+    return Dataset([subset], items, buckets, batch_size, 0, opaque_alpha_notes([subset], items))
 
 
 def build_dataset(subsets: list[Subset], buckets: BucketConfig, batch_size: int = 1) -> Dataset:

@@ -11,7 +11,8 @@ from .images import IMAGE_EXTENSIONS, open_image, read_mask
 
 log = logging.getLogger("kiln")
 
-MASK_MODES = ("none", "alpha", "folder")
+MASK_MODES = ("none", "alpha", "folder")   # what Alpha/Mask Source offers
+INPUT_MASKS = "input"                      # masks handed over with in-memory images (Dataset from Images)
 
 
 def find_mask_file(image_path: str, mask_dir: str) -> str | None:
@@ -54,6 +55,22 @@ def load_mask(image_path: str, image: Image.Image, mode: str, mask_dir: str | No
     raise KilnError(f"unknown mask mode {mode!r}; use one of {MASK_MODES}")
 
 
+def image_and_mask(item, subset) -> tuple[Image.Image, Image.Image | None]:
+    """An item's upright image (RGB or RGBA) and its loss mask ('L', 255 = train) or None: the one reader of a
+    dataset's pixels, from a file or from memory (the latent cache and the dataset preview both use it)."""
+    src = item.source
+    if src is None:
+        image = open_image(item.path)
+        return image, load_mask(item.path, image, subset.mask_mode, subset.mask_dir, subset.missing_mask_is_white)
+    image = src.image()
+    if subset.mask_mode == INPUT_MASKS:
+        return image, src.mask_image()
+    if subset.mask_mode == "folder":
+        raise KilnError(f"{item.path} has no file name to find a mask by in a mask folder; give its mask to the "
+                        f"masks input of Dataset from Images instead.")
+    return image, load_mask(item.path, image, subset.mask_mode, None)
+
+
 def has_alpha(path: str) -> bool:
     """Whether the file carries transparency (header only)."""
     with Image.open(path) as im:
@@ -67,8 +84,9 @@ def opaque_alpha_notes(subsets, items) -> list[str]:
     for k, s in enumerate(subsets):
         if s.mask_mode != "alpha":
             continue
-        paths = [i.path for i in items if i.subset == k]
-        opaque = [p for p in paths if not has_alpha(p)]
+        members = [i for i in items if i.subset == k]
+        paths = [i.path for i in members]
+        opaque = [i.path for i in members if not (i.source.has_alpha if i.source is not None else has_alpha(i.path))]
         if opaque:
             notes.append(f"{s.image_dir}: {len(opaque)} of {len(paths)} images have no alpha channel (e.g. "
                          f"{os.path.basename(opaque[0])}); with alpha masks they train as fully opaque, the whole "
@@ -81,5 +99,5 @@ def image_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-__all__ = ["MASK_MODES", "find_mask_file", "mask_file_for", "load_mask", "has_alpha", "opaque_alpha_notes", "image_rgb",
+__all__ = ["MASK_MODES", "INPUT_MASKS", "image_and_mask", "find_mask_file", "mask_file_for", "load_mask", "has_alpha", "opaque_alpha_notes", "image_rgb",
            "open_image"]
