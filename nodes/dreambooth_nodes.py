@@ -193,7 +193,7 @@ class KilnTrainDreamBooth(io.ComfyNode):
                     meta.update(training_metadata(version, arch, dataset, None, tcfg, so_far, "",
                                                   state["batches"]["epoch"]))
                     path = save_checkpoint_file(intermediate_path(step, epoch), sd, meta)
-                    if weights_dtype != torch.float32:
+                    if weights_dtype != torch.float32 and state.get("trained") is None:  # EMA: trained ones kept
                         state = dict(state, weights=net.state_weights())
                     save_state(path, state, signature)
                     for older in last_state:  # a full model's state is ~3x its float32 size: keep the newest only

@@ -43,6 +43,7 @@ from ..trainer_core.epochs import (batches_per_epoch, epoch_save_to_remove, reso
                                    steps_per_epoch)
 from ..trainer_core.noise import NoiseOptions
 from ..trainer_core.training_args import describe as describe_training_args, effective, parse_training_args
+from ..trainer_core.preservation import pairs_from
 from ..trainer_core.resume import SUFFIX, load_state, save_state, state_path
 from ..trainer_core.sample_prompts import (SamplePrompt, comfy_sampler, is_prompt_file, load_prompt_file,
                                            parse_sample_prompts)
@@ -262,6 +263,13 @@ def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: L
     meta["kiln_probe_loss_start"] = repr(result.probe_loss_start)
     meta["kiln_probe_loss_end"] = repr(result.probe_loss_end)
     meta["kiln_seconds_per_step"] = f"{result.seconds_per_step:.4f}"
+    if tcfg.diff_output_preservation:
+        meta["kiln_diff_output_preservation"] = json.dumps({"multiplier": tcfg.diff_output_preservation_multiplier,
+                                                            "pairs": tcfg.preservation_pairs})
+    if tcfg.ema_decay:  # the weights in the file are the average (ema.py)
+        meta["kiln_ema_decay"] = repr(tcfg.ema_decay)
+        meta["kiln_ema_update_every"] = str(tcfg.ema_update_every)
+        meta["kiln_ema_warmup"] = str(tcfg.ema_warmup)
     if result.validation:  # kohya logs it to trackers only; here it travels with the LoRA: [[step, loss], ...]
         meta["kiln_validation_loss"] = json.dumps([[s, round(v, 6)] for s, v in result.validation])
     return meta
@@ -430,6 +438,12 @@ def prepare(model, dataset: KilnDataset, opts: dict, families: tuple[str, ...], 
     if family == "sd3" and "huber_schedule" not in args:
         tcfg.huber_schedule = "constant"  # kohya's default (snr) needs a DDPM schedule and fails on SD3
     resolve_epochs(tcfg, validation.parts(dataset.cache, tcfg)[0])
+    if tcfg.diff_output_preservation:
+        try:
+            tcfg.preservation_pairs = pairs_from(dataset.dataset.subsets, tcfg.diff_output_preservation_trigger,
+                                                 tcfg.diff_output_preservation_class)
+        except KilnError as e:
+            raise KilnError(f"{node}: {e}") from None
     tcfg.training_args = args
     tcfg.session_id = random.randint(0, 2 ** 32)  # kohya's ss_session_id: one random number per run
     tcfg.training_started_at = time.time()
@@ -481,7 +495,8 @@ def step_reporter(progress: Progress, tcfg: TrainConfig, opts: dict, epochs: int
         by_epoch = tcfg.sample_every_n_epochs  # kohya: overrides the step interval
         due = (info.epoch_end and info.epoch % by_epoch == 0) if by_epoch else (every and info.step % every == 0)
         if due and info.step < info.total:
-            image = preview()
+            with info.averaged():  # with EMA on, the preview shows the average, as the saves hold it
+                image = preview()
         progress.update(info.step, image)
         if tracker is not None:
             tracker.step(info)

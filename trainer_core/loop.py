@@ -20,9 +20,11 @@ from . import validation
 from .cache import LatentCache
 from .checkpointing import gradient_checkpointing
 from .data.captions import augment_caption, base_caption
+from .ema import EMA
 from .epochs import epoch_batches, resolve_epochs, steps_per_epoch
 from .errors import KilnError
 from .losses import elementwise, per_sample_loss
+from .preservation import preservation_caption
 from .lora.network import LoRANetwork
 from .optim import FusedBackward, Schedule, build_optimizer, build_scheduler, check_fused
 
@@ -89,6 +91,15 @@ class TrainConfig:
     clip_skip: int | None = None                   # read by the host: the CLIP layer it encodes with
     sample_sampler: str | None = None              # read by the host's previews (sample_prompts.SAMPLERS)
     sample_at_first: bool = False
+    ema_decay: float = 0.0                         # ema.py: 0 = off; saves, previews and the result use the average
+    ema_update_every: int = 1
+    ema_warmup: bool = True
+    ema_on_host: bool = False
+    diff_output_preservation: bool = False         # preservation.py: keep the class prompt's prediction at the base's
+    diff_output_preservation_multiplier: float = 1.0
+    diff_output_preservation_trigger: str = ""
+    diff_output_preservation_class: str = ""
+    preservation_pairs: list = field(default_factory=list)  # (trigger, class), set by the host (preservation.pairs_from)
     training_args: dict = field(default_factory=dict)  # the training_args given (for the node's text)
     session_id: int = 0                            # kohya's ss_session_id / ss_training_started_at (set by the host)
     training_started_at: float = 0.0
@@ -121,6 +132,7 @@ class StepInfo:
     epoch_end: bool = False   # this step finished an epoch
     val_loss: float | None = None  # the validation loss measured after this step, if any
     lrs: dict | None = None        # learning rate per optimizer group name (tracking.py logs them)
+    averaged: Callable = contextlib.nullcontext  # a preview inside ``with info.averaged():`` shows the EMA weights
 
 
 @dataclass
@@ -176,7 +188,8 @@ class BatchStream:
 
 NO_CHANGE_CAUSES = ("a model whose output does not depend on its input (e.g. a zero-initialised output layer), "
                     "a learning rate of 0, or masks that are all black")
-RESUMABLE_SETTINGS = ("steps", "learning_rate", "group_lrs", "lr_scheduler", "warmup_steps")
+RESUMABLE_SETTINGS = ("steps", "learning_rate", "group_lrs", "lr_scheduler", "warmup_steps", "ema_decay",
+                      "ema_update_every")
 
 
 def run_settings(cfg: TrainConfig) -> dict:
@@ -244,6 +257,11 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
     if cache.has_masks and all(s.mask is not None and not bool((s.mask > 0).any()) for s in cache.samples):
         raise KilnError("every mask is entirely black, so nothing would train: white = train, black = ignore. "
                         "Check the mask folder or alpha channels, or set Alpha/Mask Source's mode to none.")
+    if cfg.diff_output_preservation and not hasattr(network, "set_enabled"):
+        raise KilnError("diff_output_preservation compares with the model without its adapters, and full "
+                        "fine-tuning (DreamBooth) has none: use regularization images (prior_loss_weight) instead.")
+    if cfg.diff_output_preservation and not cfg.preservation_pairs:
+        raise KilnError("diff_output_preservation: no trigger → class pairs were given.")
     groups = network.param_groups(cfg.learning_rate, cfg.group_lrs)
     group_lr = {g["name"]: g["lr"] for g in groups}
     opt = build_optimizer(cfg.optimizer_name, groups, cfg.learning_rate, cfg.optimizer_args)
@@ -256,6 +274,8 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
     for o in stepping:
         if hasattr(o, "train"):
             o.train()  # schedule-free optimizers keep separate train/eval weights
+    ema = EMA(params, cfg.ema_decay, cfg.ema_update_every, cfg.ema_warmup, cfg.ema_on_host) if cfg.ema_decay else None
+    averaged = ema.applied if ema else contextlib.nullcontext
     autocast_dtype = PRECISIONS[cfg.precision]
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
 
@@ -279,10 +299,32 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
         captions = [augment_caption(s.caption, s.captions, caption_rng, epoch) if train
                     else base_caption(s.caption, s.captions) for s in samples]
         cond = {k: v.to(device) for k, v in conditioning(captions, train=train, geometries=geometries).items()}
-        return x0, mask, weights, cond
+        return x0, mask, weights, cond, captions, geometries
+
+    def preservation_loss(nb, captions, geometries) -> torch.Tensor | float:
+        """The trained prediction for each class prompt against the base's (adapters off), same x_t and t."""
+        keep = [(k, p) for k, c in enumerate(captions)
+                if (p := preservation_caption(c, cfg.preservation_pairs)) is not None]
+        if not keep:
+            return 0.0
+        idx = torch.tensor([k for k, _ in keep], device=nb.x_t.device)
+        prompts, geos = [p for _, p in keep], [geometries[k] for k, _ in keep]
+        x_t, t = nb.x_t[idx], nb.timesteps.to(idx.device)[idx]
+
+        def predict():
+            cond = {k: v.to(device) for k, v in conditioning(prompts, train=True, geometries=geos).items()}
+            with autocast():
+                return forward(x_t, t, cond).float()
+        network.set_enabled(False)
+        try:
+            with torch.no_grad():
+                base = predict()
+        finally:
+            network.set_enabled(True)
+        return torch.nn.functional.mse_loss(predict(), base)
 
     def loss_of(indices, generator, train=True, epoch=1, caption_rng=None, timestep=None, source=cache):
-        x0, mask, weights, cond = batch_tensors(indices, train, epoch, caption_rng, source)
+        x0, mask, weights, cond, captions, geometries = batch_tensors(indices, train, epoch, caption_rng, source)
         if timestep is None:
             nb = objective.sample(x0, generator)
         else:  # validation: one fixed timestep, noise from the validation generator
@@ -301,7 +343,10 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
             per_sample = per_sample * objective.min_snr_weight(nb.snr, cfg.min_snr_gamma).to(device)
         if hasattr(objective, "loss_weight"):
             per_sample = per_sample * objective.loss_weight(nb.snr, cfg).to(device)
-        return (per_sample * weights).mean()
+        loss = (per_sample * weights).mean()
+        if train and cfg.diff_output_preservation:
+            loss = loss + cfg.diff_output_preservation_multiplier * preservation_loss(nb, captions, geometries)
+        return loss
 
     # a fixed probe batch (same samples, noise and timesteps) measured before and after training
     probe = sorted(range(len(cache.samples)), key=lambda i: tuple(cache.samples[i].latent.shape))[:max(1, cfg.batch_size)]
@@ -339,6 +384,12 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
         caption_rng.setstate(resume["caption_rng"])
         flip_rng.setstate(resume["flip_rng"])
         batches.restore(resume["batches"])
+        if resume.get("trained") is not None:  # with EMA the saved file holds the average: go on from the trained
+            with torch.no_grad():
+                for p, saved in zip(params, resume["trained"]):
+                    p.copy_(saved)
+        if ema is not None and resume.get("ema") is not None:
+            ema.load_state_dict(resume["ema"])
         result = TrainResult(losses=list(resume["losses"]), steps=resume["step"],
                              probe_loss_start=resume["probe_loss_start"],
                              validation=[tuple(v) for v in resume.get("validation", [])])
@@ -348,6 +399,8 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
                                 f"they take effect from step {first}, so this is no longer exactly the run that stopped")
         else:
             result.notes.append(f"resuming exactly at step {resume['step']}")
+        if ema is not None and resume.get("ema") is None:
+            result.notes.append(f"the saved run had no EMA: the average starts at step {first} from its weights")
 
     def state(step: int) -> dict:
         return {"step": step, "optimizer": (fused or opt).state_dict(), "scheduler": sched.state_dict(),
@@ -355,7 +408,9 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
                 "torch_rng": torch.get_rng_state(), "caption_rng": caption_rng.getstate(),
                 "flip_rng": flip_rng.getstate(), "batches": batches.state(), "losses": list(result.losses),
                 "probe_loss_start": result.probe_loss_start, "settings": run_settings(cfg),
-                "validation": [list(v) for v in result.validation]}
+                "validation": [list(v) for v in result.validation],
+                "ema": ema.state_dict() if ema else None,
+                "trained": [p.detach().to("cpu", copy=True) for p in params] if ema else None}
 
     initial = [sampled(p) for p in params]  # "nothing changed" is checked against these
     grads_checked = fused is not None  # fused: each gradient is freed as soon as its parameter stepped
@@ -422,24 +477,31 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
                     warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
                 sched.step()
             opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(step)
             result.losses.append(total)
             result.steps = step
             val_loss = None
             if val_batches and ((cfg.validate_every_n_steps and step % cfg.validate_every_n_steps == 0) or
                                 (epoch_end and epoch % (cfg.validate_every_n_epochs or 1) == 0)):
-                val_loss = validation_loss()
+                with averaged():  # the loss of what the run would give now
+                    val_loss = validation_loss()
                 result.validation.append((step, val_loss))
             result.seconds = time.perf_counter() - start
             if on_step:
                 lrs = {g.get("name") or f"group{k}": lr for k, (g, lr) in enumerate(zip(opt.param_groups,
                                                                                     sched.get_last_lr()))}
                 on_step(StepInfo(step, cfg.steps, total, sched.get_last_lr()[0], result.seconds, epoch, epoch_end,
-                                 val_loss, lrs))
+                                 val_loss, lrs, averaged))
             if on_save and cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                on_save(step, state(step), result)
+                saving = state(step)
+                with averaged():  # the file holds what the run would give now; the state, the trained values
+                    on_save(step, saving, result)
             if (on_save and epoch_end and cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0
                     and epoch < num_epochs and step < cfg.steps):
-                on_save(step, state(step), result, epoch=epoch)
+                saving = state(step)
+                with averaged():
+                    on_save(step, saving, result, epoch=epoch)
     for o in stepping:
         if hasattr(o, "eval"):
             o.eval()
@@ -449,5 +511,7 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
     if unchanged(params, initial):
         raise KilnError(f"after {result.steps} steps the LoRA is bit-identical to its starting state: training changed "
                         f"nothing (learning rate {cfg.learning_rate:g}). Likely causes: {NO_CHANGE_CAUSES}.")
+    if ema is not None:
+        ema.copy_to_params()
     result.probe_loss_end = probe_loss()
     return result

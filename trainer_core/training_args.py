@@ -96,6 +96,21 @@ KEYS: dict[str, Key] = {
     "log_with": Key("choice", None, "tensorboard (the only backend; wandb is refused)",
                     choices=("tensorboard", "wandb", "all")),
     "log_tracker_name": Key("str", None, "sub-folder of the run (default: network_train)"),
+    # beyond kohya: an exponential moving average of the trained weights (ema.py)
+    "ema_decay": Key("float", 0.0, "keep an EMA of the trained weights (e.g. 0.999; 0 = off): saves, previews, "
+                     "validation loss and the output use it", 0.0, 0.99999),
+    "ema_update_every": Key("int", 1, "update the EMA every N optimizer steps", 1),
+    "ema_warmup": Key("bool", True, "EMA decay min(ema_decay, (1+n)/(10+n)) at the n-th update, so the first "
+                      "updates follow the weights"),
+    "ema_on_host": Key("bool", False, "keep the EMA in host memory, not on the training device"),
+    # beyond kohya's form: prior preservation without regularization images (preservation.py)
+    "diff_output_preservation": Key("bool", False, "keep the prediction for each caption with its trigger "
+                                    "replaced by the class (sks dog -> dog) at the base model's (adapters off)"),
+    "diff_output_preservation_multiplier": Key("float", 1.0, "weight of that preservation loss", 0.0, 1000.0),
+    "diff_output_preservation_trigger": Key("str", "", "the trigger words (default: from the dataset: the "
+                                            "subset's class_tokens)"),
+    "diff_output_preservation_class": Key("str", "", "the class words that replace them (default: the N_name "
+                                          "folder's name)"),
 }
 KEY_ORDER = list(KEYS)
 

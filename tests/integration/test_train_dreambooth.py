@@ -180,14 +180,14 @@ def test_cancel_restores_model_and_clip_and_keeps_the_intermediate_checkpoint(co
 
 
 def test_save_every_n_steps_then_resume_exactly(comfy, loaded, cached):
-    """Intermediate checkpoints with the newest one's .kiln-state; resuming from it (text encoder included, across
-    stop_text_encoder_training) ends bit-identical to the run that went on; an older one resumes from its weights
+    """Intermediate checkpoints with the newest one's .kiln-state; resuming from it (text encoder and EMA included,
+    across stop_text_encoder_training) ends bit-identical to the run that went on; an older one resumes from its weights
     and says so; a name that is not there is refused."""
     import folder_paths
     model, clip, _ = loaded
     folder = os.path.join(folder_paths.get_folder_paths("checkpoints")[0], "kiln_resume")
     opts = TRAIN | dict(steps=6, sample_every=0, sample_steps=1, lr_scheduler="cosine", text_encoder_lr=1e-3,
-                        stop_text_encoder_training=5)
+                        stop_text_encoder_training=5, training_args="ema_decay=0.9")  # the EMA resumes too
     full = comfy.run_node("KilnTrainDreamBooth", model=model, clip=clip, dataset=cached, **opts, save_every_n_steps=2,
                           save_name="kiln_resume/run")
     assert sorted(os.listdir(folder)) == ["run-step000002.safetensors", "run-step000004.kiln-state",
@@ -195,6 +195,7 @@ def test_save_every_n_steps_then_resume_exactly(comfy, loaded, cached):
     out = comfy.run_node("KilnTrainDreamBooth", model=model, clip=clip, dataset=cached, **opts,
                          resume_from="kiln_resume/run-step000004.safetensors")
     assert "resuming exactly at step 4" in " ".join(map(str, out.ui["text"]))
+    assert full[0].model_options["kiln_checkpoint_metadata"]["kiln_ema_decay"] == "0.9"
     for a, b in ((full[0], out[0]), (full[1].patcher, out[1].patcher)):  # UNet, then CLIP
         assert a.patches.keys() == b.patches.keys() and a.patches
         assert all(torch.equal(a.patches[k][-1][1][1][0], b.patches[k][-1][1][1][0]) for k in a.patches)

@@ -250,3 +250,22 @@ def test_training_args_epochs_saves_noise_and_metadata(comfy, loaded, cached):
         comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=cfg, **opts,
                        training_args="max_train_epoch=3")
     assert type(err.value).__name__ == "KilnError" and "Did you mean 'max_train_epochs'" in str(err.value)
+
+
+def test_ema_is_what_the_node_outputs_previews_and_records(comfy, loaded, cached):
+    """ema_decay in training_args: the LoRA, the output MODEL and the previews are the average, recorded as
+    kiln_ema_decay; without it the same run gives other weights."""
+    model, clip, _ = loaded
+    cfg = comfy.run_node("KilnLoraConfig", rank=2, alpha=2.0, conv_rank=0, conv_alpha=1.0, dropout=0.0,
+                         rank_dropout=0.0, module_dropout=0.0)[0]
+    opts = TRAIN | dict(steps=4, sample_every=2, sample_steps=1)
+    plain = comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=cfg, **opts)[1]
+    comfy.progress.clear()
+    out = comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=cfg, **opts,
+                         training_args="ema_decay=0.5 ema_on_host=true")
+    lora = out[1]
+    assert lora.metadata["kiln_ema_decay"] == "0.5" and lora.metadata["kiln_ema_warmup"] == "True"
+    assert plain.state_dict.keys() == lora.state_dict.keys()
+    assert any(not torch.equal(plain.state_dict[k], lora.state_dict[k]) for k in plain.state_dict)
+    assert any(preview is not None for *_, preview in comfy.progress)  # drawn with the average swapped in
+    assert not torch.equal(ksample(comfy, out[0], clip), ksample(comfy, model, clip))
