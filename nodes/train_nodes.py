@@ -34,7 +34,7 @@ from ..trainer_core.lora.text_encoders import te_namer, te_rules
 from ..trainer_core.lora.network import LoRANetwork
 from ..trainer_core.lora.blocks import (NETWORK_ARGS as BLOCK_ARGS, BlockPlan, block_index, block_name, block_plan,
                                         loraplus_ratios, total_blocks)
-from ..trainer_core.loop import PRECISIONS, StepInfo, TrainConfig, train
+from ..trainer_core.loop import PRECISIONS, StepInfo, TrainConfig, TrainResult, train
 from ..trainer_core.losses import LOSS_TYPES
 from ..trainer_core.optim import OPTIMIZERS, SCHEDULERS, kohya_optimizer_name
 from ..trainer_core.plot import loss_plot
@@ -504,7 +504,7 @@ def step_reporter(progress: Progress, tcfg: TrainConfig, opts: dict, epochs: int
                 tracker.image(f"step {info.step}", image, info.step)
         progress.send("kiln.loss", {"step": info.step, "total": info.total, "loss": info.loss, "lr": info.lr,
                                     "seconds": info.seconds, "epoch": info.epoch, "epochs": epochs,
-                                    "val_loss": info.val_loss})
+                                    "val_loss": info.val_loss, "saved": info.saving})
     return on_step
 
 
@@ -705,8 +705,9 @@ def run_summary(head: str, details: str, result, tcfg: TrainConfig, notes: list[
     return text + "".join(f"\nnote: {n}" for n in notes + result.notes)
 
 
-def loss_image(result) -> torch.Tensor:
-    return pil_to_image(loss_plot(result.losses, validation=result.validation))
+def loss_image(result: TrainResult) -> torch.Tensor:
+    """The loss_plot IMAGE of both Train nodes: loss, smoothed loss, learning rate, validation points, saves."""
+    return pil_to_image(loss_plot(result.losses, validation=result.validation, lrs=result.lrs, saves=result.saves))
 
 
 def resume_path(name: str, kind: str = "loras") -> str | None:

@@ -133,6 +133,7 @@ class StepInfo:
     val_loss: float | None = None  # the validation loss measured after this step, if any
     lrs: dict | None = None        # learning rate per optimizer group name (tracking.py logs them)
     averaged: Callable = contextlib.nullcontext  # a preview inside ``with info.averaged():`` shows the EMA weights
+    saving: bool = False           # on_save writes an intermediate save right after this step (the chart marks it)
 
 
 @dataclass
@@ -144,6 +145,8 @@ class TrainResult:
     probe_loss_start: float = float("nan")
     probe_loss_end: float = float("nan")
     validation: list = field(default_factory=list)  # (step, validation loss)
+    lrs: list = field(default_factory=list)         # (step, learning rate of the first group), for the loss plot
+    saves: list = field(default_factory=list)       # steps after which on_save wrote an intermediate save
 
     @property
     def seconds_per_step(self) -> float:
@@ -392,7 +395,8 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
             ema.load_state_dict(resume["ema"])
         result = TrainResult(losses=list(resume["losses"]), steps=resume["step"],
                              probe_loss_start=resume["probe_loss_start"],
-                             validation=[tuple(v) for v in resume.get("validation", [])])
+                             validation=[tuple(v) for v in resume.get("validation", [])],
+                             lrs=[tuple(v) for v in resume.get("lrs", [])], saves=list(resume.get("saves", [])))
         first = resume["step"] + 1
         if changed:
             result.notes.append(f"resumed at step {resume['step']}, changed since the saved run: {', '.join(changed)}; "
@@ -408,7 +412,8 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
                 "torch_rng": torch.get_rng_state(), "caption_rng": caption_rng.getstate(),
                 "flip_rng": flip_rng.getstate(), "batches": batches.state(), "losses": list(result.losses),
                 "probe_loss_start": result.probe_loss_start, "settings": run_settings(cfg),
-                "validation": [list(v) for v in result.validation],
+                "validation": [list(v) for v in result.validation], "lrs": [list(v) for v in result.lrs],
+                "saves": list(result.saves),
                 "ema": ema.state_dict() if ema else None,
                 "trained": [p.detach().to("cpu", copy=True) for p in params] if ema else None}
 
@@ -488,20 +493,26 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
                     val_loss = validation_loss()
                 result.validation.append((step, val_loss))
             result.seconds = time.perf_counter() - start
+            result.lrs.append((step, sched.get_last_lr()[0]))
+            save_epoch = epoch if (epoch_end and cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0
+                                   and epoch < num_epochs) else None
+            save_step = bool(cfg.save_every and step % cfg.save_every == 0)
+            saving = bool(on_save and step < cfg.steps and (save_step or save_epoch))
+            if saving:
+                result.saves.append(step)
             if on_step:
                 lrs = {g.get("name") or f"group{k}": lr for k, (g, lr) in enumerate(zip(opt.param_groups,
                                                                                     sched.get_last_lr()))}
                 on_step(StepInfo(step, cfg.steps, total, sched.get_last_lr()[0], result.seconds, epoch, epoch_end,
-                                 val_loss, lrs, averaged))
-            if on_save and cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                saving = state(step)
+                                 val_loss, lrs, averaged, saving))
+            if saving and save_step:
+                saved_state = state(step)
                 with averaged():  # the file holds what the run would give now; the state, the trained values
-                    on_save(step, saving, result)
-            if (on_save and epoch_end and cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0
-                    and epoch < num_epochs and step < cfg.steps):
-                saving = state(step)
+                    on_save(step, saved_state, result)
+            if saving and save_epoch:
+                saved_state = state(step)
                 with averaged():
-                    on_save(step, saving, result, epoch=epoch)
+                    on_save(step, saved_state, result, epoch=save_epoch)
     for o in stepping:
         if hasattr(o, "eval"):
             o.eval()

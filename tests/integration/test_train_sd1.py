@@ -246,6 +246,13 @@ def test_training_args_epochs_saves_noise_and_metadata(comfy, loaded, cached):
     curve = json.loads(meta["kiln_validation_loss"])
     assert [step for step, _ in curve][:2] == [2, 4] and [d["val_loss"] for d in losses if d["step"] == 2][0] == pytest.approx(curve[0][1], abs=1e-6)
     assert "validation loss" in text
+    # the chart's save markers: the steps whose epoch-end saves were written (not the last, the node's output)
+    assert [d["step"] for d in losses if d["saved"]] == [per_epoch, 2 * per_epoch]
+    # the loss_plot IMAGE shows them as markers above the plot, in the save colour
+    plot = (out[3][0].numpy() * 255).round().astype("uint8")
+    colours, top = comfy.pack_module("trainer_core.plot").COLOURS, comfy.pack_module("trainer_core.plot").PAD_TOP
+    assert ((plot[top - 5] == colours["save"]).all(-1)).sum() >= 2
+    assert ((plot == colours["val"]).all(-1)).any() and ((plot == colours["lr"]).all(-1)).any()
     with pytest.raises(Exception) as err:
         comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=cfg, **opts,
                        training_args="max_train_epoch=3")

@@ -67,6 +67,9 @@ def test_resumed_run_ends_bit_identical_to_the_uninterrupted_one():
     assert result.losses == full_result.losses and result.steps == 9
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert result.probe_loss_start == full_result.probe_loss_start
+    # what the loss plot draws: the save steps and the learning rate per step, carried through the resume
+    assert full_result.saves == [4, 8] and result.saves == [4]  # the resumed run saves nothing itself
+    assert [s for s, _ in full_result.lrs] == list(range(1, 10)) and result.lrs == full_result.lrs
 
 
 def test_resume_past_the_end_is_refused():
@@ -83,6 +86,7 @@ def test_resume_from_an_epoch_save_with_kohyas_noise_loss_and_epoch_options():
                          multires_noise_iterations=3, ip_noise_gamma=0.1, ip_noise_gamma_random_strength=True)
     full, full_result, saved, _ = run(options=options, noise=noise)
     assert [(step, epoch) for step, (_, _, epoch) in sorted(saved.items())] == [(2, 1), (4, 2), (6, 3)]
+    assert full_result.saves == [2, 4, 6]
     state, weights, _ = saved[4]
     resumed, result, _, _ = run(resume=state, weights=weights, options=options, noise=noise)
     assert result.steps == 8 and result.losses == full_result.losses
