@@ -1,11 +1,17 @@
 // Kiln frontend: a live loss chart on every Train node (LoRA and DreamBooth), fed by the "kiln.loss" events the
-// Train nodes send each optimizer step (step, total, loss, lr, seconds). Sample previews need no code
+// Train nodes send each optimizer step (step, total, loss, lr, seconds, epoch, val_loss, saved): raw and smoothed
+// loss over the whole planned run, the learning rate on a second axis, validation points, save markers. Sample previews need no code
 // here: ComfyUI shows the node's progress preview image itself.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const TRAIN_NODES = new Set(["KilnTrainSD1", "KilnTrainSDXL", "KilnTrainSD3", "KilnTrainDreamBooth"]);
-const HEIGHT = 140;
+const HEIGHT = 190;
+// the same colours as trainer_core/plot.py (the loss_plot IMAGE), so the live chart and the image read alike
+const C = {background: "#18181c", frame: "#50505a", grid: "#2c2c34", text: "#dcdcdc", label: "#aaaaaa",
+           raw: "#5a6ea0", smooth: "#ffaa3c", lr: "#c86ee6", val: "#5ad27a", save: "#6ec8dc"};
+const PAD = {left: 40, right: 46, top: 40, bottom: 18};  // room for the loss, lr and step tick labels
+const FONT_PX = 11;
 
 function movingAverage(values, window) {
   const out = [];
@@ -18,6 +24,20 @@ function movingAverage(values, window) {
   return out;
 }
 
+// at most count+1 ticks inside [lo, hi], spaced 1, 2 or 5 x 10^k (plot.nice_ticks)
+function niceTicks(lo, hi, count) {
+  const span = hi - lo;
+  if (!(span > 0)) return [lo];
+  const base = 10 ** Math.floor(Math.log10(span / count));
+  const step = [1, 2, 5, 10].map((m) => base * m).find((s) => span / s <= count);
+  const first = Math.ceil(lo / step - 1e-9) * step;
+  const out = [];
+  for (let k = 0; first + k * step <= hi + 1e-9 * step; k++) out.push(Number((first + k * step).toPrecision(12)));
+  return out;
+}
+
+const fmtLr = (v) => (v === 0 ? "0" : v.toExponential(1).replace(".0e", "e"));
+
 function draw(canvas, state) {
   const dpr = window.devicePixelRatio || 1;
   const w = canvas.clientWidth || 300;
@@ -25,40 +45,116 @@ function draw(canvas, state) {
   canvas.height = HEIGHT * dpr;
   const g = canvas.getContext("2d");
   g.scale(dpr, dpr);
-  g.fillStyle = "#18181c";
+  g.fillStyle = C.background;
   g.fillRect(0, 0, w, HEIGHT);
-  g.fillStyle = "#ddd";
-  g.font = "11px sans-serif";
-  const pts = state.losses;
+  g.font = `${FONT_PX}px sans-serif`;
+  const labels = [];  // every text box drawn, for the browser test's readability check
+  const text = (s, x, y, colour, align = "left", baseline = "alphabetic") => {
+    g.fillStyle = colour;
+    g.textAlign = align;
+    g.textBaseline = baseline;
+    g.fillText(s, x, y);
+    const m = g.measureText(s);
+    const x0 = align === "left" ? x : align === "right" ? x - m.width : x - m.width / 2;
+    const y0 = baseline === "alphabetic" ? y - FONT_PX * 0.8 : baseline === "top" ? y : y - FONT_PX / 2;
+    labels.push({text: s, x: x0, y: y0, w: m.width, h: FONT_PX});
+  };
+  const pts = state.points;  // [step, loss]
   if (!pts.length) {
-    g.fillText("loss: waiting for training to start", 8, 16);
+    text("loss: waiting for training to start", 8, 16, C.text);
+    state.layout = {width: w, height: HEIGHT, labels, box: null};
     return;
   }
   const last = state.last;
-  const rate = last.step / Math.max(last.seconds, 1e-6);
+  const rate = (last.step - pts[0][0] + 1) / Math.max(last.seconds, 1e-6);
   const eta = rate > 0 ? (last.total - last.step) / rate : 0;
-  const epoch = last.epochs > 1 ? `epoch ${last.epoch}/${last.epochs}  ` : "";
-  g.fillText(`${epoch}step ${last.step}/${last.total}  loss ${last.loss.toFixed(4)}  lr ${last.lr.toExponential(1)}  ` +
-             `${rate.toFixed(2)} it/s  ETA ${Math.round(eta)}s`, 8, 14);
-  const top = 22, left = 6, bottom = HEIGHT - 6, right = w - 6;
-  const val = state.val || [];  // validation loss: [step index, loss], drawn as green dots
-  const all = pts.concat(val.map((v) => v[1]));
-  const lo = Math.min(...all), hi = Math.max(...all);
-  const span = hi > lo ? hi - lo : 1e-8;
-  const x = (i) => left + (right - left) * (pts.length > 1 ? i / (pts.length - 1) : 0);
-  const y = (v) => top + (bottom - top) * (1 - (v - lo) / span);
-  const line = (values, colour, width) => {
+  const parts = [`step ${last.step}/${last.total}`, `loss ${last.loss.toFixed(4)}`, `lr ${fmtLr(last.lr)}`,
+                 `${rate.toFixed(2)} it/s`, `ETA ${Math.round(eta)}s`];
+  if (last.epochs > 1) parts.unshift(`epoch ${last.epoch}/${last.epochs}`);
+  while (parts.length > 2 && g.measureText(parts.join("  ")).width > w - 12) parts.pop();  // narrow node: fewer
+  text(parts.join("  "), 6, 14, C.text);
+  const val = state.val, saves = state.saves, lrs = state.lrs;
+  const items = [["raw", "raw"], ["smoothed", "smooth"], ["lr", "lr"]];
+  if (val.length) items.push([`val ${val[val.length - 1][1].toFixed(3)}`, "val"]);
+  if (saves.length) items.push(["save", "save"]);
+  let lx = 6;
+  for (const [label, key] of items) {
+    g.fillStyle = C[key];
+    g.fillRect(lx, 24, 9, 3);
+    text(label, lx + 12, 29, C[key]);
+    lx += 12 + g.measureText(label).width + 10;
+  }
+  const left = PAD.left, top = PAD.top, right = w - PAD.right, bottom = HEIGHT - PAD.bottom;
+  const x0 = pts[0][0], x1 = Math.max(last.total, pts[pts.length - 1][0], x0 + 1);  // the whole planned run
+  const all = pts.map((p) => p[1]).concat(val.map((v) => v[1]));
+  let lo = Math.min(...all), hi = Math.max(...all);
+  if (hi - lo < 1e-12) { lo -= 0.5 * (Math.abs(lo) || 1); hi += 0.5 * (Math.abs(hi) || 1); }
+  const margin = 0.04 * (hi - lo);
+  lo -= margin; hi += margin;
+  const lrMax = Math.max(0, ...lrs.map((p) => p[1])) * 1.08;
+  const x = (s) => left + (right - left) * (s - x0) / (x1 - x0);
+  const y = (v) => bottom - (bottom - top) * (v - lo) / (hi - lo);
+  const yLr = (v) => bottom - (bottom - top) * v / lrMax;
+  g.lineWidth = 1;
+  const hline = (x_0, y_0, x_1, y_1, colour) => {
+    g.strokeStyle = colour;
+    g.beginPath();
+    g.moveTo(x_0, y_0);
+    g.lineTo(x_1, y_1);
+    g.stroke();
+  };
+  for (const t of niceTicks(lo, hi, 4)) {
+    const yy = Math.round(y(t)) + 0.5;
+    hline(left, yy, right, yy, C.grid);
+    hline(left - 3, yy, left, yy, C.frame);
+    text(t.toPrecision(3).replace(/\.?0+$/, ""), left - 5, yy, C.label, "right", "middle");
+  }
+  const stepTicks = niceTicks(x0, x1, Math.max(2, Math.floor((right - left) / 45)));
+  for (const t of stepTicks) {
+    const xx = Math.round(x(t)) + 0.5;
+    hline(xx, top, xx, bottom, C.grid);
+    hline(xx, bottom, xx, bottom + 3, C.frame);
+    text(String(t), xx, bottom + 4, C.label, "center", "top");
+  }
+  if (lrMax > 0) {
+    for (const t of niceTicks(0, lrMax, 3)) {
+      const yy = Math.round(yLr(t)) + 0.5;
+      hline(right, yy, right + 3, yy, C.lr);
+      text(fmtLr(t), right + 5, yy, C.lr, "left", "middle");
+    }
+  }
+  g.strokeStyle = C.frame;
+  g.strokeRect(left + 0.5, top + 0.5, right - left, bottom - top);
+  for (const s of saves) {  // intermediate saves: a dashed line through the plot and a marker above it
+    const xx = Math.round(x(s)) + 0.5;
+    g.setLineDash([3, 3]);
+    hline(xx, top + 1, xx, bottom - 1, C.save);
+    g.setLineDash([]);
+    g.fillStyle = C.save;
+    g.beginPath();
+    g.moveTo(xx - 4, top - 7);
+    g.lineTo(xx + 4, top - 7);
+    g.lineTo(xx, top - 1);
+    g.fill();
+  }
+  const line = (series, yOf, colour, width) => {
+    if (series.length < 2) return;
     g.strokeStyle = colour;
     g.lineWidth = width;
     g.beginPath();
-    values.forEach((v, i) => (i ? g.lineTo(x(i), y(v)) : g.moveTo(x(i), y(v))));
+    series.forEach(([s, v], i) => (i ? g.lineTo(x(s), yOf(v)) : g.moveTo(x(s), yOf(v))));
     g.stroke();
   };
-  line(pts, "#5a6ea0", 1);
-  line(movingAverage(pts, Math.max(1, Math.floor(pts.length / 20))), "#ffaa3c", 2);
-  g.fillStyle = "#5ad27a";
-  val.forEach(([i, v]) => g.fillRect(x(i) - 2, y(v) - 2, 4, 4));
-  if (val.length) g.fillText(`val ${val[val.length - 1][1].toFixed(4)}`, right - 70, 14);
+  line(pts, y, C.raw, 1);
+  const avg = movingAverage(pts.map((p) => p[1]), Math.max(1, Math.floor(pts.length / 20)));
+  line(pts.map((p, i) => [p[0], avg[i]]), y, C.smooth, 2);
+  if (lrMax > 0) line(lrs, yLr, C.lr, 1.5);
+  g.fillStyle = C.val;
+  val.forEach(([s, v]) => g.fillRect(x(s) - 3, y(v) - 3, 6, 6));
+  state.layout = {width: w, height: HEIGHT, labels, box: [left, top, right, bottom], fontPx: FONT_PX,
+                  x: Object.fromEntries([...pts.map((p) => p[0]), ...saves].map((s) => [s, x(s)])),
+                  saveX: saves.map((s) => Math.round(x(s)) + 0.5), stepTicks,
+                  lrY: lrs.map(([s, v]) => [x(s), yLr(v)]), valXY: val.map(([s, v]) => [x(s), y(v)])};
 }
 
 app.registerExtension({
@@ -72,7 +168,7 @@ app.registerExtension({
       canvas.className = "kiln-loss-chart";
       canvas.style.width = "100%";
       canvas.style.height = `${HEIGHT}px`;
-      this.kiln = { losses: [], last: null, canvas };
+      this.kiln = {points: [], lrs: [], val: [], saves: [], last: null, canvas};
       this.addDOMWidget("kiln_loss", "kiln-loss", canvas, { serialize: false, getMinHeight: () => HEIGHT });
       draw(canvas, this.kiln);
       return r;
@@ -82,14 +178,12 @@ app.registerExtension({
     api.addEventListener("kiln.loss", ({ detail }) => {
       const node = app.graph.getNodeById(Number(detail.node));
       if (!node?.kiln) return;
-      if (detail.step === 1 || (node.kiln.last && detail.step <= node.kiln.last.step)) {
-        node.kiln.losses = [];
-        node.kiln.val = [];
-      }
-      node.kiln.losses.push(detail.loss);
-      if (detail.val_loss !== null && detail.val_loss !== undefined) {
-        (node.kiln.val ||= []).push([node.kiln.losses.length - 1, detail.val_loss]);
-      }
+      const k = node.kiln;
+      if (k.last && detail.step <= k.last.step) Object.assign(k, {points: [], lrs: [], val: [], saves: []});  // a new run
+      k.points.push([detail.step, detail.loss]);
+      k.lrs.push([detail.step, detail.lr]);
+      if (detail.val_loss !== null && detail.val_loss !== undefined) k.val.push([detail.step, detail.val_loss]);
+      if (detail.saved) k.saves.push(detail.step);
       node.kiln.last = detail;
       draw(node.kiln.canvas, node.kiln);
       node.setDirtyCanvas(true, false);

@@ -3,6 +3,7 @@ API twin, runs from the Queue button's code path, and Kiln's live loss chart fil
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import sys
 from pathlib import Path
@@ -34,8 +35,39 @@ def ready_server(comfy_server, server_sd1_checkpoint):
     return comfy_server
 
 
+CHART_CHECK = """(() => {
+  const n = app.graph.getNodeById(6), k = n.kiln, L = k.layout;
+  const g = k.canvas.getContext("2d"), dpr = k.canvas.width / L.width;
+  const rgb = (x, y) => Array.from(g.getImageData(Math.floor(x * dpr), Math.floor(y * dpr), 1, 1).data.slice(0, 3));
+  // the colour nearest (x, y) within r CSS pixels, as its distance to the wanted colour
+  const near = (x, y, r, want) => { let best = 1e9;
+    for (let dx = -r; dx <= r; dx++) for (let dy = -r; dy <= r; dy++) {
+      const c = rgb(x + dx, y + dy); best = Math.min(best, Math.hypot(c[0] - want[0], c[1] - want[1], c[2] - want[2])); }
+    return best; };
+  const overlaps = [];
+  L.labels.forEach((a, i) => L.labels.slice(i + 1).forEach((b) => {
+    if (a.x < b.x + b.w && b.x < a.x + a.w && a.y < b.y + b.h && b.y < a.y + a.h) overlaps.push([a.text, b.text]); }));
+  const outside = L.labels.filter((a) => a.x < 0 || a.y < 0 || a.x + a.w > L.width || a.y + a.h > L.height).map((a) => a.text);
+  const [left, top, right, bottom] = L.box;
+  return {n: k.points.length, last: k.last, node_width: n.size[0], width: L.width, height: L.height,
+          font: L.fontPx, box: L.box, ticks: L.stepTicks, saves: k.saves, val: k.val.map((v) => v[0]),
+          lrs: k.lrs.map((v) => v[1]), overlaps, outside, labels: L.labels.map((a) => a.text),
+          save_marker: L.saveX.map((x) => near(x, top - 4, 1, [110, 200, 220])),
+          save_line_clear: near((L.saveX[0] + left) / 2, (top + bottom) / 2, 0, [110, 200, 220]),
+          val_points: L.valXY.map(([x, y]) => near(x, y, 0, [90, 210, 122])),
+          lr_line: L.lrY.map(([x, y]) => near(x, y, 1, [200, 110, 230])),
+          png: k.canvas.toDataURL("image/png")};
+})()"""
+
+
 def test_workflow_opens_queues_and_draws_the_loss_chart(ready_server):
+    """The live chart at the node's default size: a step axis with ticks, smoothed over raw loss, the learning
+    rate (cosine with warmup) on its own axis, validation points and a save marker, every label inside the chart
+    and none overlapping another; the pixels of each mark where the chart's own mapping puts it."""
     steps = 12  # set in the page before queueing: the full example run is the e2e test's job
+    settings = {"steps": steps, "sample_every": 6, "save_every_n_steps": 6, "save_name": "kiln/chart_test",
+                "lr_scheduler": "cosine", "warmup_steps": 3,
+                "training_args": "validation_split=0.25 validate_every_n_steps=4"}
 
     async def run():
         async with Browser(free_port()) as b:
@@ -46,22 +78,36 @@ def test_workflow_opens_queues_and_draws_the_loss_chart(ready_server):
             prompt = await b.evaluate("app.graphToPrompt().then(p => p.output)")
             assert strip_meta(prompt) == strip_meta(API), "the UI workflow does not convert to its API twin in the real frontend"
             widgets = await b.evaluate("app.graph.getNodeById(6).widgets.map(w => w.name)")
-            await b.evaluate(f"(() => {{ const n = app.graph.getNodeById(6); "
-                             f"n.widgets.find(w => w.name === 'steps').value = {steps}; "
-                             f"n.widgets.find(w => w.name === 'sample_every').value = 6; }})()")
+            await b.evaluate(f"(() => {{ const n = app.graph.getNodeById(6); const s = {json.dumps(settings)}; "
+                             f"for (const [k, v] of Object.entries(s)) n.widgets.find(w => w.name === k).value = v; }})()")
             await b.evaluate("app.queuePrompt(0, 1)")
-            await b.wait_for(f"(app.graph.getNodeById(6).kiln?.losses.length ?? 0) >= {steps}", 300, 0.5)
-            chart = await b.evaluate("(() => { const k = app.graph.getNodeById(6).kiln; "
-                                     "return {n: k.losses.length, last: k.last, h: k.canvas.height}; })()")
+            await b.wait_for(f"(app.graph.getNodeById(6).kiln?.points.length ?? 0) >= {steps}", 300, 0.5)
             await b.evaluate("(() => { app.canvas.ds.scale = 1; const n = app.graph.getNodeById(6); "
-                             "app.canvas.ds.offset = [-n.pos[0] + 420, -n.pos[1] + 60]; app.canvas.setDirty(true, true); })()")
+                             "app.canvas.ds.offset = [-n.pos[0] + 420, -n.pos[1] - n.size[1] + 760]; "
+                             "app.canvas.setDirty(true, true); })()")
             await asyncio.sleep(1)
+            chart = await b.evaluate(CHART_CHECK)
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
             await b.screenshot(SCREENSHOTS / "train_node_loss_chart.png")
+            (SCREENSHOTS / "loss_chart_canvas.png").write_bytes(base64.b64decode(chart.pop("png").split(",", 1)[1]))
             return widgets, chart, b.console
     widgets, chart, console = asyncio.run(run())
     assert "kiln_loss" in widgets
-    assert chart["n"] == steps and chart["last"]["step"] == steps and chart["h"] > 0
+    assert chart["n"] == steps and chart["last"]["step"] == steps
+    # readable at the node's default size: the chart spans the node, labels >= 10 px, inside, apart
+    assert chart["node_width"] - 40 <= chart["width"] <= chart["node_width"], chart
+    assert chart["font"] >= 10 and not chart["overlaps"] and not chart["outside"], chart
+    left, top, right, bottom = chart["box"]
+    assert right - left >= 200 and bottom - top >= 100, chart["box"]
+    assert len(chart["ticks"]) >= 3 and chart["ticks"][-1] <= steps and {str(t) for t in chart["ticks"]} <= set(chart["labels"])
+    # the data: a save after step 6, validation every 4 steps, cosine lr rising over the warmup then falling
+    assert chart["saves"] == [6] and {4, 8, 12} <= set(chart["val"])  # (and at epoch ends, as kohya)
+    lrs = chart["lrs"]
+    assert lrs[0] < lrs[2] and lrs[2] > lrs[-1] and len(lrs) == steps
+    # and their pixels (distance in RGB to the mark's colour; 0 = exact, anti-aliased lines a little off)
+    assert max(chart["save_marker"]) < 30 and chart["save_line_clear"] > 60, chart
+    assert max(chart["val_points"]) < 30, chart["val_points"]
+    assert max(chart["lr_line"]) < 60, chart["lr_line"]
     assert not [c for c in console if "kiln" in c.lower() and ("error" in c.lower() or "EXCEPTION" in c)], console
 
 
