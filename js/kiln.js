@@ -24,6 +24,9 @@ function movingAverage(values, window) {
   return out;
 }
 
+// plot.smoothing_window: 1/20 of the steps, at least 3 (but at most a quarter of them)
+const smoothingWindow = (n) => Math.max(1, Math.min(Math.floor(n / 4), Math.max(3, Math.floor(n / 20))));
+
 // at most count+1 ticks inside [lo, hi], spaced 1, 2 or 5 x 10^k (plot.nice_ticks)
 function niceTicks(lo, hi, count) {
   const span = hi - lo;
@@ -109,7 +112,7 @@ function draw(canvas, state) {
     hline(left - 3, yy, left, yy, C.frame);
     text(t.toPrecision(3).replace(/\.?0+$/, ""), left - 5, yy, C.label, "right", "middle");
   }
-  const stepTicks = niceTicks(x0, x1, Math.max(2, Math.floor((right - left) / 45)));
+  const stepTicks = niceTicks(x0, x1, Math.max(2, Math.floor((right - left) / 36)));
   for (const t of stepTicks) {
     const xx = Math.round(x(t)) + 0.5;
     hline(xx, top, xx, bottom, C.grid);
@@ -120,7 +123,7 @@ function draw(canvas, state) {
     for (const t of niceTicks(0, lrMax, 3)) {
       const yy = Math.round(yLr(t)) + 0.5;
       hline(right, yy, right + 3, yy, C.lr);
-      text(fmtLr(t), right + 5, yy, C.lr, "left", "middle");
+      text(fmtLr(t), right + 5, Math.min(yy, bottom - FONT_PX / 2), C.lr, "left", "middle");  // 0: clear of the step labels
     }
   }
   g.strokeStyle = C.frame;
@@ -146,7 +149,7 @@ function draw(canvas, state) {
     g.stroke();
   };
   line(pts, y, C.raw, 1);
-  const avg = movingAverage(pts.map((p) => p[1]), Math.max(1, Math.floor(pts.length / 20)));
+  const avg = movingAverage(pts.map((p) => p[1]), smoothingWindow(pts.length));
   line(pts.map((p, i) => [p[0], avg[i]]), y, C.smooth, 2);
   if (lrMax > 0) line(lrs, yLr, C.lr, 1.5);
   g.fillStyle = C.val;

@@ -27,7 +27,8 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 
 def smoothing_window(n: int) -> int:
-    return max(1, n // 20)
+    """1/20 of the steps, at least 3 so a short run's curve is smoothed too, at most a quarter of them."""
+    return max(1, min(n // 4, max(3, n // 20)))
 
 
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
@@ -132,7 +133,7 @@ def loss_plot(losses: list[float], width: int = 640, height: int = 320, title: s
         for t in nice_ticks(0, f.lr_max, count=4):
             y = f.y_lr(t)
             d.line([(right, y), (right + 4, y)], fill=c["lr"])
-            d.text((right + 6, y), _fmt_lr(t), fill=c["lr"], font=small, anchor="lm")
+            d.text((right + 6, min(y, bottom - 6)), _fmt_lr(t), fill=c["lr"], font=small, anchor="lm")
     d.rectangle([left, top, right, bottom], outline=c["frame"])
     # saves: a dashed line through the plot and a marker above it
     for s in saves:

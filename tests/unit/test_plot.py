@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from trainer_core.plot import (COLOURS, PAD_BOTTOM, PAD_LEFT, PAD_RIGHT, PAD_TOP, frame_for, loss_plot,
-                               moving_average, nice_ticks)
+                               moving_average, nice_ticks, smoothing_window)
 
 W, H = 640, 320
 
@@ -14,6 +14,7 @@ W, H = 640, 320
 def test_moving_average_by_hand():
     assert moving_average([4, 2, 6, 0], 2) == [4, 3, 4, 3]
     assert moving_average([1, 2, 3], 1) == [1, 2, 3]
+    assert [smoothing_window(n) for n in (2, 4, 12, 60, 200, 1000)] == [1, 1, 3, 3, 10, 50]
 
 
 @pytest.mark.parametrize("lo, hi, count, ticks", [
