@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 import xml.etree.ElementTree as ET
 import zipfile
@@ -82,11 +83,13 @@ def test_registry_validation_icon_and_archive(snapshot, tmp_path):
     assert comfy["includes"] == []  # every file the pack needs is tracked by git, so the archive has it already
 
 
-def fresh_environment(python: str, home: Path) -> Path:
-    """A venv of the provisioned Python whose site-packages are hard links to the provisioned one's: the same
-    packages at no copy cost, and an install or removal in it (new files, unlinks) never reaches the original."""
+def fresh_environment(python: str) -> tuple[Path, Path]:
+    """(a scratch folder, the python of a venv in it) built from the provisioned Python: its site-packages are hard
+    links to the provisioned one's, so the same packages at no copy cost, and an install or removal in it (new
+    files, unlinks) never reaches the original. The scratch folder sits beside that site-packages, on its disk."""
     site, base = run([python, "-c", "import site, sys; print(site.getsitepackages()[0]); print(sys._base_executable)"],
-                     home).split()
+                     REPO).split()
+    home = Path(tempfile.mkdtemp(prefix="kiln-manager-test-", dir=Path(site).parent))
     venv = home / "venv"
     run([base, "-m", "venv", "--without-pip", str(venv)], home)
     target = next((venv / "lib").glob("python*/site-packages"))
@@ -94,7 +97,7 @@ def fresh_environment(python: str, home: Path) -> Path:
     uv = Path(python).parent / "uv"  # comfyui-manager's uv, found next to the interpreter as in a real venv
     if uv.exists():
         os.link(uv, venv / "bin" / "uv")
-    return venv / "bin" / "python"
+    return home, venv / "bin" / "python"
 
 
 def freeze(python: Path) -> dict[str, str]:
@@ -104,13 +107,9 @@ def freeze(python: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_manager_cli_installs_the_pack_offline_into_a_fresh_comfyui(snapshot, kiln_env):
-    # the fresh environment lives next to the provisioned one: hard links need the same file system
-    home = Path(kiln_env.python).resolve().parents[2] / f"kiln-manager-test-{os.getpid()}"
-    shutil.rmtree(home, ignore_errors=True)
-    home.mkdir()
+    home, python = fresh_environment(kiln_env.python)
     server = None
     try:
-        python = fresh_environment(kiln_env.python, home)
         comfyui = home / "ComfyUI"
         top = Path(kiln_env.comfyui)
         shutil.copytree(top, comfyui, symlinks=True, ignore=lambda d, names: [  # the code, no models or nodes
