@@ -24,6 +24,7 @@ from .ema import EMA
 from .epochs import epoch_batches, resolve_epochs, steps_per_epoch
 from .errors import KilnError
 from .losses import elementwise, per_sample_loss
+from .oom import oom_guard
 from .preservation import preservation_caption
 from .lora.network import LoRANetwork
 from .optim import FusedBackward, Schedule, build_optimizer, build_scheduler, check_fused
@@ -365,8 +366,10 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
 
     batches = BatchStream(cache, cfg.batch_size, cfg.seed)
     caption_rng = random.Random(cfg.seed + 2)  # its own stream: caption augmentation never moves batch order or noise
+    trained_params = sum(p.numel() for p in params)
     if resume is None:
-        result, first = TrainResult(probe_loss_start=probe_loss()), 1
+        with oom_guard(cfg, trained_params, device, "measuring the probe loss before step 1"):
+            result, first = TrainResult(probe_loss_start=probe_loss()), 1
     else:
         if resume["step"] >= cfg.steps:
             raise KilnError(f"the run to resume already made {resume['step']} steps; set steps above that to "
@@ -440,7 +443,8 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
         return sum(losses) / len(losses)
 
     start = time.perf_counter()
-    with gradient_checkpointing(list(checkpoint_blocks), cfg.gradient_checkpointing):
+    with oom_guard(cfg, trained_params, device, lambda: f"at training step {result.steps + 1}"), \
+            gradient_checkpointing(list(checkpoint_blocks), cfg.gradient_checkpointing):
         for step in range(first, cfg.steps + 1):
             if cfg.stop_text_encoder_training is not None and step > cfg.stop_text_encoder_training:
                 freeze_text_encoders(groups)
