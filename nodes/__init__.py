@@ -6,10 +6,12 @@ from comfy_api.latest import ComfyExtension, io
 from .dreambooth_nodes import KilnSaveCheckpoint, KilnTrainDreamBooth
 from .dataset_nodes import KilnCacheLatents, KilnDatasetFromImages, KilnLoadDataset, KilnMaskSource
 from .lora_nodes import KilnLoraConfig, KilnSaveLora
+from .reg_images_nodes import KilnMakeRegImages
 from .train_nodes import KilnTrainSD1, KilnTrainSD3, KilnTrainSDXL
 
-NODES: list[type[io.ComfyNode]] = [KilnLoadDataset, KilnDatasetFromImages, KilnMaskSource, KilnCacheLatents, KilnLoraConfig, KilnTrainSD1, KilnTrainSDXL, KilnTrainSD3, KilnSaveLora,
-                                 KilnTrainDreamBooth, KilnSaveCheckpoint]
+NODES: list[type[io.ComfyNode]] = [KilnLoadDataset, KilnDatasetFromImages, KilnMaskSource, KilnCacheLatents, KilnLoraConfig,
+                                 KilnTrainSD1, KilnTrainSDXL, KilnTrainSD3, KilnSaveLora, KilnTrainDreamBooth,
+                                 KilnSaveCheckpoint, KilnMakeRegImages]
 
 
 class KilnExtension(ComfyExtension):

@@ -6,6 +6,7 @@ Other nodes share that object, so after training it must behave exactly as befor
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ import comfy.utils
 from ...trainer_core.errors import KilnError
 from . import compat
 from . import private as private_model
-from .tensors import autograd_views
+from .tensors import autograd_views, fingerprint, fingerprint_patches
 
 
 # ComfyUI model_config class names per Kiln train node
@@ -207,6 +208,20 @@ def apply_weights(model, clip, unet_sd: dict[str, torch.Tensor], clip_sd: dict[s
     if missing:  # a bug if it ever happens: a trained weight ComfyUI would not apply
         raise KilnError(f"{len(missing)} trained weights do not map onto the model, e.g. {missing[0]}")
     return model_out, clip_out
+
+
+def model_identity(model) -> str:
+    """A stable id of what a MODEL samples: the diffusion model's weights, the patches on top (an upstream LoRA)
+    and its type and prediction (a ModelSamplingDiscrete patch in front changes it)."""
+    h = hashlib.sha256()
+    sd = model.model.diffusion_model.state_dict()
+    for k in sorted(sd):
+        fingerprint(h, k, sd[k])
+    fingerprint_patches(h, model.patches)
+    sampling = model.get_model_object("model_sampling")
+    h.update(f"{type(model.model).__name__}|{model.model.model_type}|{type(sampling).__name__}|"
+             f"{getattr(sampling, 'zsnr', False)}".encode())
+    return h.hexdigest()[:16]
 
 
 def checkpoint_weights(model, path: str) -> dict[str, torch.Tensor]:

@@ -46,3 +46,17 @@ def fingerprint(h, name: str, t: torch.Tensor) -> None:
     flat = t.detach().flatten()
     h.update(f"{name}{tuple(t.shape)}".encode())
     h.update(flat[::max(1, flat.numel() // 4096)][:4096].float().cpu().numpy().tobytes())
+
+
+def fingerprint_patches(h, patches: dict) -> None:
+    """ComfyUI weight patches (an upstream LoRA, trained "set" weights) into the hash: keys, strengths and a
+    sample of each patch tensor."""
+    for key in sorted(patches):
+        for patch in patches[key]:
+            h.update(f"{key}{patch[0]}{patch[2]}".encode())  # strength_patch, strength_model
+            data = patch[1]
+            for i, t in enumerate(data if isinstance(data, (list, tuple)) else [data]):
+                if isinstance(t, torch.Tensor):
+                    fingerprint(h, f"{key}.{i}", t)
+                else:
+                    h.update(repr(type(t)).encode())

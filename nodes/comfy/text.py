@@ -16,7 +16,7 @@ from ...trainer_core.token_windows import WINDOW, joined_positions, kohya_window
 from . import compat
 from .model import TrainingTarget
 from .private import private_patcher
-from .tensors import autograd_views, fingerprint, normal_tensor
+from .tensors import autograd_views, fingerprint, fingerprint_patches, normal_tensor
 
 
 def _clone_input(module, args):
@@ -114,15 +114,7 @@ def clip_identity(clip, settings: str) -> str:
     sd = clip.cond_stage_model.state_dict()
     for k in sorted(sd):
         fingerprint(h, k, sd[k])
-    for key in sorted(clip.patcher.patches):
-        for patch in clip.patcher.patches[key]:
-            h.update(f"{key}{patch[0]}{patch[2]}".encode())  # strength_patch, strength_model
-            data = patch[1]
-            for i, t in enumerate(data if isinstance(data, (list, tuple)) else [data]):
-                if isinstance(t, torch.Tensor):
-                    fingerprint(h, f"{key}.{i}", t)
-                else:
-                    h.update(repr(type(t)).encode())
+    fingerprint_patches(h, clip.patcher.patches)
     h.update(f"{type(clip.cond_stage_model).__name__}|{clip.layer_idx}|{settings}".encode())
     return h.hexdigest()[:16]
 
