@@ -65,7 +65,14 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
         inputs, widgets = [], []
         for name, spec in ordered_inputs(info):
             value = node["inputs"].get(name)
-            if is_widget(spec):
+            linked = isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+            if is_widget(spec) and linked:  # a widget fed by a link: a socket named after its widget
+                default = spec[1].get("default") if len(spec) > 1 and isinstance(spec[1], dict) else None
+                widgets.append(default if default is not None else "")
+                link = next(l for l in links if l[3] == int(nid) and l[6] == name)
+                link[4], link[5] = len(inputs), "COMBO" if isinstance(spec[0], list) else spec[0]
+                inputs.append({"name": name, "type": link[5], "widget": {"name": name}, "link": link[0]})
+            elif is_widget(spec):
                 widgets.append(value if name in node["inputs"] else spec[1].get("default") if len(spec) > 1 else None)
                 if has_seed_control(name, spec):
                     widgets.append("fixed")  # the frontend's extra "control after generate" widget
