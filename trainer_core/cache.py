@@ -235,7 +235,12 @@ def encode_dataset(dataset: Dataset, encode: Callable[[torch.Tensor], torch.Tens
     jobs = _plan_jobs(dataset, encoder_id)
     entries: dict[tuple[int, bool], Entry] = {}
     todo: list[_Job] = []
+    scheduled: set[str] = set()
+    twins: list[_Job] = []  # the key of a job already to encode: the same image (mask, crop) again, encoded once
     for job in jobs:
+        if job.key in scheduled:
+            twins.append(job)
+            continue
         entry = memory.get(job.key) if memory is not None else None
         if entry is not None:
             stats.from_memory += 1
@@ -245,6 +250,7 @@ def encode_dataset(dataset: Dataset, encode: Callable[[torch.Tensor], torch.Tens
                 memory.put(job.key, entry)
         if entry is None:
             todo.append(job)
+            scheduled.add(job.key)
         else:
             entries[job.item, job.flip] = entry
 
@@ -276,6 +282,10 @@ def encode_dataset(dataset: Dataset, encode: Callable[[torch.Tensor], torch.Tens
                 progress(stats.encoded, len(todo), eta_text(stats.encoded, len(todo),
                                                             time.perf_counter() - encode_start))
 
+    encoded = {job.key: entries[job.item, job.flip] for job in todo}
+    for job in twins:
+        entries[job.item, job.flip] = encoded[job.key]
+        stats.from_memory += 1
     repeats = dataset.sample_repeats()
     geometry = {job.item: job.geometry for job in jobs if not job.flip}
     samples = []

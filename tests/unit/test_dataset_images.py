@@ -185,3 +185,18 @@ def test_preview_grid_shows_the_tiles_in_order_with_their_text():
     band = grid[pad + CELL + 1:pad + CELL + text_h, pad:pad + CELL]
     assert (band.min(-1) > 150).sum() > 30
     assert preview_grid(ds, count=8).size[0] == 3 * (CELL + pad) + pad   # at most the images there are
+
+
+def test_the_same_image_twice_is_encoded_once():
+    """ComfyUI's folder loader lists the images of an N_name sub-folder N times: each distinct image (with its mask
+    and crop) goes through the VAE once, and every copy gets that latent."""
+    images, masks = pictures(), masks_for(pictures())
+    encoder = Counting()
+    cache = encode_dataset(from_images(images * 3, masks * 3), encoder, "vae-1")
+    assert encoder.images == 4 and cache.stats.encoded == 4 and cache.stats.from_memory == 8
+    for k in range(4):
+        assert cache.samples[k].latent is cache.samples[k + 4].latent is cache.samples[k + 8].latent
+    # the same pixels with another mask is another latent entry
+    other = [m.copy() for m in masks]
+    other[0] = 255 - other[0]
+    assert encode_dataset(from_images(images * 2, masks + other), Counting(), "vae-1").stats.encoded == 5
