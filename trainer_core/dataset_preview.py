@@ -18,7 +18,8 @@ from .data.masks import image_and_mask, image_rgb
 KEEP = 0.3                           # brightness left in a fully masked-out pixel
 TINT = torch.tensor([0.2, 0.0, 0.12])[:, None, None]  # added there, scaled by how much is masked out
 CELL = 192                           # longest side of a tile in the grid
-TEXT_H = 30                          # two lines of text under each tile
+FONT = 18                            # large enough to read when the node shows the grid at ~40 %
+TEXT_H = 2 * FONT + 12               # two lines of text under each tile
 COLUMNS = 4
 BACKGROUND = (24, 24, 28)
 
@@ -63,14 +64,14 @@ def preview_tile(dataset: Dataset, index: int) -> Image.Image:
 
 
 def preview_grid(dataset: Dataset, count: int = 8) -> Image.Image:
-    """The first ``count`` items in a grid: each tile with 'bucket WxH, repeats N' and its caption (cut) below."""
+    """The first ``count`` items in a grid: each tile with 'W x H (its bucket), N repeats' and its caption (cut) below."""
     n = max(1, min(count, len(dataset.items)))
     cols = min(COLUMNS, n)
     rows = (n + cols - 1) // cols
     pad = 6
     grid = Image.new("RGB", (cols * (CELL + pad) + pad, rows * (CELL + TEXT_H + pad) + pad), BACKGROUND)
     draw = ImageDraw.Draw(grid)
-    font = _font(11)
+    font = _font(FONT)
     for k in range(n):
         item = dataset.items[k]
         subset = dataset.subsets[item.subset]
@@ -78,8 +79,9 @@ def preview_grid(dataset: Dataset, count: int = 8) -> Image.Image:
         y0 = pad + (k // cols) * (CELL + TEXT_H + pad)
         tile = preview_tile(dataset, k)
         grid.paste(tile, (x0 + (CELL - tile.width) // 2, y0 + (CELL - tile.height) // 2))
-        info = f"bucket {item.bucket[0]}x{item.bucket[1]}, repeats {subset.num_repeats}" + (" (reg)" if subset.is_reg else "")
-        draw.text((x0, y0 + CELL + 2), info, fill=(200, 200, 200), font=font)
-        draw.text((x0, y0 + CELL + 15), _cut(base_caption(item.caption, subset.captions) or "(no caption)", font, CELL), fill=(235, 235, 235),
+        n = subset.num_repeats
+        info = f"{item.bucket[0]}x{item.bucket[1]}, {n} repeat{'s' if n != 1 else ''}" + (" (reg)" if subset.is_reg else "")
+        draw.text((x0, y0 + CELL + 3), _cut(info, font, CELL), fill=(200, 200, 200), font=font)
+        draw.text((x0, y0 + CELL + FONT + 7), _cut(base_caption(item.caption, subset.captions) or "(no caption)", font, CELL), fill=(235, 235, 235),
                   font=font)
     return grid

@@ -14,7 +14,7 @@ from trainer_core.data.buckets import BucketConfig
 from trainer_core.data.dataset import Subset, build_dataset, dataset_from_images, subsets_from_folder
 from trainer_core.data.images import MemoryImage
 from trainer_core.data.masks import INPUT_MASKS
-from trainer_core.dataset_preview import CELL, KEEP, TINT, overlay, preview_grid, training_view
+from trainer_core.dataset_preview import CELL, KEEP, TEXT_H, TINT, overlay, preview_grid, training_view
 from trainer_core.errors import KilnError
 from trainer_core.latent_store import MemoryStore
 
@@ -171,7 +171,7 @@ def test_preview_grid_shows_the_tiles_in_order_with_their_text():
     ds = from_images([image, plain, plain], [mask, np.full((64, 96), 255, np.uint8)] * 1 + [np.zeros((64, 96), np.uint8)],
                      captions=["a very long caption " * 10, "short", ""], buckets=NO_BUCKETS)
     grid = np.asarray(preview_grid(ds, count=2)).astype(int)
-    pad, text_h = 6, 30
+    pad, text_h = 6, TEXT_H
     assert grid.shape == (pad + CELL + text_h + pad, 2 * (CELL + pad) + pad, 3)
     # tile 0 is the 64x64 training view scaled x3: its mask edge at column 48 -> 144 in the grid cell
     row = pad + 100
