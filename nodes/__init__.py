@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .compare_nodes import KilnCompareLoras
 from .dreambooth_nodes import KilnSaveCheckpoint, KilnTrainDreamBooth
 from .dataset_nodes import KilnCacheLatents, KilnDatasetFromImages, KilnLoadDataset, KilnMaskSource
 from .lora_nodes import KilnLoraConfig, KilnSaveLora
@@ -11,7 +12,7 @@ from .train_nodes import KilnTrainSD1, KilnTrainSD3, KilnTrainSDXL
 
 NODES: list[type[io.ComfyNode]] = [KilnLoadDataset, KilnDatasetFromImages, KilnMaskSource, KilnCacheLatents, KilnLoraConfig,
                                  KilnTrainSD1, KilnTrainSDXL, KilnTrainSD3, KilnSaveLora, KilnTrainDreamBooth,
-                                 KilnSaveCheckpoint, KilnMakeRegImages]
+                                 KilnSaveCheckpoint, KilnMakeRegImages, KilnCompareLoras]
 
 
 class KilnExtension(ComfyExtension):

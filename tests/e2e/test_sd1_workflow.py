@@ -114,6 +114,8 @@ def test_ui_workflow_is_the_api_workflow_for_this_server(comfy_server, name):
     ("sd1_dreambooth_reg", lambda meta: int(meta["ss_num_reg_images"]) > 0 and meta["ss_prior_loss_weight"] == "1.0"),
     # Make Regularization Images feeds Load Dataset's regularization_folder in the same graph
     ("sd1_reg_images", lambda meta: meta["ss_num_reg_images"] == "4" and meta["ss_prior_loss_weight"] == "1.0"),
+    # the run Compare LoRAs draws: an intermediate save at step 20 and a validation loss
+    ("sd1_compare_loras", lambda meta: meta["ss_steps"] == "40" and "kiln_validation_loss" in meta),
 ])
 def test_masked_and_dreambooth_examples_train(comfy_server, trained, name, check):
     wf = json.loads((REPO / "example_workflows" / "api" / f"{name}.json").read_text())
