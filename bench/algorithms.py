@@ -14,7 +14,6 @@ trainer_core/lora/lycoris_algos.py).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,7 +23,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from train_overhead import kiln_step, prepare, setup_comfy, sync  # noqa: E402
+from train_overhead import kiln_step, prepare, setup_comfy, step_bench_args, sync  # noqa: E402
 
 ALGOS = {"lora": {}, "loha": {}, "lokr": {"factor": 8}, "dora": {}}
 
@@ -77,16 +76,7 @@ def layer_paths(width, tokens, rank, reps, device, dtype):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--family", default="sd1", choices=("sd1", "sdxl", "sd3"))
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = step_bench_args(__doc__)
     gpu = torch.cuda.is_available()
     setup_comfy(cpu=not gpu)
     b = prepare(args.family)

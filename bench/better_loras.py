@@ -10,7 +10,6 @@ without adapters and one forward + backward with them).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from train_overhead import kiln_step, prepare, setup_comfy  # noqa: E402
+from train_overhead import kiln_step, prepare, setup_comfy, step_bench_args  # noqa: E402
 
 VARIANTS = {
     "plain": {},
@@ -30,16 +29,7 @@ VARIANTS = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--family", default="sd1", choices=("sd1", "sdxl", "sd3"))
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = step_bench_args(__doc__)
     gpu = torch.cuda.is_available()
     setup_comfy(cpu=not gpu)
     b = prepare(args.family)

@@ -169,6 +169,22 @@ def raw_step(b: Setup, t, steps, warmup, checkpointing) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def step_bench_args(doc: str) -> argparse.Namespace:
+    """The options of the scripts that time loop.train variants against each other (algorithms.py,
+    better_loras.py), parsed, with the CPU thread count applied."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--family", default="sd1", choices=("sd1", "sdxl", "sd3"))
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
 def kiln_step(b: Setup, rank, steps, warmup, checkpointing=False, clock=time.perf_counter, network_options=None,
               **options):
     """(seconds per optimizer step of trainer_core.loop.train, the LoRANetwork it trained); ``network_options``:

@@ -5,6 +5,7 @@ import asyncio
 import base64
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -96,3 +97,20 @@ class Browser:
         data = (await self.send("Page.captureScreenshot", format="png"))["data"]
         with open(path, "wb") as f:
             f.write(base64.b64decode(data))
+
+    async def open_app(self, url: str) -> None:
+        """ComfyUI's frontend at ``url``, loaded with its extensions (Kiln's among them)."""
+        await self.navigate(url)
+        await self.wait_for("window.app && window.app.graph && window.app.extensionManager !== undefined", 90)
+
+    async def screenshot_node(self, node_id: int, path, dx: int = 40, dy: int = 60) -> None:
+        """A screenshot at scale 1 with node ``node_id`` near the top left (once its image element has loaded)."""
+        await self.evaluate(f"(() => {{ app.canvas.ds.scale = 1; const n = app.graph.getNodeById({node_id}); "
+                            f"app.canvas.ds.offset = [-n.pos[0] + {dx}, -n.pos[1] + {dy}]; app.canvas.setDirty(true, true); }})()")
+        try:  # the frontend may draw the image a moment later; the caller's assertions read the files
+            await self.wait_for(f"app.graph.getNodeById({node_id}).imgs?.[0]?.naturalWidth > 0", 20, 0.5)
+        except TimeoutError:
+            pass
+        await asyncio.sleep(1)
+        os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+        await self.screenshot(path)

@@ -8,7 +8,9 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from fixtures.datasets import make_dataset
 
@@ -29,29 +31,21 @@ def test_compare_loras_example_shows_its_grid_on_the_node(comfy_server, server_s
 
     async def run():
         async with Browser(free_port()) as b:
-            await b.navigate(comfy_server.url)
-            await b.wait_for("window.app && window.app.graph && window.app.extensionManager !== undefined", 90)
+            await b.open_app(comfy_server.url)
             await b.evaluate(f"app.loadGraphData({json.dumps(ui)})")
             await b.evaluate("app.queuePrompt(0, 1)")
-            # the node's own output (a temp file), not the sampling previews its progress bar showed before
-            await b.wait_for("(app.graph.getNodeById(10).imgs?.length ?? 0) > 0 && app.graph.getNodeById(10).imgs[0]"
-                             ".src.includes('type=temp') && app.graph.getNodeById(10).imgs[0].complete && "
-                             "app.graph.getNodeById(10).imgs[0].naturalWidth > 0", 600, 1.0)
-            shown = await b.evaluate("(() => { const im = app.graph.getNodeById(10).imgs[0]; "
-                                     "return [im.naturalWidth, im.naturalHeight, im.src]; })()")
-            await b.evaluate("(() => { app.canvas.ds.scale = 1; const n = app.graph.getNodeById(10); "
-                             "app.canvas.ds.offset = [-n.pos[0] + 40, -n.pos[1] + 60]; app.canvas.setDirty(true, true); })()")
-            await asyncio.sleep(1)
-            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            # what the frontend draws a node's images from (ComfyUI 0.3.75's frontend and 0.33's alike)
+            await b.wait_for("(app.nodeOutputs?.['10']?.images?.length ?? 0) > 0", 600, 1.0)
+            shown = await b.evaluate("app.nodeOutputs['10'].images[0]")
             shot = SCREENSHOTS / "compare_loras_node.png"
-            await b.screenshot(shot)
+            await b.screenshot_node(10, shot)
             return shown, shot, b.console
 
     shown, shot, console = asyncio.run(run())
+    assert shown["type"] == "temp", shown
+    grid = np.asarray(Image.open(comfy_server.base_dir / "temp" / shown.get("subfolder", "") / shown["filename"]))
     # 3 rows (base, step 20, final) of 64 px under a 24 px label band; 2 columns of 64 px beside the row labels
-    assert shown[1] == 24 + 3 * 64 and shown[0] > 2 * 64, shown
-    assert "type=temp" in shown[2]
-    from PIL import Image
+    assert grid.shape[0] == 24 + 3 * 64 and grid.shape[1] > 2 * 64, grid.shape
     with Image.open(shot) as im:
         assert im.size[0] > 400 and len(set(im.convert("L").getdata())) > 20  # the page with the grid drawn
     saved = sorted((comfy_server.loras_dir / "kiln").glob("sd1_compare-step*.safetensors"))

@@ -61,23 +61,14 @@ def test_dataset_nodes_show_their_preview_grid(ready_server):
 
     async def run():
         async with Browser(free_port()) as b:
-            await b.navigate(ready_server.url)
-            await b.wait_for("window.app && window.app.graph && window.app.extensionManager !== undefined", 90)
+            await b.open_app(ready_server.url)
             await b.evaluate(f"app.loadGraphData({json.dumps(ui)})")
             await b.evaluate("app.queuePrompt(0, 1)")
             ids = [4, 6, 7, 5, 8]
             # what the frontend draws a node's images from (node.imgs in older frontends are loaded from it)
             await b.wait_for(f"{ids}.every(i => (app.nodeOutputs?.[String(i)]?.images?.length ?? 0) > 0)", 180, 0.5)
             shown = await b.evaluate(f"Object.fromEntries({ids}.map(i => [i, app.nodeOutputs[String(i)].images[0]]))")
-            await b.evaluate("(() => { app.canvas.ds.scale = 1; const n = app.graph.getNodeById(4); "
-                             "app.canvas.ds.offset = [-n.pos[0] + 40, -n.pos[1] + 60]; app.canvas.setDirty(true, true); })()")
-            try:  # for the screenshot: the node's image element loaded (the assertions below read the files)
-                await b.wait_for("app.graph.getNodeById(4).imgs?.[0]?.naturalWidth > 0", 20, 0.5)
-            except TimeoutError:
-                pass
-            await asyncio.sleep(1)
-            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-            await b.screenshot(SCREENSHOTS / "dataset_preview_node.png")
+            await b.screenshot_node(4, SCREENSHOTS / "dataset_preview_node.png")
             return shown, b.console
 
     shown, console = asyncio.run(run())

@@ -71,8 +71,7 @@ def test_workflow_opens_queues_and_draws_the_loss_chart(ready_server):
 
     async def run():
         async with Browser(free_port()) as b:
-            await b.navigate(ready_server.url)
-            await b.wait_for("window.app && window.app.graph && window.app.extensionManager !== undefined", 90)
+            await b.open_app(ready_server.url)
             await b.wait_for("app.extensions.some(e => e.name === 'kiln.training')", 30)
             await b.evaluate(f"app.loadGraphData({json.dumps(UI)})")
             prompt = await b.evaluate("app.graphToPrompt().then(p => p.output)")
@@ -119,8 +118,7 @@ def test_every_example_workflow_opens_and_converts_to_its_twin(ready_server):
     async def run():
         results = {}
         async with Browser(free_port()) as b:
-            await b.navigate(ready_server.url)
-            await b.wait_for("window.app && window.app.graph && window.app.extensionManager !== undefined", 90)
+            await b.open_app(ready_server.url)
             await b.wait_for("app.extensions.some(e => e.name === 'kiln.training')", 30)
             for name in names:
                 ui = json.loads((REPO / "example_workflows" / name).read_text())
