@@ -276,3 +276,32 @@ def test_ema_is_what_the_node_outputs_previews_and_records(comfy, loaded, cached
     assert any(not torch.equal(plain.state_dict[k], lora.state_dict[k]) for k in plain.state_dict)
     assert any(preview is not None for *_, preview in comfy.progress)  # drawn with the average swapped in
     assert not torch.equal(ksample(comfy, out[0], clip), ksample(comfy, model, clip))
+
+
+def test_output_preservation_keeps_the_class_prompt_near_the_base_model(comfy, loaded, cached):
+    """diff_output_preservation on the tiny fixture (captions 'kiln toy, a red circle ...', trigger 'kiln toy',
+    class 'toy'): with a large multiplier the LoRA changes what the class prompt samples measurably less than
+    the same run without it, and still changes the trigger prompt."""
+    model, clip, _ = loaded
+    cfg = comfy.run_node("KilnLoraConfig", rank=4, alpha=4.0, conv_rank=0, conv_alpha=1.0, dropout=0.0,
+                         rank_dropout=0.0, module_dropout=0.0)[0]
+    opts = TRAIN | dict(steps=16, learning_rate=1e-2, sample_every=0, sample_steps=1)
+
+    def sample(m, text):
+        pos = comfy.run_node("CLIPTextEncode", clip=clip, text=text)[0]
+        neg = comfy.run_node("CLIPTextEncode", clip=clip, text="")[0]
+        latent = comfy.run_node("EmptyLatentImage", width=64, height=64, batch_size=1)[0]
+        return comfy.run_node("KSampler", model=m, seed=3, steps=4, cfg=5.0, sampler_name="euler", scheduler="normal",
+                              positive=pos, negative=neg, latent_image=latent, denoise=1.0)[0]["samples"].clone()
+    cls, trigger = "toy, a red circle on a blue background", "kiln toy, a red circle on a blue background"
+    base = sample(model, cls)
+    plain = comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=cfg, **opts)
+    kept = comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=cfg, **opts,
+                          training_args="diff_output_preservation=true diff_output_preservation_multiplier=20 "
+                                        "diff_output_preservation_trigger='kiln toy' diff_output_preservation_class=toy")
+    drift_plain = float((sample(plain[0], cls) - base).abs().mean())
+    drift_kept = float((sample(kept[0], cls) - base).abs().mean())
+    assert drift_kept < 0.85 * drift_plain, (drift_kept, drift_plain)  # measured: 53.2 vs 69.7 (-24 %)
+    assert float((sample(kept[0], trigger) - sample(model, trigger)).abs().mean()) > 0
+    assert json.loads(kept[1].metadata["kiln_diff_output_preservation"]) == {"multiplier": 20.0,
+                                                                            "pairs": [["kiln toy", "toy"]]}

@@ -58,15 +58,16 @@ def test_applied_swaps_the_average_in_and_the_trained_values_back_bit_identicall
     assert torch.equal(p, average)
 
 
-def test_a_run_with_ema_returns_the_hand_computed_average_and_resumes_bit_identically():
+@pytest.mark.parametrize("algorithm", ["lora", "loha", "lokr", "dora"])
+def test_a_run_with_ema_saves_the_average_and_resumes_bit_identically(algorithm):
     options = dict(ema_decay=0.8, ema_update_every=2)
-    plain, _, _, _ = run()
-    averaged, result, saved, _ = run(save_every=4, options=options)
+    plain, _, _, _ = run(algorithm=algorithm)
+    averaged, result, saved, _ = run(save_every=4, options=options, algorithm=algorithm)
     assert any(not torch.equal(plain[k], averaged[k]) for k in plain)
     # the saves hold the average at that step; the state holds the trained values and the average
     state, weights, _ = saved[4]
     assert state["ema"]["updates"] == 2 and state["trained"] is not None
-    resumed, resumed_result, _, _ = run(resume=state, weights=weights, options=options)
+    resumed, resumed_result, _, _ = run(resume=state, weights=weights, options=options, algorithm=algorithm)
     assert resumed_result.losses == result.losses
     assert all(torch.equal(averaged[k], resumed[k]) for k in averaged)
 

@@ -29,10 +29,11 @@ def data() -> LatentCache:
     return LatentCache(samples, dataset=None, encoder_id="test")
 
 
-def run(resume=None, weights=None, save_every=0, options=None, noise=NoiseOptions()):
+def run(resume=None, weights=None, save_every=0, options=None, noise=NoiseOptions(), algorithm="lora"):
     torch.manual_seed(0)
     root = nn.Sequential(nn.Conv2d(4, 8, 1), nn.SiLU(), nn.Conv2d(8, 4, 1))
-    network = LoRANetwork(root, [TargetRule(r".*", ("conv1x1",), 2, 2.0)], lambda p: f"lora_{p}", dropout=0.2, seed=1)
+    network = LoRANetwork(root, [TargetRule(r".*", ("conv1x1",), 2, 2.0)], lambda p: f"lora_{p}", dropout=0.2, seed=1,
+                          algorithm=algorithm)
     if weights is not None:
         network.load_kohya_state_dict(weights)
     saved = {}
