@@ -8,6 +8,7 @@ import os
 import re
 
 import comfy.samplers
+import folder_paths
 from comfy_api.latest import io, ui
 from safetensors import safe_open
 
@@ -51,6 +52,21 @@ def series(save_name: str) -> list[tuple[int, str, dict]]:
     return sorted(found)
 
 
+def listed(text: str) -> list[tuple[int, str, dict]]:
+    """(step, file, metadata) of LoRAs named one per line, in that order."""
+    out = []
+    for name in (line.strip() for line in text.splitlines()):
+        if not name:
+            continue
+        path = folder_paths.get_full_path("loras", name) or folder_paths.get_full_path("loras", name + ".safetensors")
+        if path is None:
+            raise KilnError(f"{NODE}: loras: {name!r} is not a file in models/loras; give names as Load LoRA lists them.")
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        out.append((int(meta.get("ss_steps") or 0), path, meta))
+    return out
+
+
 def validation_by_step(metas: list[dict]) -> dict[int, float]:
     out: dict[int, float] = {}
     for meta in metas:
@@ -83,17 +99,21 @@ class KilnCompareLoras(io.ComfyNode):
                     io.Int.Input("height", default=512, min=64, max=4096, step=8),
                     KilnLoraType.Input("lora", optional=True,
                                        tooltip="The Train node's final LoRA: the last row (and the Train node runs "
-                                               "first).")],
+                                               "first)."),
+                    io.String.Input("loras", default="", multiline=True, optional=True,
+                                    tooltip="Instead of save_name: LoRA names as Load LoRA lists them, one per line "
+                                            "(rows in this order).")],
             outputs=[io.Image.Output(display_name="grid")],
             hidden=[io.Hidden.unique_id], is_output_node=True)
 
     @classmethod
     def execute(cls, model, clip, vae, save_name, strengths, prompt, negative, seed, steps, cfg, sampler_name,
-                scheduler, width, height, lora: TrainedLora | None = None) -> io.NodeOutput:
+                scheduler, width, height, lora: TrainedLora | None = None, loras: str = "") -> io.NodeOutput:
         check_text(save_name, NODE, "save_name")
         check_text(prompt, NODE, "prompt")
         values = parse_strengths(strengths)
-        rows = [(step, os.path.basename(path), load_lora_file(path)[0], meta) for step, path, meta in series(save_name)]
+        files = listed(loras) if (loras or "").strip() else series(save_name)
+        rows = [(step, os.path.basename(path), load_lora_file(path)[0], meta) for step, path, meta in files]
         if lora is not None:
             rows.append((int(lora.metadata.get("ss_steps") or 0), "final", lora.state_dict, lora.metadata))
         if not rows:
@@ -111,7 +131,8 @@ class KilnCompareLoras(io.ComfyNode):
                 row.append(to_pil(sample_images(m, TextConditioning(cl), vae, [spec])[0]))
                 progress.update(1 + r * len(values) + c + 1)
             cells.append(row)
-            labels.append(f"step {step}" if name != "final" else f"final, step {step}")
+            labels.append(f"final, step {step}" if name == "final" else
+                          f"{os.path.splitext(name)[0]}, step {step}" if (loras or "").strip() else f"step {step}")
         val = validation_by_step([meta for *_, meta in rows])
         scored = [(val[step], k + 1) for k, (step, *_) in enumerate(rows) if step in val]
         marked = min(scored)[1] if scored else None

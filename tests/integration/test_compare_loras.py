@@ -61,6 +61,18 @@ def test_grid_of_steps_and_strengths_matches_stock_lora_loader(comfy, loaded, da
     assert label_band.std() > 0.01  # row labels drawn
 
 
+def test_a_list_of_loras_is_compared_in_its_order(comfy, loaded):
+    model, clip, vae = loaded
+    out = comfy.run_node("KilnCompareLoras", model=model, clip=clip, vae=vae, save_name="kiln/unused",
+                         strengths="1.0", loras="kiln/compare_test-step000002.safetensors\n", **SAMPLE)
+    assert out[0].shape[1] == 24 + 2 * 64  # base + the listed LoRA
+    assert "1 LoRAs × 1 strengths + base" in " ".join(map(str, out.ui["text"]))
+    with pytest.raises(Exception) as err:
+        comfy.run_node("KilnCompareLoras", model=model, clip=clip, vae=vae, save_name="", strengths="1.0",
+                       loras="kiln/nope.safetensors", **SAMPLE)
+    assert type(err.value).__name__ == "KilnError" and "not a file in models/loras" in str(err.value)
+
+
 def test_nothing_to_compare_is_refused(comfy, loaded):
     model, clip, vae = loaded
     with pytest.raises(Exception) as err:
