@@ -36,6 +36,12 @@ def parse_strengths(text: str) -> list[float]:
     return values
 
 
+def metadata_of(path: str) -> dict:
+    """A LoRA file's metadata only (its tensors are read once, for the row that samples with them)."""
+    with safe_open(path, framework="pt") as f:
+        return f.metadata() or {}
+
+
 def series(save_name: str) -> list[tuple[int, str, dict]]:
     """(step, file, metadata) of a run's intermediate LoRAs (kohya's NAME-stepNNNNNN and NAME-NNNNNN epoch
     files in models/loras), by step."""
@@ -46,8 +52,7 @@ def series(save_name: str) -> list[tuple[int, str, dict]]:
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         if pattern.match(name):
             path = os.path.join(folder, name)
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
+            meta = metadata_of(path)
             found.append((int(meta.get("ss_steps") or re.findall(r"\d+", name)[-1]), path, meta))
     return sorted(found)
 
@@ -61,8 +66,7 @@ def listed(text: str) -> list[tuple[int, str, dict]]:
         path = folder_paths.get_full_path("loras", name) or folder_paths.get_full_path("loras", name + ".safetensors")
         if path is None:
             raise KilnError(f"{NODE}: loras: {name!r} is not a file in models/loras; give names as Load LoRA lists them.")
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
+        meta = metadata_of(path)
         out.append((int(meta.get("ss_steps") or 0), path, meta))
     return out
 

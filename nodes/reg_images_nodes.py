@@ -111,7 +111,7 @@ class KilnMakeRegImages(io.ComfyNode):
                              f"{NODE}: image {name}", "Free disk space or choose another folder.")
             write_atomically(os.path.join(target, caption_of(name)), lambda tmp: _write_text(tmp, prompt),
                              f"{NODE}: caption of {name}", "Free disk space or choose another folder.")
-            made = {n: s for n, s in made.items() if n != name} | {name: image_seed}
+            made[name] = image_seed
             write_manifest(target, settings, made)  # after each image: a Cancel keeps what was made
             progress.update(k + 1, pil)
         if not todo:
