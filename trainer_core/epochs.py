@@ -6,25 +6,29 @@ import math
 import random
 from collections import defaultdict
 
+from . import distributed
 from .cache import LatentCache
 
 
-def _buckets(cache: LatentCache, batch_size: int) -> dict[tuple, tuple[list[int], int]]:
+def _buckets(cache: LatentCache, batch_size: int, world: int | None = None) -> dict[tuple, tuple[list[int], int]]:
     """(block, latent shape) -> (every sample index ``repeats`` times, that block's batch size). Reg images
-    arrive already balanced against the training images (Dataset.sample_repeats, as kohya)."""
+    arrive already balanced against the training images (Dataset.sample_repeats, as kohya). Batch sizes are per
+    process: with ``world`` processes (default: the running process group's size) a batch holds ``world`` times
+    as many, which the ranks then share (distributed.share)."""
+    world = distributed.world() if world is None else world
     draws, size = defaultdict(list), {}
     for i, s in enumerate(cache.samples):
         key = (s.block, tuple(s.latent.shape))
         draws[key].extend([i] * s.repeats)
-        size[key] = s.batch_size or batch_size
+        size[key] = (s.batch_size or batch_size) * world
     return {k: (draws[k], size[k]) for k in sorted(draws)}
 
 
-def epoch_batches(cache: LatentCache, batch_size: int, rng: random.Random) -> list[list[int]]:
+def epoch_batches(cache: LatentCache, batch_size: int, rng: random.Random, world: int | None = None) -> list[list[int]]:
     """kohya's epoch: every sample ``repeats`` times, batches never mix buckets nor [[datasets]] blocks (each
-    block batched by its own batch_size), batch order shuffled."""
+    block batched by its own batch_size), batch order shuffled. Every rank draws the same global batches."""
     batches = []
-    for idx, n in _buckets(cache, batch_size).values():
+    for idx, n in _buckets(cache, batch_size, world).values():
         idx = list(idx)
         rng.shuffle(idx)
         batches += [idx[b:b + n] for b in range(0, len(idx), n)]
@@ -32,9 +36,9 @@ def epoch_batches(cache: LatentCache, batch_size: int, rng: random.Random) -> li
     return batches
 
 
-def batches_per_epoch(cache: LatentCache, batch_size: int) -> int:
-    """kohya's len(train_dataloader): Σ over buckets of ⌈draws / batch size⌉."""
-    return sum(math.ceil(len(idx) / n) for idx, n in _buckets(cache, batch_size).values())
+def batches_per_epoch(cache: LatentCache, batch_size: int, world: int | None = None) -> int:
+    """kohya's len(train_dataloader): Σ over buckets of ⌈draws / (batch size · processes)⌉."""
+    return sum(math.ceil(len(idx) / n) for idx, n in _buckets(cache, batch_size, world).values())
 
 
 def steps_per_epoch(cache: LatentCache, batch_size: int, grad_accum: int) -> int:

@@ -7,6 +7,7 @@ conditioning, each drawn sample's geometry) into the network's conditioning tens
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -16,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from . import validation
+from . import distributed, validation
 from .cache import LatentCache
 from .checkpointing import gradient_checkpointing
 from .data.captions import augment_caption, base_caption
@@ -157,7 +158,10 @@ class TrainResult:
 class BatchStream:
     """(epoch, batch) forever; epochs count from 1, as kohya's (caption_dropout_every_n_epochs reads them).
     Its position (the epoch's starting RNG state and how far into the epoch) can be saved and restored, so a
-    resumed run draws exactly the batches the uninterrupted one would have."""
+    resumed run draws exactly the batches the uninterrupted one would have.
+
+    Under torchrun every rank draws the same global batches of ``batch_size`` × world size (the same seed, the same
+    epoch order) and trains on its ``share`` of each: the run is that of one process with the global batch."""
 
     def __init__(self, cache: LatentCache, batch_size: int, seed: int):
         self.cache, self.batch_size = cache, batch_size
@@ -180,6 +184,11 @@ class BatchStream:
             self.epoch_start = self.rng.getstate()
             self.batches, self.pos = epoch_batches(self.cache, self.batch_size, self.rng), 0
         return len(self.batches) - self.pos
+
+    @staticmethod
+    def share(batch: list[int]) -> slice:
+        """This rank's positions in a global batch (all of it in a single process)."""
+        return distributed.share(len(batch))
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos, "rng": self.epoch_start}
@@ -255,9 +264,15 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
     per_epoch = steps_per_epoch(cache, cfg.batch_size, cfg.grad_accum)
     num_epochs = math.ceil(cfg.steps / per_epoch)
     torch.manual_seed(cfg.seed)
+    distributed.split_torch_rng()
     gen = torch.Generator().manual_seed(cfg.seed)
     network.to(device=device, dtype=torch.float32).train()
     params = [p for p in network.parameters() if p.requires_grad]
+    world = distributed.world()
+    if world > 1 and cfg.fused_backward_pass:
+        raise KilnError(f"fused_backward_pass steps each parameter during backward, before the other {world - 1} "
+                        f"process(es) have sent their gradients: turn it off for a multi-process (torchrun) run.")
+    distributed.broadcast_(params)  # the same start on every rank
     if cache.has_masks and all(s.mask is not None and not bool((s.mask > 0).any()) for s in cache.samples):
         raise KilnError("every mask is entirely black, so nothing would train: white = train, black = ignore. "
                         "Check the mask folder or alpha channels, or set Alpha/Mask Source's mode to none.")
@@ -290,18 +305,23 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
 
     flip_rng = random.Random(cfg.seed + 3)  # flip_aug: each drawn sample is mirrored with p = 0.5, seeded
 
-    def batch_tensors(indices, train, epoch, caption_rng, source):
+    def batch_tensors(indices, part, train, epoch, caption_rng, source):
+        """The tensors of this rank's ``part`` of the batch ``indices``; the flips and caption draws of the whole
+        batch are made on every rank, so the RNGs stay in step and each sample gets a single process's draw."""
         samples = [source.samples[i] for i in indices]
         flips = [train and flip_rng.random() < 0.5 for _ in samples]  # the probe is never mirrored
+        # kohya's caption augmentation, drawn anew each time; the probe (train=False) sees the steady captions
+        captions = [augment_caption(s.caption, s.captions, caption_rng, epoch) if train
+                    else base_caption(s.caption, s.captions) for s in samples]
+        samples, flips, captions = samples[part], flips[part], captions[part]
+        if not samples:
+            return None
         views = [s.view(f) for s, f in zip(samples, flips)]
         geometries = [s.drawn_geometry(f) for s, f in zip(samples, flips)]  # SDXL's size/crop conditioning
         x0 = latent_in(torch.stack([latent for latent, _ in views]).to(device))
         masks = [m for _, m in views]
         mask = torch.stack(masks).to(device) if all(m is not None for m in masks) else None
         weights = torch.tensor([cfg.prior_loss_weight if s.is_reg else 1.0 for s in samples], device=device)
-        # kohya's caption augmentation, drawn anew each time; the probe (train=False) sees the steady captions
-        captions = [augment_caption(s.caption, s.captions, caption_rng, epoch) if train
-                    else base_caption(s.caption, s.captions) for s in samples]
         cond = {k: v.to(device) for k, v in conditioning(captions, train=train, geometries=geometries).items()}
         return x0, mask, weights, cond, captions, geometries
 
@@ -327,10 +347,30 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
             network.set_enabled(True)
         return torch.nn.functional.mse_loss(predict(), base)
 
-    def loss_of(indices, generator, train=True, epoch=1, caption_rng=None, timestep=None, source=cache):
-        x0, mask, weights, cond, captions, geometries = batch_tensors(indices, train, epoch, caption_rng, source)
+    def noisy(x0, n, part, generator):
+        """The objective's draw (timesteps, noise) for the whole batch of ``n``, this rank's rows kept: every sample
+        gets the noise a single process would give it, and no two ranks share a draw."""
+        if x0.shape[0] == n:
+            return objective.sample(x0, generator)
+        full = x0.new_zeros((n,) + tuple(x0.shape[1:]))
+        full[part] = x0
+        nb = objective.sample(full, generator)
+        return dataclasses.replace(nb, **{f.name: getattr(nb, f.name)[part] for f in dataclasses.fields(nb)
+                                          if torch.is_tensor(getattr(nb, f.name)) and getattr(nb, f.name).dim()
+                                          and getattr(nb, f.name).shape[0] == n})
+
+    def loss_of(indices, generator, train=True, epoch=1, caption_rng=None, timestep=None, source=cache, part=None):
+        """The loss of ``indices`` (this rank's ``part`` of them); None when that part is empty (the RNGs were
+        still drawn for the whole batch)."""
+        part = slice(0, len(indices)) if part is None else part
+        tensors = batch_tensors(indices, part, train, epoch, caption_rng, source)
+        if tensors is None:
+            shape = tuple(latent_in(source.samples[indices[0]].latent[None].to(device)).shape[1:])
+            noisy(torch.zeros((0,) + shape, device=device), len(indices), part, generator)
+            return None
+        x0, mask, weights, cond, captions, geometries = tensors
         if timestep is None:
-            nb = objective.sample(x0, generator)
+            nb = noisy(x0, len(indices), part, generator)
         else:  # validation: one fixed timestep, noise from the validation generator
             noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
             nb = objective.at(x0, torch.full((x0.shape[0],), timestep, dtype=torch.long), noise)
@@ -375,6 +415,11 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
             raise KilnError(f"the run to resume already made {resume['step']} steps; set steps above that to "
                             f"train on.")
         changed = changed_settings(resume.get("settings"), cfg)
+        saved_world = resume.get("world_size", 1)
+        if saved_world != world:
+            total_of = lambda w: cfg.batch_size * w * cfg.grad_accum  # noqa: E731
+            changed.append(f"processes {saved_world} → {world} (total batch {total_of(saved_world)} → "
+                           f"{total_of(world)}; the current epoch's batches are drawn again for it)")
         (fused or opt).load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         # the restored state brings the old learning rates back: the requested ones (and schedule) take effect
@@ -387,6 +432,7 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
             scaler.load_state_dict(resume["scaler"])
         gen.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
+        distributed.split_torch_rng()
         caption_rng.setstate(resume["caption_rng"])
         flip_rng.setstate(resume["flip_rng"])
         batches.restore(resume["batches"])
@@ -416,7 +462,7 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
                 "flip_rng": flip_rng.getstate(), "batches": batches.state(), "losses": list(result.losses),
                 "probe_loss_start": result.probe_loss_start, "settings": run_settings(cfg),
                 "validation": [list(v) for v in result.validation], "lrs": [list(v) for v in result.lrs],
-                "saves": list(result.saves),
+                "saves": list(result.saves), "world_size": world,
                 "ema": ema.state_dict() if ema else None,
                 "trained": [p.detach().to("cpu", copy=True) for p in params] if ema else None}
 
@@ -453,13 +499,19 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
             n = min(cfg.grad_accum, batches.left_in_epoch())  # the epoch's last step may hold fewer batches
             for _ in range(n):
                 epoch, indices = next(batches)
-                loss = loss_of(indices, gen, epoch=epoch, caption_rng=caption_rng)
+                part = batches.share(indices)
+                loss = loss_of(indices, gen, epoch=epoch, caption_rng=caption_rng, part=part)
+                if loss is None:  # this rank's share of a short last batch is empty
+                    continue
                 if not torch.isfinite(loss):
                     raise KilnError(f"the loss became {loss.item()} at step {step}: lower the learning rate "
                                     f"(now {cfg.learning_rate:g}), or train in fp32/bf16 instead of fp16.")
-                scaled = loss / n
+                # the batch's mean loss is Σ over ranks of (own mean × own share); averaging gradients divides by world
+                weight = world * (part.stop - part.start) / len(indices)
+                scaled = (loss * weight if weight != 1 else loss) / n
                 (scaler.scale(scaled) if scaler else scaled).backward()
-                total += loss.item() / n
+                total += loss.item() * weight / n
+            total = distributed.average_gradients(params, total)  # no-op in a single process
             epoch_end = batches.pos >= len(batches.batches)
             if not grads_checked and total > 0:  # a batch that counts (a black-masked one has loss 0 exactly)
                 grads_checked = True
