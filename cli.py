@@ -14,6 +14,14 @@ of that type), VALUE JSON (``2000``, ``true``, ``"text"``) or else a plain strin
 to ComfyUI's own parser (``--cpu``, ``--base-directory DIR``, ``--extra-model-paths-config FILE``, ...).
 ComfyUI is found from ``--comfyui``, ``COMFYUI_PATH``, or the folder this pack is installed in. Progress, the
 loss and errors are printed; the exit code is 0 on success, 1 when validation or a node fails.
+
+Several processes train one LoRA when a launcher starts this file (README, "Multi-GPU and multi-node"):
+
+    torchrun --nproc_per_node=N cli.py --workflow run.json        (accelerate launch --multi_gpu ... works alike)
+
+Each process binds the GPU numbered LOCAL_RANK (CUDA_VISIBLE_DEVICES, set before ComfyUI touches CUDA), joins the
+process group (NCCL on GPUs, gloo with ``-- --cpu``), and runs the same graph; processes other than rank 0 run only
+the Train node and what feeds it, print only errors, and write nothing.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ import tomllib
 import uuid
 
 PACK = os.path.dirname(os.path.abspath(__file__))
+TRAINERS = ("KilnTrainSD1", "KilnTrainSDXL", "KilnTrainSD3")  # the nodes a multi-process run shares out
 
 
 def load_compat():
@@ -185,15 +194,22 @@ class Host:
     client_id = "kiln-cli"
     last_node_id = None
 
-    def __init__(self, prompt: dict, node_replace_manager=None):
+    def __init__(self, prompt: dict, node_replace_manager=None, rank: int = 0):
         self.prompt = prompt
         self.node_replace_manager = node_replace_manager  # ComfyUI ≥ 0.33: node packs register with it at import
+        self.rank = rank  # in a multi-process run only rank 0 reports progress; every rank reports its errors
+        self.tag = f"[kiln rank {rank}]" if rank else "[kiln]"
+        self.ran: list[str] = []  # the nodes this process executed
 
     def title(self, node_id) -> str:
         node = self.prompt.get(str(node_id), {})
         return f"{node_id} {node.get('_meta', {}).get('title') or node.get('class_type', '')}".strip()
 
     def send_sync(self, event, data, sid=None) -> None:
+        if event == "executing" and data.get("node"):
+            self.ran.append(str(data["node"]))
+        if self.rank and event not in ("execution_error", "execution_interrupted"):
+            return
         if event == "executing" and data.get("node"):
             print(f"[kiln] running node {self.title(data['node'])}", flush=True)
         elif event == "kiln.loss":
@@ -203,10 +219,10 @@ class Host:
                 print(f"[kiln]   {epoch}step {step}/{total}  loss {data['loss']:.4f}  lr {data['lr']:.2e}  "
                       f"{data['seconds']:.1f}s", flush=True)
         elif event == "execution_error":
-            print(f"[kiln] error in node {self.title(data.get('node_id'))}: {data.get('exception_message', '').strip()}",
+            print(f"{self.tag} error in node {self.title(data.get('node_id'))}: {data.get('exception_message', '').strip()}",
                   file=sys.stderr, flush=True)
         elif event == "execution_interrupted":
-            print(f"[kiln] interrupted in node {self.title(data.get('node_id'))}", file=sys.stderr, flush=True)
+            print(f"{self.tag} interrupted in node {self.title(data.get('node_id'))}", file=sys.stderr, flush=True)
 
     def queue_updated(self) -> None:
         pass
@@ -232,6 +248,40 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"kiln: {opts.workflow} is not an API-format workflow (export it with 'Export (API)').")
 
     comfyui = find_comfyui(opts.comfyui)
+    from trainer_core import distributed
+    if distributed.launched() and "--cpu" not in comfy_args:  # before ComfyUI's model management touches CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = distributed.visible_device()
+    try:
+        return run(opts, prompt if opts.workflow else None, comfyui, comfy_args, config_dir)
+    finally:
+        distributed.shutdown()
+
+
+def join_process_group(prompt: dict):
+    """In a process torchrun / accelerate launch started: join the group on ComfyUI's device and return
+    (rank, the Train node's id); (0, None) in a plain run."""
+    from trainer_core import distributed
+    if not distributed.launched():
+        return 0, None
+    trainers = [k for k, v in prompt.items() if v["class_type"] in TRAINERS]
+    others = [v["class_type"] for v in prompt.values() if v["class_type"] == "KilnTrainDreamBooth"]
+    if len(trainers) != 1 or others:
+        sys.exit(f"kiln: a multi-process run (WORLD_SIZE={os.environ['WORLD_SIZE']}) trains one LoRA: the workflow "
+                 f"must hold exactly one of {', '.join(TRAINERS)} (it has {len(trainers)}"
+                 f"{', and Train DreamBooth, which runs in one process only' if others else ''}).")
+    import logging
+    import comfy.model_management
+    device = comfy.model_management.get_torch_device()
+    backend = distributed.init(device)
+    if not distributed.is_main():
+        logging.getLogger().setLevel(logging.WARNING)
+    else:
+        print(f"[kiln] {distributed.world()} processes ({backend}); each binds one device, rank 0 on {device}; "
+              f"node {trainers[0]} trains on a global batch of batch_size x {distributed.world()}", flush=True)
+    return distributed.rank(), trainers[0]
+
+
+def run(opts, prompt: dict | None, comfyui: str, comfy_args: list[str], config_dir: str | None) -> int:
     # ComfyUI's nodes.py must win over this pack's nodes/ package, and ComfyUI parses its own arguments
     sys.path[:] = [comfyui] + [p for p in sys.path if os.path.abspath(p or ".") not in (PACK, comfyui)] + [PACK]
     os.chdir(comfyui)
@@ -247,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     if opts.config:
         prompt = prompt_from_kohya_config(opts.config, config_dir, opts.family)
     apply_overrides(prompt, opts.set)
+    rank, trainer = join_process_group(prompt)
     compat = load_compat()
-    host = Host(prompt, compat.node_replace_manager())
+    host = Host(prompt, compat.node_replace_manager(), rank)
     server.PromptServer.instance = host  # Kiln's live loss events reach the host through it
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: None)
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
@@ -265,12 +316,17 @@ def main(argv: list[str] | None = None) -> int:
             for e in info.get("errors", []):
                 print(f"[kiln]   node {host.title(node_id)}: {e.get('message')}: {e.get('details', '')}", file=sys.stderr)
         return 1
+    if rank:  # the other ranks train alongside rank 0; saving, sampling and everything after is rank 0's
+        outputs = [trainer]
     from comfy.cli_args import args as comfy_cli
     cache_type, cache_args = compat.executor_cache(comfy_cli)
     executor = execution.PromptExecutor(host, cache_type=cache_type, cache_args=cache_args)
     executor.execute(prompt, prompt_id, {"client_id": host.client_id}, outputs)
     if not executor.success:
         return 1
+    if rank:
+        print(f"{host.tag} done; ran nodes {', '.join(host.ran)} (saving and sampling are rank 0's)", flush=True)
+        return 0
     for node_id, ui in (executor.history_result or {}).get("outputs", {}).items():
         for text in ui.get("text", []):
             print(f"[kiln] {host.title(node_id)}: {text}")

@@ -23,7 +23,7 @@ from ..trainer_core.atomic import check_writable
 from ..trainer_core.cache import LatentCache
 from ..trainer_core.data.captions import base_caption
 from ..trainer_core.data.dataset import Dataset
-from ..trainer_core import validation
+from ..trainer_core import distributed, validation
 from ..trainer_core.errors import KilnError
 from ..trainer_core.families import sd1, sd3, sdxl
 from ..trainer_core.lora.config import LoraConfig
@@ -234,6 +234,7 @@ def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: L
         **network, "learning_rate": tcfg.learning_rate, "unet_lr": tcfg.learning_rate,
         "text_encoder_lr": text_encoder_lr(tcfg), "max_train_steps": tcfg.steps, "steps": result.steps,
         "num_train_images": len(ds.items) - reg, "num_reg_images": reg, "batch_size_per_device": ds.batch_size,
+        "total_batch_size": ds.batch_size * distributed.world() * tcfg.grad_accum,  # kohya's: per device x processes x accumulation
         "gradient_accumulation_steps": tcfg.grad_accum,
         "optimizer": kohya_optimizer_name(tcfg.optimizer_name, tcfg.optimizer_args), "lr_scheduler": tcfg.lr_scheduler,
         "lr_warmup_steps": tcfg.schedule().warmup_steps, "seed": tcfg.seed,
@@ -263,6 +264,7 @@ def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: L
     meta["kiln_probe_loss_start"] = repr(result.probe_loss_start)
     meta["kiln_probe_loss_end"] = repr(result.probe_loss_end)
     meta["kiln_seconds_per_step"] = f"{result.seconds_per_step:.4f}"
+    meta["kiln_world_size"] = str(distributed.world())  # processes that trained it (torchrun), each on batch_size
     if tcfg.diff_output_preservation:
         meta["kiln_diff_output_preservation"] = json.dumps({"multiplier": tcfg.diff_output_preservation_multiplier,
                                                             "pairs": tcfg.preservation_pairs})
@@ -599,7 +601,11 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
         if te_target is not None:
             cond.clip = te_target.patcher  # encode through the CLIP that trains (itself, or its dynamic-VRAM copy)
 
+        main = distributed.is_main()  # under torchrun only rank 0 samples and writes; the others only train
+
         def preview(net: LoRANetwork) -> torch.Tensor:
+            if not main:
+                return torch.zeros((1, 8, 8, 3))
             net.eval()
             images = sample_images(target.patcher, cond, dataset.vae, previews)
             net.train()
@@ -662,7 +668,7 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
                 progress.update(0, to_pil(preview(network)[0]))
             result = train(network, plan.objective, cmodel.unet_forward(target.patcher, net_host), conditioning,
                            cache, cmodel.latent_in(model), tcfg, cmodel.device_of(model), plan.checkpoint_blocks(net_host),
-                           on_step, on_save, resume)
+                           on_step, on_save if main else None, resume)
             samples = preview(network)
             if tracker is not None:
                 tracker.image("final", to_pil(samples[0]), result.steps)

@@ -28,6 +28,7 @@ from .data.images import open_image
 from .data.masks import INPUT_MASKS, image_and_mask, image_rgb, load_mask, mask_file_for
 from .data.transforms import Geometry, apply_geometry, plan_geometry, to_tensor
 from .errors import KilnError
+from . import distributed
 from .latent_store import DiskStore, Entry, MemoryStore, entry_key, file_digest
 
 log = logging.getLogger("kiln")
@@ -228,6 +229,10 @@ def encode_dataset(dataset: Dataset, encode: Callable[[torch.Tensor], torch.Tens
     key, else encoded in same-bucket batches of ``batch_size`` and stored in both.
 
     ``progress(done, total, text)`` is called after every VAE batch, counting only latents to encode.
+
+    In a multi-process run with a disk cache, each rank encodes every world-th latent (as kohya) into the shared
+    disk cache and, after a barrier, reads the others' from it; one it cannot find there (a node-local cache folder
+    on a multi-node run) it encodes itself.
     """
     refuse_uncacheable(dataset)
     start = time.perf_counter()
@@ -254,33 +259,55 @@ def encode_dataset(dataset: Dataset, encode: Callable[[torch.Tensor], torch.Tens
         else:
             entries[job.item, job.flip] = entry
 
-    by_bucket: dict[tuple[int, int], list[_Job]] = defaultdict(list)
-    for job in todo:
-        by_bucket[job.geometry.bucket].append(job)
-    chunks = [jobs_[b:b + batch_size] for jobs_ in by_bucket.values() for b in range(0, len(jobs_), batch_size)]
+    split = disk is not None and distributed.world() > 1
+    position = {id(job): k for k, job in enumerate(jobs)}
+    mine = [j for j in todo if position[id(j)] % distributed.world() == distributed.rank()] if split else todo
     encode_start = time.perf_counter()
-    # one batch ahead: decoding and resizing (PIL releases the GIL) overlap the VAE instead of stalling it
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-cache-load") as pool:
-        pending = pool.submit(_load_chunk, dataset, chunks[0]) if chunks else None
-        for n, chunk in enumerate(chunks):
-            loaded = pending.result()
-            pending = pool.submit(_load_chunk, dataset, chunks[n + 1]) if n + 1 < len(chunks) else None
-            with torch.no_grad():
-                latents = encode(torch.stack([p for p, _ in loaded])).float().cpu()
-            if not torch.isfinite(latents).all():
-                raise KilnError(f"the VAE returned NaN/inf latents for {dataset.items[chunk[0].item].path} "
-                                f"(batch of {len(chunk)}): try the VAE in fp32.")
-            for job, (_, mask), lat in zip(chunk, loaded, latents):
-                entry = Entry(lat, area_mask(mask, lat.shape[-2:]) if mask is not None else None)
-                entries[job.item, job.flip] = entry
-                if memory is not None:
-                    memory.put(job.key, entry)
-                if disk is not None:
-                    disk.put(job.key, entry, source=dataset.items[job.item].path)
-            stats.encoded += len(chunk)
-            if progress:
-                progress(stats.encoded, len(todo), eta_text(stats.encoded, len(todo),
-                                                            time.perf_counter() - encode_start))
+
+    def encode_all(batch_jobs: list[_Job]) -> None:
+        by_bucket: dict[tuple[int, int], list[_Job]] = defaultdict(list)
+        for job in batch_jobs:
+            by_bucket[job.geometry.bucket].append(job)
+        chunks = [jobs_[b:b + batch_size] for jobs_ in by_bucket.values() for b in range(0, len(jobs_), batch_size)]
+        # one batch ahead: decoding and resizing (PIL releases the GIL) overlap the VAE instead of stalling it
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-cache-load") as pool:
+            pending = pool.submit(_load_chunk, dataset, chunks[0]) if chunks else None
+            for n, chunk in enumerate(chunks):
+                loaded = pending.result()
+                pending = pool.submit(_load_chunk, dataset, chunks[n + 1]) if n + 1 < len(chunks) else None
+                with torch.no_grad():
+                    latents = encode(torch.stack([p for p, _ in loaded])).float().cpu()
+                if not torch.isfinite(latents).all():
+                    raise KilnError(f"the VAE returned NaN/inf latents for {dataset.items[chunk[0].item].path} "
+                                    f"(batch of {len(chunk)}): try the VAE in fp32.")
+                for job, (_, mask), lat in zip(chunk, loaded, latents):
+                    entry = Entry(lat, area_mask(mask, lat.shape[-2:]) if mask is not None else None)
+                    entries[job.item, job.flip] = entry
+                    if memory is not None:
+                        memory.put(job.key, entry)
+                    if disk is not None:
+                        disk.put(job.key, entry, source=dataset.items[job.item].path)
+                stats.encoded += len(chunk)
+                if progress:
+                    progress(stats.encoded, len(mine), eta_text(stats.encoded, len(mine),
+                                                                time.perf_counter() - encode_start))
+
+    encode_all(mine)
+    if split:
+        distributed.barrier()  # every rank's share is on disk now
+        missing = []
+        for job in todo:
+            if (job.item, job.flip) in entries:
+                continue
+            entry = disk.get(job.key)
+            if entry is None:
+                missing.append(job)
+                continue
+            stats.from_disk += 1
+            entries[job.item, job.flip] = entry
+            if memory is not None:
+                memory.put(job.key, entry)
+        encode_all(missing)
 
     encoded = {job.key: entries[job.item, job.flip] for job in todo}
     for job in twins:

@@ -17,6 +17,7 @@ import contextlib
 import os
 import time
 
+from . import distributed
 from .errors import KilnError
 
 BACKENDS = ("tensorboard", "wandb", "all")
@@ -77,7 +78,7 @@ class TensorBoardLog:
 def tensorboard_log(cfg, where: str):
     """A TensorBoardLog for a run whose TrainConfig sets logging_dir or log_with (else None), closed afterwards."""
     log = (TensorBoardLog(cfg.logging_dir, cfg.log_prefix, cfg.log_with, cfg.log_tracker_name, where=where)
-           if cfg.logging_dir or cfg.log_with else None)
+           if (cfg.logging_dir or cfg.log_with) and distributed.is_main() else None)  # one log: rank 0's
     try:
         yield log
     finally:
