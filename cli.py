@@ -34,7 +34,6 @@ import tomllib
 import uuid
 
 PACK = os.path.dirname(os.path.abspath(__file__))
-TRAINERS = ("KilnTrainSD1", "KilnTrainSDXL", "KilnTrainSD3")  # the nodes a multi-process run shares out
 
 
 def load_compat():
@@ -263,11 +262,11 @@ def join_process_group(prompt: dict):
     from trainer_core import distributed
     if not distributed.launched():
         return 0, None
-    trainers = [k for k, v in prompt.items() if v["class_type"] in TRAINERS]
+    trainers = [k for k, v in prompt.items() if v["class_type"] in distributed.TRAINERS]
     others = [v["class_type"] for v in prompt.values() if v["class_type"] == "KilnTrainDreamBooth"]
     if len(trainers) != 1 or others:
         sys.exit(f"kiln: a multi-process run (WORLD_SIZE={os.environ['WORLD_SIZE']}) trains one LoRA: the workflow "
-                 f"must hold exactly one of {', '.join(TRAINERS)} (it has {len(trainers)}"
+                 f"must hold exactly one of {', '.join(distributed.TRAINERS)} (it has {len(trainers)}"
                  f"{', and Train DreamBooth, which runs in one process only' if others else ''}).")
     import logging
     import comfy.model_management

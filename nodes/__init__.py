@@ -5,6 +5,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .compare_nodes import KilnCompareLoras
 from .dreambooth_nodes import KilnSaveCheckpoint, KilnTrainDreamBooth
+from .export_nodes import KilnExportRun
 from .dataset_nodes import KilnCacheLatents, KilnDatasetFromImages, KilnLoadDataset, KilnMaskSource
 from .lora_nodes import KilnLoraConfig, KilnSaveLora
 from .reg_images_nodes import KilnMakeRegImages
@@ -12,7 +13,7 @@ from .train_nodes import KilnTrainSD1, KilnTrainSD3, KilnTrainSDXL
 
 NODES: list[type[io.ComfyNode]] = [KilnLoadDataset, KilnDatasetFromImages, KilnMaskSource, KilnCacheLatents, KilnLoraConfig,
                                  KilnTrainSD1, KilnTrainSDXL, KilnTrainSD3, KilnSaveLora, KilnTrainDreamBooth,
-                                 KilnSaveCheckpoint, KilnMakeRegImages, KilnCompareLoras]
+                                 KilnSaveCheckpoint, KilnMakeRegImages, KilnCompareLoras, KilnExportRun]
 
 
 class KilnExtension(ComfyExtension):

@@ -16,6 +16,8 @@ import os
 
 import torch
 
+# the class_types (a public API) of the Train nodes: a multi-process run shares out exactly one of them
+TRAINERS = ("KilnTrainSD1", "KilnTrainSDXL", "KilnTrainSD3")
 BUCKET = 1 << 24  # values per all-reduce when the gradients are large (64 MiB in fp32)
 
 
