@@ -269,6 +269,7 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
     network.to(device=device, dtype=torch.float32).train()
     params = [p for p in network.parameters() if p.requires_grad]
     world = distributed.world()
+    total_batch = cfg.batch_size * world * cfg.grad_accum  # kohya's total batch size
     if world > 1 and cfg.fused_backward_pass:
         raise KilnError(f"fused_backward_pass steps each parameter during backward, before the other {world - 1} "
                         f"process(es) have sent their gradients: turn it off for a multi-process (torchrun) run.")
@@ -417,9 +418,8 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
         changed = changed_settings(resume.get("settings"), cfg)
         saved_world = resume.get("world_size", 1)
         if saved_world != world:
-            total_of = lambda w: cfg.batch_size * w * cfg.grad_accum  # noqa: E731
-            changed.append(f"processes {saved_world} → {world} (total batch {total_of(saved_world)} → "
-                           f"{total_of(world)}; the current epoch's batches are drawn again for it)")
+            changed.append(f"processes {saved_world} → {world} (total batch {resume.get('total_batch', '?')} → "
+                           f"{total_batch}; the current epoch's batches are drawn again for it)")
         (fused or opt).load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         # the restored state brings the old learning rates back: the requested ones (and schedule) take effect
@@ -462,7 +462,7 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
                 "flip_rng": flip_rng.getstate(), "batches": batches.state(), "losses": list(result.losses),
                 "probe_loss_start": result.probe_loss_start, "settings": run_settings(cfg),
                 "validation": [list(v) for v in result.validation], "lrs": [list(v) for v in result.lrs],
-                "saves": list(result.saves), "world_size": world,
+                "saves": list(result.saves), "world_size": world, "total_batch": total_batch,
                 "ema": ema.state_dict() if ema else None,
                 "trained": [p.detach().to("cpu", copy=True) for p in params] if ema else None}
 

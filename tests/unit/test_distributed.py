@@ -52,3 +52,12 @@ def test_two_processes_train_the_lora_one_process_trains_with_the_double_batch(t
     assert one["lora"]["lora_0.lora_up.weight"].abs().max() > 1e-3  # it trained
     state = two["states"][4][0]
     assert state["world_size"] == 2 and one["states"][4][0]["world_size"] == 1
+
+
+def test_a_resume_with_another_number_of_processes_says_so(tmp_path):
+    from dist_loop_worker import run as run_here
+    two = run(tmp_path, "two", 2, 2, 5)
+    state, weights = two["states"][2]
+    assert state["world_size"] == 2 and state["total_batch"] == 8  # batch 2 x 2 processes x grad_accum 2
+    resumed = run_here(4, 5, resume=state, weights=weights)
+    assert any("processes 2 → 1 (total batch 8 → 8" in n for n in resumed["notes"]), resumed["notes"]
