@@ -843,7 +843,7 @@ class KilnTrainSD3(TrainNode):
         conditioning = SD3TextConditioning(
             clip, opts["t5xxl_max_token_length"], opts["apply_lg_attn_mask"], opts["apply_t5_attn_mask"],
             {"clip_l": opts["clip_l_dropout_rate"], "clip_g": opts["clip_g_dropout_rate"], "t5": opts["t5_dropout_rate"]},
-            tcfg.seed)
+            tcfg.seed + 1_000_003 * distributed.rank())  # under torchrun: each rank drops encoders independently
         plan = FamilyPlan(
             node=node, rules=lambda mmdit: ranks.rules(lora_config.alpha), namer=lambda mmdit: sd3.unet_namer,
             checkpoint_blocks=sd3.checkpoint_blocks, architecture=sd3.modelspec_architecture,
