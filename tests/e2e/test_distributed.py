@@ -5,6 +5,7 @@ metadata records the world size and the total batch."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -55,8 +56,10 @@ def test_two_processes_train_the_lora_of_one_process_with_the_double_batch(kiln_
     rank1 = next(line for line in out.splitlines() if line.startswith("[kiln rank 1] done"))
     assert set(rank1.split("ran nodes ")[1].split(" (")[0].split(", ")) == {"1", "2", "3", "4", "5", "6"}
     assert out.count("[kiln]   step 3/3") == 1  # one progress report: rank 0's
-    # the disk cache was shared out: rank 0 encoded some latents and read the others rank 1 wrote
-    assert "from the disk cache" in out
+    # the disk cache was shared out: rank 0 encoded every other latent and read the ones rank 1 wrote
+    cache = re.search(r"(\d+) latents: (\d+) encoded, 0 reused from memory, (\d+) from the disk cache", out)
+    assert cache and cache.groups() == ("8", "4", "4"), out[-3000:]
+    assert "8 latents: 8 encoded, 0 reused from memory, 0 from the disk cache" in one.stdout
     loras = [os.path.relpath(os.path.join(d, f), two_base / "models" / "loras")
              for d, _, fs in os.walk(two_base / "models" / "loras") for f in fs]
     assert sorted(loras) == ["kiln/dist.safetensors", "kiln/dist_ckpt-step000002.kiln-state",
