@@ -12,6 +12,7 @@ The launcher's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_A
 rendezvous: the same code runs on one machine and across nodes (``--nnodes``)."""
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -19,6 +20,9 @@ import torch
 # the class_types (a public API) of the Train nodes: a multi-process run shares out exactly one of them
 TRAINERS = ("KilnTrainSD1", "KilnTrainSDXL", "KilnTrainSD3")
 BUCKET = 1 << 24  # values per all-reduce when the gradients are large (64 MiB in fp32)
+# how long a rank waits for the others at a collective: ranks drift apart by whole nodes (rank 0 alone samples
+# previews; a node-local latent cache makes every rank encode what it misses), so NCCL's 10-minute default is short
+TIMEOUT = datetime.timedelta(hours=1)
 
 
 def launched() -> bool:
@@ -66,7 +70,7 @@ def init(device: torch.device) -> str:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group(backend)
+    torch.distributed.init_process_group(backend, timeout=TIMEOUT)
     return backend
 
 
