@@ -170,6 +170,17 @@ def prompt_from_kohya_config(path: str, config_dir: str, family: str) -> dict:
     return prompt
 
 
+def apply_comfyui_settings(path: str) -> None:
+    """What the kohya config asks of ComfyUI itself (e.g. fp8_base: load the diffusion model as fp8), set on its
+    parsed arguments before any model loads."""
+    from comfy.cli_args import args
+    from trainer_core.kohya_config import comfyui_settings, flatten
+
+    for name, value in comfyui_settings(flatten(tomllib.loads(open(path, encoding="utf-8").read()))).items():
+        setattr(args, name, value)
+        print(f"[kiln] {path}: ComfyUI runs with --{name.replace('_unet', '-unet')}", flush=True)
+
+
 def fill_defaults(prompt: dict, classes: dict) -> None:
     """Every widget input the prompt leaves out gets the node's own default (as the frontend would)."""
     for node in prompt.values():
@@ -295,6 +306,7 @@ def run(opts, prompt: dict | None, comfyui: str, comfy_args: list[str], config_d
 
     if opts.config:
         prompt = prompt_from_kohya_config(opts.config, config_dir, opts.family)
+        apply_comfyui_settings(opts.config)
     apply_overrides(prompt, opts.set)
     rank, trainer = join_process_group(prompt)
     compat = load_compat()

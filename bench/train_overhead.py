@@ -45,7 +45,8 @@ def setup_comfy(cpu: bool) -> None:
 
 
 def build(family: str, real: bool, device, dtype) -> tuple[torch.nn.Module, dict, int]:
-    """(network, conditioning for batch 1, latent channels) with random weights of the family's shapes."""
+    """(network, conditioning for batch 1, latent channels) with random weights of the family's shapes
+    ("sd35l": SD3.5 Large's MMDiT, real shapes only)."""
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -58,6 +59,11 @@ def build(family: str, real: bool, device, dtype) -> tuple[torch.nn.Module, dict
             cfg.update(depth=24, num_patches=192 * 192, pos_embed_max_size=192,
                        context_embedder_config={"target": "torch.nn.Linear",
                                                 "params": {"in_features": 4096, "out_features": 1536}})
+    if family == "sd35l":  # SD3.5 Large: depth 38 (hidden 2432), q/k RMS norms
+        cfg = dict(tm.SD3_MMDIT_CONFIG, depth=38, num_patches=192 * 192, pos_embed_max_size=192, qk_norm="rms",
+                   context_embedder_config={"target": "torch.nn.Linear",
+                                            "params": {"in_features": 4096, "out_features": 2432}})
+    if family in ("sd3", "sd35l"):
         with torch.device("meta"):
             net = OpenAISignatureMMDITWrapper(**cfg, operations=ops)
         cond = {"context": torch.randn(1, 154 if real else 77, 4096), "y": torch.randn(1, 2048)}
@@ -126,8 +132,8 @@ def prepare(family: str, real: bool | None = None, resolution: int | None = None
     net, cond, channels = build(family, real, device, dtype)
     cond = {k: v.to(device, dtype) for k, v in cond.items()}
     x0 = torch.randn(1, channels, res // 8, res // 8, device=device, dtype=dtype)
-    blocks = sd3.checkpoint_blocks(net) if family == "sd3" else sd1.checkpoint_blocks(net)
-    return Setup(family, net, cond, x0, blocks, device, dtype, precision, real)
+    blocks = sd3.checkpoint_blocks(net) if family in ("sd3", "sd35l") else sd1.checkpoint_blocks(net)
+    return Setup("sd3" if family == "sd35l" else family, net, cond, x0, blocks, device, dtype, precision, real)
 
 
 def peak_memory_reset(device) -> None:
@@ -186,9 +192,11 @@ def step_bench_args(doc: str) -> argparse.Namespace:
 
 
 def kiln_step(b: Setup, rank, steps, warmup, checkpointing=False, clock=time.perf_counter, network_options=None,
-              **options):
+              swap=0, **options):
     """(seconds per optimizer step of trainer_core.loop.train, the LoRANetwork it trained); ``network_options``:
-    LoRANetwork arguments (e.g. algorithm), ``options``: more TrainConfig fields (e.g. optimizer_type)."""
+    LoRANetwork arguments (e.g. algorithm), ``swap``: blocks_to_swap as the Train nodes apply it, ``options``:
+    more TrainConfig fields (e.g. optimizer_type)."""
+    from trainer_core.block_swap import block_swap
     from trainer_core.cache import CachedSample, LatentCache
     from trainer_core.data.transforms import plan_geometry
     from trainer_core.families import sd1, sd3
@@ -214,7 +222,7 @@ def kiln_step(b: Setup, rank, steps, warmup, checkpointing=False, clock=time.per
         sync(b.device)
         stamps.append(clock())
 
-    with network.attached():
+    with network.attached(), block_swap(b.blocks, swap, b.device):
         train(network, objective, b.forward, lambda caps, train=False, geometries=None: b.cond, cache, lambda z: z,
               cfg, b.device, b.blocks, on_step)
     return (stamps[-1] - stamps[warmup - 1]) / steps, network

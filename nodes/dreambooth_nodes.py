@@ -142,6 +142,10 @@ class KilnTrainDreamBooth(io.ComfyNode):
         check_text(saving.get("save_name") or "", NODE, "save_name")
         resuming = resume_file(saving.get("resume_from") or "")
         fam, tcfg = prepare(model, dataset, opts, cmodel.SD1_FAMILIES, NODE, cls, "sd1")
+        if tcfg.blocks_to_swap:
+            raise KilnError(f"{NODE}: training_args blocks_to_swap moves frozen weights between host and device; full "
+                            f"fine-tuning trains every weight, so they stay on the device. Remove it (gradient "
+                            f"checkpointing and cpu_offload_checkpointing save memory here).")
         is_v = cmodel.prediction_type(model, NODE) == "v"
         is_sd2 = fam not in ("SD15", "SD15_instructpix2pix")
         tcfg.fused_backward_pass = tcfg.fused_backward_pass or bool(opts.get("fused_backward_pass"))

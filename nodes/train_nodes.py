@@ -42,6 +42,7 @@ from ..trainer_core.tracking import TensorBoardLog, tensorboard_log
 from ..trainer_core.epochs import (batches_per_epoch, epoch_save_to_remove, resolve_epochs, step_save_to_remove,
                                    steps_per_epoch)
 from ..trainer_core.noise import NoiseOptions
+from ..trainer_core.block_swap import block_swap
 from ..trainer_core.training_args import describe as describe_training_args, effective, parse_training_args
 from ..trainer_core.preservation import pairs_from
 from ..trainer_core.resume import SUFFIX, load_state, save_state, state_path
@@ -249,10 +250,10 @@ def training_metadata(family_version: str, arch: str, data: KilnDataset, lcfg: L
         "masked_loss": data.cache.has_masks, "epoch": epoch, **kohya_training_metadata(tcfg, data.cache),
         "tag_frequency": tags, "flip_aug": any(s.flip_aug for s in ds.subsets),
         # kohya keys with a fixed value in Kiln (README, "Metadata"): latents are always cached, LoRA weights stay fp32,
-        # the base model is not cast to fp8, no weight-norm scaling, face crops or comment; not trained by sd-scripts
+        # no weight-norm scaling, face crops or comment; not trained by sd-scripts
         "session_id": tcfg.session_id, "training_started_at": tcfg.training_started_at, "full_fp16": False,
         "cache_latents": True, "lowram": False, "training_comment": None, "sd_scripts_commit_hash": None,
-        "face_crop_aug_range": None, "scale_weight_norms": None, "fp8_base": False, "fp8_base_unet": False,
+        "face_crop_aug_range": None, "scale_weight_norms": None, "fp8_base": tcfg.fp8_base, "fp8_base_unet": tcfg.fp8_base_unet,
         "resize_interpolation": None,
         "dataset_dirs": {os.path.basename(s.image_dir.rstrip("/")): {"n_repeats": s.num_repeats,
                          "img_count": sum(1 for i in ds.items if i.subset == k)} for k, s in enumerate(ds.subsets)},
@@ -437,6 +438,14 @@ def prepare(model, dataset: KilnDataset, opts: dict, families: tuple[str, ...], 
         raise KilnError(f"{node}: training_args huber_* apply to loss_type huber or smooth_l1 only (loss_type is "
                         f"{opts['loss_type']}).")
     tcfg = train_config(model, dataset, opts, args)
+    if tcfg.cpu_offload_checkpointing and not tcfg.gradient_checkpointing:
+        raise KilnError(f"{node}: training_args cpu_offload_checkpointing needs gradient_checkpointing on (it keeps "
+                        f"the checkpointed blocks' inputs in host memory): turn gradient_checkpointing on, or remove it.")
+    for key in ("fp8_base", "fp8_base_unet"):
+        if getattr(tcfg, key):
+            cmodel.check_fp8_base(model, node, key)
+    if cmodel.weight_dtype(model) in cmodel.FP8_DTYPES and not tcfg.fp8_base:
+        tcfg.fp8_base_unet = True  # the metadata says what kohya's would: the diffusion model trained in fp8
     if family == "sd3" and "huber_schedule" not in args:
         tcfg.huber_schedule = "constant"  # kohya's default (snr) needs a DDPM schedule and fails on SD3
     resolve_epochs(tcfg, validation.parts(dataset.cache, tcfg)[0])
@@ -662,7 +671,9 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
                    step_save_to_remove(step, tcfg.save_every, tcfg.save_last_n_steps))
             if old:  # kohya's save_last_n_epochs / save_last_n_steps: the older intermediate file goes
                 remove_save(intermediate_path(old, old if epoch else None))
-        with network.attached(), tensorboard_log(tcfg, plan.node) as tracker:
+        swap_blocks = plan.checkpoint_blocks(net_host)
+        with network.attached(), block_swap(swap_blocks, tcfg.blocks_to_swap, cmodel.device_of(model)) as swap, \
+                tensorboard_log(tcfg, plan.node) as tracker:
             on_step = step_reporter(progress, tcfg, opts, epochs, lambda: to_pil(preview(network)[0]), tracker)
             if tcfg.sample_at_first:  # kohya's sample_at_first: a preview of the model before the first step
                 progress.update(0, to_pil(preview(network)[0]))
@@ -672,6 +683,10 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
             samples = preview(network)
             if tracker is not None:
                 tracker.image("final", to_pil(samples[0]), result.steps)
+            if swap is not None:
+                notes.append(f"blocks_to_swap {tcfg.blocks_to_swap}: {len(swap.swapped)} of {len(swap_blocks)} blocks "
+                             f"kept in host memory ({swap.freed_bytes / 2 ** 20:.0f} MiB off the device), "
+                             f"{swap.transfers} block transfers")
         cond.live, cond.clip = False, clip
         lora_sd = network.kohya_state_dict()
         arch = plan.architecture(net_host)

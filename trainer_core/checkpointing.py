@@ -1,4 +1,8 @@
-"""Gradient checkpointing by wrapping block forwards, undone afterwards (the host model is shared)."""
+"""Gradient checkpointing by wrapping block forwards, undone afterwards (the host model is shared).
+
+With ``offload`` (kohya's cpu_offload_checkpointing) the tensors each checkpointed block keeps for its backward
+(its inputs) wait in host memory instead of on the device. Not torch's save_on_cpu, which keeps a tensor already on
+the host as it is: here every input is copied wherever it lives, so the CPU test runs the path a GPU takes."""
 from __future__ import annotations
 
 import contextlib
@@ -6,9 +10,20 @@ import contextlib
 import torch.utils.checkpoint
 from torch import nn
 
+from . import storage
+
+
+def _on_host(t: torch.Tensor):
+    return t.device, storage.host_copy(t)
+
+
+def _back(packed) -> torch.Tensor:
+    device, t = packed
+    return t.to(device, non_blocking=True)
+
 
 @contextlib.contextmanager
-def gradient_checkpointing(blocks: list[nn.Module], enabled: bool = True):
+def gradient_checkpointing(blocks: list[nn.Module], enabled: bool = True, offload: bool = False):
     if not enabled:
         yield
         return
@@ -19,7 +34,9 @@ def gradient_checkpointing(blocks: list[nn.Module], enabled: bool = True):
         original = m.forward
 
         def fwd(*args, _f=original, **kwargs):
-            return torch.utils.checkpoint.checkpoint(_f, *args, use_reentrant=False, **kwargs)
+            saved = torch.autograd.graph.saved_tensors_hooks(_on_host, _back) if offload else contextlib.nullcontext()
+            with saved:
+                return torch.utils.checkpoint.checkpoint(_f, *args, use_reentrant=False, **kwargs)
         m.forward = fwd
         wrapped.append(m)
     try:

@@ -21,6 +21,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from . import storage
+
 
 @dataclass
 class _Slot:
@@ -30,11 +32,6 @@ class _Slot:
     original: torch.Tensor         # the tensor the module held; put back as this very object
     backup: torch.Tensor | None    # its values on the host, when its device storage was freed for the run
     param: nn.Parameter            # what trains (float32)
-
-
-def _frees_cleanly(t: torch.Tensor) -> bool:
-    """Whether ``t`` alone owns its storage, so freeing that storage frees exactly this weight."""
-    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 class FullNetwork:
@@ -61,10 +58,9 @@ class FullNetwork:
                 with torch.no_grad():
                     param = nn.Parameter(p.detach().to(torch.float32, copy=True), requires_grad=True)
                 backup = None
-                if p.device.type != "cpu" and _frees_cleanly(p):
-                    backup = p.detach().to("cpu", copy=True)
-                    self.freed_bytes += p.untyped_storage().nbytes()
-                    p.untyped_storage().resize_(0)
+                if p.device.type != "cpu" and storage.frees_cleanly(p):
+                    backup = storage.host_copy(p)
+                    self.freed_bytes += storage.free(p)
                 module._parameters[name] = param
                 slots.append(_Slot(module, name, key, p, backup, param))
         return sum(1 for _ in slots)
@@ -131,9 +127,7 @@ class FullNetwork:
                 if s.module._parameters.get(s.name) is s.original:
                     continue
                 if s.backup is not None:
-                    s.original.untyped_storage().resize_(s.backup.numel() * s.backup.element_size())
-                    with torch.inference_mode(s.original.is_inference()), torch.no_grad():
-                        s.original.copy_(s.backup)
+                    storage.refill(s.original, s.backup)
                     s.backup = None
                 s.module._parameters[s.name] = s.original
         self.freed_bytes = 0

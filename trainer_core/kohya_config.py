@@ -56,7 +56,6 @@ NO_EFFECT = {
     "max_data_loader_n_workers": "latents are cached", "persistent_data_loader_workers": "latents are cached",
     "full_fp16": "trained weights (LoRA or DreamBooth) stay fp32", "full_bf16": "trained weights (LoRA or DreamBooth) "
     "stay fp32", "lowram": "ComfyUI manages memory", "highvram": "ComfyUI manages memory",
-    "blocks_to_swap": "ComfyUI places the model; no block swapping",
 }
 # train_db.py's own keys (a config without network_module: DreamBooth, the whole model trains)
 DREAMBOOTH_KEYS = {"learning_rate_te", "stop_text_encoder_training", "no_token_padding", "use_safetensors"}
@@ -73,6 +72,13 @@ REFUSED = {
 }
 # kohya's argparse defaults where Kiln's node defaults differ: an unset key trains as kohya would
 KOHYA_DEFAULTS = {"learning_rate": 2e-6, "max_train_steps": 1600, "mixed_precision": "no"}
+
+
+def comfyui_settings(cfg: dict) -> dict[str, object]:
+    """ComfyUI command-line settings (attributes of comfy.cli_args.args) a kohya config implies, for cli.py to set
+    before anything loads: fp8_base / fp8_base_unet load the diffusion model's weights as fp8 (--fp8_e4m3fn-unet),
+    the way kohya casts them; the text encoders load as ComfyUI chooses."""
+    return {"fp8_e4m3fn_unet": True} if cfg.get("fp8_base") or cfg.get("fp8_base_unet") else {}
 
 
 def flatten(cfg: dict) -> dict:

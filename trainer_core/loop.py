@@ -102,6 +102,10 @@ class TrainConfig:
     diff_output_preservation_trigger: str = ""
     diff_output_preservation_class: str = ""
     preservation_pairs: list = field(default_factory=list)  # (trigger, class), set by the host (preservation.pairs_from)
+    blocks_to_swap: int = 0                        # block_swap.py: the last N checkpoint blocks live in host memory
+    cpu_offload_checkpointing: bool = False        # checkpointing.py: checkpointed blocks' inputs kept on the host
+    fp8_base: bool = False                         # read by the host: the MODEL's weights must be fp8 (ComfyUI loads them)
+    fp8_base_unet: bool = False
     training_args: dict = field(default_factory=dict)  # the training_args given (for the node's text)
     session_id: int = 0                            # kohya's ss_session_id / ss_training_started_at (set by the host)
     training_started_at: float = 0.0
@@ -490,7 +494,7 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
 
     start = time.perf_counter()
     with oom_guard(cfg, trained_params, device, lambda: f"at training step {result.steps + 1}"), \
-            gradient_checkpointing(list(checkpoint_blocks), cfg.gradient_checkpointing):
+            gradient_checkpointing(list(checkpoint_blocks), cfg.gradient_checkpointing, cfg.cpu_offload_checkpointing):
         for step in range(first, cfg.steps + 1):
             if cfg.stop_text_encoder_training is not None and step > cfg.stop_text_encoder_training:
                 freeze_text_encoders(groups)

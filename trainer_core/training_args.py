@@ -89,6 +89,15 @@ KEYS: dict[str, Key] = {
     "sample_at_first": Key("bool", False, "also preview before the first step"),
     "fused_backward_pass": Key("bool", False, "step each parameter as soon as its gradient is ready (less "
                                "memory); not with grad_accum > 1, max_grad_norm > 0, fp16, Prodigy/D-Adaptation"),
+    # memory (block_swap.py; the base weights' dtype is ComfyUI's to choose when it loads them)
+    "blocks_to_swap": Key("int", 0, "keep the weights of the network's last N blocks in host memory; each visits "
+                          "the device only for its forward and backward (SD3: joint blocks; SD1/SDXL: the UNet's "
+                          "ResBlocks, transformers and resamplers)", 0),
+    "cpu_offload_checkpointing": Key("bool", False, "with gradient_checkpointing: keep each checkpointed block's "
+                                     "saved inputs in host memory until its backward (not with blocks_to_swap)"),
+    "fp8_base": Key("bool", False, "kohya's fp8 base model: requires a MODEL whose weights ComfyUI loaded as fp8 (Load "
+                    "Diffusion Model, weight_dtype fp8_e4m3fn; cli.py loads a kohya config's model so)"),
+    "fp8_base_unet": Key("bool", False, "as fp8_base, for the diffusion model only (the text encoders as loaded)"),
     # logging (tracking.py): TensorBoard event files, kohya's folder layout and tags
     "logging_dir": Key("str", None, "write loss, learning rates, validation loss and samples as TensorBoard "
                        "events under this folder (needs: pip install tensorboard)"),
@@ -230,6 +239,9 @@ def parse_training_args(text: str, family: str, node: str) -> dict[str, object]:
     if out.get("max_token_length", 75) not in (75, 150, 225):
         raise KilnError(f"{node}: training_args max_token_length must be 75, 150 or 225 (kohya's windows of 75 "
                         f"tokens), got {out['max_token_length']}.")
+    if out.get("blocks_to_swap") and out.get("cpu_offload_checkpointing"):  # kohya refuses the pair too
+        raise KilnError(f"{node}: training_args blocks_to_swap and cpu_offload_checkpointing cannot be combined; "
+                        f"use one of them.")
     if "save_last_n_epochs" in out and "save_every_n_epochs" not in out:
         raise KilnError(f"{node}: training_args save_last_n_epochs needs save_every_n_epochs (what to keep).")
     return out

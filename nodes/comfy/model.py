@@ -89,6 +89,25 @@ def device_of(model) -> torch.device:
     return torch.device(model.load_device)
 
 
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                   if hasattr(torch, n))
+
+
+def weight_dtype(model) -> torch.dtype:
+    """The dtype ComfyUI holds the diffusion model's weights in (fp8 when loaded so), not the one it computes in."""
+    return model.model.get_dtype()
+
+
+def check_fp8_base(model, node: str, key: str) -> None:
+    """kohya's fp8_base(_unet) asks for fp8 base weights; in ComfyUI the loader decides, so say which one to use."""
+    dtype = weight_dtype(model)
+    if dtype not in FP8_DTYPES:
+        raise KilnError(f"{node}: training_args {key} asks for fp8 base weights, but this MODEL holds them as "
+                        f"{str(dtype).replace('torch.', '')}. In ComfyUI the loader chooses: load the model with Load "
+                        f"Diffusion Model (UNETLoader) and weight_dtype fp8_e4m3fn, or start ComfyUI with "
+                        f"--fp8_e4m3fn-unet (cli.py does so for a kohya config with {key}); or remove {key}.")
+
+
 def default_precision(model) -> str:
     """bf16 autocast where the device supports it, else fp32 (CPU, old GPUs)."""
     dev = device_of(model)

@@ -96,7 +96,7 @@ def test_saved_checkpoint_has_the_stock_layout_metadata_and_loads_back(comfy, tr
         assert set(ours.keys()) == set(theirs.keys())  # what ComfyUI's own Save Checkpoint writes, key for key
         keys = set(ours.keys())
         for k in ("model.diffusion_model.out.2.weight", "cond_stage_model.transformer.text_model.final_layer_norm.weight"):
-            assert torch.equal(ours.get_tensor(k), theirs.get_tensor(k)), k
+            assert same_bits(ours.get_tensor(k), theirs.get_tensor(k)), k
         meta = ours.metadata()
     # the layout A1111 / Forge read for SD1: compvis UNet, HF CLIP-L under cond_stage_model.transformer, VAE
     assert {k.split(".")[0] for k in keys} == {"model", "cond_stage_model", "first_stage_model"}
@@ -139,8 +139,10 @@ def test_a_nan_loss_restores_the_input_and_keeps_the_last_intermediate_checkpoin
         comfy.run_node("KilnTrainDreamBooth", model=model, clip=clip, dataset=cached, **opts)
     assert_as_before(model.model.diffusion_model, params)
     assert torch.equal(ksample(comfy, model, clip), before)
-    files = sorted(os.listdir(folder))
-    assert files and all(f.startswith("run-step") and f.endswith(".safetensors") for f in files), files
+    names = sorted(os.listdir(folder))
+    files = [f for f in names if f.endswith(".safetensors")]
+    assert files and all(f.startswith("run-step") for f in files), names
+    assert [f for f in names if not f.endswith(".safetensors")] == [files[-1][:-len(".safetensors")] + ".kiln-state"]
     with safe_open(os.path.join(folder, files[-1]), "pt") as f:
         assert "model.diffusion_model.out.2.weight" in set(f.keys())
         assert f.metadata()["ss_steps"] == files[-1][len("run-step"):-len(".safetensors")].lstrip("0")
@@ -174,7 +176,7 @@ def test_cancel_restores_model_and_clip_and_keeps_the_intermediate_checkpoint(co
     assert_as_before(encoders, clip_params)
     assert all(p.is_inference() for p in list(unet.parameters()) + list(encoders.parameters()))
     folder = os.path.join(folder_paths.get_folder_paths("checkpoints")[0], "kiln_cancel")
-    assert sorted(os.listdir(folder)) == ["run-step000001.safetensors"]  # whole; nothing half-written beside it
+    assert sorted(os.listdir(folder)) == ["run-step000001.kiln-state", "run-step000001.safetensors"]  # nothing half-written
     with safe_open(os.path.join(folder, "run-step000001.safetensors"), "pt") as f:
         assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in set(f.keys())
 
@@ -198,7 +200,8 @@ def test_save_every_n_steps_then_resume_exactly(comfy, loaded, cached):
     assert full[0].model_options["kiln_checkpoint_metadata"]["kiln_ema_decay"] == "0.9"
     for a, b in ((full[0], out[0]), (full[1].patcher, out[1].patcher)):  # UNet, then CLIP
         assert a.patches.keys() == b.patches.keys() and a.patches
-        assert all(torch.equal(a.patches[k][-1][1][1][0], b.patches[k][-1][1][1][0]) for k in a.patches)
+        # same_bits, not torch.equal: the fixture CLIP's unused text_projection is uninitialised memory, NaN at times
+        assert all(same_bits(a.patches[k][-1][1][1][0], b.patches[k][-1][1][1][0]) for k in a.patches)
     older = comfy.run_node("KilnTrainDreamBooth", model=model, clip=clip, dataset=cached, **opts,
                            resume_from="kiln_resume/run-step000002.safetensors")
     assert "no run-step000002.kiln-state beside it" in " ".join(map(str, older.ui["text"]))

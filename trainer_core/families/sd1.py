@@ -34,8 +34,10 @@ def unet_namer(unet: nn.Module):
 
 
 def checkpoint_blocks(unet: nn.Module) -> list[nn.Module]:
-    """The UNet's top-level blocks: the unit of gradient checkpointing."""
-    return list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks)
+    """The layers of the UNet's top-level blocks (ResBlocks, transformers, resamplers), in the order they run: the
+    unit of gradient checkpointing and block swap. Not the blocks themselves: ComfyUI's UNet runs each block's
+    layers in a loop (forward_timestep_embed) and never calls the block, so a hook or wrapper on it never runs."""
+    return [layer for block in (*unet.input_blocks, unet.middle_block, *unet.output_blocks) for layer in block]
 
 
 def zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
