@@ -75,6 +75,7 @@ huber_schedule = "exponential"
 learning_rate = 2e-3
 network_train_unet_only = true
 cache_latents = true
+fp8_base = true
 [network_arguments]
 network_module = "networks.lora"
 network_dim = 4
@@ -93,6 +94,8 @@ network_alpha = 4
     assert (meta["ss_noise_offset"], meta["ss_loss_type"], meta["ss_huber_schedule"]) == ("0.05", "huber", "exponential")
     assert (tmp_path / "out" / "from_kohya-000001.safetensors").is_file()
     assert "epoch 2/2" in run.stdout
+    # fp8_base: ComfyUI loaded the UNet's weights as fp8 (the Train node checks them) and the file says so
+    assert "ComfyUI runs with --fp8_e4m3fn-unet" in run.stdout and meta["ss_fp8_base"] == "True"
 
 
 def test_cli_runs_a_train_db_config_as_dreambooth(kiln_env, base, tiny_sd1_path, tmp_path):
@@ -199,8 +202,9 @@ network_train_unet_only = true
 def test_cli_runs_the_sd3_example_config_of_kohyas_docs(kiln_env, base, tiny_sd3_split, tmp_path):
     """sd-scripts docs/sd3_train_network.md's example command as a --config_file: a checkpoint without text
     encoders plus separate --clip_l/--clip_g files (loaded by ComfyUI's DualCLIPLoader), 2 epochs instead of 10,
-    64² images; left out: t5xxl (no T5-XXL fixture fits a test run, see tiny_models.build_sd3_split_files) and
-    blocks_to_swap (issue 13); added: network_train_unet_only, because text-encoder LoRA through the fixture's
+    64² images, blocks_to_swap 2 (the fixture's every joint block; the doc's 32 is for SD3.5 Large's 38); left out:
+    t5xxl (no T5-XXL fixture fits a test run, see tiny_models.build_sd3_split_files); added:
+    network_train_unet_only, because text-encoder LoRA through the fixture's
     full-size CLIP-G costs about a minute a step on 2 CPU cores (measured: 62-73 s vs 1-2 s without)."""
     run, meta, keys = run_example_config(kiln_env, base, tmp_path, f'''
 pretrained_model_name_or_path = "{tiny_sd3_split["model"]}"
@@ -219,6 +223,7 @@ save_every_n_epochs = 1
 mixed_precision = "fp16"
 gradient_checkpointing = true
 weighting_scheme = "uniform"
+blocks_to_swap = 2
 network_train_unet_only = true
 ''', "my_sd3_lora")
     assert "a sd3 run of KilnTrainSD3" in run.stdout and "epoch 2/2" in run.stdout
@@ -228,6 +233,7 @@ network_train_unet_only = true
     assert keys and all(k.startswith("lora_unet_") for k in keys)
     # the separate encoder files were loaded by ComfyUI's DualCLIPLoader (the checkpoint has none)
     assert "running node 3 DualCLIPLoader" in run.stdout
+    assert "blocks_to_swap 2: 2 of 2 blocks kept in host memory" in run.stdout
     assert (tmp_path / "out" / "my_sd3_lora-000001.safetensors").is_file()
 
 

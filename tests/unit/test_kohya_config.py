@@ -212,7 +212,7 @@ def test_kohyas_sd3_example_config():
     assert p["3"] == {"class_type": "TripleCLIPLoader", "inputs": {
         "clip_name1": "te/clip_l.safetensors", "clip_name2": "te/clip_g.safetensors", "clip_name3": "te/t5xxl.safetensors"}}
     assert t["clip"] == ["3", 0] and t["weighting_scheme"] == "uniform" and t["precision"] == "fp16"
-    assert any("networks.lora_sd3" in n for n in notes) and any("blocks_to_swap" in n for n in notes)
+    assert any("networks.lora_sd3" in n for n in notes) and "blocks_to_swap=32" in t["training_args"].splitlines()
     with pytest.raises(KilnError, match="networks.lora_sd3' does not train a sd1 model"):
         graph_from_config(BASE.replace('"networks.lora"', '"networks.lora_sd3"'), "x.toml", "sd1")
     with pytest.raises(KilnError, match="text_encoder_lr3 does not exist for sdxl"):
