@@ -1,6 +1,6 @@
 """Export Run (torchrun) in process: the graph it sits in becomes an API workflow (itself left out, folders made
 absolute) that ComfyUI's validator accepts, plus the torchrun line around cli.py (the launch that
-tests/e2e/test_distributed.py runs); several machines get the c10d rendezvous instead of --standalone."""
+tests/e2e/test_torchrun.py runs); several machines get the c10d rendezvous instead of --standalone."""
 from __future__ import annotations
 
 import asyncio
