@@ -274,11 +274,9 @@ def join_process_group(prompt: dict):
     if not distributed.launched():
         return 0, None
     trainers = [k for k, v in prompt.items() if v["class_type"] in distributed.TRAINERS]
-    others = [v["class_type"] for v in prompt.values() if v["class_type"] == "KilnTrainDreamBooth"]
-    if len(trainers) != 1 or others:
-        sys.exit(f"kiln: a multi-process run (WORLD_SIZE={os.environ['WORLD_SIZE']}) trains one LoRA: the workflow "
-                 f"must hold exactly one of {', '.join(distributed.TRAINERS)} (it has {len(trainers)}"
-                 f"{', and Train DreamBooth, which runs in one process only' if others else ''}).")
+    if len(trainers) != 1:
+        sys.exit(f"kiln: a multi-process run (WORLD_SIZE={os.environ['WORLD_SIZE']}) trains one model: the workflow "
+                 f"must hold exactly one of {', '.join(distributed.TRAINERS)} (it has {len(trainers)}).")
     import logging
     import comfy.model_management
     device = comfy.model_management.get_torch_device()

@@ -12,7 +12,7 @@ import os
 import torch
 from comfy_api.latest import io, ui
 
-from ..trainer_core import validation
+from ..trainer_core import distributed, validation
 from ..trainer_core.atomic import check_writable
 from ..trainer_core.checkpoint_io import checkpoint_bytes, save_checkpoint_file
 from ..trainer_core.epochs import epoch_save_to_remove, step_save_to_remove, steps_per_epoch
@@ -185,7 +185,11 @@ class KilnTrainDreamBooth(io.ComfyNode):
                 resume = resume_weights(net, model, resuming, signature, notes) if resuming else None
                 last_state: list[str] = []
 
+                main = distributed.is_main()  # under torchrun only rank 0 samples and writes; the others train
+
                 def preview() -> torch.Tensor:
+                    if not main:
+                        return torch.zeros((1, 8, 8, 3))
                     return sample_images(target.patcher, cond, dataset.vae, previews)
 
                 def intermediate_path(step: int, epoch: int | None) -> str:  # kohya's names, as the LoRA nodes'
@@ -221,8 +225,8 @@ class KilnTrainDreamBooth(io.ComfyNode):
                     result = train(net, ddpm_objective(model, is_v, tcfg),
                                    cmodel.unet_forward(target.patcher, target.network, torch.float32), conditioning,
                                    cache, cmodel.latent_in(model), tcfg, cmodel.device_of(model),
-                                   sd1.checkpoint_blocks(target.network), on_step, on_save if tcfg.save_every or
-                                   tcfg.save_every_n_epochs else None, resume)
+                                   sd1.checkpoint_blocks(target.network), on_step, on_save if main and (
+                                       tcfg.save_every or tcfg.save_every_n_epochs) else None, resume)
                     samples = preview()
                     if tracker is not None:
                         tracker.image("final", to_pil(samples[0]), result.steps)

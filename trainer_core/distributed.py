@@ -18,7 +18,7 @@ import os
 import torch
 
 # the class_types (a public API) of the Train nodes: a multi-process run shares out exactly one of them
-TRAINERS = ("KilnTrainSD1", "KilnTrainSDXL", "KilnTrainSD3")
+TRAINERS = ("KilnTrainSD1", "KilnTrainSDXL", "KilnTrainSD3", "KilnTrainDreamBooth")
 BUCKET = 1 << 24  # values per all-reduce when the gradients are large (64 MiB in fp32)
 # how long a rank waits for the others at a collective: ranks drift apart by whole nodes (rank 0 alone samples
 # previews; a node-local latent cache makes every rank encode what it misses), so NCCL's 10-minute default is short

@@ -33,12 +33,12 @@ def base_dir(root, tiny_sd1_path):
     return root
 
 
-def launch(kiln_env, base, procs: int, batch_size: int):
+def launch(kiln_env, base, procs: int, batch_size: int, workflow="sd1_lora.json", settings=SETTINGS):
     runner = [kiln_env.python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] \
         if procs > 1 else [kiln_env.python]
-    sets = [a for s in SETTINGS + [f"2.batch_size={batch_size}"] for a in ("--set", s)]
+    sets = [a for s in settings + [f"2.batch_size={batch_size}"] for a in ("--set", s)]
     cmd = runner + [str(REPO / "cli.py"), "--comfyui", str(kiln_env.comfyui), "--workflow",
-                    str(REPO / "example_workflows" / "api" / "sd1_lora.json"), *sets,
+                    str(REPO / "example_workflows" / "api" / workflow), *sets,
                     "--", "--cpu", "--base-directory", str(base)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd="/", env=env)
@@ -79,3 +79,33 @@ def test_two_processes_train_the_lora_of_one_process_with_the_double_batch(kiln_
         assert f.metadata()["ss_total_batch_size"] == "4" and f.metadata()["kiln_world_size"] == "1"
     for run in (one, two):
         print(next(line for line in run.stdout.splitlines() if "s/step" in line), file=sys.stderr)
+
+
+DREAMBOOTH = ["6.optimizer=SGDNesterov", "6.learning_rate=0.05", "6.steps=2", "6.fused_backward_pass=false",
+              "6.sample_every=0", "6.sample_steps=1", "7.filename=kiln/dist_db", "2.regularization_folder="]
+
+
+def test_two_processes_fine_tune_the_model_of_one_process_with_the_double_batch(kiln_env, tiny_sd1_path, tmp_path):
+    """Train DreamBooth under torchrun: every UNet weight trains, gradients all-reduced in buckets; rank 0 alone
+    samples and writes the checkpoint (Save Checkpoint is not an input of the Train node, so rank 1 never runs it)."""
+    one_base, two_base = base_dir(tmp_path / "one", tiny_sd1_path), base_dir(tmp_path / "two", tiny_sd1_path)
+    one = launch(kiln_env, one_base, 1, 4, "sd1_dreambooth_full.json", DREAMBOOTH)
+    two = launch(kiln_env, two_base, 2, 2, "sd1_dreambooth_full.json", DREAMBOOTH)
+    rank1 = next(line for line in two.stdout.splitlines() if line.startswith("[kiln rank 1] done"))
+    assert set(rank1.split("ran nodes ")[1].split(" (")[0].split(", ")) == {"1", "2", "3", "4", "6"}
+    saved = {os.path.relpath(os.path.join(d, f), two_base / "models" / "checkpoints")
+             for d, _, fs in os.walk(two_base / "models" / "checkpoints") for f in fs}
+    assert saved == {"kiln/dist_db.safetensors", tiny_sd1_path.name}
+    base = load_file(str(tiny_sd1_path))
+    a = load_file(str(one_base / "models" / "checkpoints" / "kiln" / "dist_db.safetensors"))
+    b = load_file(str(two_base / "models" / "checkpoints" / "kiln" / "dist_db.safetensors"))
+    unet = [k for k in a if k.startswith("model.diffusion_model.")]
+    assert unet and a.keys() == b.keys()
+    diff = max(float((a[k] - b[k]).abs().max()) for k in unet)
+    moved = max(float((a[k].float() - base[k].float()).abs().max()) for k in unet)
+    print(f"max |UNet(2 processes, batch 2) - UNet(1 process, batch 4)| = {diff:.3g}; largest change from the base "
+          f"{moved:.3g}", file=sys.stderr)
+    assert moved > 1e-4 and diff <= 1e-5 * moved, (diff, moved)
+    with safe_open(str(two_base / "models" / "checkpoints" / "kiln" / "dist_db.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["kiln_world_size"] == "2" and meta["ss_total_batch_size"] == "4"
