@@ -678,7 +678,7 @@ def run_training(model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcf
             if tcfg.sample_at_first:  # kohya's sample_at_first: a preview of the model before the first step
                 progress.update(0, to_pil(preview(network)[0]))
             result = train(network, plan.objective, cmodel.unet_forward(target.patcher, net_host), conditioning,
-                           cache, cmodel.latent_in(model), tcfg, cmodel.device_of(model), plan.checkpoint_blocks(net_host),
+                           cache, cmodel.latent_in(model), tcfg, cmodel.device_of(model), swap_blocks,
                            on_step, on_save if main else None, resume)
             samples = preview(network)
             if tracker is not None:

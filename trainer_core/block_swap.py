@@ -52,7 +52,7 @@ class BlockSwap:
         self.swapped = list(range(len(blocks) - count, len(blocks)))
         self.entries: dict[int, list[_Entry]] = {}
         self.resident: set[int] = set()
-        self.pending: dict[int, object] = {}  # block -> CUDA event of its transfer in flight
+        self.pending: dict[int, tuple] = {}  # block -> (its device copies, the CUDA event of their transfer or None)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.transfers = 0
         self.handles = []

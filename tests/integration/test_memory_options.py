@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from test_train_sd1 import TRAIN, load_and_cache
-from test_train_sd3 import SD3_OPTS, lora_config
+from test_train_sd3 import SD3_OPTS, lora_config, sd3  # noqa: F401  (sd3: the module's loaded SD3 fixture)
 
 ONE_SGD_STEP = {k: v for k, v in TRAIN.items() if k not in ("min_snr_gamma", "gradient_checkpointing")} | dict(
     steps=1, learning_rate=1.0, optimizer="SGD", max_grad_norm=0.0, precision="fp32", sample_every=0, sample_steps=1)
@@ -20,11 +20,6 @@ DDPM = {"KilnTrainSD1": dict(min_snr_gamma=0.0)}  # SD3 has no min_snr_gamma inp
 @pytest.fixture(scope="module")
 def sd1(comfy, sd1_checkpoint, dataset_dir):
     return load_and_cache(comfy, sd1_checkpoint, dataset_dir)
-
-
-@pytest.fixture(scope="module")
-def sd3(comfy, sd3_checkpoint, dataset_dir):
-    return load_and_cache(comfy, sd3_checkpoint, dataset_dir)
 
 
 def train(comfy, node, loaded, training_args="", checkpointing=False, **extra):
