@@ -5,27 +5,14 @@ Train node states which keys it understands, and anything else is an error that 
 """
 from __future__ import annotations
 
-import re
-
 from ..errors import KilnError
+from ..key_values import split_pairs
 
 
 def parse_network_args(text: str) -> dict[str, str]:
     """``"a=1 b=[1,2, 3]\\nc = all"`` -> {"a": "1", "b": "[1,2, 3]", "c": "all"}: a value runs to the next
     ``key=``, so lists and block ranges keep their commas and spaces."""
-    text = text.strip()
-    keys = list(re.finditer(r"(?:^|(?<=[\s,;]))([A-Za-z_]\w*)\s*=", text))
-    if text and (not keys or text[:keys[0].start()].strip(" \n\t,;")):
-        raise KilnError(f"network_args: cannot read {text!r}; write key=value pairs, e.g. "
-                        f"'context_attn_dim=16 train_block_indices=0-11'.")
-    args: dict[str, str] = {}
-    for m, nxt in zip(keys, keys[1:] + [None]):
-        key = m.group(1)
-        value = text[m.end():nxt.start() if nxt else len(text)].strip(" \n\t,;").strip("\"'")
-        if key in args:
-            raise KilnError(f"network_args: '{key}' is given twice.")
-        args[key] = value
-    return args
+    return split_pairs(text, "network_args", "'context_attn_dim=16 train_block_indices=0-11'")
 
 
 def check_keys(args: dict[str, str], allowed: dict[str, str], node: str) -> None:
