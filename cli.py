@@ -30,7 +30,6 @@ import asyncio
 import json
 import os
 import sys
-import tomllib
 import uuid
 
 PACK = os.path.dirname(os.path.abspath(__file__))
@@ -95,22 +94,27 @@ def family_of(checkpoint: str) -> str:
     return "sd1"
 
 
-def prompt_from_kohya_config(path: str, config_dir: str, family: str) -> dict:
-    """kohya's config as a Kiln graph; paths resolved like kohya's (relative to the config's folder here),
-    the checkpoint's and output's folders registered with ComfyUI."""
+def read_kohya_config(path: str) -> dict:
+    """The config's keys, read once (kohya_config.read_config) for the graph and ComfyUI's settings alike."""
+    from trainer_core.errors import KilnError
+    from trainer_core.kohya_config import read_config
+    try:
+        return read_config(open(path, encoding="utf-8").read(), path)
+    except KilnError as e:
+        sys.exit(f"kiln: {e}")
+
+
+def prompt_from_kohya_config(path: str, flat: dict, config_dir: str, family: str) -> dict:
+    """kohya's config (its read_kohya_config keys) as a Kiln graph; paths resolved like kohya's (relative to the
+    config's folder here), the checkpoint's and output's folders registered with ComfyUI."""
     import folder_paths
     from trainer_core.errors import KilnError
-    from trainer_core.kohya_config import flatten, graph_from_config
+    from trainer_core.kohya_config import TE_FILES, graph_from_config, node_of
 
     def resolve(p: str) -> str:
         return p if os.path.isabs(p) else os.path.join(config_dir, p)
 
-    text = open(path, encoding="utf-8").read()
     try:
-        try:
-            flat = flatten(tomllib.loads(text))
-        except tomllib.TOMLDecodeError as e:
-            raise KilnError(f"{path} is not valid TOML: {e}") from None
         ckpt = flat.get("pretrained_model_name_or_path", "")
         if ckpt and os.path.isdir(resolve(ckpt)):
             kind = ("a Diffusers-format folder" if os.path.isfile(os.path.join(resolve(ckpt), "model_index.json"))
@@ -123,34 +127,38 @@ def prompt_from_kohya_config(path: str, config_dir: str, family: str) -> dict:
         if not ckpt_file:
             sys.exit(f"kiln: {path}: pretrained_model_name_or_path {ckpt!r} is neither a file nor in models/checkpoints.")
         fam = family if family != "auto" else family_of(ckpt_file)
-        prompt, notes = graph_from_config(text, path, fam)
+        prompt, notes = graph_from_config(flat, path, fam)
         dataset_file = resolve(flat.get("dataset_config", ""))
         if os.path.isfile(dataset_file):
             from trainer_core.kohya_config import check_dataset_masks
             check_dataset_masks(flat, open(dataset_file, encoding="utf-8").read(), path)
     except KilnError as e:
         sys.exit(f"kiln: {e}")
+    train = node_of(prompt, "train")
     folder_paths.add_model_folder_path("checkpoints", os.path.dirname(ckpt_file))
-    prompt["1"]["inputs"]["ckpt_name"] = os.path.basename(ckpt_file)
-    prompt["2"]["inputs"]["folder"] = resolve(prompt["2"]["inputs"]["folder"])
-    if prompt["6"]["inputs"].get("sample_prompts"):  # kohya's prompt file, relative to the config like the rest
-        prompt["6"]["inputs"]["sample_prompts"] = resolve(prompt["6"]["inputs"]["sample_prompts"])
-    if "10" in prompt:  # kohya's --vae: a separate VAE file, loaded by ComfyUI's VAELoader
-        vae = resolve(prompt["10"]["inputs"]["vae_name"])
+    node_of(prompt, "checkpoint")["inputs"]["ckpt_name"] = os.path.basename(ckpt_file)
+    dataset = node_of(prompt, "dataset")["inputs"]
+    dataset["folder"] = resolve(dataset["folder"])
+    if train["inputs"].get("sample_prompts"):  # kohya's prompt file, relative to the config like the rest
+        train["inputs"]["sample_prompts"] = resolve(train["inputs"]["sample_prompts"])
+    if flat.get("vae"):  # kohya's --vae: a separate VAE file, loaded by ComfyUI's VAELoader
+        loader = node_of(prompt, "vae")["inputs"]
+        vae = resolve(loader["vae_name"])
         if not os.path.isfile(vae):
             sys.exit(f"kiln: {path}: vae {flat.get('vae')!r} is not a file.")
         folder_paths.add_model_folder_path("vae", os.path.dirname(vae))
-        prompt["10"]["inputs"]["vae_name"] = os.path.basename(vae)
-    for key, name in list(prompt.get("3", {}).get("inputs", {}).items()):  # kohya's clip_l / clip_g / t5xxl files
+        loader["vae_name"] = os.path.basename(vae)
+    encoders = node_of(prompt, "text_encoders")["inputs"] if any(flat.get(k) for k in TE_FILES) else {}
+    for key, name in list(encoders.items()):  # kohya's clip_l / clip_g / t5xxl files
         if key.startswith("clip_name") and os.path.isfile(resolve(name)):
             folder_paths.add_model_folder_path("text_encoders", os.path.dirname(resolve(name)))
-            prompt["3"]["inputs"][key] = os.path.basename(name)
+            encoders[key] = os.path.basename(name)
     if flat.get("network_weights"):
         weights = resolve(flat["network_weights"])
         if not os.path.isfile(weights):
             sys.exit(f"kiln: {path}: network_weights {flat['network_weights']!r} is not a file.")
         folder_paths.add_model_folder_path("loras", os.path.dirname(weights))
-        prompt["6"]["inputs"]["resume_from"] = os.path.basename(weights)
+        train["inputs"]["resume_from"] = os.path.basename(weights)
         if flat.get("dim_from_weights"):
             from trainer_core.lora.from_weights import config_from_weights
             from trainer_core.lora.io import load_lora_file
@@ -158,25 +166,25 @@ def prompt_from_kohya_config(path: str, config_dir: str, family: str) -> dict:
                 shape = config_from_weights(load_lora_file(weights)[0], weights)
             except KilnError as e:
                 sys.exit(f"kiln: {e}")
-            prompt["5"]["inputs"].update(shape)
+            node_of(prompt, "lora_config")["inputs"].update(shape)
             print(f"[kiln] dim_from_weights: {shape}", flush=True)
     if flat.get("output_dir"):
         os.makedirs(resolve(flat["output_dir"]), exist_ok=True)
-        kind = "checkpoints" if prompt["6"]["class_type"] == "KilnTrainDreamBooth" else "loras"  # train_db.py: a model
+        kind = "checkpoints" if train["class_type"] == "KilnTrainDreamBooth" else "loras"  # train_db.py: a model
         folder_paths.add_model_folder_path(kind, resolve(flat["output_dir"]), is_default=True)
-    print(f"[kiln] {path}: a {fam} run of {prompt['6']['class_type']}", flush=True)
+    print(f"[kiln] {path}: a {fam} run of {train['class_type']}", flush=True)
     for note in notes:
         print(f"[kiln] note: {note}", flush=True)
     return prompt
 
 
-def apply_comfyui_settings(path: str) -> None:
+def apply_comfyui_settings(path: str, flat: dict) -> None:
     """What the kohya config asks of ComfyUI itself (e.g. fp8_base: load the diffusion model as fp8), set on its
     parsed arguments before any model loads."""
     from comfy.cli_args import args
-    from trainer_core.kohya_config import comfyui_settings, flatten
+    from trainer_core.kohya_config import comfyui_settings
 
-    for name, value in comfyui_settings(flatten(tomllib.loads(open(path, encoding="utf-8").read()))).items():
+    for name, value in comfyui_settings(flat).items():
         setattr(args, name, value)
         print(f"[kiln] {path}: ComfyUI runs with --{name.replace('_unet', '-unet')}", flush=True)
 
@@ -303,8 +311,9 @@ def run(opts, prompt: dict | None, comfyui: str, comfy_args: list[str], config_d
     import server
 
     if opts.config:
-        prompt = prompt_from_kohya_config(opts.config, config_dir, opts.family)
-        apply_comfyui_settings(opts.config)
+        flat = read_kohya_config(opts.config)
+        prompt = prompt_from_kohya_config(opts.config, flat, config_dir, opts.family)
+        apply_comfyui_settings(opts.config, flat)
     apply_overrides(prompt, opts.set)
     rank, trainer = join_process_group(prompt)
     compat = load_compat()

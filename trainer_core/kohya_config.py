@@ -4,7 +4,7 @@ config sets (the CLI fills every other input with the node's own default) and th
 
 Keys keep kohya's names and meaning (sections such as ``[model_arguments]`` are flattened, as kohya does);
 a key Kiln does not know is an error naming it, and keys that change nothing in Kiln are reported as such.
-kohya's training options without a widget (training_args.KEYS) go, as key=value lines, into the Train node's
+kohya's training options without a widget (the registry's training_args keys) go, as key=value lines, into the Train node's
 ``training_args`` input.
 """
 from __future__ import annotations
@@ -13,7 +13,8 @@ import tomllib
 
 from .errors import KilnError
 from .optim import OPTIMIZERS, SCHEDULERS
-from .training_args import KEYS as TRAINING_ARGS, format_value, parse_training_args
+from .registry import TRAINING_ARGS, WIDGETS, kohya_widget_keys
+from .training_args import format_value, parse_training_args
 
 TRAIN_NODE = {"sd1": "KilnTrainSD1", "sdxl": "KilnTrainSDXL", "sd3": "KilnTrainSD3"}
 NETWORK_MODULES = {"networks.lora": ("sd1", "sdxl"), "networks.lora_sd3": ("sd3",),
@@ -31,18 +32,10 @@ LYCORIS_REFUSED = {"use_tucker": "Tucker/CP decomposition", "use_cp": "Tucker/CP
                    "constraint": "OFT constraints", "block_size": "OFT blocks", "rescaled": "OFT rescaling"}
 PRECISION = {"no": "fp32", "fp32": "fp32", "float": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
-# kohya key -> Train node input (same value)
-TRAIN_KEYS = {
-    "max_train_steps": "steps", "learning_rate": "learning_rate", "optimizer_type": "optimizer",
-    "lr_scheduler": "lr_scheduler", "lr_warmup_steps": "warmup_steps", "gradient_accumulation_steps": "grad_accum",
-    "max_grad_norm": "max_grad_norm", "seed": "seed", "gradient_checkpointing": "gradient_checkpointing",
-    "loss_type": "loss_type", "prior_loss_weight": "prior_loss_weight", "save_every_n_steps": "save_every_n_steps",
-    "cache_text_encoder_outputs_to_disk": "cache_text_encoder_outputs_to_disk", "min_snr_gamma": "min_snr_gamma",
-    "sample_every_n_steps": "sample_every",
-}
-SD3_KEYS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "training_shift", "t5xxl_max_token_length",
-            "apply_lg_attn_mask", "apply_t5_attn_mask", "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate",
-            "pos_emb_random_crop_rate")
+# kohya key -> Train node input (same value), from the option registry; SD3's own widgets apart
+WIDGET_KEYS = kohya_widget_keys()
+SD3_KEYS = tuple(k for k, name in WIDGET_KEYS.items() if WIDGETS[name].families == ("sd3",))
+TRAIN_KEYS = {k: name for k, name in WIDGET_KEYS.items() if k not in SD3_KEYS}
 HANDLED = {"pretrained_model_name_or_path", "text_encoder_lr1", "text_encoder_lr2", "text_encoder_lr3", "clip_l", "clip_g",
            "t5xxl", "dataset_config", "output_dir", "output_name", "save_precision",
            "network_module", "network_dim", "network_alpha", "network_dropout", "network_args", "unet_lr",
@@ -169,6 +162,9 @@ def lora_config_inputs(cfg: dict, path: str = "config") -> dict:
 
 
 DREAMBOOTH_NODE = "KilnTrainDreamBooth"
+# each node of a config's graph by what it does; the ids stay numbers (cli.py --set 6.steps=... addresses them)
+ROLES = {"checkpoint": "1", "dataset": "2", "text_encoders": "3", "cache": "4", "lora_config": "5", "train": "6",
+         "save": "7", "samples": "8", "mask": "9", "vae": "10", "v_prediction": "11"}
 
 
 def dreambooth_checks(cfg: dict, path: str, family: str) -> None:
@@ -216,12 +212,23 @@ def check_dataset_masks(cfg: dict, dataset_text: str, path: str) -> None:
                         f"by alpha channels or by mask folders; remove one of them.")
 
 
-def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str]]:
-    """(API-format prompt with only the inputs the config sets, notes) for ``family`` in sd1/sdxl/sd3."""
+def read_config(text: str, path: str) -> dict:
+    """A kohya config file's keys, flattened as kohya reads them; the one place its TOML is parsed."""
     try:
-        cfg = flatten(tomllib.loads(text))
+        return flatten(tomllib.loads(text))
     except tomllib.TOMLDecodeError as e:
         raise KilnError(f"{path} is not valid TOML: {e}") from None
+
+
+def node_of(prompt: dict, role: str) -> dict:
+    """The node of ``role`` (ROLES) in a prompt graph_from_config made."""
+    return prompt[ROLES[role]]
+
+
+def graph_from_config(config: str | dict, path: str, family: str) -> tuple[dict, list[str]]:
+    """(API-format prompt with only the inputs the config sets, notes) for ``family`` in sd1/sdxl/sd3, from the
+    config's text or its read_config keys. Each node's id is its role's (ROLES)."""
+    cfg = read_config(config, path) if isinstance(config, str) else dict(config)
     dreambooth = "network_module" not in cfg  # kohya's train_db.py
     known = set(TRAIN_KEYS) | set(SD3_KEYS) | HANDLED | set(NO_EFFECT) | set(TRAINING_ARGS) | set(REFUSED)
     known |= DREAMBOOTH_KEYS if dreambooth else set()
@@ -320,47 +327,53 @@ def graph_from_config(text: str, path: str, family: str) -> tuple[dict, list[str
     if cfg.get("save_every_n_steps") or cfg.get("save_every_n_epochs"):
         train["save_name"] = cfg.get("output_name", "last")  # kohya: <output_name>-000001, -step00000500
     files = [cfg[k] for k in TE_FILES if cfg.get(k)]
-    train.update(model=["1", 0], clip=["3", 0] if files else ["1", 1], dataset=["4", 0])
-    if not dreambooth:
-        train["lora_config"] = ["5", 0]
-    prompt = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": cfg["pretrained_model_name_or_path"]}},
-        "2": {"class_type": "KilnLoadDataset", "inputs": {"folder": cfg["dataset_config"]}},
-        "4": {"class_type": "KilnCacheLatents", "inputs": {"dataset": ["2", 0], "vae": ["1", 2],
-                                                           "disk_cache": bool(cfg.get("cache_latents_to_disk", False)),
-                                                           "no_half_vae": bool(cfg.get("no_half_vae", False))}},
-        "5": {"class_type": "KilnLoraConfig", "inputs": lora_config_inputs(cfg, path)},
-        "6": {"class_type": TRAIN_NODE[family], "inputs": train},
-        "7": {"class_type": "KilnSaveLora", "inputs": {
-            "lora": ["6", 1], "filename": cfg.get("output_name", "last"), "overwrite": True,
-            # unset: kohya saves in the trained dtype, fp32 for LoRA weights
-            "precision": PRECISION.get(str(cfg.get("save_precision", "fp32")), "fp32")}},
-    }
+    prompt: dict[str, dict] = {}
+
+    def add(role: str, class_type: str, **inputs) -> dict:
+        prompt[ROLES[role]] = {"class_type": class_type, "inputs": inputs}
+        return inputs
+
+    def out(role: str, index: int) -> list:
+        return [ROLES[role], index]
+
+    add("checkpoint", "CheckpointLoaderSimple", ckpt_name=cfg["pretrained_model_name_or_path"])
+    add("dataset", "KilnLoadDataset", folder=cfg["dataset_config"])
+    cache = add("cache", "KilnCacheLatents", dataset=out("dataset", 0), vae=out("checkpoint", 2),
+                disk_cache=bool(cfg.get("cache_latents_to_disk", False)), no_half_vae=bool(cfg.get("no_half_vae", False)))
+    train.update(model=out("checkpoint", 0), clip=out("text_encoders" if files else "checkpoint", 0 if files else 1),
+                 dataset=out("cache", 0))
     if dreambooth:  # the trained MODEL and CLIP with the checkpoint's own VAE, as kohya's train_db saves them
-        del prompt["5"]
-        prompt["6"]["class_type"] = DREAMBOOTH_NODE
-        prompt["7"] = {"class_type": "KilnSaveCheckpoint", "inputs": {
-            "model": ["6", 0], "clip": ["6", 1], "vae": ["1", 2], "filename": cfg.get("output_name", "last"),
-            "overwrite": True}}
+        add("train", DREAMBOOTH_NODE, **train)
+        add("save", "KilnSaveCheckpoint", model=out("train", 0), clip=out("train", 1), vae=out("checkpoint", 2),
+            filename=cfg.get("output_name", "last"), overwrite=True)
+    else:
+        add("lora_config", "KilnLoraConfig", **lora_config_inputs(cfg, path))
+        train["lora_config"] = out("lora_config", 0)
+        add("train", TRAIN_NODE[family], **train)
+        add("save", "KilnSaveLora", lora=out("train", 1), filename=cfg.get("output_name", "last"), overwrite=True,
+            # unset: kohya saves in the trained dtype, fp32 for LoRA weights
+            precision=PRECISION.get(str(cfg.get("save_precision", "fp32")), "fp32"))
+    train = prompt[ROLES["train"]]["inputs"]
     if cfg.get("v_parameterization"):  # kohya trusts the flag: the model is trained (and sampled) as v-prediction
         if family == "sd3":
             raise KilnError(f"{path}: v_parameterization does not apply to SD3 (rectified flow).")
-        prompt["11"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "v_prediction",
-                                                                          "zsnr": False}}
-        train["model"] = ["11", 0]
+        add("v_prediction", "ModelSamplingDiscrete", model=out("checkpoint", 0), sampling="v_prediction", zsnr=False)
+        train["model"] = out("v_prediction", 0)
     if cfg.get("vae"):  # kohya's --vae: latents and previews use this VAE, not the checkpoint's
-        prompt["10"] = {"class_type": "VAELoader", "inputs": {"vae_name": cfg["vae"]}}
-        prompt["4"]["inputs"]["vae"] = ["10", 0]
+        add("vae", "VAELoader", vae_name=cfg["vae"])
+        cache["vae"] = out("vae", 0)
     if cfg.get("alpha_mask"):  # kohya's --alpha_mask: every subset's loss masked by its images' alpha channel
-        prompt["9"] = {"class_type": "KilnMaskSource", "inputs": {"dataset": ["2", 0], "mode": "alpha", "mask_folder": "",
-                                                                  "missing_mask_is_white": True, "dilation": 0}}
-        prompt["4"]["inputs"]["dataset"] = ["9", 0]
+        add("mask", "KilnMaskSource", dataset=out("dataset", 0), mode="alpha", mask_folder="",
+            missing_mask_is_white=True, dilation=0)
+        cache["dataset"] = out("mask", 0)
     if cfg.get("sample_prompts"):  # kohya writes its samples to files; here ComfyUI's output folder
-        prompt["8"] = {"class_type": "SaveImage", "inputs": {"images": ["6", 2],
-                                                             "filename_prefix": f"{cfg.get('output_name', 'last')}_sample"}}
+        add("samples", "SaveImage", images=out("train", 2), filename_prefix=f"{cfg.get('output_name', 'last')}_sample")
     if files:  # separate encoder files, as kohya's --clip_l/--clip_g/--t5xxl: ComfyUI's own CLIP loaders
         names = {f"clip_name{i + 1}": f for i, f in enumerate(files)}
-        prompt["3"] = ({"class_type": "TripleCLIPLoader", "inputs": names} if len(files) == 3 else
-                       {"class_type": "DualCLIPLoader", "inputs": {**names, "type": "sd3"}} if len(files) == 2 else
-                       {"class_type": "CLIPLoader", "inputs": {"clip_name": files[0], "type": "sd3"}})
+        if len(files) == 3:
+            add("text_encoders", "TripleCLIPLoader", **names)
+        elif len(files) == 2:
+            add("text_encoders", "DualCLIPLoader", **names, type="sd3")
+        else:
+            add("text_encoders", "CLIPLoader", clip_name=files[0], type="sd3")
     return prompt, notes
