@@ -148,7 +148,7 @@ def pages(comfy) -> dict[Path, str]:
             ARGS_PAGE: render_training_args(training_arg_rows(comfy))}
 
 
-def load_comfy():
+def load_comfy(root: Path):
     """A ComfyUI in this process with Kiln loaded by its own custom-node loader, as the tests' `comfy` fixture
     loads it (the same class)."""
     try:
@@ -157,13 +157,15 @@ def load_comfy():
         sys.exit("run this with the provisioned Python: set -a; . .kiln/env; set +a; \"$KILN_PYTHON\" scripts/docs.py")
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import ComfyInProcess, read_kiln_env
-    return ComfyInProcess(Path(tempfile.mkdtemp(prefix="kiln-docs-")), Path(read_kiln_env()["KILN_COMFYUI"]))
+    return ComfyInProcess(root, Path(read_kiln_env()["KILN_COMFYUI"]))
 
 
 def main(argv: list[str]) -> int:
     check = "--check" in argv
     stale = []
-    for path, text in pages(load_comfy()).items():
+    with tempfile.TemporaryDirectory(prefix="kiln-docs-") as tmp:
+        generated = pages(load_comfy(Path(tmp)))
+    for path, text in generated.items():
         if path.is_file() and path.read_text(encoding="utf-8") == text:
             continue
         stale.append(path.relative_to(REPO))
