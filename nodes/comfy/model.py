@@ -1,6 +1,7 @@
 """MODEL: family checks, the sampling schedule, training sessions on the shared model, the LoRA back in.
 
-MODEL is a ``comfy.model_patcher.ModelPatcher``; the network is ``model.model.diffusion_model`` (DESIGN.md fact 2).
+MODEL is a ``comfy.model_patcher.ModelPatcher``; the network is ``model.model.diffusion_model``
+(docs/architecture.md, fact 2).
 Other nodes share that object, so after training it must behave exactly as before.
 """
 from __future__ import annotations

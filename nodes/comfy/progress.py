@@ -1,5 +1,5 @@
-"""Progress bar and preview image in the graph, Cancel checks, and custom events for the frontend (DESIGN.md
-fact 8)."""
+"""Progress bar and preview image in the graph, Cancel checks, and custom events for the frontend
+(docs/architecture.md, fact 8)."""
 from __future__ import annotations
 
 from PIL import Image

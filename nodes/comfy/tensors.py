@@ -1,7 +1,7 @@
 """Inference tensors made usable by autograd without copying them, and cheap fingerprints of weights.
 
 ComfyUI runs nodes under ``torch.inference_mode()``, so the loaded weights are inference tensors, which autograd
-refuses to save for backward (DESIGN.md fact 1)."""
+refuses to save for backward (docs/architecture.md, fact 1)."""
 from __future__ import annotations
 
 import contextlib

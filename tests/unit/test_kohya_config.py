@@ -319,10 +319,10 @@ def test_unset_keys_train_with_kohyas_defaults_not_the_nodes():
         graph_from_config(minimal + "v_parameterization = true\n", "t.toml", "sd3")
 
 
-def test_readme_lists_every_config_key_the_cli_knows():
+def test_docs_list_every_config_key_the_cli_knows():
     from pathlib import Path
     from trainer_core import kohya_config as k
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("### Every kohya config key")[1].split("## training_args")[0]
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "kohya.md").read_text(encoding="utf-8")
+    section = doc.split("## Every kohya config key")[1].split("\n## ")[0]
     keys = set(k.TRAIN_KEYS) | set(k.SD3_KEYS) | k.HANDLED | set(k.NO_EFFECT) | set(k.REFUSED)
     assert sorted(key for key in keys if f"`{key}`" not in section) == []
