@@ -15,7 +15,7 @@ to ComfyUI's own parser (``--cpu``, ``--base-directory DIR``, ``--extra-model-pa
 ComfyUI is found from ``--comfyui``, ``COMFYUI_PATH``, or the folder this pack is installed in. Progress, the
 loss and errors are printed; the exit code is 0 on success, 1 when validation or a node fails.
 
-Several processes train one LoRA when a launcher starts this file (README, "Multi-GPU and multi-node"):
+Several processes train one LoRA when a launcher starts this file (docs/multi-gpu.md):
 
     torchrun --nproc_per_node=N cli.py --workflow run.json        (accelerate launch --multi_gpu ... works alike)
 

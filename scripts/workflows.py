@@ -3,7 +3,7 @@ lists as templates) is derived from it with the node definitions of a running se
 
     python scripts/workflows.py --server http://127.0.0.1:8188    # rewrite example_workflows/*.json
 
-tests/e2e/test_workflows.py checks that the committed UI files are what this produces.
+tests/e2e/test_sd1_workflow.py checks that the committed UI files are what this produces.
 """
 from __future__ import annotations
 

@@ -115,7 +115,7 @@ def training_metadata(family_version: str, arch: str, ds: Dataset, cache: Latent
         "v_parameterization": family_version.endswith("_v"), "sd_model_name": model_name,
         "masked_loss": cache.has_masks, "epoch": epoch, **kohya_training_metadata(tcfg, cache),
         "tag_frequency": tags, "flip_aug": any(s.flip_aug for s in ds.subsets),
-        # kohya keys with a fixed value in Kiln (README, "Metadata"): latents are always cached, LoRA weights stay fp32,
+        # kohya keys with a fixed value in Kiln (docs/kohya.md, "The LoRA file and its metadata"): latents are always cached, LoRA weights stay fp32,
         # no weight-norm scaling, face crops or comment; not trained by sd-scripts
         "session_id": tcfg.session_id, "training_started_at": tcfg.training_started_at, "full_fp16": False,
         "cache_latents": True, "lowram": False, "training_comment": None, "sd_scripts_commit_hash": None,

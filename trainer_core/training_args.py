@@ -126,5 +126,5 @@ def effective(args: dict[str, object]) -> str:
 
 
 def describe(family: str) -> str:
-    """Every key this family reads, for the node's tooltip and the README."""
+    """Every key this family reads, for the node's tooltip."""
     return "\n".join(f"{k}: {s.help}" for k, s in KEYS.items() if family in s.families)

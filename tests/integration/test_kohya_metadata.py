@@ -1,7 +1,7 @@
 """kohya's ss_* metadata, key by key: the list below is written from sd-scripts' train_network.py (the metadata
 dict of train(), the dataset-config branch, ss_network_args, ss_sd_model_name; str() of every value) for the
 settings this test trains with (SD1, a dataset folder, LoRA rank 2, no validation, no VAE file). Kiln's file must
-hold every key in the same format; keys Kiln cannot know carry the value its README documents."""
+hold every key in the same format; keys Kiln cannot know carry the value docs/kohya.md documents."""
 from __future__ import annotations
 
 import json
@@ -51,7 +51,7 @@ DATASET_KEYS = {"is_dreambooth", "batch_size_per_device", "num_train_images", "n
 SUBSET_KEYS = {"img_count", "num_repeats", "color_aug", "flip_aug", "random_crop", "shuffle_caption", "keep_tokens",
                "keep_tokens_separator", "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix",
                "resize_interpolation", "image_dir", "class_tokens", "is_reg"}
-# keys Kiln cannot know, with the value the README documents
+# keys Kiln cannot know, with the value docs/kohya.md documents
 DOCUMENTED = {"ss_sd_scripts_commit_hash": "None", "ss_training_comment": "None", "ss_sd_model_name": "",
               "ss_cache_latents": "True", "ss_full_fp16": "False", "ss_lowram": "False", "ss_fp8_base": "False",
               "ss_fp8_base_unet": "False", "ss_face_crop_aug_range": "None", "ss_scale_weight_norms": "None",
