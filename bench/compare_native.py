@@ -267,8 +267,9 @@ def run_node_with_lists(comfy, class_type: str, lists: dict, **inputs):
     async def run():
         input_data, _missing, hidden = ex.get_input_data(inputs, cls, unique_id)
         input_data.update(lists)
+        # positional: the keyword was hidden_inputs= in 0.3.x and is v3_data= in 0.33; the position is the same
         output, _ui, _expanded, pending = await ex.get_output_data("kiln-bench", unique_id, cls(), input_data,
-                                                                   hidden_inputs=hidden)
+                                                                   None, None, hidden)
         if pending:
             results = await ex.resolve_map_node_over_list_results(output)
             output, _ui, _expanded = ex.get_output_from_returns(results, cls())
