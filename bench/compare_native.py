@@ -3,10 +3,13 @@
     $KILN_PYTHON bench/compare_native.py [--steps 20] [--warmup 3] [--rank 8] [--batch 2] [--resolution 64]
                                          [--json out.json] [--mode subprocess|single] [--threads N]
                                          [--kiln-conv-rank N] [--retries N]
+                                         [--device cpu|cuda] [--precision fp32|bf16] [--shape tiny|real]
 
-Both trainers run inside a real ComfyUI (KILN_COMFYUI from .kiln/env), forced to the CPU, with this pack
-loaded by ComfyUI's own custom-node loader (tests/conftest.py's ComfyInProcess), on the tiny random-weight
-SD1 checkpoint of tests/fixtures/tiny_models.py and the generated dataset of tests/fixtures/datasets.py.
+Both trainers run inside a real ComfyUI (KILN_COMFYUI from .kiln/env), forced to the CPU unless --device cuda,
+with this pack loaded by ComfyUI's own custom-node loader (tests/conftest.py's ComfyInProcess), on the tiny
+random-weight SD1 checkpoint of tests/fixtures/tiny_models.py (or, with --shape real, one of SD1.5's shapes from
+bench/real_sd1.py) and the generated dataset of tests/fixtures/datasets.py. On CUDA the steps are synchronized
+before each timestamp, and peak VRAM (torch.cuda.max_memory_allocated) is reported beside RSS.
 
 What is held equal
   * the checkpoint, loaded once per process by CheckpointLoaderSimple;
@@ -14,7 +17,8 @@ What is held equal
     on, and the very same tensors, stacked, are native's LATENT input;
   * the conditioning: the same CLIP encodes the same captions (native gets CLIPTextEncode's output, one
     entry per image; Kiln encodes inside its node with the same CLIP; the bench checks the two agree);
-  * steps, rank, batch size, AdamW (lr, betas and weight decay 0.01 are the same), fp32 compute and fp32
+  * steps, rank, batch size, AdamW (lr, betas and weight decay 0.01 are the same), the compute precision (fp32, or
+    bf16 autocast: Kiln's precision, native's training_dtype) and fp32
     LoRA weights, gradient checkpointing off, one gradient-accumulation step, LoRA scale alpha/rank = 1/rank
     (native always uses alpha 1; Kiln is given alpha 1). Kiln's gradient clipping is turned off
     (native has none), its sample previews are minimal (sample_every 0, sample_steps 1: one 1-step preview
@@ -144,8 +148,8 @@ def settled_rss() -> int:
 
 # --- ComfyUI in process ----------------------------------------------------------------------------
 
-def comfy_in_process(root: Path):
-    """tests/conftest.py's ComfyInProcess (pytest is only imported, never run)."""
+def comfy_in_process(root: Path, cpu: bool = True):
+    """tests/conftest.py's ComfyInProcess (pytest is only imported, never run), on the CPU unless not ``cpu``."""
     if str(TESTS) not in sys.path:
         sys.path.insert(0, str(TESTS))
     import conftest  # noqa: E402  (puts tests/ on sys.path for `fixtures` too)
@@ -154,7 +158,7 @@ def comfy_in_process(root: Path):
     comfyui = env.get("KILN_COMFYUI")
     if not comfyui or not (Path(comfyui) / "main.py").is_file():
         sys.exit("ComfyUI is not provisioned (KILN_COMFYUI unset or has no main.py): run 'bash scripts/provision.sh'")
-    conftest.FORCE_CPU = True  # the comparison is defined on the CPU
+    conftest.FORCE_CPU = cpu
     return conftest.ComfyInProcess(root, Path(comfyui)), conftest
 
 
@@ -208,8 +212,9 @@ class SavedTensorMeter:
 class StepClock:
     """Stamps ComfyUI progress-bar updates of a bar with `total` steps (both nodes update after opt.step)."""
 
-    def __init__(self, total: int):
-        self.total = total
+    def __init__(self, total: int, warmup: int = 0, cuda: bool = False):
+        self.total, self.warmup, self.cuda = total, warmup, cuda
+        self.vram: dict[str, int] = {}  # CUDA: peak allocated before the timed steps, and during them
         self.stamps: dict[int, float] = {}
         self.cpu: dict[int, float] = {}  # process CPU seconds (all threads) at the same moments
         self.sys: dict[int, float] = {}  # of which in the kernel (page faults, madvise/munmap, ...)
@@ -218,10 +223,18 @@ class StepClock:
     @contextlib.contextmanager
     def installed(self, comfy):
         import comfy.utils as cu
+        import torch
         previous = cu.PROGRESS_BAR_HOOK
 
         def hook(value, total, preview=None, prompt_id=None, node_id=None):
             if total == self.total and value not in self.stamps:
+                if self.cuda:  # a stamp marks a finished step, not a queued one
+                    torch.cuda.synchronize()
+                    if value == self.warmup:
+                        self.vram["before_steps"] = torch.cuda.max_memory_allocated()
+                        torch.cuda.reset_peak_memory_stats()
+                    elif value == self.total:
+                        self.vram["steps"] = torch.cuda.max_memory_allocated()
                 self.stamps[value] = time.perf_counter()
                 self.cpu[value] = time.process_time()
                 self.sys[value] = os.times().system
@@ -267,8 +280,9 @@ def run_node_with_lists(comfy, class_type: str, lists: dict, **inputs):
     async def run():
         input_data, _missing, hidden = ex.get_input_data(inputs, cls, unique_id)
         input_data.update(lists)
+        # positional: the keyword was hidden_inputs= in 0.3.x and is v3_data= in 0.33; the position is the same
         output, _ui, _expanded, pending = await ex.get_output_data("kiln-bench", unique_id, cls(), input_data,
-                                                                   hidden_inputs=hidden)
+                                                                   None, None, hidden)
         if pending:
             results = await ex.resolve_map_node_over_list_results(output)
             output, _ui, _expanded = ex.get_output_from_returns(results, cls())
@@ -277,6 +291,15 @@ def run_node_with_lists(comfy, class_type: str, lists: dict, **inputs):
     with torch.inference_mode():
         output = asyncio.run(run())
     return tuple(values[0] for values in output)
+
+
+def native_defaults(cls, given: dict) -> dict:
+    """Every input of a native node that ``given`` leaves out, at its declared default: newer ComfyUIs add inputs
+    (0.33's TrainLoraNode: bypass_mode, offloading, ...) that its execute() needs."""
+    declared = cls.INPUT_TYPES()
+    specs = {**declared.get("required", {}), **declared.get("optional", {})}
+    return {name: spec[1]["default"] for name, spec in specs.items()
+            if name not in given and len(spec) > 1 and isinstance(spec[1], dict) and "default" in spec[1]}
 
 
 def log(msg: str) -> None:
@@ -304,13 +327,17 @@ def prepare(args, workdir: Path) -> dict:
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
-    comfy, conftest = comfy_in_process(workdir / "comfy")
+    comfy, conftest = comfy_in_process(workdir / "comfy", cpu=args.device == "cpu")
     from fixtures import tiny_models
     from fixtures.datasets import make_dataset
 
     cache_dir = Path(os.environ.get("KILN_FIXTURE_CACHE") or REPO / ".kiln" / "fixtures")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = Path(tiny_models.build_sd1_checkpoint(str(cache_dir / tiny_models.default_name("sd1"))))
+    if args.shape == "real":
+        from real_sd1 import build_real_sd1_checkpoint, real_sd1_name
+        ckpt = Path(build_real_sd1_checkpoint(str(cache_dir / real_sd1_name())))
+    else:
+        ckpt = Path(tiny_models.build_sd1_checkpoint(str(cache_dir / tiny_models.default_name("sd1"))))
     link = comfy.checkpoints_dir / ckpt.name
     if not link.exists():
         link.symlink_to(ckpt)
@@ -346,6 +373,7 @@ def prepare(args, workdir: Path) -> dict:
     unet = model.model.diffusion_model
     info = {
         "device": str(model.load_device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "shape": args.shape,
         "unet_dtype": str(next(unet.parameters()).dtype), "family": type(model.model.model_config).__name__,
         "unet_param_bytes": param_bytes(unet),
         "clip_param_bytes": param_bytes(clip.cond_stage_model),
@@ -364,11 +392,12 @@ def run_trainer(which: str, ctx: dict, args) -> dict:
     import torch
     comfy, total = ctx["comfy"], args.warmup + args.steps
     common = dict(steps=total, learning_rate=args.lr, seed=args.seed, gradient_checkpointing=False)
+    cuda = args.device == "cuda"
     if which == "kiln":
         cfg = comfy.run_node("KilnLoraConfig", rank=args.rank, alpha=1.0, conv_rank=args.kiln_conv_rank,
                              conv_alpha=1.0, dropout=0.0, rank_dropout=0.0, module_dropout=0.0)[0]
         inputs = dict(model=ctx["model"], clip=ctx["clip"], dataset=ctx["cached"], lora_config=cfg, optimizer="AdamW",
-                      lr_scheduler="constant", warmup_steps=0, grad_accum=1, max_grad_norm=0.0, precision="fp32",
+                      lr_scheduler="constant", warmup_steps=0, grad_accum=1, max_grad_norm=0.0, precision=args.precision,
                       loss_type="l2", min_snr_gamma=0.0, mask_normalize=False, prior_loss_weight=1.0,
                       sample_prompts="", sample_every=0, sample_steps=1, sample_cfg=1.0, **common)
         node = "KilnTrainSD1"
@@ -379,15 +408,22 @@ def run_trainer(which: str, ctx: dict, args) -> dict:
         with torch.inference_mode():
             lists = {"latents": [{"samples": lat[None]} for lat in ctx["latents"]],
                      "positive": [[c] for c in ctx["positive"]]}
+        # training_dtype is native's autocast dtype; its LoRA weights stay fp32, as Kiln's do under autocast
         inputs = dict(model=ctx["model"], batch_size=args.batch, grad_accumulation_steps=1, rank=args.rank, optimizer="AdamW",
-                      loss_function="MSE", training_dtype="fp32", lora_dtype="fp32", algorithm="LoRA",
+                      loss_function="MSE", training_dtype=args.precision, lora_dtype="fp32", algorithm="LoRA",
                       existing_lora="[None]", **common)
         node = "TrainLoraNode"
+        filled = native_defaults(comfy.node_class(node), inputs)
+        inputs.update(filled)
 
     gc.collect()
     baseline = settled_rss()
     log(f"{node}: {total} steps, baseline RSS {baseline / 2**20:.0f} MiB")
-    clock = StepClock(total)
+    clock = StepClock(total, args.warmup, cuda)
+    if cuda:
+        torch.cuda.synchronize()
+        vram_baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     load_before = os.getloadavg()[0]
     hwm_ok = reset_hwm()
     t0 = time.perf_counter()
@@ -406,6 +442,11 @@ def run_trainer(which: str, ctx: dict, args) -> dict:
     res = {"node": node, "node_seconds": node_seconds, "loadavg_1min_before_after": [load_before, os.getloadavg()[0]], "rss_baseline": baseline,
            "rss_peak_node": sampler.peak(), "rss_peak_steps": sampler.peak(w0, w1), "rss_hwm_node": hwm,
            "rss_samples": len(sampler.samples), "saved_for_backward": meter.summary(), **timing}
+    if cuda:
+        res.update(vram_baseline=vram_baseline, vram_peak_steps=clock.vram["steps"],
+                   vram_peak_node=max(clock.vram["before_steps"], torch.cuda.max_memory_allocated()))
+    if which == "native":
+        res["native_inputs_at_default"] = filled  # what this ComfyUI's node added that the bench does not set
     if which == "kiln":
         lora = out[1]
         sd = lora.state_dict
@@ -417,7 +458,9 @@ def run_trainer(which: str, ctx: dict, args) -> dict:
         res["trains"] = "LoRA on Linear/1x1-conv in transformer blocks" + (
             " + ResNet/sampler convs" if args.kiln_conv_rank else "")
     else:
-        lora_sd, loss_map = out[1], out[2]
+        # by type, not position: 0.3.75 outputs (MODEL, LORA_MODEL, LOSS_MAP, INT), 0.33 drops the MODEL
+        types = list(comfy.node_class(node).RETURN_TYPES)
+        lora_sd, loss_map = out[types.index("LORA_MODEL")], out[types.index("LOSS_MAP")]
         groups = {"lora": 0, "norm_diff": 0, "bias_diff": 0}
         for k, v in lora_sd.items():
             if k.endswith((".lora_up.weight", ".lora_down.weight", ".lora_mid.weight")):
@@ -508,10 +551,11 @@ def report(result: dict, args) -> str:
     lines = []
     mode = ("one fresh process per trainer (Kiln, then native; never concurrent)" if result["mode"] == "subprocess"
             else "ONE process, Kiln first then native (second run's RSS shares the first's allocator)")
-    lines.append(f"Kiln KilnTrainSD1 vs ComfyUI TrainLoraNode — {info['family']} tiny checkpoint, {info['device']}, "
-                 f"torch {info['torch']}, {info['threads']} threads")
+    lines.append(f"Kiln KilnTrainSD1 vs ComfyUI TrainLoraNode — {info['family']} {args.shape}-shaped checkpoint, "
+                 f"{info['device']} ({info.get('device_name', 'cpu')}), torch {info['torch']}, {info['threads']} threads")
     lines.append(f"  {args.warmup} warm-up + {args.steps} timed steps, rank {args.rank} (scale 1/rank), batch {args.batch}, "
-                 f"{args.resolution}px (latent {tuple(info['latent_shape'][1:])}), AdamW lr {args.lr:g}, fp32, no grad ckpt")
+                 f"{args.resolution}px (latent {tuple(info['latent_shape'][1:])}), AdamW lr {args.lr:g}, {args.precision}, "
+                 "no grad ckpt")
     lines.append(f"  mode: {mode}")
     same = result.get("same_latents_across_processes", True)
     lines.append(f"  inputs: {info['captions']} latents sha {info['latents_sha']}, conditioning sha {info['positive_sha']} "
@@ -547,6 +591,10 @@ def report(result: dict, args) -> str:
     kd, nd = k["rss_peak_steps"] - k["rss_baseline"], n["rss_peak_steps"] - n["rss_baseline"]
     row("peak steps - baseline [MiB]", mib(kd), mib(nd))
     row("  ÷ UNet param bytes", f"{kd / info['unet_param_bytes']:.2f}", f"{nd / info['unet_param_bytes']:.2f}")
+    if "vram_baseline" in k:
+        row("VRAM model loaded (baseline) [MiB]", mib(k["vram_baseline"]), mib(n["vram_baseline"]))
+        row("peak VRAM during steps [MiB]", mib(k["vram_peak_steps"]), mib(n["vram_peak_steps"]))
+        row("peak VRAM whole node [MiB]", mib(k["vram_peak_node"]), mib(n["vram_peak_node"]))
     ks, ns = k["saved_for_backward"], n["saved_for_backward"]
     row("saved for backward/step [MiB]:", "", "")
     row("  activations", mib(ks["activations"]), mib(ns["activations"]))
@@ -607,6 +655,12 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=64, help="training resolution (multiple of 64)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: ComfyUI picks the GPU (both trainers; peak VRAM is reported too)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="Kiln's precision and native's training_dtype (autocast; LoRA weights fp32 in both)")
+    p.add_argument("--shape", choices=("tiny", "real"), default="tiny",
+                   help="tiny: the test fixture's SD1; real: SD1.5's UNet shapes, random weights (bench/real_sd1.py)")
     p.add_argument("--kiln-conv-rank", type=int, default=0,
                    help="Kiln conv_rank (LoRA on ResNet 3x3 convs too, closer to native's targets); 0 = kohya default")
     p.add_argument("--mode", choices=("subprocess", "single"), default="subprocess",
@@ -623,10 +677,15 @@ def parse_args(argv=None):
         p.error("--warmup and --steps must be >= 1")
     if args.resolution % 64:
         p.error("--resolution must be a multiple of 64")
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            p.error("--device cuda: torch sees no CUDA device")
     args._passthrough = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--rank={args.rank}",
                          f"--batch={args.batch}", f"--resolution={args.resolution}", f"--lr={args.lr}",
                          f"--seed={args.seed}", f"--kiln-conv-rank={args.kiln_conv_rank}",
-                         f"--sample-interval={args.sample_interval}", f"--threads={args.threads}"]
+                         f"--sample-interval={args.sample_interval}", f"--threads={args.threads}",
+                         f"--device={args.device}", f"--precision={args.precision}", f"--shape={args.shape}"]
     return args
 
 
