@@ -20,6 +20,7 @@ import torch
 from . import distributed, validation
 from .cache import LatentCache
 from .checkpointing import gradient_checkpointing
+from .contracts import Objective, TrainableNetwork
 from .data.captions import augment_caption, base_caption
 from .ema import EMA
 from .epochs import epoch_batches, resolve_epochs, steps_per_epoch
@@ -27,7 +28,6 @@ from .errors import KilnError
 from .losses import elementwise, per_sample_loss
 from .oom import oom_guard
 from .preservation import preservation_caption
-from .lora.network import LoRANetwork
 from .optim import FusedBackward, Schedule, build_optimizer, build_scheduler, check_fused
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -249,7 +249,7 @@ def freeze_text_encoders(groups: list[dict]) -> None:
                 p.grad = None
 
 
-def train(network: LoRANetwork, objective, forward: Callable, conditioning: Callable[..., dict],
+def train(network: TrainableNetwork, objective: Objective, forward: Callable, conditioning: Callable[..., dict],
           cache: LatentCache, latent_in: Callable[[torch.Tensor], torch.Tensor], cfg: TrainConfig,
           device: torch.device, checkpoint_blocks=(), on_step: Callable[[StepInfo], None] | None = None,
           on_save: Callable[..., None] | None = None, resume: dict | None = None) -> TrainResult:
@@ -281,7 +281,7 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
     if cache.has_masks and all(s.mask is not None and not bool((s.mask > 0).any()) for s in cache.samples):
         raise KilnError("every mask is entirely black, so nothing would train: white = train, black = ignore. "
                         "Check the mask folder or alpha channels, or set Alpha/Mask Source's mode to none.")
-    if cfg.diff_output_preservation and not hasattr(network, "set_enabled"):
+    if cfg.diff_output_preservation and not network.switchable:
         raise KilnError("diff_output_preservation compares with the model without its adapters, and full "
                         "fine-tuning (DreamBooth) has none: use regularization images (prior_loss_weight) instead.")
     if cfg.diff_output_preservation and not cfg.preservation_pairs:
@@ -390,8 +390,8 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
             per_sample = per_sample * nb.weight.to(device)
         if cfg.min_snr_gamma:
             per_sample = per_sample * objective.min_snr_weight(nb.snr, cfg.min_snr_gamma).to(device)
-        if hasattr(objective, "loss_weight"):
-            per_sample = per_sample * objective.loss_weight(nb.snr, cfg).to(device)
+        if (post_weight := objective.loss_weight(nb.snr, cfg)) is not None:
+            per_sample = per_sample * post_weight.to(device)
         loss = (per_sample * weights).mean()
         if train and cfg.diff_output_preservation:
             loss = loss + cfg.diff_output_preservation_multiplier * preservation_loss(nb, captions, geometries)
@@ -474,7 +474,7 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
     grads_checked = fused is not None  # fused: each gradient is freed as soon as its parameter stepped
     change_checked = False
     val_batches = validation.batches(val_cache, cfg.batch_size, cfg.max_validation_steps) if val_cache else []
-    val_timesteps = validation.timesteps(cfg.min_timestep, cfg.max_timestep, getattr(objective, "num_timesteps", 1000))
+    val_timesteps = validation.timesteps(cfg.min_timestep, cfg.max_timestep, objective.num_timesteps)
 
     def validation_loss() -> float:
         """Mean loss over the validation batches × fixed timesteps, fixed noise, no dropout (kohya)."""
