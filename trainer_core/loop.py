@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import random
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -23,12 +22,13 @@ from .checkpointing import gradient_checkpointing
 from .contracts import Objective, TrainableNetwork
 from .data.captions import augment_caption, base_caption
 from .ema import EMA
-from .epochs import epoch_batches, resolve_epochs, steps_per_epoch
+from .epochs import BatchStream, epoch_batches, resolve_epochs, steps_per_epoch  # noqa: F401  (BatchStream, epoch_batches: importable from here)
 from .errors import KilnError
 from .losses import elementwise, per_sample_loss
 from .oom import oom_guard
 from .preservation import preservation_caption
 from .optim import FusedBackward, Schedule, build_optimizer, build_scheduler, check_fused
+from .run_state import RESUMABLE_SETTINGS, RunState, TrainResult, changed_settings, run_settings  # noqa: F401
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -142,91 +142,8 @@ class StepInfo:
     saving: bool = False           # on_save writes an intermediate save right after this step (the chart marks it)
 
 
-@dataclass
-class TrainResult:
-    losses: list[float] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # for the node's text, e.g. settings a resume changed
-    steps: int = 0
-    seconds: float = 0.0
-    probe_loss_start: float = float("nan")
-    probe_loss_end: float = float("nan")
-    validation: list = field(default_factory=list)  # (step, validation loss)
-    lrs: list = field(default_factory=list)         # (step, learning rate of the first group), for the loss plot
-    saves: list = field(default_factory=list)       # steps after which on_save wrote an intermediate save
-
-    @property
-    def seconds_per_step(self) -> float:
-        return self.seconds / max(1, self.steps)
-
-
-class BatchStream:
-    """(epoch, batch) forever; epochs count from 1, as kohya's (caption_dropout_every_n_epochs reads them).
-    Its position (the epoch's starting RNG state and how far into the epoch) can be saved and restored, so a
-    resumed run draws exactly the batches the uninterrupted one would have.
-
-    Under torchrun every rank draws the same global batches of ``batch_size`` × world size (the same seed, the same
-    epoch order) and trains on its ``share`` of each: the run is that of one process with the global batch."""
-
-    def __init__(self, cache: LatentCache, batch_size: int, seed: int):
-        self.cache, self.batch_size = cache, batch_size
-        self.rng = random.Random(seed)
-        self.epoch, self.pos, self.batches = 0, 0, []
-        self.epoch_start = self.rng.getstate()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[int, list[int]]:
-        self.left_in_epoch()
-        self.pos += 1
-        return self.epoch, self.batches[self.pos - 1]
-
-    def left_in_epoch(self) -> int:
-        """Batches still to come in the current epoch (a new epoch is started when the last one is done)."""
-        if self.pos >= len(self.batches):
-            self.epoch += 1
-            self.epoch_start = self.rng.getstate()
-            self.batches, self.pos = epoch_batches(self.cache, self.batch_size, self.rng), 0
-        return len(self.batches) - self.pos
-
-    @staticmethod
-    def share(batch: list[int]) -> slice:
-        """This rank's positions in a global batch (all of it in a single process)."""
-        return distributed.share(len(batch))
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "rng": self.epoch_start}
-
-    def restore(self, state: dict) -> None:
-        self.epoch, self.pos = state["epoch"], state["pos"]
-        self.rng.setstate(state["rng"])
-        self.batches = epoch_batches(self.cache, self.batch_size, self.rng) if self.epoch else []
-
-
 NO_CHANGE_CAUSES = ("a model whose output does not depend on its input (e.g. a zero-initialised output layer), "
                     "a learning rate of 0, or masks that are all black")
-RESUMABLE_SETTINGS = ("steps", "learning_rate", "group_lrs", "lr_scheduler", "warmup_steps", "ema_decay",
-                      "ema_update_every")
-
-
-def run_settings(cfg: TrainConfig) -> dict:
-    """The settings a saved state records; on resume they may differ (and then take effect), except the
-    optimizer, whose saved state only fits the optimizer that wrote it."""
-    return {"optimizer": cfg.optimizer_name, **{k: getattr(cfg, k) for k in RESUMABLE_SETTINGS}}
-
-
-def changed_settings(saved: dict | None, cfg: TrainConfig) -> list[str]:
-    """'learning_rate 0.002 → 1e-05', ... for every setting that differs from the saved run's; refuses a
-    different optimizer."""
-    if not saved:
-        return []
-    now = run_settings(cfg)
-    if saved.get("optimizer", now["optimizer"]) != now["optimizer"]:
-        raise KilnError(f"the state to resume was written by optimizer {saved['optimizer']}, and its moments do not "
-                        f"fit {now['optimizer']}: set optimizer back to {saved['optimizer']}, or rename the "
-                        f".kiln-state file away to continue from the LoRA's weights with a fresh optimizer.")
-    return [f"{k} {saved[k]!r} → {now[k]!r}" for k in RESUMABLE_SETTINGS if k in saved and saved[k] != now[k]]
-
 
 def sampled(p: torch.Tensor, most: int = 4096) -> torch.Tensor:
     """Up to ``most`` evenly strided values of a parameter: enough to see that a step changed it (every value
@@ -269,11 +186,9 @@ def train(network: TrainableNetwork, objective: Objective, forward: Callable, co
     num_epochs = math.ceil(cfg.steps / per_epoch)
     torch.manual_seed(cfg.seed)
     distributed.split_torch_rng()
-    gen = torch.Generator().manual_seed(cfg.seed)
     network.to(device=device, dtype=torch.float32).train()
     params = [p for p in network.parameters() if p.requires_grad]
     world = distributed.world()
-    total_batch = cfg.batch_size * world * cfg.grad_accum  # kohya's total batch size
     if world > 1 and cfg.fused_backward_pass:
         raise KilnError(f"fused_backward_pass steps each parameter during backward, before the other {world - 1} "
                         f"process(es) have sent their gradients: turn it off for a multi-process (torchrun) run.")
@@ -287,7 +202,7 @@ def train(network: TrainableNetwork, objective: Objective, forward: Callable, co
     if cfg.diff_output_preservation and not cfg.preservation_pairs:
         raise KilnError("diff_output_preservation: no trigger → class pairs were given.")
     groups = network.param_groups(cfg.learning_rate, cfg.group_lrs)
-    group_lr = {g["name"]: g["lr"] for g in groups}
+    requested_lrs = {g["name"]: g["lr"] for g in groups}  # before the schedule scales them
     opt = build_optimizer(cfg.optimizer_name, groups, cfg.learning_rate, cfg.optimizer_args)
     sched = build_scheduler(opt, cfg.schedule(), cfg.steps, cfg.learning_rate)
     fused = None
@@ -302,13 +217,13 @@ def train(network: TrainableNetwork, objective: Objective, forward: Callable, co
     averaged = ema.applied if ema else contextlib.nullcontext
     autocast_dtype = PRECISIONS[cfg.precision]
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    run = RunState.start(cfg, cache, params, opt, sched, fused, scaler, ema, requested_lrs, world)
+    gen, flip_rng, caption_rng, batches = run.gen, run.flip_rng, run.caption_rng, run.batches
 
     def autocast():
         if autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=autocast_dtype)
-
-    flip_rng = random.Random(cfg.seed + 3)  # flip_aug: each drawn sample is mirrored with p = 0.5, seeded
 
     def batch_tensors(indices, part, train, epoch, caption_rng, source):
         """The tensors of this rank's ``part`` of the batch ``indices``; the flips and caption draws of the whole
@@ -409,66 +324,14 @@ def train(network: TrainableNetwork, objective: Objective, forward: Callable, co
         network.train(was_training)
         return loss
 
-    batches = BatchStream(cache, cfg.batch_size, cfg.seed)
-    caption_rng = random.Random(cfg.seed + 2)  # its own stream: caption augmentation never moves batch order or noise
     trained_params = sum(p.numel() for p in params)
     if resume is None:
         with oom_guard(cfg, trained_params, device, "measuring the probe loss before step 1"):
             result, first = TrainResult(probe_loss_start=probe_loss()), 1
     else:
-        if resume["step"] >= cfg.steps:
-            raise KilnError(f"the run to resume already made {resume['step']} steps; set steps above that to "
-                            f"train on.")
-        changed = changed_settings(resume.get("settings"), cfg)
-        saved_world = resume.get("world_size", 1)
-        if saved_world != world:
-            changed.append(f"processes {saved_world} → {world} (total batch {resume.get('total_batch', '?')} → "
-                           f"{total_batch}; the current epoch's batches are drawn again for it)")
-        (fused or opt).load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        # the restored state brings the old learning rates back: the requested ones (and schedule) take effect
-        if hasattr(sched, "lr_lambdas") and type(sched).__name__ != "AdafactorSchedule":  # not class-path ones
-            sched.base_lrs = [group_lr.get(g.get("name"), cfg.learning_rate) for g in opt.param_groups]
-            for k, (g, base) in enumerate(zip(opt.param_groups, sched.base_lrs)):
-                g["initial_lr"], g["lr"] = base, base * sched.lr_lambdas[k](sched.last_epoch)
-            sched._last_lr = [g["lr"] for g in opt.param_groups]
-        if scaler and resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        gen.set_state(resume["generator"])
-        torch.set_rng_state(resume["torch_rng"])
-        distributed.split_torch_rng()
-        caption_rng.setstate(resume["caption_rng"])
-        flip_rng.setstate(resume["flip_rng"])
-        batches.restore(resume["batches"])
-        if resume.get("trained") is not None:  # with EMA the saved file holds the average: go on from the trained
-            with torch.no_grad():
-                for p, saved in zip(params, resume["trained"]):
-                    p.copy_(saved)
-        if ema is not None and resume.get("ema") is not None:
-            ema.load_state_dict(resume["ema"])
-        result = TrainResult(losses=list(resume["losses"]), steps=resume["step"],
-                             probe_loss_start=resume["probe_loss_start"],
-                             validation=[tuple(v) for v in resume.get("validation", [])],
-                             lrs=[tuple(v) for v in resume.get("lrs", [])], saves=list(resume.get("saves", [])))
-        first = resume["step"] + 1
-        if changed:
-            result.notes.append(f"resumed at step {resume['step']}, changed since the saved run: {', '.join(changed)}; "
-                                f"they take effect from step {first}, so this is no longer exactly the run that stopped")
-        else:
-            result.notes.append(f"resuming exactly at step {resume['step']}")
-        if ema is not None and resume.get("ema") is None:
-            result.notes.append(f"the saved run had no EMA: the average starts at step {first} from its weights")
-
-    def state(step: int) -> dict:
-        return {"step": step, "optimizer": (fused or opt).state_dict(), "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict() if scaler else None, "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "caption_rng": caption_rng.getstate(),
-                "flip_rng": flip_rng.getstate(), "batches": batches.state(), "losses": list(result.losses),
-                "probe_loss_start": result.probe_loss_start, "settings": run_settings(cfg),
-                "validation": [list(v) for v in result.validation], "lrs": [list(v) for v in result.lrs],
-                "saves": list(result.saves), "world_size": world, "total_batch": total_batch,
-                "ema": ema.state_dict() if ema else None,
-                "trained": [p.detach().to("cpu", copy=True) for p in params] if ema else None}
+        run.restore(resume)
+        result, first = run.result, resume["step"] + 1
+    run.result = result
 
     initial = [sampled(p) for p in params]  # "nothing changed" is checked against these
     grads_checked = fused is not None  # fused: each gradient is freed as soon as its parameter stepped
@@ -566,11 +429,11 @@ def train(network: TrainableNetwork, objective: Objective, forward: Callable, co
                 on_step(StepInfo(step, cfg.steps, total, sched.get_last_lr()[0], result.seconds, epoch, epoch_end,
                                  val_loss, lrs, averaged, saving))
             if saving and save_step:
-                saved_state = state(step)
+                saved_state = run.capture(step)
                 with averaged():  # the file holds what the run would give now; the state, the trained values
                     on_save(step, saved_state, result)
             if saving and save_epoch:
-                saved_state = state(step)
+                saved_state = run.capture(step)
                 with averaged():
                     on_save(step, saved_state, result, epoch=save_epoch)
     for o in stepping:
