@@ -7,7 +7,6 @@ conditioning, each drawn sample's geometry) into the network's conditioning tens
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 import warnings
@@ -17,16 +16,15 @@ from typing import Callable
 import torch
 
 from . import distributed, validation
+from .batch_loss import StepInputs, batch_loss
 from .cache import LatentCache
 from .checkpointing import gradient_checkpointing
 from .contracts import Objective, TrainableNetwork
-from .data.captions import augment_caption, base_caption
 from .ema import EMA
 from .epochs import BatchStream, epoch_batches, resolve_epochs, steps_per_epoch  # noqa: F401  (BatchStream, epoch_batches: importable from here)
 from .errors import KilnError
-from .losses import elementwise, per_sample_loss
+from .eval_loss import optimizer_mode, probe_batch, probe_loss, validation_loss
 from .oom import oom_guard
-from .preservation import preservation_caption
 from .optim import FusedBackward, Schedule, build_optimizer, build_scheduler, check_fused
 from .run_state import RESUMABLE_SETTINGS, RunState, TrainResult, changed_settings, run_settings  # noqa: F401
 
@@ -210,9 +208,7 @@ def train(network: TrainableNetwork, objective: Objective, forward: Callable, co
         check_fused(cfg.grad_accum, cfg.max_grad_norm, cfg.precision)
         fused = FusedBackward(opt, cfg.optimizer_name, cfg.optimizer_args)
     stepping = fused.children if fused else [opt]
-    for o in stepping:
-        if hasattr(o, "train"):
-            o.train()  # schedule-free optimizers keep separate train/eval weights
+    optimizer_mode(stepping, train=True)
     ema = EMA(params, cfg.ema_decay, cfg.ema_update_every, cfg.ema_warmup, cfg.ema_on_host) if cfg.ema_decay else None
     averaged = ema.applied if ema else contextlib.nullcontext
     autocast_dtype = PRECISIONS[cfg.precision]
@@ -220,114 +216,13 @@ def train(network: TrainableNetwork, objective: Objective, forward: Callable, co
     run = RunState.start(cfg, cache, params, opt, sched, fused, scaler, ema, requested_lrs, world)
     gen, flip_rng, caption_rng, batches = run.gen, run.flip_rng, run.caption_rng, run.batches
 
-    def autocast():
-        if autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=autocast_dtype)
-
-    def batch_tensors(indices, part, train, epoch, caption_rng, source):
-        """The tensors of this rank's ``part`` of the batch ``indices``; the flips and caption draws of the whole
-        batch are made on every rank, so the RNGs stay in step and each sample gets a single process's draw."""
-        samples = [source.samples[i] for i in indices]
-        flips = [train and flip_rng.random() < 0.5 for _ in samples]  # the probe is never mirrored
-        # kohya's caption augmentation, drawn anew each time; the probe (train=False) sees the steady captions
-        captions = [augment_caption(s.caption, s.captions, caption_rng, epoch) if train
-                    else base_caption(s.caption, s.captions) for s in samples]
-        samples, flips, captions = samples[part], flips[part], captions[part]
-        if not samples:
-            return None
-        views = [s.view(f) for s, f in zip(samples, flips)]
-        geometries = [s.drawn_geometry(f) for s, f in zip(samples, flips)]  # SDXL's size/crop conditioning
-        x0 = latent_in(torch.stack([latent for latent, _ in views]).to(device))
-        masks = [m for _, m in views]
-        mask = torch.stack(masks).to(device) if all(m is not None for m in masks) else None
-        weights = torch.tensor([cfg.prior_loss_weight if s.is_reg else 1.0 for s in samples], device=device)
-        cond = {k: v.to(device) for k, v in conditioning(captions, train=train, geometries=geometries).items()}
-        return x0, mask, weights, cond, captions, geometries
-
-    def preservation_loss(nb, captions, geometries) -> torch.Tensor | float:
-        """The trained prediction for each class prompt against the base's (adapters off), same x_t and t."""
-        keep = [(k, p) for k, c in enumerate(captions)
-                if (p := preservation_caption(c, cfg.preservation_pairs)) is not None]
-        if not keep:
-            return 0.0
-        idx = torch.tensor([k for k, _ in keep], device=nb.x_t.device)
-        prompts, geos = [p for _, p in keep], [geometries[k] for k, _ in keep]
-        x_t, t = nb.x_t[idx], nb.timesteps.to(idx.device)[idx]
-
-        def predict():
-            cond = {k: v.to(device) for k, v in conditioning(prompts, train=True, geometries=geos).items()}
-            with autocast():
-                return forward(x_t, t, cond).float()
-        network.set_enabled(False)
-        try:
-            with torch.no_grad():
-                base = predict()
-        finally:
-            network.set_enabled(True)
-        return torch.nn.functional.mse_loss(predict(), base)
-
-    def noisy(x0, n, part, generator):
-        """The objective's draw (timesteps, noise) for the whole batch of ``n``, this rank's rows kept: every sample
-        gets the noise a single process would give it, and no two ranks share a draw."""
-        if x0.shape[0] == n:
-            return objective.sample(x0, generator)
-        full = x0.new_zeros((n,) + tuple(x0.shape[1:]))
-        full[part] = x0
-        nb = objective.sample(full, generator)
-        return dataclasses.replace(nb, **{f.name: getattr(nb, f.name)[part] for f in dataclasses.fields(nb)
-                                          if torch.is_tensor(getattr(nb, f.name)) and getattr(nb, f.name).dim()
-                                          and getattr(nb, f.name).shape[0] == n})
-
-    def loss_of(indices, generator, train=True, epoch=1, caption_rng=None, timestep=None, source=cache, part=None):
-        """The loss of ``indices`` (this rank's ``part`` of them); None when that part is empty (the RNGs were
-        still drawn for the whole batch)."""
-        part = slice(0, len(indices)) if part is None else part
-        tensors = batch_tensors(indices, part, train, epoch, caption_rng, source)
-        if tensors is None:
-            shape = tuple(latent_in(source.samples[indices[0]].latent[None].to(device)).shape[1:])
-            noisy(torch.zeros((0,) + shape, device=device), len(indices), part, generator)
-            return None
-        x0, mask, weights, cond, captions, geometries = tensors
-        if timestep is None:
-            nb = noisy(x0, len(indices), part, generator)
-        else:  # validation: one fixed timestep, noise from the validation generator
-            noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-            nb = objective.at(x0, torch.full((x0.shape[0],), timestep, dtype=torch.long), noise)
-        with autocast():
-            pred = forward(nb.x_t, nb.timesteps, cond)
-        huber_c = None
-        if cfg.loss_type in ("huber", "smooth_l1"):
-            huber_c = objective.huber_c(nb, cfg.huber_schedule, cfg.huber_c, cfg.huber_scale).to(device)
-        err = elementwise(objective.output(pred, nb), nb.target, cfg.loss_type, huber_c)
-        per_sample = per_sample_loss(err, mask, cfg.mask_normalize)
-        if nb.weight is not None:
-            per_sample = per_sample * nb.weight.to(device)
-        if cfg.min_snr_gamma:
-            per_sample = per_sample * objective.min_snr_weight(nb.snr, cfg.min_snr_gamma).to(device)
-        if (post_weight := objective.loss_weight(nb.snr, cfg)) is not None:
-            per_sample = per_sample * post_weight.to(device)
-        loss = (per_sample * weights).mean()
-        if train and cfg.diff_output_preservation:
-            loss = loss + cfg.diff_output_preservation_multiplier * preservation_loss(nb, captions, geometries)
-        return loss
-
-    # a fixed probe batch (same samples, noise and timesteps) measured before and after training
-    probe = sorted(range(len(cache.samples)), key=lambda i: tuple(cache.samples[i].latent.shape))[:max(1, cfg.batch_size)]
-    probe = [i for i in probe if cache.samples[i].latent.shape == cache.samples[probe[0]].latent.shape]
-
-    def probe_loss() -> float:
-        was_training = network.training
-        network.eval()  # no dropout: before and after are measured the same way
-        with torch.no_grad():
-            loss = float(loss_of(probe, torch.Generator().manual_seed(cfg.seed + 1), train=False))
-        network.train(was_training)
-        return loss
+    inputs = StepInputs(network, objective, forward, conditioning, latent_in, cfg, device, autocast_dtype, flip_rng)
+    probe = probe_batch(cache, cfg.batch_size)  # measured before and after training, the same way
 
     trained_params = sum(p.numel() for p in params)
     if resume is None:
         with oom_guard(cfg, trained_params, device, "measuring the probe loss before step 1"):
-            result, first = TrainResult(probe_loss_start=probe_loss()), 1
+            result, first = TrainResult(probe_loss_start=probe_loss(inputs, cache, probe)), 1
     else:
         run.restore(resume)
         result, first = run.result, resume["step"] + 1
@@ -338,22 +233,6 @@ def train(network: TrainableNetwork, objective: Objective, forward: Callable, co
     change_checked = False
     val_batches = validation.batches(val_cache, cfg.batch_size, cfg.max_validation_steps) if val_cache else []
     val_timesteps = validation.timesteps(cfg.min_timestep, cfg.max_timestep, objective.num_timesteps)
-
-    def validation_loss() -> float:
-        """Mean loss over the validation batches × fixed timesteps, fixed noise, no dropout (kohya)."""
-        network.eval()
-        for o in stepping:
-            if hasattr(o, "eval"):
-                o.eval()
-        gen_v = torch.Generator().manual_seed(cfg.seed if cfg.validation_seed is None else cfg.validation_seed)
-        with torch.no_grad():
-            losses = [float(loss_of(b, gen_v, train=False, timestep=t, source=val_cache))
-                      for b in val_batches for t in val_timesteps]
-        for o in stepping:
-            if hasattr(o, "train"):
-                o.train()
-        network.train()
-        return sum(losses) / len(losses)
 
     start = time.perf_counter()
     with oom_guard(cfg, trained_params, device, lambda: f"at training step {result.steps + 1}"), \
@@ -367,7 +246,7 @@ def train(network: TrainableNetwork, objective: Objective, forward: Callable, co
             for _ in range(n):
                 epoch, indices = next(batches)
                 part = batches.share(indices)
-                loss = loss_of(indices, gen, epoch=epoch, caption_rng=caption_rng, part=part)
+                loss = batch_loss(inputs, cache, indices, gen, epoch=epoch, caption_rng=caption_rng, part=part)
                 if loss is None:  # this rank's share of a short last batch is empty
                     continue
                 if not torch.isfinite(loss):
@@ -413,7 +292,7 @@ def train(network: TrainableNetwork, objective: Objective, forward: Callable, co
             if val_batches and ((cfg.validate_every_n_steps and step % cfg.validate_every_n_steps == 0) or
                                 (epoch_end and epoch % (cfg.validate_every_n_epochs or 1) == 0)):
                 with averaged():  # the loss of what the run would give now
-                    val_loss = validation_loss()
+                    val_loss = validation_loss(inputs, val_cache, val_batches, val_timesteps, stepping)
                 result.validation.append((step, val_loss))
             result.seconds = time.perf_counter() - start
             result.lrs.append((step, sched.get_last_lr()[0]))
@@ -436,9 +315,7 @@ def train(network: TrainableNetwork, objective: Objective, forward: Callable, co
                 saved_state = run.capture(step)
                 with averaged():
                     on_save(step, saved_state, result, epoch=save_epoch)
-    for o in stepping:
-        if hasattr(o, "eval"):
-            o.eval()
+    optimizer_mode(stepping, train=False)
     if fused:
         fused.remove()
     network.eval()
@@ -447,5 +324,5 @@ def train(network: TrainableNetwork, objective: Objective, forward: Callable, co
                         f"nothing (learning rate {cfg.learning_rate:g}). Likely causes: {NO_CHANGE_CAUSES}.")
     if ema is not None:
         ema.copy_to_params()
-    result.probe_loss_end = probe_loss()
+    result.probe_loss_end = probe_loss(inputs, cache, probe)
     return result
