@@ -1,32 +1,38 @@
 """The training loop: one function to read top to bottom (nanoGPT-style).
 
-Everything host-specific comes in as plain callables: ``forward`` runs the frozen network (with the
-LoRA adapters attached) and ``conditioning(captions, train=..., geometries=...)`` turns captions (and, for SDXL's size
-conditioning, each drawn sample's geometry) into the network's conditioning tensors (``train=False`` for the fixed probe batch: no random text-encoder dropout).
+Everything host-specific comes in as plain callables: ``forward`` runs the frozen network (with the LoRA adapters
+attached) and ``conditioning(captions, train=..., geometries=...)`` turns captions into its conditioning tensors
+(batch_loss.StepInputs says more). What the loop relies on is in modules of their own: contracts.py (what a
+trainable network and a family's objective provide), run_state.py (what a saved state is made of), batch_loss.py
+(the loss of a batch), eval_loss.py (probe and validation losses) and step.py (one optimizer step).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from . import distributed, validation
-from .batch_loss import StepInputs, batch_loss
+from .batch_loss import StepInputs
 from .cache import LatentCache
 from .checkpointing import gradient_checkpointing
 from .contracts import Objective, TrainableNetwork
 from .ema import EMA
-from .epochs import BatchStream, epoch_batches, resolve_epochs, steps_per_epoch  # noqa: F401  (BatchStream, epoch_batches: importable from here)
+from .epochs import BatchStream, epoch_batches, resolve_epochs, steps_per_epoch
 from .errors import KilnError
 from .eval_loss import optimizer_mode, probe_batch, probe_loss, validation_loss
 from .oom import oom_guard
 from .optim import FusedBackward, Schedule, build_optimizer, build_scheduler, check_fused
-from .run_state import RESUMABLE_SETTINGS, RunState, TrainResult, changed_settings, run_settings  # noqa: F401
+from .run_state import RESUMABLE_SETTINGS, RunState, TrainResult, changed_settings, run_settings
+from .step import ChangeGuard, accumulate, freeze_text_encoders, lrs_by_group, optimizer_step
+
+# what other modules import from the loop (some now defined beside it)
+__all__ = ["PRECISIONS", "TrainConfig", "StepInfo", "TrainResult", "BatchStream", "epoch_batches", "RESUMABLE_SETTINGS",
+           "run_settings", "changed_settings", "train"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -140,28 +146,32 @@ class StepInfo:
     saving: bool = False           # on_save writes an intermediate save right after this step (the chart marks it)
 
 
-NO_CHANGE_CAUSES = ("a model whose output does not depend on its input (e.g. a zero-initialised output layer), "
-                    "a learning rate of 0, or masks that are all black")
+def check_trainable(network: TrainableNetwork, cache: LatentCache, cfg: TrainConfig, world: int) -> None:
+    """Settings and data that cannot train as asked stop the run before anything is built."""
+    if world > 1 and cfg.fused_backward_pass:
+        raise KilnError(f"fused_backward_pass steps each parameter during backward, before the other {world - 1} "
+                        f"process(es) have sent their gradients: turn it off for a multi-process (torchrun) run.")
+    if cache.has_masks and all(s.mask is not None and not bool((s.mask > 0).any()) for s in cache.samples):
+        raise KilnError("every mask is entirely black, so nothing would train: white = train, black = ignore. "
+                        "Check the mask folder or alpha channels, or set Alpha/Mask Source's mode to none.")
+    if cfg.diff_output_preservation and not network.switchable:
+        raise KilnError("diff_output_preservation compares with the model without its adapters, and full "
+                        "fine-tuning (DreamBooth) has none: use regularization images (prior_loss_weight) instead.")
+    if cfg.diff_output_preservation and not cfg.preservation_pairs:
+        raise KilnError("diff_output_preservation: no trigger → class pairs were given.")
 
-def sampled(p: torch.Tensor, most: int = 4096) -> torch.Tensor:
-    """Up to ``most`` evenly strided values of a parameter: enough to see that a step changed it (every value
-    of a small LoRA matrix), without a second copy of a fully fine-tuned model."""
-    flat = p.detach().flatten()
-    return flat[::max(1, flat.numel() // most)].clone()
+
+def validation_due(cfg: TrainConfig, step: int, epoch: int, epoch_end: bool) -> bool:
+    """Every validate_every_n_steps steps, and at the end of every validate_every_n_epochs-th epoch (default 1)."""
+    return bool((cfg.validate_every_n_steps and step % cfg.validate_every_n_steps == 0) or
+                (epoch_end and epoch % (cfg.validate_every_n_epochs or 1) == 0))
 
 
-def unchanged(params: list, initial: list) -> bool:
-    return all(torch.equal(sampled(p), p0) for p, p0 in zip(params, initial))
-
-
-def freeze_text_encoders(groups: list[dict]) -> None:
-    """kohya's stop_text_encoder_training: every group that is not the UNet's stops training (no gradient, no
-    optimizer step, weight decay included) from this step on."""
-    for g in groups:
-        if not g["name"].startswith("unet"):
-            for p in g["params"]:
-                p.requires_grad_(False)
-                p.grad = None
+def saves_due(cfg: TrainConfig, step: int, epoch: int, epoch_end: bool, num_epochs: int) -> tuple[bool, int | None]:
+    """(a step save is due, the epoch whose end is saved now or None); the last epoch's end is the run's output."""
+    save_epoch = epoch if (epoch_end and cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0
+                           and epoch < num_epochs) else None
+    return bool(cfg.save_every and step % cfg.save_every == 0), save_epoch
 
 
 def train(network: TrainableNetwork, objective: Objective, forward: Callable, conditioning: Callable[..., dict],
@@ -180,25 +190,16 @@ def train(network: TrainableNetwork, objective: Objective, forward: Callable, co
         raise KilnError("the cached dataset is empty: nothing to train on.")
     cache, val_cache = validation.parts(cache, cfg)
     resolve_epochs(cfg, cache)
-    per_epoch = steps_per_epoch(cache, cfg.batch_size, cfg.grad_accum)
-    num_epochs = math.ceil(cfg.steps / per_epoch)
+    num_epochs = math.ceil(cfg.steps / steps_per_epoch(cache, cfg.batch_size, cfg.grad_accum))
     torch.manual_seed(cfg.seed)
     distributed.split_torch_rng()
     network.to(device=device, dtype=torch.float32).train()
     params = [p for p in network.parameters() if p.requires_grad]
     world = distributed.world()
-    if world > 1 and cfg.fused_backward_pass:
-        raise KilnError(f"fused_backward_pass steps each parameter during backward, before the other {world - 1} "
-                        f"process(es) have sent their gradients: turn it off for a multi-process (torchrun) run.")
+    check_trainable(network, cache, cfg, world)
     distributed.broadcast_(params)  # the same start on every rank
-    if cache.has_masks and all(s.mask is not None and not bool((s.mask > 0).any()) for s in cache.samples):
-        raise KilnError("every mask is entirely black, so nothing would train: white = train, black = ignore. "
-                        "Check the mask folder or alpha channels, or set Alpha/Mask Source's mode to none.")
-    if cfg.diff_output_preservation and not network.switchable:
-        raise KilnError("diff_output_preservation compares with the model without its adapters, and full "
-                        "fine-tuning (DreamBooth) has none: use regularization images (prior_loss_weight) instead.")
-    if cfg.diff_output_preservation and not cfg.preservation_pairs:
-        raise KilnError("diff_output_preservation: no trigger → class pairs were given.")
+
+    # the optimizer, its schedule, the average and the random streams: the run's state
     groups = network.param_groups(cfg.learning_rate, cfg.group_lrs)
     requested_lrs = {g["name"]: g["lr"] for g in groups}  # before the schedule scales them
     opt = build_optimizer(cfg.optimizer_name, groups, cfg.learning_rate, cfg.optimizer_args)
@@ -207,121 +208,65 @@ def train(network: TrainableNetwork, objective: Objective, forward: Callable, co
     if cfg.fused_backward_pass:
         check_fused(cfg.grad_accum, cfg.max_grad_norm, cfg.precision)
         fused = FusedBackward(opt, cfg.optimizer_name, cfg.optimizer_args)
-    stepping = fused.children if fused else [opt]
-    optimizer_mode(stepping, train=True)
     ema = EMA(params, cfg.ema_decay, cfg.ema_update_every, cfg.ema_warmup, cfg.ema_on_host) if cfg.ema_decay else None
-    averaged = ema.applied if ema else contextlib.nullcontext
-    autocast_dtype = PRECISIONS[cfg.precision]
+    averaged = ema.applied if ema else contextlib.nullcontext  # what saves, previews and validation see
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     run = RunState.start(cfg, cache, params, opt, sched, fused, scaler, ema, requested_lrs, world)
-    gen, flip_rng, caption_rng, batches = run.gen, run.flip_rng, run.caption_rng, run.batches
+    optimizer_mode(run.stepping, train=True)
+    inputs = StepInputs(network, objective, forward, conditioning, latent_in, cfg, device, PRECISIONS[cfg.precision],
+                        run.flip_rng)
 
-    inputs = StepInputs(network, objective, forward, conditioning, latent_in, cfg, device, autocast_dtype, flip_rng)
+    # a fresh run measures its probe batch first; a resumed one takes up the saved state
     probe = probe_batch(cache, cfg.batch_size)  # measured before and after training, the same way
-
     trained_params = sum(p.numel() for p in params)
     if resume is None:
         with oom_guard(cfg, trained_params, device, "measuring the probe loss before step 1"):
-            result, first = TrainResult(probe_loss_start=probe_loss(inputs, cache, probe)), 1
+            run.result = TrainResult(probe_loss_start=probe_loss(inputs, cache, probe))
     else:
         run.restore(resume)
-        result, first = run.result, resume["step"] + 1
-    run.result = result
-
-    initial = [sampled(p) for p in params]  # "nothing changed" is checked against these
-    grads_checked = fused is not None  # fused: each gradient is freed as soon as its parameter stepped
-    change_checked = False
+    result = run.result
+    guard = ChangeGuard(params, fused is not None)  # "nothing changed" is checked against the weights now
     val_batches = validation.batches(val_cache, cfg.batch_size, cfg.max_validation_steps) if val_cache else []
     val_timesteps = validation.timesteps(cfg.min_timestep, cfg.max_timestep, objective.num_timesteps)
 
     start = time.perf_counter()
     with oom_guard(cfg, trained_params, device, lambda: f"at training step {result.steps + 1}"), \
             gradient_checkpointing(list(checkpoint_blocks), cfg.gradient_checkpointing, cfg.cpu_offload_checkpointing):
-        for step in range(first, cfg.steps + 1):
+        for step in range(result.steps + 1, cfg.steps + 1):
             if cfg.stop_text_encoder_training is not None and step > cfg.stop_text_encoder_training:
                 freeze_text_encoders(groups)
-            total = 0.0
-            lr_now = max((g["lr"] for g in opt.param_groups), key=lambda v: -1 if v is None else v)  # None: Adafactor
-            n = min(cfg.grad_accum, batches.left_in_epoch())  # the epoch's last step may hold fewer batches
-            for _ in range(n):
-                epoch, indices = next(batches)
-                part = batches.share(indices)
-                loss = batch_loss(inputs, cache, indices, gen, epoch=epoch, caption_rng=caption_rng, part=part)
-                if loss is None:  # this rank's share of a short last batch is empty
-                    continue
-                if not torch.isfinite(loss):
-                    raise KilnError(f"the loss became {loss.item()} at step {step}: lower the learning rate "
-                                    f"(now {cfg.learning_rate:g}), or train in fp32/bf16 instead of fp16.")
-                # the batch's mean loss is Σ over ranks of (own mean × own share); averaging gradients divides by world
-                weight = world * (part.stop - part.start) / len(indices)
-                scaled = (loss * weight if weight != 1 else loss) / n
-                (scaler.scale(scaled) if scaler else scaled).backward()
-                total += loss.item() * weight / n
-            total = distributed.average_gradients(params, total)  # no-op in a single process
-            epoch_end = batches.pos >= len(batches.batches)
-            if not grads_checked and total > 0:  # a batch that counts (a black-masked one has loss 0 exactly)
-                grads_checked = True
-                if all(p.grad is None or not bool(p.grad.any()) for p in params):
-                    raise KilnError(f"every trainable gradient is exactly zero at step {step} (loss {total:.4g}): "
-                                    f"training would change nothing. Likely causes: {NO_CHANGE_CAUSES}.")
-            if scaler:
-                scaler.unscale_(opt)
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if scaler:
-                scaler.step(opt)
-                scaler.update()
-            elif not fused:  # fused: every parameter was already stepped during backward
-                opt.step()
-            warming_up = lr_now == 0 and any(b for b in sched.base_lrs)  # kohya's warmup starts at lr 0
-            if not change_checked and scaler is None and not warming_up:
-                change_checked = True
-                if unchanged(params, initial):
-                    raise KilnError(f"the first step changed no LoRA weight (learning rate {cfg.learning_rate:g}): "
-                                    f"training would change nothing. Likely causes: {NO_CHANGE_CAUSES}.")
-            with warnings.catch_warnings():
-                if fused:  # the main optimizer only holds the rates: torch warns that it was never stepped
-                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
-                sched.step()
-            opt.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(step)
-            result.losses.append(total)
+            loss, epoch = accumulate(inputs, run, cache, step)
+            epoch_end = run.batches.epoch_ended
+            optimizer_step(run, guard, step, loss)
+            result.losses.append(loss)
             result.steps = step
             val_loss = None
-            if val_batches and ((cfg.validate_every_n_steps and step % cfg.validate_every_n_steps == 0) or
-                                (epoch_end and epoch % (cfg.validate_every_n_epochs or 1) == 0)):
+            if val_batches and validation_due(cfg, step, epoch, epoch_end):
                 with averaged():  # the loss of what the run would give now
-                    val_loss = validation_loss(inputs, val_cache, val_batches, val_timesteps, stepping)
+                    val_loss = validation_loss(inputs, val_cache, val_batches, val_timesteps, run.stepping)
                 result.validation.append((step, val_loss))
             result.seconds = time.perf_counter() - start
             result.lrs.append((step, sched.get_last_lr()[0]))
-            save_epoch = epoch if (epoch_end and cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0
-                                   and epoch < num_epochs) else None
-            save_step = bool(cfg.save_every and step % cfg.save_every == 0)
+            save_step, save_epoch = saves_due(cfg, step, epoch, epoch_end, num_epochs)
             saving = bool(on_save and step < cfg.steps and (save_step or save_epoch))
             if saving:
                 result.saves.append(step)
             if on_step:
-                lrs = {g.get("name") or f"group{k}": lr for k, (g, lr) in enumerate(zip(opt.param_groups,
-                                                                                    sched.get_last_lr()))}
-                on_step(StepInfo(step, cfg.steps, total, sched.get_last_lr()[0], result.seconds, epoch, epoch_end,
-                                 val_loss, lrs, averaged, saving))
+                on_step(StepInfo(step, cfg.steps, loss, sched.get_last_lr()[0], result.seconds, epoch, epoch_end,
+                                 val_loss, lrs_by_group(run), averaged, saving))
             if saving and save_step:
-                saved_state = run.capture(step)
+                state = run.capture(step)
                 with averaged():  # the file holds what the run would give now; the state, the trained values
-                    on_save(step, saved_state, result)
+                    on_save(step, state, result)
             if saving and save_epoch:
-                saved_state = run.capture(step)
+                state = run.capture(step)
                 with averaged():
-                    on_save(step, saved_state, result, epoch=save_epoch)
-    optimizer_mode(stepping, train=False)
+                    on_save(step, state, result, epoch=save_epoch)
+    optimizer_mode(run.stepping, train=False)
     if fused:
         fused.remove()
     network.eval()
-    if unchanged(params, initial):
-        raise KilnError(f"after {result.steps} steps the LoRA is bit-identical to its starting state: training changed "
-                        f"nothing (learning rate {cfg.learning_rate:g}). Likely causes: {NO_CHANGE_CAUSES}.")
+    guard.check_end(result.steps, cfg.learning_rate)
     if ema is not None:
         ema.copy_to_params()
     result.probe_loss_end = probe_loss(inputs, cache, probe)
