@@ -44,7 +44,8 @@ class StepInputs:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def condition(self, captions: list[str], train: bool, geometries: list) -> dict:
-        return {k: v.to(self.device) for k, v in self.conditioning(captions, train=train, geometries=geometries).items()}
+        cond = self.conditioning(captions, train=train, geometries=geometries)
+        return {k: v.to(self.device) for k, v in cond.items()}
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,8 @@ def batch_tensors(inputs: StepInputs, source: LatentCache, indices: list[int], p
     return Batch(x0, mask, weights, inputs.condition(captions, train, geometries), captions, geometries)
 
 
-def noisy_share(objective: Objective, x0: torch.Tensor, n: int, part: slice, generator: torch.Generator) -> NoisyBatch:
+def noisy_share(objective: Objective, x0: torch.Tensor, n: int, part: slice,
+                generator: torch.Generator) -> NoisyBatch:
     """The objective's draw (timesteps, noise) for the whole batch of ``n``, this rank's rows (``x0``) kept: every
     sample gets the noise a single process would give it, and no two ranks share a draw."""
     if x0.shape[0] == n:
@@ -91,7 +93,8 @@ def noisy_share(objective: Objective, x0: torch.Tensor, n: int, part: slice, gen
                                       and getattr(nb, f.name).shape[0] == n})
 
 
-def predict(inputs: StepInputs, x_t: torch.Tensor, t: torch.Tensor, captions: list[str], geometries: list) -> torch.Tensor:
+def predict(inputs: StepInputs, x_t: torch.Tensor, t: torch.Tensor, captions: list[str],
+            geometries: list) -> torch.Tensor:
     cond = inputs.condition(captions, True, geometries)
     with inputs.autocast():
         return inputs.forward(x_t, t, cond).float()

@@ -41,7 +41,8 @@ def validation_loss(inputs: StepInputs, source: LatentCache, batches: list[list[
     optimizer_mode(optimizers, train=False)
     gen = torch.Generator().manual_seed(cfg.seed if cfg.validation_seed is None else cfg.validation_seed)
     with torch.no_grad():
-        losses = [float(batch_loss(inputs, source, b, gen, train=False, timestep=t)) for b in batches for t in timesteps]
+        losses = [float(batch_loss(inputs, source, b, gen, train=False, timestep=t))
+                  for b in batches for t in timesteps]
     optimizer_mode(optimizers, train=True)
     inputs.network.train()
     return sum(losses) / len(losses)
