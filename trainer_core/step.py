@@ -1,5 +1,5 @@
-"""One optimizer step: forward and backward over its batches, the checks that a run would change nothing, clipping,
-the optimizer and schedule steps and the EMA update, in that order."""
+"""One optimizer step: forward and backward over its batches, then clipping, the optimizer and schedule steps and
+the EMA update; on the way, the checks that stop a run that would change nothing."""
 from __future__ import annotations
 
 import warnings
