@@ -1,5 +1,6 @@
-"""kohya's epochs: what one epoch holds, how many optimizer steps it takes, and which epoch/step saves are
-kept (save_last_n_epochs / save_last_n_steps remove older intermediate files, as kohya's train_network does)."""
+"""kohya's epochs: what one epoch holds, the stream of batches over epochs, how many optimizer steps an epoch
+takes, and which epoch/step saves are kept (save_last_n_epochs / save_last_n_steps remove older intermediate
+files, as kohya's train_network does)."""
 from __future__ import annotations
 
 import math
@@ -34,6 +35,55 @@ def epoch_batches(cache: LatentCache, batch_size: int, rng: random.Random, world
         batches += [idx[b:b + n] for b in range(0, len(idx), n)]
     rng.shuffle(batches)
     return batches
+
+
+class BatchStream:
+    """(epoch, batch) forever; epochs count from 1, as kohya's (caption_dropout_every_n_epochs reads them).
+    Its position (the epoch's starting RNG state and how far into the epoch) can be saved and restored, so a
+    resumed run draws exactly the batches the uninterrupted one would have.
+
+    Under torchrun every rank draws the same global batches of ``batch_size`` × world size (the same seed, the same
+    epoch order) and trains on its ``share`` of each: the run is that of one process with the global batch."""
+
+    def __init__(self, cache: LatentCache, batch_size: int, seed: int):
+        self.cache, self.batch_size = cache, batch_size
+        self.rng = random.Random(seed)
+        self.epoch, self.pos, self.batches = 0, 0, []
+        self.epoch_start = self.rng.getstate()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, list[int]]:
+        self.left_in_epoch()
+        self.pos += 1
+        return self.epoch, self.batches[self.pos - 1]
+
+    def left_in_epoch(self) -> int:
+        """Batches still to come in the current epoch (a new epoch is started when the last one is done)."""
+        if self.pos >= len(self.batches):
+            self.epoch += 1
+            self.epoch_start = self.rng.getstate()
+            self.batches, self.pos = epoch_batches(self.cache, self.batch_size, self.rng), 0
+        return len(self.batches) - self.pos
+
+    @property
+    def epoch_ended(self) -> bool:
+        """The last batch drawn was its epoch's last."""
+        return self.pos >= len(self.batches)
+
+    @staticmethod
+    def share(batch: list[int]) -> slice:
+        """This rank's positions in a global batch (all of it in a single process)."""
+        return distributed.share(len(batch))
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "rng": self.epoch_start}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self.rng.setstate(state["rng"])
+        self.batches = epoch_batches(self.cache, self.batch_size, self.rng) if self.epoch else []
 
 
 def batches_per_epoch(cache: LatentCache, batch_size: int, world: int | None = None) -> int:

@@ -1,8 +1,8 @@
 """Full fine-tuning (kohya's train_db.py, DreamBooth): the "adapter" is the base weights themselves.
 
-``FullNetwork`` gives the loop what a LoRANetwork gives it (parameters, parameter groups with their own learning
-rates, train/eval), over every weight of the host modules it was given. The host modules are shared with the
-rest of the graph, so nothing trains in them for good:
+``FullNetwork`` gives the loop what a LoRANetwork gives it (contracts.TrainableNetwork: parameters, parameter
+groups with their own learning rates, train/eval), over every weight of the host modules it was given. The host
+modules are shared with the rest of the graph, so nothing trains in them for good:
 
 * each weight gets a float32 trainable tensor installed in its place for the run;
 * the weight it replaced is kept, untouched, as it was: on the host it is its own backup (no copy); on an
@@ -36,6 +36,8 @@ class _Slot:
 
 class FullNetwork:
     """Every weight of the added modules trains; groups ("unet", "clip_l", ...) take their own learning rates."""
+
+    switchable = False  # no adapters: the model without its training is not at hand
 
     def __init__(self):
         self.slots: dict[str, list[_Slot]] = {}

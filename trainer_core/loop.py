@@ -1,34 +1,38 @@
 """The training loop: one function to read top to bottom (nanoGPT-style).
 
-Everything host-specific comes in as plain callables: ``forward`` runs the frozen network (with the
-LoRA adapters attached) and ``conditioning(captions, train=..., geometries=...)`` turns captions (and, for SDXL's size
-conditioning, each drawn sample's geometry) into the network's conditioning tensors (``train=False`` for the fixed probe batch: no random text-encoder dropout).
+Everything host-specific comes in as plain callables: ``forward`` runs the frozen network (with the LoRA adapters
+attached) and ``conditioning(captions, train=..., geometries=...)`` turns captions into its conditioning tensors
+(batch_loss.StepInputs says more). What the loop relies on is in modules of their own: contracts.py (what a
+trainable network and a family's objective provide), run_state.py (what a saved state is made of), batch_loss.py
+(the loss of a batch), eval_loss.py (probe and validation losses) and step.py (one optimizer step).
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import random
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from . import distributed, validation
+from .batch_loss import StepInputs
 from .cache import LatentCache
 from .checkpointing import gradient_checkpointing
-from .data.captions import augment_caption, base_caption
+from .contracts import Objective, TrainableNetwork
 from .ema import EMA
-from .epochs import epoch_batches, resolve_epochs, steps_per_epoch
+from .epochs import BatchStream, epoch_batches, resolve_epochs, steps_per_epoch
 from .errors import KilnError
-from .losses import elementwise, per_sample_loss
+from .eval_loss import optimizer_mode, probe_batch, probe_loss, validation_loss
 from .oom import oom_guard
-from .preservation import preservation_caption
-from .lora.network import LoRANetwork
 from .optim import FusedBackward, Schedule, build_optimizer, build_scheduler, check_fused
+from .run_state import RESUMABLE_SETTINGS, RunState, TrainResult, changed_settings, run_settings
+from .step import ChangeGuard, accumulate, freeze_text_encoders, lrs_by_group, optimizer_step
+
+# what other modules import from the loop (some now defined beside it)
+__all__ = ["PRECISIONS", "TrainConfig", "StepInfo", "TrainResult", "BatchStream", "epoch_batches", "RESUMABLE_SETTINGS",
+           "run_settings", "changed_settings", "train"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -142,114 +146,35 @@ class StepInfo:
     saving: bool = False           # on_save writes an intermediate save right after this step (the chart marks it)
 
 
-@dataclass
-class TrainResult:
-    losses: list[float] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # for the node's text, e.g. settings a resume changed
-    steps: int = 0
-    seconds: float = 0.0
-    probe_loss_start: float = float("nan")
-    probe_loss_end: float = float("nan")
-    validation: list = field(default_factory=list)  # (step, validation loss)
-    lrs: list = field(default_factory=list)         # (step, learning rate of the first group), for the loss plot
-    saves: list = field(default_factory=list)       # steps after which on_save wrote an intermediate save
-
-    @property
-    def seconds_per_step(self) -> float:
-        return self.seconds / max(1, self.steps)
+def check_trainable(network: TrainableNetwork, cache: LatentCache, cfg: TrainConfig, world: int) -> None:
+    """Settings and data that cannot train as asked stop the run before anything is built."""
+    if world > 1 and cfg.fused_backward_pass:
+        raise KilnError(f"fused_backward_pass steps each parameter during backward, before the other {world - 1} "
+                        f"process(es) have sent their gradients: turn it off for a multi-process (torchrun) run.")
+    if cache.has_masks and all(s.mask is not None and not bool((s.mask > 0).any()) for s in cache.samples):
+        raise KilnError("every mask is entirely black, so nothing would train: white = train, black = ignore. "
+                        "Check the mask folder or alpha channels, or set Alpha/Mask Source's mode to none.")
+    if cfg.diff_output_preservation and not network.switchable:
+        raise KilnError("diff_output_preservation compares with the model without its adapters, and full "
+                        "fine-tuning (DreamBooth) has none: use regularization images (prior_loss_weight) instead.")
+    if cfg.diff_output_preservation and not cfg.preservation_pairs:
+        raise KilnError("diff_output_preservation: no trigger → class pairs were given.")
 
 
-class BatchStream:
-    """(epoch, batch) forever; epochs count from 1, as kohya's (caption_dropout_every_n_epochs reads them).
-    Its position (the epoch's starting RNG state and how far into the epoch) can be saved and restored, so a
-    resumed run draws exactly the batches the uninterrupted one would have.
-
-    Under torchrun every rank draws the same global batches of ``batch_size`` × world size (the same seed, the same
-    epoch order) and trains on its ``share`` of each: the run is that of one process with the global batch."""
-
-    def __init__(self, cache: LatentCache, batch_size: int, seed: int):
-        self.cache, self.batch_size = cache, batch_size
-        self.rng = random.Random(seed)
-        self.epoch, self.pos, self.batches = 0, 0, []
-        self.epoch_start = self.rng.getstate()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[int, list[int]]:
-        self.left_in_epoch()
-        self.pos += 1
-        return self.epoch, self.batches[self.pos - 1]
-
-    def left_in_epoch(self) -> int:
-        """Batches still to come in the current epoch (a new epoch is started when the last one is done)."""
-        if self.pos >= len(self.batches):
-            self.epoch += 1
-            self.epoch_start = self.rng.getstate()
-            self.batches, self.pos = epoch_batches(self.cache, self.batch_size, self.rng), 0
-        return len(self.batches) - self.pos
-
-    @staticmethod
-    def share(batch: list[int]) -> slice:
-        """This rank's positions in a global batch (all of it in a single process)."""
-        return distributed.share(len(batch))
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "rng": self.epoch_start}
-
-    def restore(self, state: dict) -> None:
-        self.epoch, self.pos = state["epoch"], state["pos"]
-        self.rng.setstate(state["rng"])
-        self.batches = epoch_batches(self.cache, self.batch_size, self.rng) if self.epoch else []
+def validation_due(cfg: TrainConfig, step: int, epoch: int, epoch_end: bool) -> bool:
+    """Every validate_every_n_steps steps, and at the end of every validate_every_n_epochs-th epoch (default 1)."""
+    return bool((cfg.validate_every_n_steps and step % cfg.validate_every_n_steps == 0) or
+                (epoch_end and epoch % (cfg.validate_every_n_epochs or 1) == 0))
 
 
-NO_CHANGE_CAUSES = ("a model whose output does not depend on its input (e.g. a zero-initialised output layer), "
-                    "a learning rate of 0, or masks that are all black")
-RESUMABLE_SETTINGS = ("steps", "learning_rate", "group_lrs", "lr_scheduler", "warmup_steps", "ema_decay",
-                      "ema_update_every")
+def saves_due(cfg: TrainConfig, step: int, epoch: int, epoch_end: bool, num_epochs: int) -> tuple[bool, int | None]:
+    """(a step save is due, the epoch whose end is saved now or None); the last epoch's end is the run's output."""
+    save_epoch = epoch if (epoch_end and cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0
+                           and epoch < num_epochs) else None
+    return bool(cfg.save_every and step % cfg.save_every == 0), save_epoch
 
 
-def run_settings(cfg: TrainConfig) -> dict:
-    """The settings a saved state records; on resume they may differ (and then take effect), except the
-    optimizer, whose saved state only fits the optimizer that wrote it."""
-    return {"optimizer": cfg.optimizer_name, **{k: getattr(cfg, k) for k in RESUMABLE_SETTINGS}}
-
-
-def changed_settings(saved: dict | None, cfg: TrainConfig) -> list[str]:
-    """'learning_rate 0.002 → 1e-05', ... for every setting that differs from the saved run's; refuses a
-    different optimizer."""
-    if not saved:
-        return []
-    now = run_settings(cfg)
-    if saved.get("optimizer", now["optimizer"]) != now["optimizer"]:
-        raise KilnError(f"the state to resume was written by optimizer {saved['optimizer']}, and its moments do not "
-                        f"fit {now['optimizer']}: set optimizer back to {saved['optimizer']}, or rename the "
-                        f".kiln-state file away to continue from the LoRA's weights with a fresh optimizer.")
-    return [f"{k} {saved[k]!r} → {now[k]!r}" for k in RESUMABLE_SETTINGS if k in saved and saved[k] != now[k]]
-
-
-def sampled(p: torch.Tensor, most: int = 4096) -> torch.Tensor:
-    """Up to ``most`` evenly strided values of a parameter: enough to see that a step changed it (every value
-    of a small LoRA matrix), without a second copy of a fully fine-tuned model."""
-    flat = p.detach().flatten()
-    return flat[::max(1, flat.numel() // most)].clone()
-
-
-def unchanged(params: list, initial: list) -> bool:
-    return all(torch.equal(sampled(p), p0) for p, p0 in zip(params, initial))
-
-
-def freeze_text_encoders(groups: list[dict]) -> None:
-    """kohya's stop_text_encoder_training: every group that is not the UNet's stops training (no gradient, no
-    optimizer step, weight decay included) from this step on."""
-    for g in groups:
-        if not g["name"].startswith("unet"):
-            for p in g["params"]:
-                p.requires_grad_(False)
-                p.grad = None
-
-
-def train(network: LoRANetwork, objective, forward: Callable, conditioning: Callable[..., dict],
+def train(network: TrainableNetwork, objective: Objective, forward: Callable, conditioning: Callable[..., dict],
           cache: LatentCache, latent_in: Callable[[torch.Tensor], torch.Tensor], cfg: TrainConfig,
           device: torch.device, checkpoint_blocks=(), on_step: Callable[[StepInfo], None] | None = None,
           on_save: Callable[..., None] | None = None, resume: dict | None = None) -> TrainResult:
@@ -265,324 +190,84 @@ def train(network: LoRANetwork, objective, forward: Callable, conditioning: Call
         raise KilnError("the cached dataset is empty: nothing to train on.")
     cache, val_cache = validation.parts(cache, cfg)
     resolve_epochs(cfg, cache)
-    per_epoch = steps_per_epoch(cache, cfg.batch_size, cfg.grad_accum)
-    num_epochs = math.ceil(cfg.steps / per_epoch)
+    num_epochs = math.ceil(cfg.steps / steps_per_epoch(cache, cfg.batch_size, cfg.grad_accum))
     torch.manual_seed(cfg.seed)
     distributed.split_torch_rng()
-    gen = torch.Generator().manual_seed(cfg.seed)
     network.to(device=device, dtype=torch.float32).train()
     params = [p for p in network.parameters() if p.requires_grad]
     world = distributed.world()
-    total_batch = cfg.batch_size * world * cfg.grad_accum  # kohya's total batch size
-    if world > 1 and cfg.fused_backward_pass:
-        raise KilnError(f"fused_backward_pass steps each parameter during backward, before the other {world - 1} "
-                        f"process(es) have sent their gradients: turn it off for a multi-process (torchrun) run.")
+    check_trainable(network, cache, cfg, world)
     distributed.broadcast_(params)  # the same start on every rank
-    if cache.has_masks and all(s.mask is not None and not bool((s.mask > 0).any()) for s in cache.samples):
-        raise KilnError("every mask is entirely black, so nothing would train: white = train, black = ignore. "
-                        "Check the mask folder or alpha channels, or set Alpha/Mask Source's mode to none.")
-    if cfg.diff_output_preservation and not hasattr(network, "set_enabled"):
-        raise KilnError("diff_output_preservation compares with the model without its adapters, and full "
-                        "fine-tuning (DreamBooth) has none: use regularization images (prior_loss_weight) instead.")
-    if cfg.diff_output_preservation and not cfg.preservation_pairs:
-        raise KilnError("diff_output_preservation: no trigger → class pairs were given.")
+
+    # the optimizer, its schedule, the average and the random streams: the run's state
     groups = network.param_groups(cfg.learning_rate, cfg.group_lrs)
-    group_lr = {g["name"]: g["lr"] for g in groups}
+    requested_lrs = {g["name"]: g["lr"] for g in groups}  # before the schedule scales them
     opt = build_optimizer(cfg.optimizer_name, groups, cfg.learning_rate, cfg.optimizer_args)
     sched = build_scheduler(opt, cfg.schedule(), cfg.steps, cfg.learning_rate)
     fused = None
     if cfg.fused_backward_pass:
         check_fused(cfg.grad_accum, cfg.max_grad_norm, cfg.precision)
         fused = FusedBackward(opt, cfg.optimizer_name, cfg.optimizer_args)
-    stepping = fused.children if fused else [opt]
-    for o in stepping:
-        if hasattr(o, "train"):
-            o.train()  # schedule-free optimizers keep separate train/eval weights
     ema = EMA(params, cfg.ema_decay, cfg.ema_update_every, cfg.ema_warmup, cfg.ema_on_host) if cfg.ema_decay else None
-    averaged = ema.applied if ema else contextlib.nullcontext
-    autocast_dtype = PRECISIONS[cfg.precision]
+    averaged = ema.applied if ema else contextlib.nullcontext  # what saves, previews and validation see
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    run = RunState.start(cfg, cache, params, opt, sched, fused, scaler, ema, requested_lrs, world)
+    optimizer_mode(run.stepping, train=True)
+    inputs = StepInputs(network, objective, forward, conditioning, latent_in, cfg, device, PRECISIONS[cfg.precision],
+                        run.flip_rng)
 
-    def autocast():
-        if autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=autocast_dtype)
-
-    flip_rng = random.Random(cfg.seed + 3)  # flip_aug: each drawn sample is mirrored with p = 0.5, seeded
-
-    def batch_tensors(indices, part, train, epoch, caption_rng, source):
-        """The tensors of this rank's ``part`` of the batch ``indices``; the flips and caption draws of the whole
-        batch are made on every rank, so the RNGs stay in step and each sample gets a single process's draw."""
-        samples = [source.samples[i] for i in indices]
-        flips = [train and flip_rng.random() < 0.5 for _ in samples]  # the probe is never mirrored
-        # kohya's caption augmentation, drawn anew each time; the probe (train=False) sees the steady captions
-        captions = [augment_caption(s.caption, s.captions, caption_rng, epoch) if train
-                    else base_caption(s.caption, s.captions) for s in samples]
-        samples, flips, captions = samples[part], flips[part], captions[part]
-        if not samples:
-            return None
-        views = [s.view(f) for s, f in zip(samples, flips)]
-        geometries = [s.drawn_geometry(f) for s, f in zip(samples, flips)]  # SDXL's size/crop conditioning
-        x0 = latent_in(torch.stack([latent for latent, _ in views]).to(device))
-        masks = [m for _, m in views]
-        mask = torch.stack(masks).to(device) if all(m is not None for m in masks) else None
-        weights = torch.tensor([cfg.prior_loss_weight if s.is_reg else 1.0 for s in samples], device=device)
-        cond = {k: v.to(device) for k, v in conditioning(captions, train=train, geometries=geometries).items()}
-        return x0, mask, weights, cond, captions, geometries
-
-    def preservation_loss(nb, captions, geometries) -> torch.Tensor | float:
-        """The trained prediction for each class prompt against the base's (adapters off), same x_t and t."""
-        keep = [(k, p) for k, c in enumerate(captions)
-                if (p := preservation_caption(c, cfg.preservation_pairs)) is not None]
-        if not keep:
-            return 0.0
-        idx = torch.tensor([k for k, _ in keep], device=nb.x_t.device)
-        prompts, geos = [p for _, p in keep], [geometries[k] for k, _ in keep]
-        x_t, t = nb.x_t[idx], nb.timesteps.to(idx.device)[idx]
-
-        def predict():
-            cond = {k: v.to(device) for k, v in conditioning(prompts, train=True, geometries=geos).items()}
-            with autocast():
-                return forward(x_t, t, cond).float()
-        network.set_enabled(False)
-        try:
-            with torch.no_grad():
-                base = predict()
-        finally:
-            network.set_enabled(True)
-        return torch.nn.functional.mse_loss(predict(), base)
-
-    def noisy(x0, n, part, generator):
-        """The objective's draw (timesteps, noise) for the whole batch of ``n``, this rank's rows kept: every sample
-        gets the noise a single process would give it, and no two ranks share a draw."""
-        if x0.shape[0] == n:
-            return objective.sample(x0, generator)
-        full = x0.new_zeros((n,) + tuple(x0.shape[1:]))
-        full[part] = x0
-        nb = objective.sample(full, generator)
-        return dataclasses.replace(nb, **{f.name: getattr(nb, f.name)[part] for f in dataclasses.fields(nb)
-                                          if torch.is_tensor(getattr(nb, f.name)) and getattr(nb, f.name).dim()
-                                          and getattr(nb, f.name).shape[0] == n})
-
-    def loss_of(indices, generator, train=True, epoch=1, caption_rng=None, timestep=None, source=cache, part=None):
-        """The loss of ``indices`` (this rank's ``part`` of them); None when that part is empty (the RNGs were
-        still drawn for the whole batch)."""
-        part = slice(0, len(indices)) if part is None else part
-        tensors = batch_tensors(indices, part, train, epoch, caption_rng, source)
-        if tensors is None:
-            shape = tuple(latent_in(source.samples[indices[0]].latent[None].to(device)).shape[1:])
-            noisy(torch.zeros((0,) + shape, device=device), len(indices), part, generator)
-            return None
-        x0, mask, weights, cond, captions, geometries = tensors
-        if timestep is None:
-            nb = noisy(x0, len(indices), part, generator)
-        else:  # validation: one fixed timestep, noise from the validation generator
-            noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-            nb = objective.at(x0, torch.full((x0.shape[0],), timestep, dtype=torch.long), noise)
-        with autocast():
-            pred = forward(nb.x_t, nb.timesteps, cond)
-        huber_c = None
-        if cfg.loss_type in ("huber", "smooth_l1"):
-            huber_c = objective.huber_c(nb, cfg.huber_schedule, cfg.huber_c, cfg.huber_scale).to(device)
-        err = elementwise(objective.output(pred, nb), nb.target, cfg.loss_type, huber_c)
-        per_sample = per_sample_loss(err, mask, cfg.mask_normalize)
-        if nb.weight is not None:
-            per_sample = per_sample * nb.weight.to(device)
-        if cfg.min_snr_gamma:
-            per_sample = per_sample * objective.min_snr_weight(nb.snr, cfg.min_snr_gamma).to(device)
-        if hasattr(objective, "loss_weight"):
-            per_sample = per_sample * objective.loss_weight(nb.snr, cfg).to(device)
-        loss = (per_sample * weights).mean()
-        if train and cfg.diff_output_preservation:
-            loss = loss + cfg.diff_output_preservation_multiplier * preservation_loss(nb, captions, geometries)
-        return loss
-
-    # a fixed probe batch (same samples, noise and timesteps) measured before and after training
-    probe = sorted(range(len(cache.samples)), key=lambda i: tuple(cache.samples[i].latent.shape))[:max(1, cfg.batch_size)]
-    probe = [i for i in probe if cache.samples[i].latent.shape == cache.samples[probe[0]].latent.shape]
-
-    def probe_loss() -> float:
-        was_training = network.training
-        network.eval()  # no dropout: before and after are measured the same way
-        with torch.no_grad():
-            loss = float(loss_of(probe, torch.Generator().manual_seed(cfg.seed + 1), train=False))
-        network.train(was_training)
-        return loss
-
-    batches = BatchStream(cache, cfg.batch_size, cfg.seed)
-    caption_rng = random.Random(cfg.seed + 2)  # its own stream: caption augmentation never moves batch order or noise
+    # a fresh run measures its probe batch first; a resumed one takes up the saved state
+    probe = probe_batch(cache, cfg.batch_size)  # measured before and after training, the same way
     trained_params = sum(p.numel() for p in params)
     if resume is None:
         with oom_guard(cfg, trained_params, device, "measuring the probe loss before step 1"):
-            result, first = TrainResult(probe_loss_start=probe_loss()), 1
+            run.result = TrainResult(probe_loss_start=probe_loss(inputs, cache, probe))
     else:
-        if resume["step"] >= cfg.steps:
-            raise KilnError(f"the run to resume already made {resume['step']} steps; set steps above that to "
-                            f"train on.")
-        changed = changed_settings(resume.get("settings"), cfg)
-        saved_world = resume.get("world_size", 1)
-        if saved_world != world:
-            changed.append(f"processes {saved_world} → {world} (total batch {resume.get('total_batch', '?')} → "
-                           f"{total_batch}; the current epoch's batches are drawn again for it)")
-        (fused or opt).load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        # the restored state brings the old learning rates back: the requested ones (and schedule) take effect
-        if hasattr(sched, "lr_lambdas") and type(sched).__name__ != "AdafactorSchedule":  # not class-path ones
-            sched.base_lrs = [group_lr.get(g.get("name"), cfg.learning_rate) for g in opt.param_groups]
-            for k, (g, base) in enumerate(zip(opt.param_groups, sched.base_lrs)):
-                g["initial_lr"], g["lr"] = base, base * sched.lr_lambdas[k](sched.last_epoch)
-            sched._last_lr = [g["lr"] for g in opt.param_groups]
-        if scaler and resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        gen.set_state(resume["generator"])
-        torch.set_rng_state(resume["torch_rng"])
-        distributed.split_torch_rng()
-        caption_rng.setstate(resume["caption_rng"])
-        flip_rng.setstate(resume["flip_rng"])
-        batches.restore(resume["batches"])
-        if resume.get("trained") is not None:  # with EMA the saved file holds the average: go on from the trained
-            with torch.no_grad():
-                for p, saved in zip(params, resume["trained"]):
-                    p.copy_(saved)
-        if ema is not None and resume.get("ema") is not None:
-            ema.load_state_dict(resume["ema"])
-        result = TrainResult(losses=list(resume["losses"]), steps=resume["step"],
-                             probe_loss_start=resume["probe_loss_start"],
-                             validation=[tuple(v) for v in resume.get("validation", [])],
-                             lrs=[tuple(v) for v in resume.get("lrs", [])], saves=list(resume.get("saves", [])))
-        first = resume["step"] + 1
-        if changed:
-            result.notes.append(f"resumed at step {resume['step']}, changed since the saved run: {', '.join(changed)}; "
-                                f"they take effect from step {first}, so this is no longer exactly the run that stopped")
-        else:
-            result.notes.append(f"resuming exactly at step {resume['step']}")
-        if ema is not None and resume.get("ema") is None:
-            result.notes.append(f"the saved run had no EMA: the average starts at step {first} from its weights")
-
-    def state(step: int) -> dict:
-        return {"step": step, "optimizer": (fused or opt).state_dict(), "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict() if scaler else None, "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "caption_rng": caption_rng.getstate(),
-                "flip_rng": flip_rng.getstate(), "batches": batches.state(), "losses": list(result.losses),
-                "probe_loss_start": result.probe_loss_start, "settings": run_settings(cfg),
-                "validation": [list(v) for v in result.validation], "lrs": [list(v) for v in result.lrs],
-                "saves": list(result.saves), "world_size": world, "total_batch": total_batch,
-                "ema": ema.state_dict() if ema else None,
-                "trained": [p.detach().to("cpu", copy=True) for p in params] if ema else None}
-
-    initial = [sampled(p) for p in params]  # "nothing changed" is checked against these
-    grads_checked = fused is not None  # fused: each gradient is freed as soon as its parameter stepped
-    change_checked = False
+        run.restore(resume)
+    result = run.result
+    guard = ChangeGuard(params, fused is not None)  # "nothing changed" is checked against the weights now
     val_batches = validation.batches(val_cache, cfg.batch_size, cfg.max_validation_steps) if val_cache else []
-    val_timesteps = validation.timesteps(cfg.min_timestep, cfg.max_timestep, getattr(objective, "num_timesteps", 1000))
-
-    def validation_loss() -> float:
-        """Mean loss over the validation batches × fixed timesteps, fixed noise, no dropout (kohya)."""
-        network.eval()
-        for o in stepping:
-            if hasattr(o, "eval"):
-                o.eval()
-        gen_v = torch.Generator().manual_seed(cfg.seed if cfg.validation_seed is None else cfg.validation_seed)
-        with torch.no_grad():
-            losses = [float(loss_of(b, gen_v, train=False, timestep=t, source=val_cache))
-                      for b in val_batches for t in val_timesteps]
-        for o in stepping:
-            if hasattr(o, "train"):
-                o.train()
-        network.train()
-        return sum(losses) / len(losses)
+    val_timesteps = validation.timesteps(cfg.min_timestep, cfg.max_timestep, objective.num_timesteps)
 
     start = time.perf_counter()
     with oom_guard(cfg, trained_params, device, lambda: f"at training step {result.steps + 1}"), \
             gradient_checkpointing(list(checkpoint_blocks), cfg.gradient_checkpointing, cfg.cpu_offload_checkpointing):
-        for step in range(first, cfg.steps + 1):
+        for step in range(result.steps + 1, cfg.steps + 1):
             if cfg.stop_text_encoder_training is not None and step > cfg.stop_text_encoder_training:
                 freeze_text_encoders(groups)
-            total = 0.0
-            lr_now = max((g["lr"] for g in opt.param_groups), key=lambda v: -1 if v is None else v)  # None: Adafactor
-            n = min(cfg.grad_accum, batches.left_in_epoch())  # the epoch's last step may hold fewer batches
-            for _ in range(n):
-                epoch, indices = next(batches)
-                part = batches.share(indices)
-                loss = loss_of(indices, gen, epoch=epoch, caption_rng=caption_rng, part=part)
-                if loss is None:  # this rank's share of a short last batch is empty
-                    continue
-                if not torch.isfinite(loss):
-                    raise KilnError(f"the loss became {loss.item()} at step {step}: lower the learning rate "
-                                    f"(now {cfg.learning_rate:g}), or train in fp32/bf16 instead of fp16.")
-                # the batch's mean loss is Σ over ranks of (own mean × own share); averaging gradients divides by world
-                weight = world * (part.stop - part.start) / len(indices)
-                scaled = (loss * weight if weight != 1 else loss) / n
-                (scaler.scale(scaled) if scaler else scaled).backward()
-                total += loss.item() * weight / n
-            total = distributed.average_gradients(params, total)  # no-op in a single process
-            epoch_end = batches.pos >= len(batches.batches)
-            if not grads_checked and total > 0:  # a batch that counts (a black-masked one has loss 0 exactly)
-                grads_checked = True
-                if all(p.grad is None or not bool(p.grad.any()) for p in params):
-                    raise KilnError(f"every trainable gradient is exactly zero at step {step} (loss {total:.4g}): "
-                                    f"training would change nothing. Likely causes: {NO_CHANGE_CAUSES}.")
-            if scaler:
-                scaler.unscale_(opt)
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if scaler:
-                scaler.step(opt)
-                scaler.update()
-            elif not fused:  # fused: every parameter was already stepped during backward
-                opt.step()
-            warming_up = lr_now == 0 and any(b for b in sched.base_lrs)  # kohya's warmup starts at lr 0
-            if not change_checked and scaler is None and not warming_up:
-                change_checked = True
-                if unchanged(params, initial):
-                    raise KilnError(f"the first step changed no LoRA weight (learning rate {cfg.learning_rate:g}): "
-                                    f"training would change nothing. Likely causes: {NO_CHANGE_CAUSES}.")
-            with warnings.catch_warnings():
-                if fused:  # the main optimizer only holds the rates: torch warns that it was never stepped
-                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
-                sched.step()
-            opt.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(step)
-            result.losses.append(total)
+            loss, epoch = accumulate(inputs, run, cache, step)
+            epoch_end = run.batches.epoch_ended
+            optimizer_step(run, guard, step, loss)
+            result.losses.append(loss)
             result.steps = step
             val_loss = None
-            if val_batches and ((cfg.validate_every_n_steps and step % cfg.validate_every_n_steps == 0) or
-                                (epoch_end and epoch % (cfg.validate_every_n_epochs or 1) == 0)):
+            if val_batches and validation_due(cfg, step, epoch, epoch_end):
                 with averaged():  # the loss of what the run would give now
-                    val_loss = validation_loss()
+                    val_loss = validation_loss(inputs, val_cache, val_batches, val_timesteps, run.stepping)
                 result.validation.append((step, val_loss))
             result.seconds = time.perf_counter() - start
             result.lrs.append((step, sched.get_last_lr()[0]))
-            save_epoch = epoch if (epoch_end and cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0
-                                   and epoch < num_epochs) else None
-            save_step = bool(cfg.save_every and step % cfg.save_every == 0)
+            save_step, save_epoch = saves_due(cfg, step, epoch, epoch_end, num_epochs)
             saving = bool(on_save and step < cfg.steps and (save_step or save_epoch))
             if saving:
                 result.saves.append(step)
             if on_step:
-                lrs = {g.get("name") or f"group{k}": lr for k, (g, lr) in enumerate(zip(opt.param_groups,
-                                                                                    sched.get_last_lr()))}
-                on_step(StepInfo(step, cfg.steps, total, sched.get_last_lr()[0], result.seconds, epoch, epoch_end,
-                                 val_loss, lrs, averaged, saving))
+                on_step(StepInfo(step, cfg.steps, loss, sched.get_last_lr()[0], result.seconds, epoch, epoch_end,
+                                 val_loss, lrs_by_group(run), averaged, saving))
             if saving and save_step:
-                saved_state = state(step)
+                state = run.capture(step)
                 with averaged():  # the file holds what the run would give now; the state, the trained values
-                    on_save(step, saved_state, result)
+                    on_save(step, state, result)
             if saving and save_epoch:
-                saved_state = state(step)
+                state = run.capture(step)
                 with averaged():
-                    on_save(step, saved_state, result, epoch=save_epoch)
-    for o in stepping:
-        if hasattr(o, "eval"):
-            o.eval()
+                    on_save(step, state, result, epoch=save_epoch)
+    optimizer_mode(run.stepping, train=False)
     if fused:
         fused.remove()
     network.eval()
-    if unchanged(params, initial):
-        raise KilnError(f"after {result.steps} steps the LoRA is bit-identical to its starting state: training changed "
-                        f"nothing (learning rate {cfg.learning_rate:g}). Likely causes: {NO_CHANGE_CAUSES}.")
+    guard.check_end(result.steps, cfg.learning_rate)
     if ema is not None:
         ema.copy_to_params()
-    result.probe_loss_end = probe_loss()
+    result.probe_loss_end = probe_loss(inputs, cache, probe)
     return result

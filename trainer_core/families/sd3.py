@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import KilnError
 from ..lora.network_args import block_selection, bool_arg, int_arg, int_list_arg
 from ..lora.targets import TargetRule
 from ..losses import huber_threshold
@@ -137,6 +138,8 @@ def shift_u(u: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 class SD3Objective:
+    num_timesteps = 1000
+
     def __init__(self, weighting_scheme: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
                  mode_scale: float = 1.29, training_shift: float = 1.0, min_timestep: int = 0, max_timestep: int = 1000):
         if weighting_scheme not in WEIGHTING_SCHEMES:
@@ -161,7 +164,14 @@ class SD3Objective:
         return NoisyBatch(x_t, t.to(x0.device).float(), x0, snr.float(), loss_weight(self.scheme, sigma).float(), s)
 
     def huber_c(self, nb: NoisyBatch, schedule: str, c: float, scale: float) -> torch.Tensor:
-        return huber_threshold(schedule, c, scale, nb.timesteps, 1000)
+        return huber_threshold(schedule, c, scale, nb.timesteps, self.num_timesteps)
+
+    def min_snr_weight(self, snr: torch.Tensor, gamma: float) -> torch.Tensor:
+        raise KilnError("min_snr_gamma does not apply to SD3 (rectified flow); use weighting_scheme.")
+
+    def loss_weight(self, snr: torch.Tensor, cfg) -> None:
+        """None: kohya's SNR post-weights are DDPM's; SD3 weights samples by its weighting_scheme (``nb.weight``)."""
+        return None
 
     def output(self, pred: torch.Tensor, nb: NoisyBatch) -> torch.Tensor:
         """Velocity prediction -> implied x0 (kohya's preconditioning), compared with x0."""

@@ -34,6 +34,8 @@ class LoRANetwork(nn.Module):
     """All adapters of one training run. ``name_of(path)`` turns a host module path into a kohya
     name (e.g. ``lora_unet_down_blocks_0_attentions_0_proj_in``)."""
 
+    switchable = True  # set_enabled(False) gives the frozen model's own prediction
+
     def __init__(self, root: nn.Module, rules: list[TargetRule], name_of: Callable[[str], str],
                  dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0, seed: int = 0,
                  algorithm: str = "lora", factor: int = -1, full_matrix: bool = False,
