@@ -402,6 +402,36 @@ def caption_length_notes(cond: TextConditioning, dataset: KilnDataset, tcfg: Tra
     return notes
 
 
+class IntermediateSaves:
+    """The run's intermediate saves (save_every_n_steps, save_every_n_epochs): kohya's names (NAME-stepNNNNNN,
+    NAME-000004), a name no other run's series holds, room on the disk before the first step, the older saves removed
+    (save_last_n_steps / save_last_n_epochs)."""
+
+    def __init__(self, run: Run, trainable: Trainable, signature: dict, resuming: str | None):
+        self.run, self.trainable, self.signature = run, trainable, signature
+        tcfg, node = run.tcfg, run.node
+        self.name = save_name_of(run.opts, trainable.default_save_name)
+        if tcfg.save_every or tcfg.save_every_n_epochs:
+            self.name = unique_save_name(self.name, resuming, node, run.notes, trainable.kind)
+            check_writable(os.path.dirname(self.path(1, None)), trainable.save_bytes(run.network), f"{node}: save_name",
+                           "Choose another save_name, free disk space, or set save_every_n_steps to 0.")
+
+    def path(self, step: int, epoch: int | None) -> str:
+        name = f"{self.name}-{epoch:06d}" if epoch else f"{self.name}-step{step:06d}"
+        return lora_output_path(name, self.run.node, "save_name", self.trainable.kind)
+
+    def save(self, step: int, state: dict, so_far: TrainResult, epoch: int | None = None) -> None:
+        """The loop's ``on_save``: the trainable's file and state at this step, with the metadata so far."""
+        run, tcfg = self.run, self.run.tcfg
+        meta = run_metadata(run, self.trainable.lora_config, so_far, state["batches"]["epoch"])
+        path = self.trainable.write(run, run.network, self.path(step, epoch), meta, state, self.signature)
+        log.info("kiln: %s step %d: saved %s (+ %s)", run.node, step, path, SUFFIX)
+        old = (epoch_save_to_remove(epoch, tcfg.save_every_n_epochs, tcfg.save_last_n_epochs) if epoch else
+               step_save_to_remove(step, tcfg.save_every, tcfg.save_last_n_steps))
+        if old:
+            remove_save(self.path(old, old if epoch else None))
+
+
 def run_training(model, clip, dataset: KilnDataset, tcfg: TrainConfig, plan: FamilyPlan, opts: dict, node_id,
                  trainable: Trainable) -> Run:
     """Train on the shared MODEL (and CLIP, when text encoders train) in place and report progress; the
@@ -445,33 +475,11 @@ def run_training(model, clip, dataset: KilnDataset, tcfg: TrainConfig, plan: Fam
                          "grad_accum": tcfg.grad_accum, **trainable.signature(network)}
             resuming = resume_file(opts.get("resume_from") or "", plan.node, trainable)
             resume = trainable.resume(run, network, resuming, signature) if resuming else None
-            save_name = save_name_of(opts, trainable.default_save_name)
             for save_path in opts.get("_save_targets", []):
                 check_writable(os.path.dirname(save_path), trainable.file_bytes(network),
                                f"{plan.node}: the Save LoRA node's filename",
                                "Free disk space or choose another filename, so the trained LoRA can be saved.")
-            if tcfg.save_every or tcfg.save_every_n_epochs:
-                save_name = unique_save_name(save_name, resuming, plan.node, notes, trainable.kind)
-                check_writable(os.path.dirname(lora_output_path(f"{save_name}-step000001", plan.node, "save_name",
-                                                                trainable.kind)),
-                               trainable.save_bytes(network), f"{plan.node}: save_name",
-                               "Choose another save_name, free disk space, or set save_every_n_steps to 0.")
-
-            def intermediate_path(step: int, epoch: int | None) -> str:  # kohya's: NAME-000004 (epoch), NAME-stepNNNNNN
-                name = f"{save_name}-{epoch:06d}" if epoch else f"{save_name}-step{step:06d}"
-                return lora_output_path(name, plan.node, "save_name", trainable.kind)
-
-            def on_save(step: int, state: dict, so_far, epoch: int | None = None) -> None:
-                meta = training_metadata(plan.version, plan.architecture(net_host), dataset.dataset, dataset.cache,
-                                         trainable.lora_config, tcfg, so_far, "",
-                                         state["batches"]["epoch"], plan.metadata, plan.network_module)
-                path = trainable.write(run, network, intermediate_path(step, epoch), meta, state, signature)
-                log.info("kiln: %s step %d: saved %s (+ %s)", plan.node, step, path, SUFFIX)
-                old = (epoch_save_to_remove(epoch, tcfg.save_every_n_epochs, tcfg.save_last_n_epochs) if epoch else
-                       step_save_to_remove(step, tcfg.save_every, tcfg.save_last_n_steps))
-                if old:  # kohya's save_last_n_epochs / save_last_n_steps: the older intermediate file goes
-                    remove_save(intermediate_path(old, old if epoch else None))
-
+            saver = IntermediateSaves(run, trainable, signature, resuming)
             swap_blocks = plan.checkpoint_blocks(net_host)
             with block_swap(swap_blocks, tcfg.blocks_to_swap, device) as swap, \
                     tensorboard_log(tcfg, plan.node) as tracker:
@@ -481,7 +489,7 @@ def run_training(model, clip, dataset: KilnDataset, tcfg: TrainConfig, plan: Fam
                 run.result = train(network, plan.objective,
                                    cmodel.unet_forward(run.target.patcher, net_host, trainable.forward_dtype), conditioning,
                                    run.cache, cmodel.latent_in(model), tcfg, device, swap_blocks, on_step,
-                                   on_save if main else None, resume)
+                                   saver.save if main else None, resume)
                 run.samples = preview()
                 if tracker is not None:
                     tracker.image("final", to_pil(run.samples[0]), run.result.steps)
@@ -494,12 +502,12 @@ def run_training(model, clip, dataset: KilnDataset, tcfg: TrainConfig, plan: Fam
     return run
 
 
-def run_metadata(run: Run, lora_config=None) -> dict[str, str]:
-    """The finished run's kohya metadata (the final file's)."""
+def run_metadata(run: Run, lora_config=None, result: TrainResult | None = None, epoch: int | None = None) -> dict:
+    """The kohya metadata of the run's file: the final one, or (``result``, ``epoch``) an intermediate save's."""
     plan = run.plan
     return training_metadata(plan.version, plan.architecture(run.target.network), run.dataset.dataset,
-                             run.dataset.cache, lora_config, run.tcfg, run.result, "", run.epochs, plan.metadata,
-                             plan.network_module)
+                             run.dataset.cache, lora_config, run.tcfg, result or run.result, "",
+                             run.epochs if epoch is None else epoch, plan.metadata, plan.network_module)
 
 
 def run_summary(head: str, details: str, result, tcfg: TrainConfig, notes: list[str]) -> str:
