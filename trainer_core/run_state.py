@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import distributed
+from . import distributed, registry
 from .ema import EMA
 from .epochs import BatchStream
 from .errors import KilnError
@@ -17,8 +17,8 @@ from .optim import FusedBackward
 if TYPE_CHECKING:
     from .loop import TrainConfig
 
-RESUMABLE_SETTINGS = ("steps", "learning_rate", "group_lrs", "lr_scheduler", "warmup_steps", "ema_decay",
-                      "ema_update_every")
+# the options the registry marks resumable, and the text encoders' learning rates (set from the te-lr widgets)
+RESUMABLE_SETTINGS = registry.resumable() + ("group_lrs",)
 
 
 def run_settings(cfg: TrainConfig) -> dict:
