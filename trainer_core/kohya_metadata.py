@@ -116,10 +116,10 @@ def training_metadata(family_version: str, arch: str, ds: Dataset, cache: Latent
         "masked_loss": cache.has_masks, "epoch": epoch, **kohya_training_metadata(tcfg, cache),
         "tag_frequency": tags, "flip_aug": any(s.flip_aug for s in ds.subsets),
         # kohya keys with a fixed value in Kiln (docs/kohya.md, "The LoRA file and its metadata"): latents are always cached, LoRA weights stay fp32,
-        # no weight-norm scaling, face crops or comment; not trained by sd-scripts
+        # no face crops or comment; not trained by sd-scripts
         "session_id": tcfg.session_id, "training_started_at": tcfg.training_started_at, "full_fp16": False,
         "cache_latents": True, "lowram": False, "training_comment": None, "sd_scripts_commit_hash": None,
-        "face_crop_aug_range": None, "scale_weight_norms": None,
+        "face_crop_aug_range": None,
         "resize_interpolation": None,
         "dataset_dirs": {os.path.basename(s.image_dir.rstrip("/")): {"n_repeats": s.num_repeats,
                          "img_count": sum(1 for i in ds.items if i.subset == k)} for k, s in enumerate(ds.subsets)},

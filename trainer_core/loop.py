@@ -25,6 +25,7 @@ from .ema import EMA
 from .epochs import BatchStream, epoch_batches, resolve_epochs, steps_per_epoch
 from .errors import KilnError
 from .eval_loss import optimizer_mode, probe_batch, probe_loss, validation_loss
+from .lora import max_norm
 from .oom import oom_guard
 from .optim import FusedBackward, Schedule, build_optimizer, build_scheduler, check_fused
 from .run_state import RESUMABLE_SETTINGS, RunState, TrainResult, changed_settings, run_settings
@@ -129,6 +130,7 @@ class TrainConfig:
     v_pred_like_loss: float | None = None
     debiased_estimation_loss: bool = False
     scale_v_pred_loss_like_noise_pred: bool = False
+    scale_weight_norms: float | None = None         # lora/max_norm.py: kohya's max-norm regularisation
 
 
 @dataclass
@@ -159,6 +161,8 @@ def check_trainable(network: TrainableNetwork, cache: LatentCache, cfg: TrainCon
                         "fine-tuning (DreamBooth) has none: use regularization images (prior_loss_weight) instead.")
     if cfg.diff_output_preservation and not cfg.preservation_pairs:
         raise KilnError("diff_output_preservation: no trigger → class pairs were given.")
+    if cfg.scale_weight_norms:
+        max_norm.check(network, cfg.scale_weight_norms)
 
 
 def validation_due(cfg: TrainConfig, step: int, epoch: int, epoch_end: bool) -> bool:
@@ -229,7 +233,7 @@ def train(network: TrainableNetwork, objective: Objective, forward: Callable, co
     val_batches = validation.batches(val_cache, cfg.batch_size, cfg.max_validation_steps) if val_cache else []
     val_timesteps = validation.timesteps(cfg.min_timestep, cfg.max_timestep, objective.num_timesteps)
 
-    start = time.perf_counter()
+    start, norms = time.perf_counter(), None
     with oom_guard(cfg, trained_params, device, lambda: f"at training step {result.steps + 1}"), \
             gradient_checkpointing(list(checkpoint_blocks), cfg.gradient_checkpointing, cfg.cpu_offload_checkpointing):
         for step in range(result.steps + 1, cfg.steps + 1):
@@ -237,7 +241,7 @@ def train(network: TrainableNetwork, objective: Objective, forward: Callable, co
                 freeze_text_encoders(groups)
             loss, epoch = accumulate(inputs, run, cache, step)
             epoch_end = run.batches.epoch_ended
-            optimizer_step(run, guard, step, loss)
+            norms = optimizer_step(run, guard, step, loss, network)
             result.losses.append(loss)
             result.steps = step
             val_loss = None
@@ -267,6 +271,9 @@ def train(network: TrainableNetwork, objective: Objective, forward: Callable, co
         fused.remove()
     network.eval()
     guard.check_end(result.steps, cfg.learning_rate)
+    if norms is not None:  # kohya logs these per step
+        result.notes.append(f"scale_weight_norms {cfg.scale_weight_norms:g}: at the last step {norms[0]} modules scaled "
+                            f"back; mean norm {norms[1]:.4g}, largest {norms[2]:.4g}")
     if ema is not None:
         ema.copy_to_params()
     result.probe_loss_end = probe_loss(inputs, cache, probe)

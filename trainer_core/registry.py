@@ -209,6 +209,9 @@ OPTIONS: tuple[Option, ...] = (
         metadata=("debiased_estimation",)),
     _ta("scale_v_pred_loss_like_noise_pred", "bool", False, "scale a v loss like an ε loss (SNR/(SNR+1))",
         families=DDPM, metadata=("scale_v_pred_loss_like_noise_pred",)),
+    _ta("scale_weight_norms", "float", None, "max-norm regularisation: after every step, scale each LoRA module whose "
+        "change up·down·α/r has a norm above this back to it (~1; LoRA and DoRA only)", 1e-6, 1000.0,
+        metadata=("scale_weight_norms",)),
     # optimizer and schedule (the node's optimizer / lr_scheduler / warmup_steps widgets stay; these refine them)
     _ta("optimizer_type", "str", "", "overrides the optimizer widget: a kohya name or a class path such as "
         "pytorch_optimizer.CAME or torch.optim.RAdam"),

@@ -10,6 +10,7 @@ from . import distributed
 from .batch_loss import StepInputs, batch_loss
 from .cache import LatentCache
 from .errors import KilnError
+from .lora import max_norm
 from .run_state import RunState
 
 NO_CHANGE_CAUSES = ("a model whose output does not depend on its input (e.g. a zero-initialised output layer), "
@@ -98,9 +99,9 @@ def top_lr(opt: torch.optim.Optimizer) -> float | None:
     return max((g["lr"] for g in opt.param_groups), key=lambda v: -1 if v is None else v)
 
 
-def optimizer_step(run: RunState, guard: ChangeGuard, step: int, loss: float) -> None:
+def optimizer_step(run: RunState, guard: ChangeGuard, step: int, loss: float, network) -> tuple | None:
     """Everything after the gradients of ``step`` are in (under fused_backward_pass every weight already stepped
-    during backward)."""
+    during backward). Returns scale_weight_norms' figures (modules scaled, mean norm, largest) when it is on."""
     cfg, opt, sched, scaler = run.cfg, run.opt, run.sched, run.scaler
     lr_now = top_lr(opt)  # the rate this step ran at
     guard.check_gradients(step, loss)
@@ -121,8 +122,10 @@ def optimizer_step(run: RunState, guard: ChangeGuard, step: int, loss: float) ->
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
         sched.step()
     opt.zero_grad(set_to_none=True)
+    norms = max_norm.apply(network, cfg.scale_weight_norms) if cfg.scale_weight_norms else None
     if run.ema is not None:
         run.ema.update(step)
+    return norms
 
 
 def lrs_by_group(run: RunState) -> dict:
