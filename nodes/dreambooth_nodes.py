@@ -23,7 +23,7 @@ from .comfy import model as cmodel
 from .comfy.text import TextConditioning, with_clip_skip
 from .lora_nodes import check_output_file, lora_output_path
 from .train_inputs import node_widgets
-from .train_nodes import ddpm_objective
+from .train_nodes import ddpm_objective, sd1_kind
 from .training_run import FamilyPlan, Run, loss_image, prepare, run_metadata, run_summary, run_training, \
     validate_saving
 from .types import KilnDataset, KilnDatasetType
@@ -149,15 +149,14 @@ class KilnTrainDreamBooth(io.ComfyNode):
                             f"fine-tuning trains every weight, so they stay on the device. Remove it (gradient "
                             f"checkpointing and cpu_offload_checkpointing save memory here).")
         clip, tcfg.clip_skip = with_clip_skip(clip, tcfg.clip_skip, NODE)  # training, previews and the clip output
-        is_v = cmodel.prediction_type(model, NODE) == "v"
-        is_sd2 = fam not in ("SD15", "SD15_instructpix2pix")
+        is_v, is_sd2, version = sd1_kind(model, fam, NODE)
         tcfg.fused_backward_pass = tcfg.fused_backward_pass or bool(opts.get("fused_backward_pass"))
         tcfg.stop_text_encoder_training = opts.get("stop_text_encoder_training") or None
         te_lr = opts.get("text_encoder_lr") or 0.0
         plan = FamilyPlan(
             node=NODE, checkpoint_blocks=sd1.checkpoint_blocks,
             architecture=lambda unet: sd1.modelspec_architecture(is_v, is_sd2, lora=False),
-            version=("sd_v2" if is_sd2 else "sd_v1") + ("_v" if is_v else ""),
+            version=version,
             objective=ddpm_objective(model, is_v, tcfg), conditioning=TextConditioning(clip, tcfg.max_token_length),
             te_lrs={e: te_lr for e in SD1_ENCODERS})
         run = run_training(model, clip, dataset, tcfg, plan, opts, cls.hidden.unique_id, trainable)

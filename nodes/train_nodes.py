@@ -25,6 +25,13 @@ def ddpm_objective(model, is_v: bool, tcfg: TrainConfig) -> sd1.SD1Objective:
                             tcfg.max_timestep, NoiseOptions.from_config(tcfg), tcfg.zero_terminal_snr)
 
 
+def sd1_kind(model, fam: str, node: str) -> tuple[bool, bool, str]:
+    """(v-prediction, SD 2.x, kohya's ss_base_model_version) of an SD 1.x/2.x MODEL."""
+    is_v = cmodel.prediction_type(model, node) == "v"
+    is_sd2 = fam not in ("SD15", "SD15_instructpix2pix")
+    return is_v, is_sd2, ("sd_v2" if is_sd2 else "sd_v1") + ("_v" if is_v else "")
+
+
 class TrainNode(io.ComfyNode):
     """What the Train LoRA nodes share beyond their schema: checks run when the prompt is queued, and the run."""
 
@@ -53,16 +60,14 @@ class KilnTrainSD1(TrainNode):
         node = "Train LoRA (SD1)"
         fam, tcfg = prepare(model, dataset, opts, cmodel.SD1_FAMILIES, node, cls, "sd1", LoraTrainable)
         clip, tcfg.clip_skip = with_clip_skip(clip, tcfg.clip_skip, node)  # training, previews and the clip output
-        is_v = cmodel.prediction_type(model, node) == "v"
-        is_sd2 = fam not in ("SD15", "SD15_instructpix2pix")
+        is_v, is_sd2, version = sd1_kind(model, fam, node)
         lc = lora_config
         blocks = unet_blocks(lc, False)
         plan = FamilyPlan(
             node=node, blocks=blocks, is_sdxl=False, network_args={**VERBOSE, **BLOCK_ARGS},
             rules=lambda unet: sd1.unet_rules(lc.rank, lc.alpha, unet_conv_rank(lc, blocks), lc.conv_alpha),
             namer=sd1.unet_namer, checkpoint_blocks=sd1.checkpoint_blocks,
-            architecture=lambda unet: sd1.modelspec_architecture(is_v, is_sd2),
-            version=("sd_v2" if is_sd2 else "sd_v1") + ("_v" if is_v else ""),
+            architecture=lambda unet: sd1.modelspec_architecture(is_v, is_sd2), version=version,
             objective=ddpm_objective(model, is_v, tcfg),
             conditioning=TextConditioning(clip, tcfg.max_token_length),
             te_prefixes={"clip_l": "lora_te", "clip_h": "lora_te"}, hidden_only=("clip_l", "clip_h"),
