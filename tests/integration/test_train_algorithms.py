@@ -67,8 +67,11 @@ def sd3(comfy, sd3_checkpoint, dataset_dir):
     return load_and_cache(comfy, sd3_checkpoint, dataset_dir)
 
 
+# LoKr on SDXL is not trained here: tests/e2e/test_family_workflows.py trains it from the sdxl_lokr example
+# workflow and asserts what check_lora asserts (keys of every module, every key applied by ComfyUI's loader,
+# ss_network_module and algo, finite values)
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", list(ALGOS))
+@pytest.mark.parametrize("algorithm", [a for a in ALGOS if a != "lokr"])
 def test_sdxl_every_algorithm(comfy, sdxl, algorithm):
     model, clip, cached = sdxl
     lora = comfy.run_node("KilnTrainSDXL", model=model, clip=clip, dataset=cached,
