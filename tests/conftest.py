@@ -21,6 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:  # `import fixtures` must work whatever pytest's rootdir/import mode is
     sys.path.insert(0, str(TESTS))
+# trainer_core is importable standalone (unit/ and system/ import it directly); appended (not prepended) so
+# ComfyUI's own top-level modules (`nodes`, `utils`) win over this repo's folders when a session also imports ComfyUI.
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
 
 from fixtures.datasets import make_dataset  # noqa: E402
 from fixtures import tiny_models  # noqa: E402

@@ -8,6 +8,7 @@ import pytest
 from safetensors import safe_open
 
 from fixtures.datasets import make_dataset
+from fixtures.kohya import SD3_EXAMPLE, SDXL_EXAMPLE, with_keys, write_dataset_config
 from test_sd1_workflow import REPO
 
 pytestmark = pytest.mark.e2e
@@ -31,6 +32,13 @@ def cli(kiln_env, base, *args):
                           env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
 
 
+def cli_config(kiln_env, base, config, *args, timeout=600):
+    """``cli.py --config config *args`` over ``base`` on the CPU."""
+    cmd = [kiln_env.python, str(REPO / "cli.py"), "--comfyui", str(kiln_env.comfyui), "--config", str(config), *args,
+           "--", "--cpu", "--base-directory", str(base)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd="/")
+
+
 def test_cli_runs_the_example_workflow_with_overrides(kiln_env, base):
     run = cli(kiln_env, base, "--set", "6.steps=4", "--set", "KilnTrainSD1.sample_every=0",
               "--set", "7.filename=kiln/from_cli")
@@ -49,16 +57,7 @@ def test_cli_reports_an_invalid_workflow_by_node_and_fails(kiln_env, base):
 
 def test_cli_trains_from_a_kohya_config_file(kiln_env, base, tiny_sd1_path, tmp_path):
     images = base / "input" / "kiln_demo" / "train"
-    (tmp_path / "dataset.toml").write_text(f'''
-[general]
-resolution = 64
-batch_size = 2
-caption_extension = ".txt"
-[[datasets]]
-  [[datasets.subsets]]
-  image_dir = "{images / '5_kiln toy'}"
-  num_repeats = 1
-''')
+    write_dataset_config(tmp_path / "dataset.toml", images / "5_kiln toy")
     (tmp_path / "train.toml").write_text(f'''
 [model_arguments]
 pretrained_model_name_or_path = "{tiny_sd1_path}"
@@ -81,9 +80,7 @@ network_module = "networks.lora"
 network_dim = 4
 network_alpha = 4
 ''')
-    cmd = [kiln_env.python, str(REPO / "cli.py"), "--comfyui", str(kiln_env.comfyui), "--config",
-           str(tmp_path / "train.toml"), "--set", "6.sample_steps=1", "--", "--cpu", "--base-directory", str(base)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd="/")
+    run = cli_config(kiln_env, base, tmp_path / "train.toml", "--set", "6.sample_steps=1")
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "a sd1 run of KilnTrainSD1" in run.stdout and "cache_latents: no effect" in run.stdout
     with safe_open(str(tmp_path / "out" / "from_kohya.safetensors"), "pt") as f:
@@ -103,20 +100,7 @@ def test_cli_runs_a_train_db_config_as_dreambooth(kiln_env, base, tiny_sd1_path,
     full checkpoint is written where output_dir/output_name say, as kohya's train_db saves it."""
     make_dataset(base / "input" / "kiln_reg_cli", seed=1)
     images, reg = base / "input" / "kiln_demo" / "train", base / "input" / "kiln_reg_cli" / "train"
-    (tmp_path / "dataset.toml").write_text(f'''
-[general]
-resolution = 64
-batch_size = 2
-caption_extension = ".txt"
-[[datasets]]
-  [[datasets.subsets]]
-  image_dir = "{images / '5_kiln toy'}"
-  num_repeats = 1
-  [[datasets.subsets]]
-  image_dir = "{reg / '5_kiln toy'}"
-  is_reg = true
-  num_repeats = 1
-''')
+    write_dataset_config(tmp_path / "dataset.toml", images / "5_kiln toy", reg / "5_kiln toy")
     (tmp_path / "db.toml").write_text(f'''
 pretrained_model_name_or_path = "{tiny_sd1_path}"
 dataset_config = "dataset.toml"
@@ -132,9 +116,7 @@ max_grad_norm = 0.0
 fused_backward_pass = true
 cache_latents = true
 ''')
-    cmd = [kiln_env.python, str(REPO / "cli.py"), "--comfyui", str(kiln_env.comfyui), "--config",
-           str(tmp_path / "db.toml"), "--set", "6.sample_steps=1", "--", "--cpu", "--base-directory", str(base)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd="/")
+    run = cli_config(kiln_env, base, tmp_path / "db.toml", "--set", "6.sample_steps=1", timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "a sd1 run of KilnTrainDreamBooth" in run.stdout and "[kiln]   step 8/8" in run.stdout
     with safe_open(str(tmp_path / "out" / "db_kohya.safetensors"), "pt") as f:
@@ -149,16 +131,11 @@ cache_latents = true
 def run_example_config(kiln_env, base, tmp_path, config: str, output_name: str):
     """kohya's docs' examples point at a dataset config of the demo images (64², batch 2, 1 repeat): write it and
     ``config``, run ``cli.py --config`` without previews; (the run, the final LoRA's metadata and keys)."""
-    images = base / "input" / "kiln_demo" / "train"
-    (tmp_path / "dataset.toml").write_text(
-        f'[general]\nresolution = 64\nbatch_size = 2\ncaption_extension = ".txt"\n'
-        f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{images / "5_kiln toy"}"\n  num_repeats = 1\n')
-    (tmp_path / "train.toml").write_text(f'dataset_config = "dataset.toml"\noutput_dir = "out"\n'
-                                         f'output_name = "{output_name}"\n{config}')
+    write_dataset_config(tmp_path / "dataset.toml", base / "input" / "kiln_demo" / "train" / "5_kiln toy")
+    (tmp_path / "train.toml").write_text(with_keys(config, dataset_config="dataset.toml", output_dir="out",
+                                                   output_name=output_name))
     pytest.importorskip("bitsandbytes")  # both examples use AdamW8bit
-    cmd = [kiln_env.python, str(REPO / "cli.py"), "--comfyui", str(kiln_env.comfyui), "--config",
-           str(tmp_path / "train.toml"), "--set", "6.sample_every=0", "--", "--cpu", "--base-directory", str(base)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd="/")
+    run = cli_config(kiln_env, base, tmp_path / "train.toml", "--set", "6.sample_every=0", timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     with safe_open(str(tmp_path / "out" / f"{output_name}.safetensors"), "pt") as f:
         return run, f.metadata(), list(f.keys())
@@ -169,26 +146,9 @@ def test_cli_runs_the_sdxl_example_config_of_kohyas_docs(kiln_env, base, tiny_sd
     """sd-scripts docs/sdxl_train_network.md's example command as a --config_file, on the SDXL fixture: every key
     as the docs write it, but 2 epochs instead of 10, 64² images, and network_train_unet_only, which kohya's
     sdxl_train_network.py itself requires together with cache_text_encoder_outputs."""
-    run, meta, keys = run_example_config(kiln_env, base, tmp_path, f'''
-pretrained_model_name_or_path = "{tiny_sdxl_path}"
-save_model_as = "safetensors"
-network_module = "networks.lora"
-network_dim = 32
-network_alpha = 16
-learning_rate = 1e-4
-unet_lr = 1e-4
-text_encoder_lr1 = 1e-5
-text_encoder_lr2 = 1e-5
-optimizer_type = "AdamW8bit"
-lr_scheduler = "constant"
-max_train_epochs = 2
-save_every_n_epochs = 1
-mixed_precision = "bf16"
-gradient_checkpointing = true
-cache_text_encoder_outputs = true
-cache_latents = true
-network_train_unet_only = true
-''', "my_sdxl_lora")
+    run, meta, keys = run_example_config(kiln_env, base, tmp_path, with_keys(
+        SDXL_EXAMPLE, pretrained_model_name_or_path=tiny_sdxl_path, max_train_epochs=2, network_train_unet_only=True),
+        "my_sdxl_lora")
     assert "a sdxl run of KilnTrainSDXL" in run.stdout and "epoch 2/2" in run.stdout
     assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_mixed_precision"]) == ("32", "16.0", "bf16")
     assert meta["ss_optimizer"].endswith("AdamW8bit") and meta["ss_lr_scheduler"] == "constant"
@@ -206,26 +166,10 @@ def test_cli_runs_the_sd3_example_config_of_kohyas_docs(kiln_env, base, tiny_sd3
     t5xxl (no T5-XXL fixture fits a test run, see tiny_models.build_sd3_split_files); added:
     network_train_unet_only, because text-encoder LoRA through the fixture's
     full-size CLIP-G costs about a minute a step on 2 CPU cores (measured: 62-73 s vs 1-2 s without)."""
-    run, meta, keys = run_example_config(kiln_env, base, tmp_path, f'''
-pretrained_model_name_or_path = "{tiny_sd3_split["model"]}"
-clip_l = "{tiny_sd3_split["clip_l"]}"
-clip_g = "{tiny_sd3_split["clip_g"]}"
-save_model_as = "safetensors"
-network_module = "networks.lora"
-network_dim = 16
-network_alpha = 1
-learning_rate = 1e-4
-optimizer_type = "AdamW8bit"
-lr_scheduler = "constant"
-sdpa = true
-max_train_epochs = 2
-save_every_n_epochs = 1
-mixed_precision = "fp16"
-gradient_checkpointing = true
-weighting_scheme = "uniform"
-blocks_to_swap = 2
-network_train_unet_only = true
-''', "my_sd3_lora")
+    run, meta, keys = run_example_config(kiln_env, base, tmp_path, with_keys(
+        SD3_EXAMPLE, pretrained_model_name_or_path=tiny_sd3_split["model"], clip_l=tiny_sd3_split["clip_l"],
+        clip_g=tiny_sd3_split["clip_g"], t5xxl=None, max_train_epochs=2, blocks_to_swap=2,
+        network_train_unet_only=True), "my_sd3_lora")
     assert "a sd3 run of KilnTrainSD3" in run.stdout and "epoch 2/2" in run.stdout
     assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_mixed_precision"]) == ("16", "1.0", "fp16")
     assert meta["ss_optimizer"].endswith("AdamW8bit") and meta["ss_weighting_scheme"] == "uniform"
@@ -239,18 +183,14 @@ network_train_unet_only = true
 
 def test_cli_lycoris_config_then_network_weights_with_dim_from_weights(kiln_env, base, tiny_sd1_path, tmp_path):
     pytest.importorskip("lycoris.functional")
-    images = base / "input" / "kiln_demo" / "train"
-    (tmp_path / "dataset.toml").write_text(f'[general]\nresolution = 64\nbatch_size = 2\ncaption_extension = ".txt"\n'
-                                           f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{images / "5_kiln toy"}"\n')
+    write_dataset_config(tmp_path / "dataset.toml", base / "input" / "kiln_demo" / "train" / "5_kiln toy")
 
     def run(name, network, extra=""):
         (tmp_path / f"{name}.toml").write_text(
             f'pretrained_model_name_or_path = "{tiny_sd1_path}"\ndataset_config = "dataset.toml"\noutput_dir = "out"\n'
             f'output_name = "{name}"\nmax_train_steps = 2\nlearning_rate = 2e-3\nnetwork_train_unet_only = true\n'
             f'network_module = "lycoris.kohya"\n{network}\n{extra}')
-        cmd = [kiln_env.python, str(REPO / "cli.py"), "--comfyui", str(kiln_env.comfyui), "--config",
-               str(tmp_path / f"{name}.toml"), "--set", "6.sample_steps=1", "--", "--cpu", "--base-directory", str(base)]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd="/")
+        return cli_config(kiln_env, base, tmp_path / f"{name}.toml", "--set", "6.sample_steps=1")
 
     first = run("lokr", 'network_dim = 4\nnetwork_alpha = 2\nnetwork_args = ["algo=lokr", "factor=4", "conv_dim=2"]')
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
@@ -284,15 +224,12 @@ def test_cli_kohya_config_long_captions_and_clip_skip(kiln_env, base, tiny_sd1_p
     n = len(tokenizer(caption)["input_ids"]) - 2
     assert 170 <= n <= 200, n
     data["images"][0].with_suffix(".txt").write_text(caption, encoding="utf-8")
-    (tmp_path / "dataset.toml").write_text(f'[general]\nresolution = 64\nbatch_size = 2\ncaption_extension = ".txt"\n'
-                                           f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{data["image_dir"]}"\n')
+    write_dataset_config(tmp_path / "dataset.toml", data["image_dir"])
     (tmp_path / "train.toml").write_text(
         f'pretrained_model_name_or_path = "{tiny_sd1_path}"\ndataset_config = "dataset.toml"\noutput_dir = "out"\n'
         f'output_name = "long"\nmax_train_steps = 1\nlearning_rate = 1e-3\nmax_token_length = 225\nclip_skip = 2\n'
         f'network_module = "networks.lora"\nnetwork_dim = 2\nnetwork_alpha = 2\n')
-    cmd = [kiln_env.python, str(REPO / "cli.py"), "--comfyui", str(kiln_env.comfyui), "--config",
-           str(tmp_path / "train.toml"), "--set", "6.sample_steps=1", "--", "--cpu", "--base-directory", str(base)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd="/")
+    run = cli_config(kiln_env, base, tmp_path / "train.toml", "--set", "6.sample_steps=1")
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert f"max_token_length 225: the longest caption has {n} tokens" in run.stdout
     assert "longer than max_token_length" not in run.stdout + run.stderr
@@ -308,9 +245,7 @@ def test_cli_kohya_sample_prompt_file_sets_size_and_seed_reproducibly(kiln_env, 
     gives the same pixels (seeded by --d, not by the run)."""
     import numpy as np
     from PIL import Image
-    images = base / "input" / "kiln_demo" / "train" / "5_kiln toy"
-    (tmp_path / "dataset.toml").write_text(f'[general]\nresolution = 64\nbatch_size = 2\ncaption_extension = ".txt"\n'
-                                           f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{images}"\n')
+    write_dataset_config(tmp_path / "dataset.toml", base / "input" / "kiln_demo" / "train" / "5_kiln toy")
     (tmp_path / "prompts.txt").write_text("# kohya prompt file\na kiln toy --n blurry, lowres --w 96 --h 64 --d 42 "
                                           "--s 2 --l 4\n", encoding="utf-8")
     (tmp_path / "train.toml").write_text(
@@ -318,11 +253,9 @@ def test_cli_kohya_sample_prompt_file_sets_size_and_seed_reproducibly(kiln_env, 
         f'output_name = "prompted"\nmax_train_steps = 1\nlearning_rate = 1e-3\nnetwork_train_unet_only = true\n'
         f'sample_prompts = "prompts.txt"\nsample_sampler = "euler_a"\nseed = 3\n'
         f'network_module = "networks.lora"\nnetwork_dim = 2\nnetwork_alpha = 2\n')
-    cmd = [kiln_env.python, str(REPO / "cli.py"), "--comfyui", str(kiln_env.comfyui), "--config",
-           str(tmp_path / "train.toml"), "--", "--cpu", "--base-directory", str(base)]
     pixels = []
     for run_no in (1, 2):
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd="/")
+        run = cli_config(kiln_env, base, tmp_path / "train.toml")
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
         saved = sorted((base / "output").glob("prompted_sample_*.png"))
         assert len(saved) == run_no, saved
@@ -341,9 +274,7 @@ def test_cli_names_what_it_cannot_read_a_ckpt_without_family_and_a_diffusers_fol
     for name, ckpt in (("ckpt", "model.ckpt"), ("diffusers", "sd15-diffusers")):
         (tmp_path / f"{name}.toml").write_text(f'pretrained_model_name_or_path = "{ckpt}"\ndataset_config = "d.toml"\n'
                                                f'network_module = "networks.lora"\n')
-        cmd = [kiln_env.python, str(REPO / "cli.py"), "--comfyui", str(kiln_env.comfyui), "--config",
-               str(tmp_path / f"{name}.toml"), "--", "--cpu", "--base-directory", str(base)]
-        out[name] = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd="/")
+        out[name] = cli_config(kiln_env, base, tmp_path / f"{name}.toml")
     assert out["ckpt"].returncode != 0 and "pass --family sd1, sdxl or sd3" in out["ckpt"].stderr
     assert "Traceback" not in out["ckpt"].stderr
     assert out["diffusers"].returncode != 0 and "is a Diffusers-format folder" in out["diffusers"].stderr

@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
 
 from fixtures.datasets import make_dataset
@@ -59,6 +60,7 @@ def test_example_workflow_writes_a_kohya_lora_of_its_family(comfy_server, traine
     assert path.is_file(), log[-3000:]
     with safe_open(str(path), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
+        assert all(torch.isfinite(f.get_tensor(k)).all() for k in keys)
     modules = {k.rsplit(".alpha", 1)[0] for k in keys if k.endswith(".alpha")}
     assert module in modules and all(m.startswith("lora_unet_") for m in modules)
     least, most = MODULE_KEYS[family]

@@ -10,13 +10,7 @@ import sys
 import pytest
 import torch
 
-DATASET = dict(caption_extension=".txt", class_tokens="", repeats=1, resolution=64, batch_size=2, enable_bucket=True,
-               min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32, bucket_no_upscale=False)
-
-
-def kiln_error(excinfo) -> str:
-    assert type(excinfo.value).__name__ == "KilnError", repr(excinfo.value)
-    return str(excinfo.value)
+from fixtures.kiln_nodes import DATASET, kiln_error
 
 
 @pytest.fixture(scope="module")

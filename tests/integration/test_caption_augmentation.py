@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from test_train_sd1 import DATASET, TRAIN as SD1_TRAIN
+from fixtures.kiln_nodes import DATASET
+from test_train_sd1 import TRAIN as SD1_TRAIN
 
 TRAIN = SD1_TRAIN | dict(steps=8, learning_rate=1e-3, precision="fp32", sample_every=0, sample_steps=1)
 

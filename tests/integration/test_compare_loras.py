@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from test_train_sd1 import DATASET, TRAIN
+from fixtures.kiln_nodes import DATASET
+from test_train_sd1 import TRAIN
 
 SAMPLE = dict(prompt="a kiln toy", negative="", seed=5, steps=3, cfg=5.0, sampler_name="euler", scheduler="normal",
               width=64, height=64)

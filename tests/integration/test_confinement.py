@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from fixtures.datasets import make_dataset
-from test_errors_and_cancel import DATASET, kiln_error
+from fixtures.kiln_nodes import DATASET, kiln_error
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,10 @@ import torch
 from PIL import Image
 
 from fixtures.datasets import make_dataset
+from fixtures.kiln_nodes import kiln_error
 
 BUCKETS = dict(resolution=64, batch_size=2, enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128,
                bucket_reso_steps=32, bucket_no_upscale=False)
-
-
-def kiln_error(excinfo) -> str:
-    assert type(excinfo.value).__name__ == "KilnError", repr(excinfo.value)
-    return str(excinfo.value)
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,12 @@ import pytest
 import torch
 
 from fixtures.datasets import make_empty_dataset, write_corrupt_image
+from fixtures.kiln_nodes import DATASET, kiln_error
 
-DATASET = dict(caption_extension=".txt", class_tokens="", repeats=1, resolution=64, batch_size=2, enable_bucket=True,
-               min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32, bucket_no_upscale=False)
 TRAIN = dict(learning_rate=1e-3, optimizer="AdamW", lr_scheduler="constant", warmup_steps=0, grad_accum=1,
              max_grad_norm=1.0, seed=0, precision="fp32", gradient_checkpointing=False, loss_type="l2",
              min_snr_gamma=0.0, mask_normalize=False, prior_loss_weight=1.0, sample_prompts="", sample_every=0,
              sample_steps=1, sample_cfg=1.0)
-
-
-def kiln_error(excinfo) -> str:
-    assert type(excinfo.value).__name__ == "KilnError", repr(excinfo.value)
-    return str(excinfo.value)
 
 
 def test_empty_and_missing_dataset_folders(comfy, tmp_path):

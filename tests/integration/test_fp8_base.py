@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from test_train_sd1 import DATASET
+from fixtures.kiln_nodes import DATASET, lora_config
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 ONE_SGD_STEP = dict(steps=1, learning_rate=1.0, optimizer="SGD", lr_scheduler="constant", warmup_steps=0,
@@ -37,11 +37,6 @@ def unets(comfy, sd1_checkpoint, tmp_path_factory):
 def cached(comfy, unets, dataset_dir):
     ds = comfy.run_node("KilnLoadDataset", folder=str(dataset_dir["train_dir"]), **DATASET)[0]
     return comfy.run_node("KilnCacheLatents", dataset=ds, vae=unets["vae"], batch_size=4)[0]
-
-
-def lora_config(comfy):
-    return comfy.run_node("KilnLoraConfig", rank=4, alpha=4.0, conv_rank=0, conv_alpha=1.0, dropout=0.0,
-                          rank_dropout=0.0, module_dropout=0.0)[0]
 
 
 def one_step(comfy, model, clip, cached) -> dict[str, torch.Tensor]:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from test_train_sd1 import TRAIN, load_and_cache
-from test_train_sd3 import SD3_OPTS, lora_config, sd3  # noqa: F401  (sd3: the module's loaded SD3 fixture)
+from fixtures.kiln_nodes import lora_config
+from test_train_sd3 import SD3_OPTS, sd3  # noqa: F401  (sd3: the module's loaded SD3 fixture)
 
 ONE_SGD_STEP = {k: v for k, v in TRAIN.items() if k not in ("min_snr_gamma", "gradient_checkpointing")} | dict(
     steps=1, learning_rate=1.0, optimizer="SGD", max_grad_norm=0.0, precision="fp32", sample_every=0, sample_steps=1)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_train_sd1 import DATASET
+from fixtures.kiln_nodes import DATASET
 
 REG = dict(prompt="a photo of a toy", negative="", count=2, width=64, height=64, steps=2, cfg=5.0,
            sampler_name="euler", scheduler="normal", seed=11, folder="kiln_reg_test", repeats=1)

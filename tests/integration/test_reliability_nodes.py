@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from test_errors_and_cancel import DATASET, TRAIN, kiln_error
+from fixtures.kiln_nodes import DATASET, kiln_error
+from test_errors_and_cancel import TRAIN
 
 LORA = dict(rank=2, alpha=2.0, conv_rank=0, conv_alpha=1.0, dropout=0.0, rank_dropout=0.0, module_dropout=0.0)
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fixtures.datasets import make_dataset
-from test_train_sd1 import DATASET, TRAIN
+from fixtures.kiln_nodes import DATASET
+from test_train_sd1 import TRAIN
 
 
 def tag_caption(tokenizer, target: int) -> tuple[str, list[int]]:

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from test_train_sd1 import DATASET, ksample
+from fixtures.kiln_nodes import DATASET
+from test_train_sd1 import ksample
 
 TRAIN = dict(steps=8, learning_rate=5e-4, optimizer="AdamW", lr_scheduler="constant", warmup_steps=0, grad_accum=1,
              max_grad_norm=1.0, seed=3, precision="fp32", gradient_checkpointing=False, loss_type="l2",

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from fixtures.kiln_nodes import DATASET
+
 TRAIN = dict(steps=30, learning_rate=2e-3, optimizer="AdamW", lr_scheduler="constant", warmup_steps=0, grad_accum=1,
              max_grad_norm=1.0, seed=1, precision="auto", gradient_checkpointing=False, loss_type="l2",
              min_snr_gamma=0.0, mask_normalize=False, prior_loss_weight=1.0, sample_prompts="a kiln toy",
              sample_every=10, sample_steps=4, sample_cfg=5.0)
-DATASET = dict(caption_extension=".txt", class_tokens="", repeats=1, resolution=64, batch_size=2, enable_bucket=True,
-               min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32, bucket_no_upscale=False)
 
 
 def load_and_cache(comfy, ckpt_name, dataset_dir, **dataset):

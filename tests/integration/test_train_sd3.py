@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from fixtures.kiln_nodes import comfy_model, lora_config
 from test_train_sd1 import TRAIN, load_and_cache
 
 SD3_OPTS = dict(weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, training_shift=1.0,
@@ -13,18 +14,9 @@ SD3_OPTS = dict(weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0, 
 SD3_TRAIN = {k: v for k, v in TRAIN.items() if k != "min_snr_gamma"} | dict(steps=25, learning_rate=3e-3)
 
 
-def lora_config(comfy, args="", rank=4):
-    return comfy.run_node("KilnLoraConfig", rank=rank, alpha=float(rank), conv_rank=0, conv_alpha=1.0, dropout=0.0,
-                          rank_dropout=0.0, module_dropout=0.0, network_args=args)[0]
-
-
 @pytest.fixture(scope="module")
 def sd3(comfy, sd3_checkpoint, dataset_dir):
     return load_and_cache(comfy, sd3_checkpoint, dataset_dir)
-
-
-def comfy_model(comfy):
-    return comfy.pack_module("nodes.comfy.model")
 
 
 def test_sd3_lora_trains_maps_and_restores_the_model(comfy, sd3):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fixtures.kiln_nodes import comfy_model, lora_config
 from test_train_sd1 import TRAIN, load_and_cache
 
 pytestmark = pytest.mark.slow
@@ -14,15 +15,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def sdxl(comfy, sdxl_checkpoint, dataset_dir):
     return load_and_cache(comfy, sdxl_checkpoint, dataset_dir)
-
-
-def comfy_model(comfy):
-    return comfy.pack_module("nodes.comfy.model")
-
-
-def lora_config(comfy):
-    return comfy.run_node("KilnLoraConfig", rank=4, alpha=4.0, conv_rank=0, conv_alpha=1.0, dropout=0.0,
-                          rank_dropout=0.0, module_dropout=0.0)[0]
 
 
 def test_sdxl_unet_lora_learns_and_maps(comfy, sdxl):

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from test_errors_and_cancel import DATASET, TRAIN, kiln_error
+from fixtures.kiln_nodes import DATASET, kiln_error
+from test_errors_and_cancel import TRAIN
 
 
 @pytest.fixture(scope="module")

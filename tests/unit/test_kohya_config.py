@@ -1,6 +1,7 @@
 """kohya's training --config_file mapped onto Kiln's graph (what the headless CLI runs)."""
 import pytest
 
+from fixtures.kohya import SD3_EXAMPLE, SDXL_EXAMPLE
 from trainer_core.errors import KilnError
 from trainer_core.kohya_config import graph_from_config
 
@@ -142,54 +143,6 @@ def test_optimizer_and_schedule_keys_fill_widgets_or_training_args():
     assert t["warmup_steps"] == 50
     with pytest.raises(KilnError, match="lr_scheduler 'rex' is not one of"):
         graph_from_config(BASE + 'lr_scheduler = "rex"\n', "t.toml", "sd1")
-
-
-# kohya's own examples (docs/sdxl_train_network.md, docs/sd3_train_network.md), as config files
-SDXL_EXAMPLE = '''
-pretrained_model_name_or_path = "sdxl.safetensors"
-dataset_config = "my_sdxl_dataset_config.toml"
-output_dir = "out"
-output_name = "my_sdxl_lora"
-save_model_as = "safetensors"
-network_module = "networks.lora"
-network_dim = 32
-network_alpha = 16
-learning_rate = 1e-4
-unet_lr = 1e-4
-text_encoder_lr1 = 1e-5
-text_encoder_lr2 = 1e-5
-optimizer_type = "AdamW8bit"
-lr_scheduler = "constant"
-max_train_epochs = 10
-save_every_n_epochs = 1
-mixed_precision = "bf16"
-gradient_checkpointing = true
-cache_text_encoder_outputs = true
-cache_latents = true
-'''
-SD3_EXAMPLE = '''
-pretrained_model_name_or_path = "sd3.safetensors"
-clip_l = "te/clip_l.safetensors"
-clip_g = "te/clip_g.safetensors"
-t5xxl = "te/t5xxl.safetensors"
-dataset_config = "my_sd3_dataset_config.toml"
-output_dir = "out"
-output_name = "my_sd3_lora"
-save_model_as = "safetensors"
-network_module = "networks.lora"
-network_dim = 16
-network_alpha = 1
-learning_rate = 1e-4
-optimizer_type = "AdamW8bit"
-lr_scheduler = "constant"
-sdpa = true
-max_train_epochs = 10
-save_every_n_epochs = 1
-mixed_precision = "fp16"
-gradient_checkpointing = true
-weighting_scheme = "uniform"
-blocks_to_swap = 32
-'''
 
 
 def test_kohyas_sdxl_example_config():

@@ -1,3 +1,5 @@
+import itertools
+
 import torch
 from torch import nn
 
@@ -35,12 +37,30 @@ def test_linear_and_conv_add_exactly_their_delta_weight():
 
 
 def test_rank_dropout_runs_for_3d_linear_and_conv():
-    for base, x in [(nn.Linear(8, 6), torch.randn(2, 5, 8)), (nn.Conv2d(4, 5, 1), torch.randn(2, 4, 3, 3))]:
+    """kohya's rank_dropout on a 3-D linear input (batch, tokens, features) and on a conv: each sample's update is
+    the LoRA path with one keep-mask over the ranks, shared by all its tokens / pixels, the kept ranks scaled by
+    1 / (1 - rank_dropout); samples draw their own masks."""
+    torch.manual_seed(0)
+    for base, x in [(nn.Linear(8, 6), torch.randn(4, 5, 8)), (nn.Conv2d(4, 5, 1), torch.randn(4, 4, 3, 3))]:
         lora = LoRAModule("n", base, rank=4, alpha=4, rank_dropout=0.5).train()
         nn.init.normal_(lora.lora_up.weight)
+        ref = base(x)
         lora.attach()
-        assert base(x).shape == (base(x)).shape
+        got = base(x)
         lora.detach()
+        assert got.shape == ref.shape
+        mask_shape = (1, 4, 1, 1) if isinstance(base, nn.Conv2d) else (1, 1, 4)
+        masks = []
+        with torch.no_grad():
+            for b in range(len(x)):
+                h = lora.lora_down(x[b:b + 1])
+                fits = [keep for keep in itertools.product((0.0, 1.0), repeat=4)
+                        if torch.allclose(got[b:b + 1] - ref[b:b + 1],
+                                          lora.lora_up(h * torch.tensor(keep).view(mask_shape)) * lora.scale / 0.5,
+                                          atol=1e-5)]
+                assert len(fits) == 1, (b, fits)
+                masks.append(fits[0])
+        assert any(0.0 in m for m in masks) and any(1.0 in m for m in masks) and len(set(masks)) > 1, masks
 
 
 class Toy(nn.Module):

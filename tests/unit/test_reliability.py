@@ -1,10 +1,9 @@
 """Reliability of what Kiln reads and writes (issue 17): file permissions, failed and interrupted writes, caption
-encodings, 16-bit images, black masks, and LoRAs of another rank."""
+encodings, 16-bit images, black masks, and LoRAs of another rank. The tests that mount a filesystem or start a
+process are tests/system/test_filesystems.py."""
 import errno
 import logging
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fixtures.datasets import make_dataset
-from trainer_core.atomic import check_writable, remove_stale_temps, write_atomically
+from trainer_core.atomic import write_atomically
 from trainer_core.cache import encode_dataset
 from trainer_core.data.buckets import BucketConfig
 from trainer_core.data.captions import read_caption
@@ -72,55 +71,6 @@ def test_a_failed_write_names_the_target_and_leaves_no_trace(tmp_path, exc):
     assert str(target) in msg and " free " in msg and "Free disk space." in msg
     assert target.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["lora.safetensors"]
-
-
-def _mount_tmpfs(path, size="256k"):
-    path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    return r.returncode == 0
-
-
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 256 KiB tmpfs (needs root: mount); skipped elsewhere, where the fault-injection test above covers it."""
-    mnt = tmp_path / "small"
-    if os.geteuid() != 0 or not _mount_tmpfs(mnt):
-        pytest.skip("cannot mount a size-limited filesystem here (not root)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def test_saving_onto_a_full_filesystem(small_fs):
-    target = small_fs / "lora.safetensors"
-    save_lora_file(str(target), TENSORS, {})
-    before = target.read_bytes()
-    big = {"w": torch.zeros(256, 1024)}  # 1 MiB: does not fit
-    with pytest.raises(KilnError) as e:
-        save_lora_file(str(target), big, {})
-    msg = str(e.value)
-    assert str(target) in msg and "free" in msg and "No space left" in msg, msg
-    assert target.read_bytes() == before and os.listdir(small_fs) == ["lora.safetensors"]
-    with pytest.raises(KilnError, match="need about"):
-        check_writable(str(small_fs), 1 << 20, "save_name", "Free disk space.")
-
-
-def test_saving_into_a_read_only_filesystem(small_fs):
-    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
-    with pytest.raises(KilnError) as e:
-        save_lora_file(str(small_fs / "lora.safetensors"), TENSORS, {})
-    assert str(small_fs / "lora.safetensors") in str(e.value) and "read-only" in str(e.value)
-    with pytest.raises(KilnError, match="read-only"):
-        check_writable(str(small_fs), 10, "save_name", "Choose another folder.")
-
-
-def test_temp_files_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".kiln-{dead.stdout.strip()}-abc.tmp"
-    stale.write_bytes(b"half a LoRA")
-    mine = tmp_path / f".kiln-{os.getpid()}-def.tmp"  # a live writer's: kept
-    mine.write_bytes(b"in progress")
-    assert remove_stale_temps(str(tmp_path)) == [stale.name]
-    assert not stale.exists() and mine.exists()
 
 
 # --- captions (item 4) ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""One process of the 2-process loop test (tests/unit/test_distributed.py), started by torchrun; also runs the
+"""One process of the 2-process loop test (tests/system/test_distributed_loop.py), started by torchrun; also runs the
 single-process reference when started plainly. Writes rank 0's LoRA, losses and last state to argv[1]."""
 import sys
 
