@@ -378,3 +378,15 @@ def server_sd3_split(comfy_server, tiny_sd3_split) -> str:
     for part in ("clip_l", "clip_g"):
         comfy_server.install(tiny_sd3_split[part], "text_encoders")
     return comfy_server.install(tiny_sd3_split["model"], "checkpoints")
+
+
+# --- lanes (tests/README.md) -----------------------------------------------------------------------------
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config, items):
+    """Tests that start a ComfyUI server (tests/e2e/, marker e2e) or drive a browser (tests/browser/, marker
+    browser) are slow by nature: they join the `slow` lane here instead of carrying the marker themselves."""
+    for item in items:
+        folder = item.path.parent.name
+        if folder in ("e2e", "browser") or item.get_closest_marker("e2e") or item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.slow)

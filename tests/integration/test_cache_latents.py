@@ -103,6 +103,7 @@ def test_progress_bar_and_eta_text(comfy, vae, dataset_dir, nodes_module, caplog
     assert f"Cache Latents: {n}/{n} images, ETA 0 s" in caplog.text
 
 
+@pytest.mark.slow
 def test_flip_aug_from_load_dataset_trains(comfy, loaded, dataset_dir, nodes_module, vae_images):
     model, clip, vae = loaded
     ds = load(comfy, dataset_dir["train_dir"], flip_aug=True)

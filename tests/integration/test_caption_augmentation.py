@@ -8,6 +8,8 @@ import pytest
 from fixtures.kiln_nodes import DATASET
 from test_train_sd1 import TRAIN as SD1_TRAIN
 
+pytestmark = pytest.mark.slow  # both train 8 steps through the text encoder
+
 TRAIN = SD1_TRAIN | dict(steps=8, learning_rate=1e-3, precision="fp32", sample_every=0, sample_steps=1)
 
 

@@ -26,6 +26,7 @@ def cell(grid: torch.Tensor, row: int, col: int, rows: int, cols: int) -> np.nda
     return (grid[0, top + row * 64: top + (row + 1) * 64, left + col * 64: left + (col + 1) * 64].numpy() * 255).round()
 
 
+@pytest.mark.slow
 def test_grid_of_steps_and_strengths_matches_stock_lora_loader(comfy, loaded, dataset_dir):
     model, clip, vae = loaded
     ds = comfy.run_node("KilnLoadDataset", folder=str(dataset_dir["train_dir"]), **DATASET)[0]

@@ -42,6 +42,7 @@ def test_save_lora_refuses_names_outside_models_loras(comfy, name):
     assert not any(comfy.loras_dir.parent.parent.rglob("escape*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text_encoder_lr", [0.0, 1e-4], ids=["unet", "unet+text_encoder"])
 def test_cancel_stops_within_one_step_and_restores_the_model(comfy, sd1_checkpoint, dataset_dir, text_encoder_lr):
     import importlib

@@ -57,6 +57,7 @@ def test_comfyui_holds_the_weights_in_fp8(unets):
     assert not fp8_weights(unets["twin"])
 
 
+@pytest.mark.slow
 def test_gradients_through_the_fp8_base_equal_those_through_its_values_in_float32(comfy, unets, cached):
     """The cast ops are differentiable w.r.t. the activations: the gradient through the fp8 layers is the gradient
     through the same values held in float32 (up to summation order)."""
@@ -68,6 +69,7 @@ def test_gradients_through_the_fp8_base_equal_those_through_its_values_in_float3
         assert float((through_fp8[k] - through_twin[k]).abs().max() / scale) < 1e-4, k
 
 
+@pytest.mark.slow
 def test_gradients_through_the_fp8_base_agree_with_the_float32_model(comfy, unets, cached):
     """Against the unquantised model the gradients differ by what fp8 rounding (3 mantissa bits) does to the
     forward pass: measured on this fixture: cosine 0.992, relative error 0.125 (asserted: > 0.98, < 0.2)."""
@@ -81,6 +83,7 @@ def test_gradients_through_the_fp8_base_agree_with_the_float32_model(comfy, unet
     assert cosine > 0.98 and relative < 0.2, (cosine, relative)
 
 
+@pytest.mark.slow
 def test_loss_falls_and_the_fp8_base_is_untouched(comfy, unets, cached):
     model = unets["fp8"]
     before = {n: (p, p.data_ptr(), p.detach().clone()) for n, p in fp8_weights(model).items()}

@@ -182,6 +182,7 @@ def test_cancel_restores_model_and_clip_and_keeps_the_intermediate_checkpoint(co
         assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in set(f.keys())
 
 
+@pytest.mark.slow
 def test_save_every_n_steps_then_resume_exactly(comfy, loaded, cached):
     """Intermediate checkpoints with the newest one's .kiln-state; resuming from it (text encoder and EMA included,
     across stop_text_encoder_training) ends bit-identical to the run that went on; an older one resumes from its weights

@@ -11,6 +11,8 @@ import torch
 
 from fixtures.kiln_nodes import DATASET
 
+pytestmark = pytest.mark.slow  # every test trains 8-30 steps of the SD1 fixture or shares the 30-step run
+
 TRAIN = dict(steps=30, learning_rate=2e-3, optimizer="AdamW", lr_scheduler="constant", warmup_steps=0, grad_accum=1,
              max_grad_norm=1.0, seed=1, precision="auto", gradient_checkpointing=False, loss_type="l2",
              min_snr_gamma=0.0, mask_normalize=False, prior_loss_weight=1.0, sample_prompts="a kiln toy",

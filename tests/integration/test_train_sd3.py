@@ -19,6 +19,7 @@ def sd3(comfy, sd3_checkpoint, dataset_dir):
     return load_and_cache(comfy, sd3_checkpoint, dataset_dir)
 
 
+@pytest.mark.slow
 def test_sd3_lora_trains_maps_and_restores_the_model(comfy, sd3):
     model, clip, cached = sd3
     mmdit = model.model.diffusion_model
@@ -45,6 +46,7 @@ def test_sd3_lora_trains_maps_and_restores_the_model(comfy, sd3):
     assert samples.shape == (1, 64, 64, 3) and model_out is not model
 
 
+@pytest.mark.slow
 def test_sd3_per_layer_ranks_embedders_and_block_selection(comfy, sd3):
     model, clip, cached = sd3
     args = "context_attn_dim=0 x_attn_dim=2 x_mlp_dim=3 x_mod_dim=1 emb_dims=[0,5,6,0,0,7] train_block_indices=1 verbose=True"

@@ -25,6 +25,7 @@ def run(tmp_path, name, procs, batch_size, steps):
     return torch.load(out, weights_only=False)
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_lora_one_process_trains_with_the_double_batch(tmp_path):
     one = run(tmp_path, "one", 1, 4, 5)
     two = run(tmp_path, "two", 2, 2, 5)
@@ -37,6 +38,7 @@ def test_two_processes_train_the_lora_one_process_trains_with_the_double_batch(t
     assert state["world_size"] == 2 and one["states"][4][0]["world_size"] == 1
 
 
+@pytest.mark.slow
 def test_a_resume_with_another_number_of_processes_says_so(tmp_path):
     from dist_loop_worker import run as run_here
     two = run(tmp_path, "two", 2, 2, 5)
