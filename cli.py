@@ -3,7 +3,7 @@
     python custom_nodes/comfyui-kiln/cli.py --workflow my_lora.json [--set 6.steps=2000 ...] [-- COMFYUI ARGS]
     python custom_nodes/comfyui-kiln/cli.py --config kohya_train.toml [--family auto|sd1|sdxl|sd3] [...]
 
-``--config`` takes kohya's training ``--config_file`` (trainer_core/kohya_config.py maps its keys onto Load
+``--config`` takes kohya's training ``--config_file`` (trainer_core/kohya/config.py maps its keys onto Load
 Dataset → Cache Latents → LoRA Config → Train → Save LoRA, or, for a train_db.py config (no network_module),
 onto Train DreamBooth → Save Checkpoint (Kiln); every input it does not set keeps the node's default); the
 family is read from the checkpoint's keys unless given.
@@ -97,7 +97,7 @@ def family_of(checkpoint: str) -> str:
 def read_kohya_config(path: str) -> dict:
     """The config's keys, read once (kohya_config.read_config) for the graph and ComfyUI's settings alike."""
     from trainer_core.errors import KilnError
-    from trainer_core.kohya_config import read_config
+    from trainer_core.kohya.config import read_config
     try:
         return read_config(open(path, encoding="utf-8").read(), path)
     except KilnError as e:
@@ -109,7 +109,7 @@ def prompt_from_kohya_config(path: str, flat: dict, config_dir: str, family: str
     config's folder here), the checkpoint's and output's folders registered with ComfyUI."""
     import folder_paths
     from trainer_core.errors import KilnError
-    from trainer_core.kohya_config import TE_FILES, graph_from_config, node_of
+    from trainer_core.kohya.config import TE_FILES, graph_from_config, node_of
 
     def resolve(p: str) -> str:
         return p if os.path.isabs(p) else os.path.join(config_dir, p)
@@ -130,7 +130,7 @@ def prompt_from_kohya_config(path: str, flat: dict, config_dir: str, family: str
         prompt, notes = graph_from_config(flat, path, fam)
         dataset_file = resolve(flat.get("dataset_config", ""))
         if os.path.isfile(dataset_file):
-            from trainer_core.kohya_config import check_dataset_masks
+            from trainer_core.kohya.config import check_dataset_masks
             check_dataset_masks(flat, open(dataset_file, encoding="utf-8").read(), path)
     except KilnError as e:
         sys.exit(f"kiln: {e}")
@@ -182,7 +182,7 @@ def apply_comfyui_settings(path: str, flat: dict) -> None:
     """What the kohya config asks of ComfyUI itself (e.g. fp8_base: load the diffusion model as fp8), set on its
     parsed arguments before any model loads."""
     from comfy.cli_args import args
-    from trainer_core.kohya_config import comfyui_settings
+    from trainer_core.kohya.config import comfyui_settings
 
     for name, value in comfyui_settings(flat).items():
         setattr(args, name, value)
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"kiln: {opts.workflow} is not an API-format workflow (export it with 'Export (API)').")
 
     comfyui = find_comfyui(opts.comfyui)
-    from trainer_core import distributed
+    from trainer_core.training import distributed
     if distributed.launched() and "--cpu" not in comfy_args:  # before ComfyUI's model management touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = distributed.visible_device()
     try:
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 def join_process_group(prompt: dict):
     """In a process torchrun / accelerate launch started: join the group on ComfyUI's device and return
     (rank, the Train node's id); (0, None) in a plain run."""
-    from trainer_core import distributed
+    from trainer_core.training import distributed
     if not distributed.launched():
         return 0, None
     trainers = [k for k, v in prompt.items() if v["class_type"] in distributed.TRAINERS]

@@ -3,7 +3,7 @@ LoHa, the bypass forward against the materialised delta weight; all measured in 
 
     $KILN_PYTHON bench/algorithms.py [--family sd1] [--rank 8] [--steps 6] [--warmup 2] [--threads 2] [--json out.json]
 
-Part 1 (whole step): trainer_core.loop.train on the test fixture's network shapes (fp32, 64², batch 1; the real
+Part 1 (whole step): trainer_core.training.loop.train on the test fixture's network shapes (fp32, 64², batch 1; the real
 shapes in bf16 on a CUDA GPU), every algorithm with kohya's LoRA targets at the same rank and alpha (LoKr at
 factor 8, so w2 stays low rank on the larger layers); seconds per optimizer step, the ratio to LoRA, trainable
 parameters. Part 2 (one layer, forward + backward): LoKr's bypass (w1·X·w2ᵀ, lycoris.functional.lokr) against

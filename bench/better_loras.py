@@ -3,7 +3,7 @@ same run.
 
     $KILN_PYTHON bench/better_loras.py [--family sd1] [--rank 8] [--steps 6] [--warmup 2] [--threads 2] [--json out.json]
 
-trainer_core.loop.train on the test fixture's network shapes (fp32, 64², batch 1; the real shapes in bf16 at
+trainer_core.training.loop.train on the test fixture's network shapes (fp32, 64², batch 1; the real shapes in bf16 at
 1024² on a CUDA GPU), kohya's LoRA targets: plain; ema_decay 0.999 with the average on the training device and
 in host memory; diff_output_preservation (every caption holds the trigger, so every sample adds one forward
 without adapters and one forward + backward with them).

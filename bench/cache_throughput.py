@@ -118,7 +118,7 @@ def main(argv=None) -> int:
                         repeats=1, resolution=res, batch_size=1, enable_bucket=False, min_bucket_reso=res,
                         max_bucket_reso=res, bucket_reso_steps=64, bucket_no_upscale=False)[0]
     nodes_mod = sys.modules[comfy.node_class("KilnCacheLatents").__module__]
-    cache_mod = sys.modules[nodes_mod.__name__.rsplit(".", 2)[0] + ".trainer_core.cache"]
+    cache_mod = sys.modules[nodes_mod.__name__.rsplit(".", 2)[0] + ".trainer_core.data.cache"]
 
     # the direct path's input: exactly the pixels Cache Latents feeds the VAE, batched the same way
     items = ds.dataset.items

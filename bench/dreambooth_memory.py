@@ -5,7 +5,7 @@ fused_backward_pass, against the same shapes run without training (forward only)
 
 Every row is a fresh process that builds the test fixture's SD1 UNet (fp32, random weights; 44M parameters,
 W = its weight bytes) and then does one thing: forward passes under no_grad (the floor: what sampling the same
-shapes costs), or trainer_core.loop.train over trainer_core.full.FullNetwork (every UNet weight trains, as the
+shapes costs), or trainer_core.training.loop.train over trainer_core.training.full.FullNetwork (every UNet weight trains, as the
 Train DreamBooth node runs it) for a few steps. The figure is the peak RSS above the process's RSS once the
 UNet is built, in MiB and in multiples of W: fp32 AdamW needs about W (trainable copy) + W (gradients) + 2W
 (moments); fused_backward_pass drops the gradients to one tensor at a time; SGD without momentum, Adafactor
@@ -61,11 +61,11 @@ def peak_rss_mib() -> float:
 def one_training_row(index: int, steps: int, res: int) -> dict:
     gpu = torch.cuda.is_available()
     setup_comfy(cpu=not gpu)
-    from trainer_core.cache import CachedSample, LatentCache
+    from trainer_core.data.cache import CachedSample, LatentCache
     from trainer_core.data.transforms import plan_geometry
     from trainer_core.families import sd1
-    from trainer_core.full import FullNetwork
-    from trainer_core.loop import TrainConfig, train
+    from trainer_core.training.full import FullNetwork
+    from trainer_core.training.loop import TrainConfig, train
 
     label, optimizer, args, fused = ROWS[index]
     device = torch.device("cuda" if gpu else "cpu")

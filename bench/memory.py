@@ -4,7 +4,7 @@ each against N = 0 in the same run.
     $KILN_PYTHON bench/memory.py [--families sdxl,sd3,sd35l] [--counts 0,8,16,all] [--steps 4] [--warmup 2]
                                  [--rank 16] [--checkpointing on|off] [--json out.json]
 
-trainer_core.loop.train on random-weight networks (bench/train_overhead.py builds them), block swap applied as the
+trainer_core.training.loop.train on random-weight networks (bench/train_overhead.py builds them), block swap applied as the
 Train nodes apply it, gradient checkpointing on unless told otherwise. On a CUDA GPU: real shapes (SDXL base
 UNet, SD3-medium and SD3.5-Large MMDiTs) in bf16 at 1024², batch 1; the peak is torch.cuda.max_memory_allocated
 from the end of the first step on (the steady state: the swapped blocks' device storage is freed when the swap

@@ -3,7 +3,7 @@
     $KILN_PYTHON bench/optimizers.py [--family sd1] [--steps 8] [--warmup 3] [--rank 32] [--clock wall|cpu]
                                      [--json out.json]
 
-Each row is trainer_core.loop.train's whole optimizer step (bench/train_overhead.kiln_step) with that optimizer
+Each row is trainer_core.training.loop.train's whole optimizer step (bench/train_overhead.kiln_step) with that optimizer
 (kohya name, defaults), plus AdamW with fused_backward_pass; on a GPU the real SDXL/SD3 shapes in bf16, on the
 CPU the test fixtures' shapes in fp32 at 64², where the ratio to AdamW, not the time, is the figure. The
 network is built once and every optimizer runs on it in turn, AdamW measured first and again last (the
@@ -36,7 +36,7 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     setup_comfy(cpu=not gpu)
     from trainer_core.errors import KilnError
-    from trainer_core.optim import OPTIMIZERS
+    from trainer_core.maths.optim import OPTIMIZERS
 
     b = prepare(args.family or ("sdxl" if gpu else "sd1"))
     clock = time.process_time if args.clock == "cpu" else time.perf_counter

@@ -5,7 +5,7 @@
 
 The floor a LoRA trainer is measured against is one forward and one backward pass through the frozen
 network (gradients flow to the input, no weight gradients): that is what any LoRA step must do. Kiln's step
-is trainer_core.loop.train as the Train nodes run it (cached latents and cached text-encoder outputs,
+is trainer_core.training.loop.train as the Train nodes run it (cached latents and cached text-encoder outputs,
 timestep sampling, loss, LoRA forward/backward, gradient clipping, AdamW, LR schedule), timed between
 optimizer steps after a warm-up. Both run on the same module, inputs and precision in the same process.
 
@@ -161,7 +161,7 @@ def sync(device) -> None:
 
 def raw_step(b: Setup, t, steps, warmup, checkpointing) -> float:
     """Seconds per forward + backward of the frozen network (gradient to the input only)."""
-    from trainer_core.checkpointing import gradient_checkpointing
+    from trainer_core.memory.checkpointing import gradient_checkpointing
 
     with gradient_checkpointing(b.blocks, checkpointing):
         for i in range(warmup + steps):
@@ -193,15 +193,15 @@ def step_bench_args(doc: str) -> argparse.Namespace:
 
 def kiln_step(b: Setup, rank, steps, warmup, checkpointing=False, clock=time.perf_counter, network_options=None,
               swap=0, **options):
-    """(seconds per optimizer step of trainer_core.loop.train, the LoRANetwork it trained); ``network_options``:
+    """(seconds per optimizer step of trainer_core.training.loop.train, the LoRANetwork it trained); ``network_options``:
     LoRANetwork arguments (e.g. algorithm), ``swap``: blocks_to_swap as the Train nodes apply it, ``options``:
     more TrainConfig fields (e.g. optimizer_type)."""
-    from trainer_core.block_swap import block_swap
-    from trainer_core.cache import CachedSample, LatentCache
+    from trainer_core.memory.block_swap import block_swap
+    from trainer_core.data.cache import CachedSample, LatentCache
     from trainer_core.data.transforms import plan_geometry
     from trainer_core.families import sd1, sd3
     from trainer_core.lora.network import LoRANetwork
-    from trainer_core.loop import TrainConfig, train
+    from trainer_core.training.loop import TrainConfig, train
 
     if b.family == "sd3":
         rules, name = sd3.SD3LayerRanks.from_args({}, rank, sd3.depth_of(b.net)).rules(rank), sd3.unet_namer

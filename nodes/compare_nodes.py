@@ -13,7 +13,7 @@ from comfy_api.latest import io, ui
 from safetensors import safe_open
 
 from ..trainer_core.errors import KilnError
-from ..trainer_core.grid import labelled_grid
+from ..trainer_core.report.grid import labelled_grid
 from ..trainer_core.lora.io import TrainedLora, load_lora_file
 from .comfy import model as cmodel
 from .comfy.preview import PreviewSpec, pil_to_image, sample_images, to_pil

@@ -15,7 +15,7 @@ from comfy_api.latest import io, ui
 
 import folder_paths
 
-from ..trainer_core.cache import encode_dataset, refuse_uncacheable
+from ..trainer_core.data.cache import encode_dataset, refuse_uncacheable
 from ..trainer_core.data.buckets import BucketConfig
 from ..trainer_core.data.captions import CaptionOptions
 from ..trainer_core.data.confine import allowed_roots, check_inside
@@ -23,10 +23,10 @@ from ..trainer_core.data.dataset import Subset, build_dataset, dataset_from_imag
 from ..trainer_core.data.fingerprint import folders_fingerprint, subset_folders
 from ..trainer_core.data.images import MemoryImage
 from ..trainer_core.data.masks import INPUT_MASKS, MASK_MODES
-from ..trainer_core.dataset_preview import preview_grid
+from ..trainer_core.report.dataset_preview import preview_grid
 from ..trainer_core.data.toml_config import load_dataset_toml
 from ..trainer_core.errors import KilnError
-from ..trainer_core.latent_store import DiskStore, MemoryStore
+from ..trainer_core.data.latent_store import DiskStore, MemoryStore
 from .comfy.progress import Progress
 from .comfy.vae import vae_encoder, vae_identity, vae_in_fp32
 from .options import check_options

@@ -1,6 +1,6 @@
 """Train DreamBooth (SD1/SD2) and Save Checkpoint: kohya's train_db.py as a node. The whole UNet (and, with a
 text-encoder learning rate, the text encoder) trains through the same run skeleton as the Train LoRA nodes
-(training_run.py); its Trainable here holds the weights while they train (trainer_core/full.py) and gives the input
+(training_run.py); its Trainable here holds the weights while they train (trainer_core/training/full.py) and gives the input
 MODEL/CLIP back exactly as they were."""
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 import torch
 from comfy_api.latest import io, ui
 
-from ..trainer_core import registry
-from ..trainer_core.atomic import check_writable
-from ..trainer_core.checkpoint_io import checkpoint_bytes, save_checkpoint_file
+from ..trainer_core.options import registry
+from ..trainer_core.files.atomic import check_writable
+from ..trainer_core.files.checkpoint_io import checkpoint_bytes, save_checkpoint_file
 from ..trainer_core.errors import KilnError
 from ..trainer_core.families import sd1
-from ..trainer_core.full import FullNetwork
-from ..trainer_core.resume import load_state, save_state, state_path
+from ..trainer_core.training.full import FullNetwork
+from ..trainer_core.files.resume import load_state, save_state, state_path
 from .comfy import model as cmodel
 from .comfy.text import TextConditioning, with_clip_skip
 from .lora_nodes import check_output_file, lora_output_path

@@ -12,7 +12,7 @@ from comfy_api.latest import io, ui
 
 import folder_paths
 
-from ..trainer_core.distributed import TRAINERS
+from ..trainer_core.training.distributed import TRAINERS
 from ..trainer_core.errors import KilnError
 from .dataset_nodes import resolve_cache_folder, resolve_folder
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from comfy_api.latest import io, ui
 
-from ..trainer_core import registry
+from ..trainer_core.options import registry
 from ..trainer_core.errors import KilnError
 from ..trainer_core.lora.blocks import NETWORK_ARGS as BLOCK_ARGS, BlockPlan, block_index, block_name, block_plan, \
     loraplus_ratios, total_blocks
@@ -16,7 +16,7 @@ from ..trainer_core.lora.io import TrainedLora, load_lora_file, save_lora_file
 from ..trainer_core.lora.network import LoRANetwork
 from ..trainer_core.lora.network_args import bool_arg, check_keys, parse_network_args
 from ..trainer_core.lora.text_encoders import te_namer, te_rules
-from ..trainer_core.resume import load_state, save_state
+from ..trainer_core.files.resume import load_state, save_state
 from .comfy import model as cmodel
 from .comfy.text import last_layer_reached
 from .training_run import FamilyPlan, Run, loss_image, run_metadata, run_summary

@@ -13,7 +13,7 @@ from comfy_api.latest import io, ui
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ..trainer_core.atomic import write_atomically
+from ..trainer_core.files.atomic import write_atomically
 from ..trainer_core.data.confine import check_inside
 from ..trainer_core.data.generated import caption_of, image_name, plan, read_manifest, write_manifest
 from ..trainer_core.errors import KilnError

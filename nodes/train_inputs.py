@@ -1,12 +1,12 @@
-"""The inputs and outputs every Train node declares, made from the option registry (trainer_core/registry.py):
+"""The inputs and outputs every Train node declares, made from the option registry (trainer_core/options/registry.py):
 each node's widgets are its registry layout, in the order saved workflows hold their values."""
 from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..trainer_core import registry
-from ..trainer_core.registry import Option
-from ..trainer_core.training_args import describe as describe_training_args
+from ..trainer_core.options import registry
+from ..trainer_core.options.registry import Option
+from ..trainer_core.options.training_args import describe as describe_training_args
 from .types import KilnDatasetType, KilnLoraConfigType, KilnLoraType
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..trainer_core import distributed, registry
+from ..trainer_core.training import distributed
+from ..trainer_core.options import registry
 from ..trainer_core.families import sd1, sd3, sdxl
-from ..trainer_core.loop import TrainConfig
+from ..trainer_core.training.loop import TrainConfig
 from ..trainer_core.lora.blocks import NETWORK_ARGS as BLOCK_ARGS
 from ..trainer_core.lora.config import LoraConfig
 from ..trainer_core.lora.network_args import parse_network_args
-from ..trainer_core.noise import NoiseOptions
+from ..trainer_core.maths.noise import NoiseOptions
 from .comfy import model as cmodel
 from .comfy.text import SD3TextConditioning, SDXLTextConditioning, TextConditioning, with_clip_skip
 from .lora_training import LORAPLUS_ARGS, VERBOSE, LoraTrainable, unet_blocks, unet_conv_rank

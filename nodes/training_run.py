@@ -19,25 +19,26 @@ from torch import nn
 
 import folder_paths
 
-from ..trainer_core import distributed, registry, validation
-from ..trainer_core.atomic import check_writable
-from ..trainer_core.block_swap import block_swap
-from ..trainer_core.cache import LatentCache
+from ..trainer_core.training import distributed, validation
+from ..trainer_core.options import registry
+from ..trainer_core.files.atomic import check_writable
+from ..trainer_core.memory.block_swap import block_swap
+from ..trainer_core.data.cache import LatentCache
 from ..trainer_core.data.captions import base_caption
 from ..trainer_core.data.confine import check_inside
-from ..trainer_core.epochs import epoch_save_to_remove, resolve_epochs, step_save_to_remove, steps_per_epoch
+from ..trainer_core.training.epochs import epoch_save_to_remove, resolve_epochs, step_save_to_remove, steps_per_epoch
 from ..trainer_core.errors import KilnError
-from ..trainer_core.kohya_metadata import training_metadata
-from ..trainer_core.latent_store import DiskStore
-from ..trainer_core.loop import StepInfo, TrainConfig, TrainResult, train
+from ..trainer_core.kohya.metadata import training_metadata
+from ..trainer_core.data.latent_store import DiskStore
+from ..trainer_core.training.loop import StepInfo, TrainConfig, TrainResult, train
 from ..trainer_core.lora.blocks import BlockPlan
-from ..trainer_core.plot import loss_plot
-from ..trainer_core.preservation import pairs_from
-from ..trainer_core.resume import SUFFIX, state_path
-from ..trainer_core.sample_prompts import SamplePrompt, comfy_sampler, is_prompt_file, load_prompt_file, \
+from ..trainer_core.report.plot import loss_plot
+from ..trainer_core.maths.preservation import pairs_from
+from ..trainer_core.files.resume import SUFFIX, state_path
+from ..trainer_core.kohya.sample_prompts import SamplePrompt, comfy_sampler, is_prompt_file, load_prompt_file, \
     parse_sample_prompts
-from ..trainer_core.tracking import TensorBoardLog, tensorboard_log
-from ..trainer_core.training_args import effective, parse_training_args
+from ..trainer_core.report.tracking import TensorBoardLog, tensorboard_log
+from ..trainer_core.options.training_args import effective, parse_training_args
 from .comfy import model as cmodel
 from .comfy.preview import PreviewSpec, known_sampler, pil_to_image, sample_images, to_pil
 from .comfy.progress import Progress

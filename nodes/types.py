@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 
 from comfy_api.latest import io
 
-from ..trainer_core.cache import LatentCache
+from ..trainer_core.data.cache import LatentCache
 from ..trainer_core.data.dataset import Dataset
 
 KilnDatasetType = io.Custom("KILN_DATASET")

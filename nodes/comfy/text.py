@@ -12,7 +12,7 @@ import torch
 
 from ...trainer_core.errors import KilnError
 from ...trainer_core.families import sd3, sdxl
-from ...trainer_core.token_windows import WINDOW, joined_positions, kohya_windows, windows_for
+from ...trainer_core.data.token_windows import WINDOW, joined_positions, kohya_windows, windows_for
 from . import compat
 from .model import TrainingTarget
 from .private import private_patcher
@@ -174,7 +174,7 @@ class TextConditioning:
         return out, length
 
     def tokens(self, text: str) -> dict:
-        """Training tokens: kohya's max_token_length windows (see trainer_core/token_windows.py)."""
+        """Training tokens: kohya's max_token_length windows (see trainer_core/data/token_windows.py)."""
         return self._windowed(text)[0]
 
     def token_count(self, text: str) -> int | None:

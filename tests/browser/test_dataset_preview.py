@@ -40,7 +40,7 @@ GRAPH = {
     "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 1]}},
 }
 TILE = 192 + 6  # a grid is columns * TILE + 6 pixels wide
-TEXT_H = 2 * 18 + 12  # two lines of 18 px text under each row (trainer_core/dataset_preview.py)
+TEXT_H = 2 * 18 + 12  # two lines of 18 px text under each row (trainer_core/report/dataset_preview.py)
 
 
 @pytest.fixture(scope="module")

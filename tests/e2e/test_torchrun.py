@@ -1,5 +1,5 @@
 """cli.py under torchrun: 2 processes (gloo, --cpu) with batch 2 each train the LoRA that 1 process trains with
-batch 4 on the tiny SD1 fixture (same samples, noise and timesteps: trainer_core/distributed.py), rank 0 alone
+batch 4 on the tiny SD1 fixture (same samples, noise and timesteps: trainer_core/training/distributed.py), rank 0 alone
 saves (rank 1 runs only what feeds the Train node), the latent cache is shared out through the disk cache, and the
 metadata records the world size and the total batch."""
 from __future__ import annotations

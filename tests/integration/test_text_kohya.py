@@ -26,7 +26,7 @@ def tag_caption(tokenizer, target: int) -> tuple[str, list[int]]:
 def sd1(comfy, sd1_checkpoint):
     model, clip, vae = comfy.run_node("CheckpointLoaderSimple", ckpt_name=sd1_checkpoint)
     return dict(model=model, clip=clip, vae=vae, text=comfy.pack_module("nodes.comfy.text"),
-                windows=comfy.pack_module("trainer_core.token_windows"))
+                windows=comfy.pack_module("trainer_core.data.token_windows"))
 
 
 def test_a_180_token_caption_reaches_the_encoder_whole_at_225(sd1):

@@ -252,7 +252,7 @@ def test_training_args_epochs_saves_noise_and_metadata(comfy, loaded, cached):
     assert [d["step"] for d in losses if d["saved"]] == [per_epoch, 2 * per_epoch]
     # the loss_plot IMAGE shows them as markers above the plot, in the save colour
     plot = (out[3][0].numpy() * 255).round().astype("uint8")
-    colours, top = comfy.pack_module("trainer_core.plot").COLOURS, comfy.pack_module("trainer_core.plot").PAD_TOP
+    colours, top = comfy.pack_module("trainer_core.report.plot").COLOURS, comfy.pack_module("trainer_core.report.plot").PAD_TOP
     assert ((plot[top - 5] == colours["save"]).all(-1)).sum() >= 2
     assert ((plot == colours["val"]).all(-1)).any() and ((plot == colours["lr"]).all(-1)).any()
     with pytest.raises(Exception) as err:

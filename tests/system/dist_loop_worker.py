@@ -5,14 +5,14 @@ import sys
 import torch
 from torch import nn
 
-from trainer_core import distributed
-from trainer_core.cache import CachedSample, LatentCache
+from trainer_core.training import distributed
+from trainer_core.data.cache import CachedSample, LatentCache
 from trainer_core.data.captions import CaptionOptions
 from trainer_core.data.transforms import Geometry
 from trainer_core.families.sd1 import SD1Objective
 from trainer_core.lora.network import LoRANetwork
 from trainer_core.lora.targets import TargetRule
-from trainer_core.loop import TrainConfig, train
+from trainer_core.training.loop import TrainConfig, train
 
 
 def data() -> LatentCache:

@@ -1,4 +1,4 @@
-"""The loop's data parallelism (trainer_core/distributed.py) in real processes: 2 processes (torchrun, gloo) with
+"""The loop's data parallelism (trainer_core/training/distributed.py) in real processes: 2 processes (torchrun, gloo) with
 batch 2 each training the same LoRA as 1 process with batch 4, with flips, caption augmentation, gradient
 accumulation, a last batch of 1 (one rank's share empty) and different seeded inits on the ranks (rank 0's is
 broadcast). The in-process parts (share, visible_device) are tests/unit/test_distributed.py."""

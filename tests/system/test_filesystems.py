@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from trainer_core.atomic import check_writable, remove_stale_temps
+from trainer_core.files.atomic import check_writable, remove_stale_temps
 from trainer_core.errors import KilnError
 from trainer_core.lora.io import save_lora_file
 

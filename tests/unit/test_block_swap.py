@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from trainer_core.block_swap import BlockSwap, block_swap
-from trainer_core.checkpointing import gradient_checkpointing
+from trainer_core.memory.block_swap import BlockSwap, block_swap
+from trainer_core.memory.checkpointing import gradient_checkpointing
 from trainer_core.errors import KilnError
 
 

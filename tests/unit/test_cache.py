@@ -1,4 +1,4 @@
-"""The latent cache (trainer_core/cache.py + latent_store.py): reuse from memory and disk, what
+"""The latent cache (trainer_core/data/cache.py + latent_store.py): reuse from memory and disk, what
 invalidates an entry, damaged files, flip_aug's mirrored latents, and the refusal of random_crop."""
 import logging
 import os
@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from fixtures.datasets import make_dataset
-from trainer_core.cache import encode_dataset, eta_text, load_pixels
+from trainer_core.data.cache import encode_dataset, eta_text, load_pixels
 from trainer_core.data.buckets import BucketConfig
 from trainer_core.data.dataset import build_dataset, subsets_from_folder
 from trainer_core.errors import KilnError
-from trainer_core.latent_store import DiskStore, Entry, MemoryStore
+from trainer_core.data.latent_store import DiskStore, Entry, MemoryStore
 
 BUCKETS = BucketConfig((64, 64), True, 32, 128, 32)
 

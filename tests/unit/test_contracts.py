@@ -1,4 +1,4 @@
-"""The loop's contracts (trainer_core/contracts.py): every network and objective it is given has each member it
+"""The loop's contracts (trainer_core/training/contracts.py): every network and objective it is given has each member it
 uses, LoRA adapters say they can be switched off and full weights that they cannot, and SD3 refuses min-SNR in
 words instead of failing on a missing method."""
 import inspect
@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from trainer_core.contracts import Objective, SwitchableNetwork, TrainableNetwork
+from trainer_core.training.contracts import Objective, SwitchableNetwork, TrainableNetwork
 from trainer_core.errors import KilnError
 from trainer_core.families.sd1 import SD1Objective
 from trainer_core.families.sd3 import SD3Objective
-from trainer_core.full import FullNetwork
+from trainer_core.training.full import FullNetwork
 from trainer_core.lora.network import LoRANetwork
 from trainer_core.lora.targets import TargetRule
 

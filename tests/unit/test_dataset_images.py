@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from trainer_core.cache import encode_dataset
+from trainer_core.data.cache import encode_dataset
 from trainer_core.data.buckets import BucketConfig
 from trainer_core.data.dataset import Subset, build_dataset, dataset_from_images, subsets_from_folder
 from trainer_core.data.images import MemoryImage
 from trainer_core.data.masks import INPUT_MASKS
-from trainer_core.dataset_preview import CELL, KEEP, TEXT_H, TINT, overlay, preview_grid, training_view
+from trainer_core.report.dataset_preview import CELL, KEEP, TEXT_H, TINT, overlay, preview_grid, training_view
 from trainer_core.errors import KilnError
-from trainer_core.latent_store import MemoryStore
+from trainer_core.data.latent_store import MemoryStore
 
 BUCKETS = BucketConfig((64, 64), True, 32, 128, 32)
 NO_BUCKETS = BucketConfig((64, 64), False, 32, 128, 32)

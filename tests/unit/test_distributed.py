@@ -1,8 +1,8 @@
-"""trainer_core/distributed.py: how a global batch is shared and which GPU a rank binds (the 2-process loop test
+"""trainer_core/training/distributed.py: how a global batch is shared and which GPU a rank binds (the 2-process loop test
 that launches torchrun is tests/system/test_distributed_loop.py)."""
 import pytest
 
-from trainer_core.distributed import share, visible_device
+from trainer_core.training.distributed import share, visible_device
 
 
 def test_share_splits_a_global_batch_contiguously():

@@ -1,10 +1,10 @@
-"""EMA of the trained weights (trainer_core/ema.py and its use in loop.train): the published update rule
+"""EMA of the trained weights (trainer_core/maths/ema.py and its use in loop.train): the published update rule
 computed by hand, warm-up, update interval, swapping in and out bit-identically, and a training run whose result,
 saves and resume follow it."""
 import pytest
 import torch
 
-from trainer_core.ema import EMA
+from trainer_core.maths.ema import EMA
 from test_loop_resume import run
 
 
@@ -74,7 +74,7 @@ def test_a_run_with_ema_saves_the_average_and_resumes_bit_identically(algorithm)
 
 def test_the_average_is_what_the_loop_returns():
     """Record the trained weights at every update and average them by the published rule, by hand."""
-    import trainer_core.loop as loop
+    import trainer_core.training.loop as loop
     made, original = [], loop.EMA
 
     class Recording(original):

@@ -3,9 +3,9 @@ import random
 
 import torch
 
-from trainer_core.cache import CachedSample, LatentCache
+from trainer_core.data.cache import CachedSample, LatentCache
 from trainer_core.data.transforms import plan_geometry
-from trainer_core.loop import epoch_batches
+from trainer_core.training.loop import epoch_batches
 
 
 def sample(i, shape, repeats=1, block=0, batch_size=0):

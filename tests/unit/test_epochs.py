@@ -3,14 +3,14 @@ loop's epoch boundaries (an optimizer step never spans two epochs)."""
 import torch
 from torch import nn
 
-from trainer_core.cache import CachedSample, LatentCache
+from trainer_core.data.cache import CachedSample, LatentCache
 from trainer_core.data.transforms import plan_geometry
-from trainer_core.epochs import (batches_per_epoch, epoch_save_to_remove, resolve_epochs, step_save_to_remove,
+from trainer_core.training.epochs import (batches_per_epoch, epoch_save_to_remove, resolve_epochs, step_save_to_remove,
                                  steps_per_epoch)
 from trainer_core.families.sd1 import SD1Objective
 from trainer_core.lora.network import LoRANetwork
 from trainer_core.lora.targets import TargetRule
-from trainer_core.loop import TrainConfig, train
+from trainer_core.training.loop import TrainConfig, train
 
 
 def sample(i, shape=(4, 4, 4), repeats=1, is_reg=False):

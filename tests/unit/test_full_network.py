@@ -1,15 +1,15 @@
-"""Full fine-tuning (trainer_core.full) through the one training loop: the host modules get their own tensors back
+"""Full fine-tuning (trainer_core.training.full) through the one training loop: the host modules get their own tensors back
 untouched, kohya's stop_text_encoder_training stops the text encoder after exactly N steps, and
 fused_backward_pass trains the same full weights as the plain loop (SGD, AdamW)."""
 import pytest
 import torch
 from torch import nn
 
-from trainer_core.cache import CachedSample, LatentCache
+from trainer_core.data.cache import CachedSample, LatentCache
 from trainer_core.data.transforms import plan_geometry
 from trainer_core.families.sd1 import SD1Objective
-from trainer_core.full import FullNetwork
-from trainer_core.loop import TrainConfig, train
+from trainer_core.training.full import FullNetwork
+from trainer_core.training.loop import TrainConfig, train
 
 
 def cache(n=4):
@@ -116,7 +116,7 @@ def test_sgd_one_step_moves_every_weight_by_minus_lr_times_its_gradient():
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     import random
-    from trainer_core.epochs import epoch_batches
+    from trainer_core.training.epochs import epoch_batches
     batch = epoch_batches(cache(), 4, random.Random(cfg.seed))[0]
     x0 = torch.stack([cache().samples[i].latent for i in batch])
     nb = objective.sample(x0, gen)

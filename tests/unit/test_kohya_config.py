@@ -3,7 +3,7 @@ import pytest
 
 from fixtures.kohya import SD3_EXAMPLE, SDXL_EXAMPLE
 from trainer_core.errors import KilnError
-from trainer_core.kohya_config import graph_from_config
+from trainer_core.kohya.config import graph_from_config
 
 BASE = '''
 [model_arguments]
@@ -224,7 +224,7 @@ def test_network_alpha_zero_trains_at_scale_one():
 
 
 def test_alpha_mask_and_masked_loss_keys():
-    from trainer_core.kohya_config import check_dataset_masks
+    from trainer_core.kohya.config import check_dataset_masks
     p, _ = graph_from_config(BASE + "alpha_mask = true\n", "t.toml", "sd1")
     assert p["9"]["class_type"] == "KilnMaskSource" and p["9"]["inputs"]["mode"] == "alpha"
     assert p["4"]["inputs"]["dataset"] == ["9", 0] and p["9"]["inputs"]["dataset"] == ["2", 0]
@@ -274,7 +274,7 @@ def test_unset_keys_train_with_kohyas_defaults_not_the_nodes():
 
 def test_docs_list_every_config_key_the_cli_knows():
     from pathlib import Path
-    from trainer_core import kohya_config as k
+    from trainer_core.kohya import config as k
     doc = (Path(__file__).resolve().parents[2] / "docs" / "kohya.md").read_text(encoding="utf-8")
     section = doc.split("## Every kohya config key")[1].split("\n## ")[0]
     keys = set(k.TRAIN_KEYS) | set(k.SD3_KEYS) | k.HANDLED | set(k.NO_EFFECT) | set(k.REFUSED)

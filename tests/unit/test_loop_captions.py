@@ -2,13 +2,13 @@
 import torch
 from torch import nn
 
-from trainer_core.cache import CachedSample, LatentCache
+from trainer_core.data.cache import CachedSample, LatentCache
 from trainer_core.data.captions import CaptionOptions
 from trainer_core.data.transforms import Geometry
 from trainer_core.families.sd1 import SD1Objective
 from trainer_core.lora.network import LoRANetwork
 from trainer_core.lora.targets import TargetRule
-from trainer_core.loop import TrainConfig, train
+from trainer_core.training.loop import TrainConfig, train
 
 CAPTIONS = ["sks, red, ball, grass", "sks, blue, cube, sand", "sks, green, cone, snow"]
 

@@ -1,14 +1,14 @@
-"""flip_aug at train time (trainer_core/loop.py): each drawn sample uses its mirrored latent with
+"""flip_aug at train time (trainer_core/training/loop.py): each drawn sample uses its mirrored latent with
 probability 0.5, reproducibly under the training seed; the probe batch is never mirrored."""
 import torch
 from torch import nn
 
-from trainer_core.cache import CachedSample, LatentCache
+from trainer_core.data.cache import CachedSample, LatentCache
 from trainer_core.data.transforms import Geometry
 from trainer_core.families.sd1 import SD1Objective
 from trainer_core.lora.network import LoRANetwork
 from trainer_core.lora.targets import TargetRule
-from trainer_core.loop import TrainConfig, train
+from trainer_core.training.loop import TrainConfig, train
 
 
 def cache(flippable: bool) -> LatentCache:

@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from trainer_core.cache import CachedSample, LatentCache
+from trainer_core.data.cache import CachedSample, LatentCache
 from trainer_core.data.transforms import plan_geometry
 from trainer_core.errors import KilnError
 from trainer_core.families.sd1 import SD1Objective
 from trainer_core.lora.network import LoRANetwork
 from trainer_core.lora.targets import TargetRule
-from trainer_core.loop import TrainConfig, train
+from trainer_core.training.loop import TrainConfig, train
 
 SGD = dict(optimizer="SGD", optimizer_args={"momentum": 0.0, "weight_decay": 0.0}, learning_rate=1.0,
            max_grad_norm=0.0)  # one step of plain SGD at lr 1 moves every weight by −gradient

@@ -1,4 +1,4 @@
-"""Save every N steps and resume (trainer_core/loop.py): a run resumed from the state and adapters saved at
+"""Save every N steps and resume (trainer_core/training/loop.py): a run resumed from the state and adapters saved at
 step k ends bit-identical to the uninterrupted run, with flips, caption augmentation, LoRA dropout and more
 batches than one epoch in play; the state survives torch.save / torch.load(weights_only=True)."""
 import io
@@ -7,15 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from trainer_core.cache import CachedSample, LatentCache
+from trainer_core.data.cache import CachedSample, LatentCache
 from trainer_core.data.captions import CaptionOptions
 from trainer_core.data.transforms import Geometry
 from trainer_core.errors import KilnError
 from trainer_core.families.sd1 import SD1Objective
 from trainer_core.lora.network import LoRANetwork
-from trainer_core.noise import NoiseOptions
+from trainer_core.maths.noise import NoiseOptions
 from trainer_core.lora.targets import TargetRule
-from trainer_core.loop import TrainConfig, train
+from trainer_core.training.loop import TrainConfig, train
 
 CFG = dict(steps=9, batch_size=2, seed=5, learning_rate=1e-2, lr_scheduler="cosine", warmup_steps=2)
 

@@ -4,7 +4,7 @@ from PIL import Image
 
 from trainer_core.data.masks import load_mask
 from trainer_core.errors import KilnError
-from trainer_core.losses import elementwise, per_sample_loss
+from trainer_core.maths.losses import elementwise, per_sample_loss
 
 
 def test_alpha_and_folder_masks(tmp_path):
@@ -66,7 +66,7 @@ def test_normalize_by_area_makes_small_subjects_weigh_the_same():
 
 
 def test_latent_mask_area_average_and_dilation():
-    from trainer_core.cache import latent_mask
+    from trainer_core.data.cache import latent_mask
     m = torch.zeros(1, 64, 64)
     m[:, 32:40, 32:40] = 1.0          # exactly one latent pixel at (4, 4)
     m[:, 0:4, 0:8] = 1.0              # half of latent pixel (0, 0)

@@ -7,11 +7,11 @@ from torch import nn
 
 from test_loop_options import run
 from trainer_core.errors import KilnError
-from trainer_core.full import FullNetwork
+from trainer_core.training.full import FullNetwork
 from trainer_core.lora import max_norm
 from trainer_core.lora.network import LoRANetwork
 from trainer_core.lora.targets import TargetRule
-from trainer_core.loop import TrainConfig
+from trainer_core.training.loop import TrainConfig
 
 FAST = dict(steps=3, batch_size=2, learning_rate=0.5, optimizer="SGD", max_grad_norm=0.0)
 

@@ -6,8 +6,8 @@ import torch
 
 from trainer_core.families.sd1 import SD1Objective, zero_terminal_snr
 from trainer_core.families.sd3 import SD3Objective
-from trainer_core.losses import elementwise, huber_threshold, snr_loss_weight
-from trainer_core.noise import NoiseOptions, offset_noise, pyramid_noise
+from trainer_core.maths.losses import elementwise, huber_threshold, snr_loss_weight
+from trainer_core.maths.noise import NoiseOptions, offset_noise, pyramid_noise
 
 
 def test_pseudo_huber_and_kohyas_smooth_l1():

@@ -1,18 +1,18 @@
-"""Out of memory during training (trainer_core/oom.py): torch's own OutOfMemoryError raised inside a step stops
+"""Out of memory during training (trainer_core/memory/oom.py): torch's own OutOfMemoryError raised inside a step stops
 the run with a KilnError that says where, with the figures and the settings that apply; the adapters come off the
 host network and the intermediate save made before it is kept."""
 import pytest
 import torch
 from torch import nn
 
-from trainer_core.cache import CachedSample, LatentCache
+from trainer_core.data.cache import CachedSample, LatentCache
 from trainer_core.data.transforms import Geometry
 from trainer_core.errors import KilnError
 from trainer_core.families.sd1 import SD1Objective
-from trainer_core.loop import TrainConfig, train
+from trainer_core.training.loop import TrainConfig, train
 from trainer_core.lora.network import LoRANetwork
 from trainer_core.lora.targets import TargetRule
-from trainer_core.oom import advice
+from trainer_core.memory.oom import advice
 
 
 def test_an_oom_in_a_step_becomes_advice_and_leaves_the_host_and_the_last_save():

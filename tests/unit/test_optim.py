@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from trainer_core.errors import KilnError
-from trainer_core.optim import (OPTIMIZERS, Schedule, build_optimizer, build_scheduler, kohya_optimizer_name,
+from trainer_core.maths.optim import (OPTIMIZERS, Schedule, build_optimizer, build_scheduler, kohya_optimizer_name,
                                 steps_of)
 
 

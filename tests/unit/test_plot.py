@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer_core.plot import (COLOURS, PAD_BOTTOM, PAD_LEFT, PAD_RIGHT, PAD_TOP, frame_for, loss_plot,
+from trainer_core.report.plot import (COLOURS, PAD_BOTTOM, PAD_LEFT, PAD_RIGHT, PAD_TOP, frame_for, loss_plot,
                                moving_average, nice_ticks, smoothing_window)
 
 W, H = 640, 320

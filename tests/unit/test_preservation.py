@@ -1,19 +1,19 @@
-"""Differential output preservation (trainer_core/preservation.py and loop.train): trigger → class pairs from
+"""Differential output preservation (trainer_core/maths/preservation.py and loop.train): trigger → class pairs from
 the dataset the kohya way or given, whole-word replacement, and a training run in which a large multiplier keeps
 the class prompt's prediction measurably closer to the base network's than training without it."""
 import pytest
 import torch
 from torch import nn
 
-from trainer_core.cache import CachedSample, LatentCache
+from trainer_core.data.cache import CachedSample, LatentCache
 from trainer_core.data.dataset import Subset
 from trainer_core.data.transforms import Geometry
 from trainer_core.errors import KilnError
 from trainer_core.families.sd1 import SD1Objective
-from trainer_core.loop import TrainConfig, train
+from trainer_core.training.loop import TrainConfig, train
 from trainer_core.lora.network import LoRANetwork
 from trainer_core.lora.targets import TargetRule
-from trainer_core.preservation import pairs_from, preservation_caption
+from trainer_core.maths.preservation import pairs_from, preservation_caption
 
 
 def test_pairs_come_from_folder_and_class_tokens_or_are_given():

@@ -4,9 +4,11 @@ import dataclasses
 
 import pytest
 
-from trainer_core import kohya_config, registry
-from trainer_core.loop import PRECISIONS, RESUMABLE_SETTINGS, TrainConfig
-from trainer_core.training_args import KEYS, describe, parse_training_args
+from trainer_core.kohya import config as kohya_config
+
+from trainer_core.options import registry
+from trainer_core.training.loop import PRECISIONS, RESUMABLE_SETTINGS, TrainConfig
+from trainer_core.options.training_args import KEYS, describe, parse_training_args
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 

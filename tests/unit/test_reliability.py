@@ -13,18 +13,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fixtures.datasets import make_dataset
-from trainer_core.atomic import write_atomically
-from trainer_core.cache import encode_dataset
+from trainer_core.files.atomic import write_atomically
+from trainer_core.data.cache import encode_dataset
 from trainer_core.data.buckets import BucketConfig
 from trainer_core.data.captions import read_caption
 from trainer_core.data.dataset import build_dataset, subsets_from_folder
 from trainer_core.data.images import open_image
 from trainer_core.errors import KilnError
-from trainer_core.latent_store import DiskStore
+from trainer_core.data.latent_store import DiskStore
 from trainer_core.lora.io import save_lora_file
 from trainer_core.lora.network import LoRANetwork
 from trainer_core.lora.targets import TargetRule
-from trainer_core.losses import per_sample_loss
+from trainer_core.maths.losses import per_sample_loss
 
 TENSORS = {"a.lora_down.weight": torch.ones(2, 8), "a.lora_up.weight": torch.zeros(8, 2), "a.alpha": torch.tensor(2.0)}
 

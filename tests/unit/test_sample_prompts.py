@@ -5,8 +5,8 @@ import json
 import pytest
 
 from trainer_core.errors import KilnError
-from trainer_core.kohya_config import graph_from_config
-from trainer_core.sample_prompts import (SamplePrompt, comfy_sampler, is_prompt_file, load_prompt_file, parse_line,
+from trainer_core.kohya.config import graph_from_config
+from trainer_core.kohya.sample_prompts import (SamplePrompt, comfy_sampler, is_prompt_file, load_prompt_file, parse_line,
                                          parse_sample_prompts)
 
 

@@ -3,7 +3,7 @@ values written out by hand from kohya's rules."""
 import pytest
 import torch
 
-from trainer_core.token_windows import caption_tokens, joined_positions, kohya_windows, windows_for
+from trainer_core.data.token_windows import caption_tokens, joined_positions, kohya_windows, windows_for
 
 S, E = 49406, 49407      # CLIP's BOS / EOS
 PAD_V2 = 0               # OpenCLIP (SD2's CLIP-H, SDXL's CLIP-G) pads with "!" (id 0); CLIP-L pads with EOS

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from trainer_core.errors import KilnError
-from trainer_core.loop import StepInfo
-from trainer_core.tracking import TensorBoardLog
+from trainer_core.training.loop import StepInfo
+from trainer_core.report.tracking import TensorBoardLog
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 

@@ -4,8 +4,8 @@ import dataclasses
 import pytest
 
 from trainer_core.errors import KilnError
-from trainer_core.loop import TrainConfig
-from trainer_core.training_args import KEYS, kwargs_value, parse_training_args, split_pairs
+from trainer_core.training.loop import TrainConfig
+from trainer_core.options.training_args import KEYS, kwargs_value, parse_training_args, split_pairs
 
 
 def test_values_are_typed_and_only_given_keys_returned():

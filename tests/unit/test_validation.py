@@ -7,15 +7,15 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from trainer_core.cache import CachedSample, LatentCache
+from trainer_core.data.cache import CachedSample, LatentCache
 from trainer_core.data.buckets import BucketConfig
 from trainer_core.data.dataset import Dataset, ImageItem, Subset
 from trainer_core.data.transforms import plan_geometry
 from trainer_core.families.sd1 import SD1Objective
 from trainer_core.lora.network import LoRANetwork
 from trainer_core.lora.targets import TargetRule
-from trainer_core.loop import TrainConfig, train
-from trainer_core.validation import split, timesteps
+from trainer_core.training.loop import TrainConfig, train
+from trainer_core.training.validation import split, timesteps
 
 
 def sample(path, is_reg=False, repeats=1):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..atomic import write_atomically
+from ..files.atomic import write_atomically
 
 MANIFEST = "kiln_generated.json"
 

@@ -11,8 +11,8 @@ from torch import nn
 
 from ..lora.kohya_names import CompvisToDiffusers, kohya_name
 from ..lora.targets import TargetRule
-from ..losses import huber_threshold, snr_loss_weight
-from ..noise import NoiseOptions, input_noise, shaped_noise
+from ..maths.losses import huber_threshold, snr_loss_weight
+from ..maths.noise import NoiseOptions, input_noise, shaped_noise
 from .common import NoisyBatch
 
 UNET_PREFIX = "lora_unet"

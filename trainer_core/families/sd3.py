@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import KilnError
 from ..lora.network_args import block_selection, bool_arg, int_arg, int_list_arg
 from ..lora.targets import TargetRule
-from ..losses import huber_threshold
+from ..maths.losses import huber_threshold
 from .common import NoisyBatch
 
 UNET_PREFIX = "lora_unet"

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import save, save_file
 
-from ..atomic import write_atomically
+from ..files.atomic import write_atomically
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -6,7 +6,7 @@ Train node states which keys it understands, and anything else is an error that 
 from __future__ import annotations
 
 from ..errors import KilnError
-from ..key_values import split_pairs
+from ..options.key_values import split_pairs
 
 
 def parse_network_args(text: str) -> dict[str, str]:

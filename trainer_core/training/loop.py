@@ -18,16 +18,16 @@ import torch
 
 from . import distributed, validation
 from .batch_loss import StepInputs
-from .cache import LatentCache
-from .checkpointing import gradient_checkpointing
+from ..data.cache import LatentCache
+from ..memory.checkpointing import gradient_checkpointing
 from .contracts import Objective, TrainableNetwork
-from .ema import EMA
+from ..maths.ema import EMA
 from .epochs import BatchStream, epoch_batches, resolve_epochs, steps_per_epoch
-from .errors import KilnError
+from ..errors import KilnError
 from .eval_loss import optimizer_mode, probe_batch, probe_loss, validation_loss
-from .lora import max_norm
-from .oom import oom_guard
-from .optim import FusedBackward, Schedule, build_optimizer, build_scheduler, check_fused
+from ..lora import max_norm
+from ..memory.oom import oom_guard
+from ..maths.optim import FusedBackward, Schedule, build_optimizer, build_scheduler, check_fused
 from .run_state import RESUMABLE_SETTINGS, RunState, TrainResult, changed_settings, run_settings
 from .step import ChangeGuard, accumulate, freeze_text_encoders, lrs_by_group, optimizer_step
 
@@ -57,7 +57,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     group_lrs: dict = field(default_factory=dict)  # adapter group ("te1", ...) -> its own learning rate
     save_every: int = 0                            # hand a resumable state to on_save every N steps (0: never)
-    # kohya's training_args (trainer_core/training_args.py), same names and meaning
+    # kohya's training_args (trainer_core/options/training_args.py), same names and meaning
     max_train_epochs: int | None = None            # sets steps (epochs.steps_per_epoch)
     save_every_n_epochs: int | None = None         # on_save(..., epoch=N) at the end of every Nth epoch
     save_last_n_epochs: int | None = None          # read by the host that writes the files (epochs.py rules)

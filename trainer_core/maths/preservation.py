@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 
-from .errors import KilnError
+from ..errors import KilnError
 
 FOLDER = re.compile(r"^\d+_(.+)$")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .batch_loss import StepInputs, batch_loss
-from .cache import LatentCache
+from ..data.cache import LatentCache
 
 
 def optimizer_mode(optimizers: list, train: bool) -> None:

@@ -24,9 +24,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .data.transforms import Geometry
-from .atomic import write_atomically
-from .errors import KilnError
+from .transforms import Geometry
+from ..files.atomic import write_atomically
+from ..errors import KilnError
 
 log = logging.getLogger("kiln")
 

@@ -8,9 +8,9 @@ import torch
 
 from . import distributed
 from .batch_loss import StepInputs, batch_loss
-from .cache import LatentCache
-from .errors import KilnError
-from .lora import max_norm
+from ..data.cache import LatentCache
+from ..errors import KilnError
+from ..lora import max_norm
 from .run_state import RunState
 
 NO_CHANGE_CAUSES = ("a model whose output does not depend on its input (e.g. a zero-initialised output layer), "

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .cache import item_geometry, training_pixels
-from .data.captions import base_caption
-from .data.dataset import Dataset
-from .data.masks import image_and_mask, image_rgb
+from ..data.cache import item_geometry, training_pixels
+from ..data.captions import base_caption
+from ..data.dataset import Dataset
+from ..data.masks import image_and_mask, image_rgb
 
 KEEP = 0.3                           # brightness left in a fully masked-out pixel
 TINT = torch.tensor([0.2, 0.0, 0.12])[:, None, None]  # added there, scaled by how much is masked out

@@ -17,8 +17,8 @@ import contextlib
 import os
 import time
 
-from . import distributed
-from .errors import KilnError
+from ..training import distributed
+from ..errors import KilnError
 
 BACKENDS = ("tensorboard", "wandb", "all")
 PIP = "pip install tensorboard   (or: pip install comfyui-kiln[tensorboard])"

@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import distributed, registry
-from .ema import EMA
+from . import distributed
+from ..options import registry
+from ..maths.ema import EMA
 from .epochs import BatchStream
-from .errors import KilnError
-from .optim import FusedBackward
+from ..errors import KilnError
+from ..maths.optim import FusedBackward
 
 if TYPE_CHECKING:
     from .loop import TrainConfig

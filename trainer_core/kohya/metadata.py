@@ -8,14 +8,15 @@ import json
 import math
 import os
 
-from . import distributed, registry, validation
-from .cache import LatentCache
-from .data.dataset import Dataset
-from .epochs import batches_per_epoch, steps_per_epoch
-from .lora.config import LoraConfig
-from .lora.io import build_metadata
-from .loop import TrainConfig
-from .optim import kohya_optimizer_name
+from ..training import distributed, validation
+from ..options import registry
+from ..data.cache import LatentCache
+from ..data.dataset import Dataset
+from ..training.epochs import batches_per_epoch, steps_per_epoch
+from ..lora.config import LoraConfig
+from ..lora.io import build_metadata
+from ..training.loop import TrainConfig
+from ..maths.optim import kohya_optimizer_name
 
 
 def text_encoder_lr(tcfg: TrainConfig):

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .errors import KilnError
+from ..errors import KilnError
 
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")

@@ -17,8 +17,8 @@ import os
 import random
 from dataclasses import replace
 
-from .cache import LatentCache
-from .errors import KilnError
+from ..data.cache import LatentCache
+from ..errors import KilnError
 
 NUM_TIMESTEPS = 4
 

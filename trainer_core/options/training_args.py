@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 import difflib
 
-from .errors import KilnError
+from ..errors import KilnError
 from .key_values import split_pairs
 from .registry import TRAINING_ARGS, Option
 

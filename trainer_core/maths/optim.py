@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 
-from .errors import KilnError
+from ..errors import KilnError
 
 PIP_EXTRA = "comfyui-kiln[optimizers]"
 

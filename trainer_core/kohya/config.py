@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import tomllib
 
-from .errors import KilnError
-from .optim import OPTIMIZERS, SCHEDULERS
-from .registry import TRAINING_ARGS, WIDGETS, kohya_widget_keys
-from .training_args import format_value, parse_training_args
+from ..errors import KilnError
+from ..maths.optim import OPTIMIZERS, SCHEDULERS
+from ..options.registry import TRAINING_ARGS, WIDGETS, kohya_widget_keys
+from ..options.training_args import format_value, parse_training_args
 
 TRAIN_NODE = {"sd1": "KilnTrainSD1", "sdxl": "KilnTrainSDXL", "sd3": "KilnTrainSD3"}
 NETWORK_MODULES = {"networks.lora": ("sd1", "sdxl"), "networks.lora_sd3": ("sd3",),

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .errors import KilnError
+from ..errors import KilnError
 
 GIB = 2 ** 30
 

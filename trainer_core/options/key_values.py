@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import KilnError
+from ..errors import KilnError
 
 
 def split_pairs(text: str, what: str = "training_args",

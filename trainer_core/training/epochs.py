@@ -8,7 +8,7 @@ import random
 from collections import defaultdict
 
 from . import distributed
-from .cache import LatentCache
+from ..data.cache import LatentCache
 
 
 def _buckets(cache: LatentCache, batch_size: int, world: int | None = None) -> dict[tuple, tuple[list[int], int]]:

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from . import storage
+from ..memory import storage
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import storage
-from .errors import KilnError
+from ..errors import KilnError
 
 
 class _Entry:

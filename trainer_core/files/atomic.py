@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from typing import Callable
 
-from .errors import KilnError
+from ..errors import KilnError
 
 _TEMP = re.compile(r"^\.kiln-(\d+)-.*\.tmp$")
 _SWEPT: set[str] = set()  # folders already cleared of dead processes' temp files (once per process is enough)

@@ -22,13 +22,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .data.captions import CaptionOptions
-from .data.dataset import Dataset, ImageItem, Subset
-from .data.images import open_image
-from .data.masks import INPUT_MASKS, image_and_mask, image_rgb, load_mask, mask_file_for
-from .data.transforms import Geometry, apply_geometry, plan_geometry, to_tensor
-from .errors import KilnError
-from . import distributed
+from .captions import CaptionOptions
+from .dataset import Dataset, ImageItem, Subset
+from .images import open_image
+from .masks import INPUT_MASKS, image_and_mask, image_rgb, load_mask, mask_file_for
+from .transforms import Geometry, apply_geometry, plan_geometry, to_tensor
+from ..errors import KilnError
+from ..training import distributed
 from .latent_store import DiskStore, Entry, MemoryStore, entry_key, file_digest
 
 log = logging.getLogger("kiln")

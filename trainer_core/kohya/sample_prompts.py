@@ -16,7 +16,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 
-from .errors import KilnError
+from ..errors import KilnError
 
 # kohya's sample_sampler names -> (ComfyUI sampler, scheduler): the closest ComfyUI equivalents of the diffusers
 # schedulers kohya's get_my_scheduler builds (the same method, another implementation: images are alike, not equal)

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .cache import LatentCache
+from ..data.cache import LatentCache
 from .contracts import Objective, SwitchableNetwork, TrainableNetwork
-from .data.captions import augment_caption, base_caption
-from .families.common import NoisyBatch
-from .losses import elementwise, per_sample_loss
-from .preservation import preservation_caption
+from ..data.captions import augment_caption, base_caption
+from ..families.common import NoisyBatch
+from ..maths.losses import elementwise, per_sample_loss
+from ..maths.preservation import preservation_caption
 
 if TYPE_CHECKING:
     from .loop import TrainConfig

@@ -12,7 +12,7 @@ from typing import Iterator, Protocol
 import torch
 from torch import nn
 
-from .families.common import NoisyBatch
+from ..families.common import NoisyBatch
 
 
 class TrainableNetwork(Protocol):

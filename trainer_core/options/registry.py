@@ -3,7 +3,7 @@ where it is set (a widget of which Train nodes, or a ``training_args`` key), the
 metadata key that records it, whether a resume may change it, and its help text.
 
 Derived from here: the Train nodes' widgets (nodes/train_inputs.py), the ``training_args`` parser
-(training_args.py), the kohya config mapping (kohya_config.py), the plain metadata keys (kohya_metadata.py), the
+(training_args.py), the kohya config mapping (kohya/config.py), the plain metadata keys (kohya/metadata.py), the
 settings a resume may change (loop.py) and docs/training-args.md. Adding an option is one declaration here plus its
 maths. Widgets are listed per node in LAYOUTS: ComfyUI stores widget values by position, so a layout only ever grows
 at its end.
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .families.sd3 import WEIGHTING_SCHEMES
-from .losses import HUBER_SCHEDULES, LOSS_TYPES
-from .optim import OPTIMIZERS, SCHEDULERS
-from .sample_prompts import SAMPLERS
+from ..families.sd3 import WEIGHTING_SCHEMES
+from ..maths.losses import HUBER_SCHEDULES, LOSS_TYPES
+from ..maths.optim import OPTIMIZERS, SCHEDULERS
+from ..kohya.sample_prompts import SAMPLERS
 
 FAMILIES = ("sd1", "sdxl", "sd3")
 DDPM = ("sd1", "sdxl")  # noise and loss options kohya applies to the DDPM families only
