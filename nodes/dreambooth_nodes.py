@@ -144,27 +144,29 @@ class KilnTrainDreamBooth(io.ComfyNode):
     def execute(cls, model, clip, dataset: KilnDataset, **opts) -> io.NodeOutput:
         trainable = FullTrainable()
         fam, tcfg = prepare(model, dataset, opts, cmodel.SD1_FAMILIES, NODE, cls, "sd1", trainable)
-        if tcfg.blocks_to_swap:
+        if tcfg.memory.blocks_to_swap:
             raise KilnError(f"{NODE}: training_args blocks_to_swap moves frozen weights between host and device; full "
                             f"fine-tuning trains every weight, so they stay on the device. Remove it (gradient "
                             f"checkpointing and cpu_offload_checkpointing save memory here).")
-        clip, tcfg.clip_skip = with_clip_skip(clip, tcfg.clip_skip, NODE)  # training, previews and the clip output
+        # training, previews and the clip output all use the clip_skip layer
+        clip, tcfg.text.clip_skip = with_clip_skip(clip, tcfg.text.clip_skip, NODE)
         is_v, is_sd2, version = sd1_kind(model, fam, NODE)
-        tcfg.fused_backward_pass = tcfg.fused_backward_pass or bool(opts.get("fused_backward_pass"))
+        tcfg.optim.fused_backward_pass = tcfg.optim.fused_backward_pass or bool(opts.get("fused_backward_pass"))
         tcfg.stop_text_encoder_training = opts.get("stop_text_encoder_training") or None
         te_lr = opts.get("text_encoder_lr") or 0.0
         plan = FamilyPlan(
             node=NODE, checkpoint_blocks=sd1.checkpoint_blocks,
             architecture=lambda unet: sd1.modelspec_architecture(is_v, is_sd2, lora=False),
             version=version,
-            objective=ddpm_objective(model, is_v, tcfg), conditioning=TextConditioning(clip, tcfg.max_token_length),
+            objective=ddpm_objective(model, is_v, tcfg),
+            conditioning=TextConditioning(clip, tcfg.text.max_token_length),
             te_lrs={e: te_lr for e in SD1_ENCODERS})
         run = run_training(model, clip, dataset, tcfg, plan, opts, cls.hidden.unique_id, trainable)
 
         encoders = run.te_train
         meta = run_metadata(run)
         meta["ss_stop_text_encoder_training"] = str(tcfg.stop_text_encoder_training or (tcfg.steps if encoders else 0))
-        meta["ss_fused_backward_pass"] = str(tcfg.fused_backward_pass)
+        meta["ss_fused_backward_pass"] = str(tcfg.optim.fused_backward_pass)
         meta["kiln_trained"] = ",".join(["unet"] + encoders)
         model_out, clip_out = cmodel.apply_weights(model, clip, trainable.unet_sd, trainable.clip_sd, meta)
         trained = f"DreamBooth: UNet ({sum(t.numel() for t in trainable.unet_sd.values()) / 1e6:.1f}M weights)"

@@ -11,7 +11,6 @@ from ..trainer_core.training.loop import TrainConfig
 from ..trainer_core.lora.blocks import NETWORK_ARGS as BLOCK_ARGS
 from ..trainer_core.lora.config import LoraConfig
 from ..trainer_core.lora.network_args import parse_network_args
-from ..trainer_core.maths.noise import NoiseOptions
 from .comfy import model as cmodel
 from .comfy.text import SD3TextConditioning, SDXLTextConditioning, TextConditioning, with_clip_skip
 from .lora_training import LORAPLUS_ARGS, VERBOSE, LoraTrainable, unet_blocks, unet_conv_rank
@@ -22,8 +21,8 @@ from .types import KilnDataset
 
 def ddpm_objective(model, is_v: bool, tcfg: TrainConfig) -> sd1.SD1Objective:
     """SD1/SDXL objective with the model's schedule and kohya's timestep, noise and zero_terminal_snr options."""
-    return sd1.SD1Objective(cmodel.alphas_cumprod(model), "v" if is_v else "eps", tcfg.min_timestep,
-                            tcfg.max_timestep, NoiseOptions.from_config(tcfg), tcfg.zero_terminal_snr)
+    return sd1.SD1Objective(cmodel.alphas_cumprod(model), "v" if is_v else "eps", tcfg.noise.min_timestep,
+                            tcfg.noise.max_timestep, tcfg.noise, tcfg.noise.zero_terminal_snr)
 
 
 def sd1_kind(model, fam: str, node: str) -> tuple[bool, bool, str]:
@@ -60,7 +59,8 @@ class KilnTrainSD1(TrainNode):
     def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
         node = "Train LoRA (SD1)"
         fam, tcfg = prepare(model, dataset, opts, cmodel.SD1_FAMILIES, node, cls, "sd1", LoraTrainable)
-        clip, tcfg.clip_skip = with_clip_skip(clip, tcfg.clip_skip, node)  # training, previews and the clip output
+        # training, previews and the clip output all use the clip_skip layer
+        clip, tcfg.text.clip_skip = with_clip_skip(clip, tcfg.text.clip_skip, node)
         is_v, is_sd2, version = sd1_kind(model, fam, node)
         lc = lora_config
         blocks = unet_blocks(lc, False)
@@ -70,7 +70,7 @@ class KilnTrainSD1(TrainNode):
             namer=sd1.unet_namer, checkpoint_blocks=sd1.checkpoint_blocks,
             architecture=lambda unet: sd1.modelspec_architecture(is_v, is_sd2), version=version,
             objective=ddpm_objective(model, is_v, tcfg),
-            conditioning=TextConditioning(clip, tcfg.max_token_length),
+            conditioning=TextConditioning(clip, tcfg.text.max_token_length),
             te_prefixes={"clip_l": "lora_te", "clip_h": "lora_te"}, hidden_only=("clip_l", "clip_h"),
             te_lrs={"clip_l": opts.get("text_encoder_lr", 0.0), "clip_h": opts.get("text_encoder_lr", 0.0)})
         return cls.train(model, clip, dataset, lora_config, tcfg, plan, opts, fam)
@@ -99,8 +99,8 @@ class KilnTrainSD3(TrainNode):
             checkpoint_blocks=sd3.checkpoint_blocks, architecture=sd3.modelspec_architecture,
             version=sd3.model_type(model.model.diffusion_model), network_module="networks.lora_sd3",
             objective=sd3.SD3Objective(opts["weighting_scheme"], opts["logit_mean"], opts["logit_std"],
-                                       opts["mode_scale"], opts["training_shift"], tcfg.min_timestep or 0,
-                                       1000 if tcfg.max_timestep is None else tcfg.max_timestep),
+                                       opts["mode_scale"], opts["training_shift"], tcfg.noise.min_timestep or 0,
+                                       1000 if tcfg.noise.max_timestep is None else tcfg.noise.max_timestep),
             conditioning=conditioning, network_args={**VERBOSE, **sd3.NETWORK_ARGS, **LORAPLUS_ARGS},
             te_prefixes=sd3.TE_PREFIXES,
             te_lrs={"clip_l": opts.get("text_encoder_lr1", 0.0), "clip_g": opts.get("text_encoder_lr2", 0.0),
@@ -131,6 +131,7 @@ class KilnTrainSDXL(TrainNode):
             namer=sdxl.unet_namer, checkpoint_blocks=sdxl.checkpoint_blocks,
             architecture=lambda unet: sdxl.ARCHITECTURE, version=sdxl.BASE_MODEL_VERSION + ("_v" if is_v else ""),
             objective=ddpm_objective(model, is_v, tcfg),
-            conditioning=SDXLTextConditioning(clip, model, tcfg.max_token_length), te_prefixes=sdxl.TE_PREFIXES, hidden_only=("clip_l",),
+            conditioning=SDXLTextConditioning(clip, model, tcfg.text.max_token_length), te_prefixes=sdxl.TE_PREFIXES,
+            hidden_only=("clip_l",),
             te_lrs={"clip_l": opts.get("text_encoder_lr1", 0.0), "clip_g": opts.get("text_encoder_lr2", 0.0)})
         return cls.train(model, clip, dataset, lora_config, tcfg, plan, opts, fam)

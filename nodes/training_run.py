@@ -143,9 +143,9 @@ def normal_cache(cache: LatentCache) -> LatentCache:
 def train_config(model, dataset: KilnDataset, opts: dict, args: dict) -> TrainConfig:
     """The node's widgets (as the registry maps them) and its training_args as one TrainConfig."""
     widgets = {name: opts.get(name, registry.WIDGETS[name].default) for name in registry.config_widgets()}
-    if widgets["precision"] == "auto":
-        widgets["precision"] = cmodel.default_precision(model)
-    return TrainConfig(**args, **widgets, batch_size=dataset.dataset.batch_size)
+    precision = opts.get("precision", registry.WIDGETS["precision"].default)
+    precision = cmodel.default_precision(model) if precision == "auto" else precision
+    return TrainConfig(**args, **widgets, precision=precision, batch_size=dataset.dataset.batch_size)
 
 
 def save_name_of(opts: dict, default: str) -> str:
@@ -265,21 +265,22 @@ def prepare(model, dataset: KilnDataset, opts: dict, families: tuple[str, ...], 
         raise KilnError(f"{node}: training_args huber_* apply to loss_type huber or smooth_l1 only (loss_type is "
                         f"{opts['loss_type']}).")
     tcfg = train_config(model, dataset, opts, args)
-    if tcfg.cpu_offload_checkpointing and not tcfg.gradient_checkpointing:
+    if tcfg.memory.cpu_offload_checkpointing and not tcfg.memory.gradient_checkpointing:
         raise KilnError(f"{node}: training_args cpu_offload_checkpointing needs gradient_checkpointing on (it keeps "
                         f"the checkpointed blocks' inputs in host memory): turn gradient_checkpointing on, or remove it.")
     for key in ("fp8_base", "fp8_base_unet"):
-        if getattr(tcfg, key):
+        if tcfg.get(key):
             cmodel.check_fp8_base(model, node, key)
-    if cmodel.weight_dtype(model) in cmodel.FP8_DTYPES and not tcfg.fp8_base:
-        tcfg.fp8_base_unet = True  # the metadata says what kohya's would: the diffusion model trained in fp8
+    if cmodel.weight_dtype(model) in cmodel.FP8_DTYPES and not tcfg.memory.fp8_base:
+        tcfg.memory.fp8_base_unet = True  # the metadata says what kohya's would: the diffusion model trained in fp8
     if family == "sd3" and "huber_schedule" not in args:
-        tcfg.huber_schedule = "constant"  # kohya's default (snr) needs a DDPM schedule and fails on SD3
+        tcfg.loss.huber_schedule = "constant"  # kohya's default (snr) needs a DDPM schedule and fails on SD3
     resolve_epochs(tcfg, validation.parts(dataset.cache, tcfg)[0])
-    if tcfg.diff_output_preservation:
+    if tcfg.preservation.diff_output_preservation:
         try:
-            tcfg.preservation_pairs = pairs_from(dataset.dataset.subsets, tcfg.diff_output_preservation_trigger,
-                                                 tcfg.diff_output_preservation_class)
+            keep = tcfg.preservation
+            tcfg.preservation_pairs = pairs_from(dataset.dataset.subsets, keep.diff_output_preservation_trigger,
+                                                 keep.diff_output_preservation_class)
         except KilnError as e:
             raise KilnError(f"{node}: {e}") from None
     tcfg.training_args = args
@@ -325,7 +326,7 @@ def step_reporter(progress: Progress, tcfg: TrainConfig, opts: dict, epochs: int
 
     def on_step(info: StepInfo) -> None:
         image = None
-        by_epoch = tcfg.sample_every_n_epochs  # kohya: overrides the step interval
+        by_epoch = tcfg.samples.sample_every_n_epochs  # kohya: overrides the step interval
         due = (info.epoch_end and info.epoch % by_epoch == 0) if by_epoch else (every and info.step % every == 0)
         if due and info.step < info.total:
             with info.averaged():  # with EMA on, the preview shows the average, as the saves hold it
@@ -364,7 +365,8 @@ def preview_specs(opts: dict, tcfg: TrainConfig, dataset: KilnDataset, node: str
         raise KilnError(f"{node}: {e}") from None
     first = dataset.cache.samples[0]
     width, height = first.geometry.bucket
-    default_sampler = comfy_sampler(tcfg.sample_sampler, node) if tcfg.sample_sampler else ("euler", "normal")
+    sampler = tcfg.samples.sample_sampler
+    default_sampler = comfy_sampler(sampler, node) if sampler else ("euler", "normal")
     if not prompts:
         prompts = [SamplePrompt(base_caption(first.caption, first.captions))]
     specs = []
@@ -372,7 +374,7 @@ def preview_specs(opts: dict, tcfg: TrainConfig, dataset: KilnDataset, node: str
         sampler, scheduler = comfy_sampler(p.sampler, node) if p.sampler else default_sampler
         if not known_sampler(sampler, scheduler):
             raise KilnError(f"{node}: this ComfyUI has no sampler {sampler!r} / scheduler {scheduler!r} (kohya's "
-                            f"{p.sampler or tcfg.sample_sampler}); choose another sample_sampler.")
+                            f"{p.sampler or tcfg.samples.sample_sampler}); choose another sample_sampler.")
         specs.append(PreviewSpec(p.prompt, opts.get("sample_negative", "") if p.negative is None else p.negative,
                                  p.width or width, p.height or height, tcfg.seed + i if p.seed is None else p.seed,
                                  p.steps or opts["sample_steps"], opts["sample_cfg"] if p.cfg is None else p.cfg,
@@ -398,8 +400,8 @@ def caption_length_notes(cond: TextConditioning, dataset: KilnDataset, tcfg: Tra
                          f"max_token_length ({cond.token_limit}); they are not trained (set max_token_length=150 "
                          f"or 225 in training_args, or shorten the caption)")
             log.warning("kiln: %s: %s", node, notes[-1])
-    if tcfg.max_token_length:
-        notes.append(f"max_token_length {tcfg.max_token_length}: the longest caption has {longest} tokens")
+    if tcfg.text.max_token_length:
+        notes.append(f"max_token_length {tcfg.text.max_token_length}: the longest caption has {longest} tokens")
     return notes
 
 
@@ -412,7 +414,7 @@ class IntermediateSaves:
         self.run, self.trainable, self.signature = run, trainable, signature
         tcfg, node = run.tcfg, run.node
         self.name = save_name_of(run.opts, trainable.default_save_name)
-        if tcfg.save_every or tcfg.save_every_n_epochs:
+        if tcfg.save_every or tcfg.saving.save_every_n_epochs:
             self.name = unique_save_name(self.name, resuming, node, run.notes, trainable.kind)
             check_writable(os.path.dirname(self.path(1, None)), trainable.save_bytes(run.network), f"{node}: save_name",
                            "Choose another save_name, free disk space, or set save_every_n_steps to 0.")
@@ -427,8 +429,9 @@ class IntermediateSaves:
         meta = run_metadata(run, self.trainable.lora_config, so_far, state["batches"]["epoch"])
         path = self.trainable.write(run, run.network, self.path(step, epoch), meta, state, self.signature)
         log.info("kiln: %s step %d: saved %s (+ %s)", run.node, step, path, SUFFIX)
-        old = (epoch_save_to_remove(epoch, tcfg.save_every_n_epochs, tcfg.save_last_n_epochs) if epoch else
-               step_save_to_remove(step, tcfg.save_every, tcfg.save_last_n_steps))
+        saving = tcfg.saving
+        old = (epoch_save_to_remove(epoch, saving.save_every_n_epochs, saving.save_last_n_epochs) if epoch else
+               step_save_to_remove(step, tcfg.save_every, saving.save_last_n_steps))
         if old:
             remove_save(self.path(old, old if epoch else None))
 
@@ -482,10 +485,10 @@ def run_training(model, clip, dataset: KilnDataset, tcfg: TrainConfig, plan: Fam
                                "Free disk space or choose another filename, so the trained LoRA can be saved.")
             saver = IntermediateSaves(run, trainable, signature, resuming)
             swap_blocks = plan.checkpoint_blocks(net_host)
-            with block_swap(swap_blocks, tcfg.blocks_to_swap, device) as swap, \
+            with block_swap(swap_blocks, tcfg.memory.blocks_to_swap, device) as swap, \
                     tensorboard_log(tcfg, plan.node) as tracker:
                 on_step = step_reporter(progress, tcfg, opts, run.epochs, lambda: to_pil(preview()[0]), tracker)
-                if tcfg.sample_at_first:  # kohya's sample_at_first: a preview of the model before the first step
+                if tcfg.samples.sample_at_first:  # kohya's sample_at_first: a preview before the first step
                     progress.update(0, to_pil(preview()[0]))
                 run.result = train(network, plan.objective,
                                    cmodel.unet_forward(run.target.patcher, net_host, trainable.forward_dtype), conditioning,
@@ -495,8 +498,8 @@ def run_training(model, clip, dataset: KilnDataset, tcfg: TrainConfig, plan: Fam
                 if tracker is not None:
                     tracker.image("final", to_pil(run.samples[0]), run.result.steps)
                 if swap is not None:
-                    notes.append(f"blocks_to_swap {tcfg.blocks_to_swap}: {len(swap.swapped)} of {len(swap_blocks)} "
-                                 f"blocks kept in host memory ({swap.freed_bytes / 2 ** 20:.0f} MiB off the device), "
+                    notes.append(f"blocks_to_swap {tcfg.memory.blocks_to_swap}: {len(swap.swapped)} of "
+                                 f"{len(swap_blocks)} blocks kept in host memory ({swap.freed_bytes / 2 ** 20:.0f} MiB off the device), "
                                  f"{swap.transfers} block transfers")
             trainable.finish(run, network)
     cond.live, cond.clip = False, clip

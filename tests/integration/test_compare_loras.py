@@ -63,6 +63,7 @@ def test_grid_of_steps_and_strengths_matches_stock_lora_loader(comfy, loaded, da
     assert label_band.std() > 0.01  # row labels drawn
 
 
+@pytest.mark.slow  # compares the LoRA the grid test (slow) wrote, so it runs in the lane that runs that test
 def test_a_list_of_loras_is_compared_in_its_order(comfy, loaded):
     model, clip, vae = loaded
     out = comfy.run_node("KilnCompareLoras", model=model, clip=clip, vae=vae, save_name="kiln/unused",

@@ -13,7 +13,7 @@ from trainer_core.data.transforms import Geometry
 from trainer_core.errors import KilnError
 from trainer_core.families.sd1 import SD1Objective
 from trainer_core.lora.network import LoRANetwork
-from trainer_core.maths.noise import NoiseOptions
+from trainer_core.training.config import NoiseConfig
 from trainer_core.lora.targets import TargetRule
 from trainer_core.training.loop import TrainConfig, train
 
@@ -29,7 +29,7 @@ def data() -> LatentCache:
     return LatentCache(samples, dataset=None, encoder_id="test")
 
 
-def run(resume=None, weights=None, save_every=0, options=None, noise=NoiseOptions(), algorithm="lora"):
+def run(resume=None, weights=None, save_every=0, options=None, noise=NoiseConfig(), algorithm="lora"):
     torch.manual_seed(0)
     root = nn.Sequential(nn.Conv2d(4, 8, 1), nn.SiLU(), nn.Conv2d(8, 4, 1))
     network = LoRANetwork(root, [TargetRule(r".*", ("conv1x1",), 2, 2.0)], lambda p: f"lora_{p}", dropout=0.2, seed=1,
@@ -83,7 +83,7 @@ def test_resume_from_an_epoch_save_with_kohyas_noise_loss_and_epoch_options():
     options = dict(max_train_epochs=4, save_every_n_epochs=1, grad_accum=2, loss_type="huber",
                    huber_schedule="snr", debiased_estimation_loss=True, v_pred_like_loss=0.1,
                    validation_split=0.2, validate_every_n_steps=3)
-    noise = NoiseOptions(noise_offset=0.1, noise_offset_random_strength=True, adaptive_noise_scale=0.05,
+    noise = NoiseConfig(noise_offset=0.1, noise_offset_random_strength=True, adaptive_noise_scale=0.05,
                          multires_noise_iterations=3, ip_noise_gamma=0.1, ip_noise_gamma_random_strength=True)
     full, full_result, saved, _ = run(options=options, noise=noise)
     assert [(step, epoch) for step, (_, _, epoch) in sorted(saved.items())] == [(2, 1), (4, 2), (6, 3)]

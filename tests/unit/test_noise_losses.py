@@ -7,7 +7,8 @@ import torch
 from trainer_core.families.sd1 import SD1Objective, zero_terminal_snr
 from trainer_core.families.sd3 import SD3Objective
 from trainer_core.maths.losses import elementwise, huber_threshold, snr_loss_weight
-from trainer_core.maths.noise import NoiseOptions, offset_noise, pyramid_noise
+from trainer_core.training.config import NoiseConfig
+from trainer_core.maths.noise import offset_noise, pyramid_noise
 
 
 def test_pseudo_huber_and_kohyas_smooth_l1():
@@ -71,7 +72,7 @@ def test_pyramid_noise_is_unit_std_and_adds_coarse_levels():
 def test_input_perturbation_moves_x_t_not_the_target():
     acp = torch.linspace(0.99, 0.01, 1000, dtype=torch.float64)
     x0 = torch.randn(2, 4, 8, 8)
-    obj = SD1Objective(acp, "eps", noise=NoiseOptions(ip_noise_gamma=0.5))
+    obj = SD1Objective(acp, "eps", noise=NoiseConfig(ip_noise_gamma=0.5))
     g = torch.Generator().manual_seed(3)
     nb = obj.sample(x0, g)
     g.manual_seed(3)

@@ -1,20 +1,15 @@
 """The option registry is the one declaration of every training option: the lists other modules derive from it
 agree with it, and its declarations are consistent (defaults in range, kohya keys accepted, fields that exist)."""
-import dataclasses
-
 import pytest
 
 from trainer_core.kohya import config as kohya_config
 
 from trainer_core.options import registry
+from trainer_core.training import config as train_config
 from trainer_core.training.loop import PRECISIONS, RESUMABLE_SETTINGS, TrainConfig
 from trainer_core.options.training_args import KEYS, describe, parse_training_args
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
-def default_of(f: dataclasses.Field):
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+DEFAULTS = TrainConfig()
 
 
 @pytest.mark.parametrize("option", registry.OPTIONS, ids=lambda o: f"{'widget' if o.widget else 'arg'}:{o.name}")
@@ -22,10 +17,10 @@ def test_declaration_is_consistent(option):
     o = option
     assert o.kind in ("int", "float", "bool", "choice", "str", "text", "steps", "kwargs")
     assert set(o.families) <= set(registry.FAMILIES) and o.families
-    if o.config:  # its value lives in a TrainConfig field of its name, with the same default
-        assert o.name in FIELDS, f"{o.name}: no TrainConfig field"
-        if not o.widget:
-            assert default_of(FIELDS[o.name]) == o.default, o.name
+    if o.config:  # its value lives in a field of its name in its TrainConfig group, with the same default
+        holder = getattr(DEFAULTS, o.group) if o.group else DEFAULTS
+        assert getattr(holder, o.name) == o.default, f"{o.name}: not in TrainConfig's {o.group or 'top level'}"
+        assert DEFAULTS.get(o.name) == o.default
     for kind in registry.NODE_KINDS:
         v = o.for_node(kind)
         if v.choices and v.default is not None:
@@ -33,6 +28,19 @@ def test_declaration_is_consistent(option):
         if isinstance(v.default, (int, float)) and not isinstance(v.default, bool):
             assert (v.low is None or v.default >= v.low) and (v.high is None or v.default <= v.high), (o.name, kind)
     assert set(o.variants) <= set(registry.NODE_KINDS)
+
+
+def test_train_config_takes_each_setting_by_its_flat_name_into_its_group():
+    assert not set(train_config.GROUP_OF) & set(train_config.TOP_LEVEL)
+    for name, group in train_config.GROUP_OF.items():
+        cfg = TrainConfig(**{name: "given"})
+        assert getattr(getattr(cfg, group), name) == "given" and cfg.get(name) == "given"
+        assert getattr(TrainConfig(), group) is not getattr(cfg, group)
+    with pytest.raises(TypeError, match="noise_ofset"):
+        TrainConfig(noise_ofset=0.1)
+    first = TrainConfig()
+    first.group_lrs["te1"] = 1e-5
+    assert TrainConfig().group_lrs == {}  # host settings' mutable defaults are not shared between configs
 
 
 def test_training_args_keys_are_the_registry_s_and_each_parses_as_its_family_reads_it():

@@ -12,7 +12,8 @@ from torch import nn
 from ..lora.kohya_names import CompvisToDiffusers, kohya_name
 from ..lora.targets import TargetRule
 from ..maths.losses import huber_threshold, snr_loss_weight
-from ..maths.noise import NoiseOptions, input_noise, shaped_noise
+from ..maths.noise import input_noise, shaped_noise
+from ..training.config import NoiseConfig
 from .common import NoisyBatch
 
 UNET_PREFIX = "lora_unet"
@@ -54,7 +55,7 @@ class SD1Objective:
 
     def __init__(self, alphas_cumprod: torch.Tensor, prediction: str = "eps",
                  min_timestep: int | None = None, max_timestep: int | None = None,
-                 noise: NoiseOptions = NoiseOptions(), zsnr: bool = False):
+                 noise: NoiseConfig | None = None, zsnr: bool = False):
         if prediction not in ("eps", "v"):
             raise ValueError(f"SD1/SD2 prediction must be eps or v, got {prediction}")
         self.acp = alphas_cumprod.double().cpu()
@@ -64,7 +65,7 @@ class SD1Objective:
         self.num_timesteps = len(self.acp)
         self.min_t = min_timestep or 0
         self.max_t = self.num_timesteps if max_timestep is None else max_timestep
-        self.noise = noise
+        self.noise = NoiseConfig() if noise is None else noise
 
     def sample(self, x0: torch.Tensor, generator: torch.Generator) -> NoisyBatch:
         b = x0.shape[0]
@@ -88,11 +89,11 @@ class SD1Objective:
     def huber_c(self, nb: NoisyBatch, schedule: str, c: float, scale: float) -> torch.Tensor:
         return huber_threshold(schedule, c, scale, nb.timesteps, self.num_timesteps, self.acp)
 
-    def loss_weight(self, snr: torch.Tensor, cfg) -> torch.Tensor:
+    def loss_weight(self, snr: torch.Tensor, loss) -> torch.Tensor:
         """kohya's post-processing weights after min-SNR (scale_v_pred_loss_like_noise_pred, v_pred_like_loss,
-        debiased_estimation_loss)."""
-        return snr_loss_weight(snr, self.prediction == "v", cfg.scale_v_pred_loss_like_noise_pred,
-                               cfg.v_pred_like_loss or 0.0, cfg.debiased_estimation_loss)
+        debiased_estimation_loss), from the run's loss settings (TrainConfig.loss)."""
+        return snr_loss_weight(snr, self.prediction == "v", loss.scale_v_pred_loss_like_noise_pred,
+                               loss.v_pred_like_loss or 0.0, loss.debiased_estimation_loss)
 
     def output(self, pred: torch.Tensor, nb: NoisyBatch) -> torch.Tensor:
         """The prediction in the space of ``nb.target`` (SD1/SD2 compare it as it is)."""

@@ -169,7 +169,7 @@ class SD3Objective:
     def min_snr_weight(self, snr: torch.Tensor, gamma: float) -> torch.Tensor:
         raise KilnError("min_snr_gamma does not apply to SD3 (rectified flow); use weighting_scheme.")
 
-    def loss_weight(self, snr: torch.Tensor, cfg) -> None:
+    def loss_weight(self, snr: torch.Tensor, loss) -> None:
         """None: kohya's SNR post-weights are DDPM's; SD3 weights samples by its weighting_scheme (``nb.weight``)."""
         return None
 

@@ -107,8 +107,8 @@ def training_metadata(family_version: str, arch: str, ds: Dataset, cache: Latent
         **network, "text_encoder_lr": text_encoder_lr(tcfg), "steps": result.steps,
         "num_train_images": len(ds.items) - reg, "num_reg_images": reg, "batch_size_per_device": ds.batch_size,
         "total_batch_size": ds.batch_size * distributed.world() * tcfg.grad_accum,  # kohya's: per device x processes x accumulation
-        "optimizer": kohya_optimizer_name(tcfg.optimizer_name, tcfg.optimizer_args),
-        "lr_warmup_steps": tcfg.schedule().warmup_steps,
+        "optimizer": kohya_optimizer_name(tcfg.optimizer_name, tcfg.optim.optimizer_args),
+        "lr_warmup_steps": tcfg.lr_schedule().warmup_steps,
         "mixed_precision": "no" if tcfg.precision == "fp32" else tcfg.precision,  # kohya's --mixed_precision values
         "resolution": tuple(ds.buckets.resolution), "enable_bucket": ds.buckets.enable_bucket,
         "min_bucket_reso": ds.buckets.min_bucket_reso, "max_bucket_reso": ds.buckets.max_bucket_reso,
@@ -133,13 +133,14 @@ def training_metadata(family_version: str, arch: str, ds: Dataset, cache: Latent
     meta["kiln_probe_loss_end"] = repr(result.probe_loss_end)
     meta["kiln_seconds_per_step"] = f"{result.seconds_per_step:.4f}"
     meta["kiln_world_size"] = str(distributed.world())  # processes that trained it (torchrun), each on batch_size
-    if tcfg.diff_output_preservation:
-        meta["kiln_diff_output_preservation"] = json.dumps({"multiplier": tcfg.diff_output_preservation_multiplier,
+    if tcfg.preservation.diff_output_preservation:
+        meta["kiln_diff_output_preservation"] = json.dumps({
+            "multiplier": tcfg.preservation.diff_output_preservation_multiplier,
                                                             "pairs": tcfg.preservation_pairs})
-    if tcfg.ema_decay:  # the weights in the file are the average (ema.py)
-        meta["kiln_ema_decay"] = repr(tcfg.ema_decay)
-        meta["kiln_ema_update_every"] = str(tcfg.ema_update_every)
-        meta["kiln_ema_warmup"] = str(tcfg.ema_warmup)
+    if tcfg.ema.ema_decay:  # the weights in the file are the average (ema.py)
+        meta["kiln_ema_decay"] = repr(tcfg.ema.ema_decay)
+        meta["kiln_ema_update_every"] = str(tcfg.ema.ema_update_every)
+        meta["kiln_ema_warmup"] = str(tcfg.ema.ema_warmup)
     if result.validation:  # kohya logs it to trackers only; here it travels with the LoRA: [[step, loss], ...]
         meta["kiln_validation_loss"] = json.dumps([[s, round(v, 6)] for s, v in result.validation])
     return meta

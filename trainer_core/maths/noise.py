@@ -2,31 +2,13 @@
 
 Formulas: kohya-ss/sd-scripts library/custom_train_functions.py (apply_noise_offset, pyramid_noise_like) and
 train_util.get_noise_noisy_latents_and_timesteps (order: offset, then multires, then input perturbation,
-which moves only the noised input; the target keeps the unperturbed noise).
+which moves only the noised input; the target keeps the unperturbed noise). ``opts`` is the run's noise settings
+(TrainConfig.noise).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
-
-
-@dataclass(frozen=True)
-class NoiseOptions:
-    noise_offset: float = 0.0
-    noise_offset_random_strength: bool = False
-    adaptive_noise_scale: float | None = None
-    multires_noise_iterations: int = 0
-    multires_noise_discount: float = 0.3
-    ip_noise_gamma: float = 0.0
-    ip_noise_gamma_random_strength: bool = False
-
-    @classmethod
-    def from_config(cls, cfg) -> "NoiseOptions":
-        return cls(cfg.noise_offset or 0.0, cfg.noise_offset_random_strength, cfg.adaptive_noise_scale,
-                   cfg.multires_noise_iterations or 0, cfg.multires_noise_discount, cfg.ip_noise_gamma or 0.0,
-                   cfg.ip_noise_gamma_random_strength)
 
 
 def offset_noise(x0: torch.Tensor, noise: torch.Tensor, offset: float | torch.Tensor,
@@ -59,7 +41,7 @@ def strength(value: float, random_strength: bool, generator: torch.Generator) ->
     return float(torch.rand((), generator=generator)) * value if random_strength else value
 
 
-def shaped_noise(x0: torch.Tensor, noise: torch.Tensor, opts: NoiseOptions, generator: torch.Generator) -> torch.Tensor:
+def shaped_noise(x0: torch.Tensor, noise: torch.Tensor, opts, generator: torch.Generator) -> torch.Tensor:
     """The noise the target is built from (offset, then multires)."""
     if opts.noise_offset:
         noise = offset_noise(x0, noise, strength(opts.noise_offset, opts.noise_offset_random_strength, generator),
@@ -69,7 +51,7 @@ def shaped_noise(x0: torch.Tensor, noise: torch.Tensor, opts: NoiseOptions, gene
     return noise
 
 
-def input_noise(noise: torch.Tensor, opts: NoiseOptions, generator: torch.Generator) -> torch.Tensor:
+def input_noise(noise: torch.Tensor, opts, generator: torch.Generator) -> torch.Tensor:
     """The noise that goes into x_t: with ip_noise_gamma, noise + γ·n (input perturbation, arXiv 2301.11706)."""
     if not opts.ip_noise_gamma:
         return noise

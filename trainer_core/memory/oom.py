@@ -32,15 +32,15 @@ def advice(cfg, trained_params: int, device: torch.device) -> list[str]:
     tips = []
     if cfg.batch_size > 1:
         tips.append(f"a smaller batch_size (now {cfg.batch_size}; raise grad_accum to keep the effective batch)")
-    if not cfg.gradient_checkpointing:
+    if not cfg.memory.gradient_checkpointing:
         tips.append("gradient_checkpointing on (recomputes activations in backward: the largest saving)")
     if cfg.precision in ("fp32", "auto") and device.type == "cuda":
         tips.append("precision bf16 (or fp16 on GPUs without bf16)")
-    if not cfg.fused_backward_pass and cfg.grad_accum == 1:
+    if not cfg.optim.fused_backward_pass and cfg.grad_accum == 1:
         tips.append("fused_backward_pass=true in training_args (gradients are freed as each weight steps)")
     if "8bit" not in cfg.optimizer_name.lower():
         tips.append("optimizer AdamW8bit (optimizer state in 8 bits)")
-    if cfg.ema_decay and not cfg.ema_on_host:
+    if cfg.ema.ema_decay and not cfg.ema.ema_on_host:
         tips.append(f"ema_on_host=true (the EMA holds {trained_params * 4 / GIB:.2f} GiB on the device)")
     tips.append("a lower resolution or max_bucket_reso on Load Dataset (activations grow with the pixel count)")
     tips.append("fewer trained layers or a lower rank (LoRA Config), or no text-encoder training")

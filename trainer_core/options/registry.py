@@ -41,6 +41,7 @@ class Option:
     metadata: tuple = ()          # the ss_* keys (without "ss_") that record its value as given
     resumable: bool = False       # a resume may change it; it takes effect from the resumed step
     config: bool = True           # a TrainConfig field of this name holds its value
+    group: str = ""               # the TrainConfig group that holds it (cfg.noise.noise_offset); "" = top level
     extra: dict = field(default_factory=dict, hash=False, compare=False)     # widget-only settings
     variants: dict = field(default_factory=dict, hash=False, compare=False)  # node kind -> fields that differ there
 
@@ -83,27 +84,27 @@ OPTIONS: tuple[Option, ...] = (
        resumable=True),
     _w("learning_rate", "float", 1e-4, low=0.0, high=10.0, step=1e-6, kohya=("learning_rate",),
        metadata=("learning_rate", "unet_lr"), resumable=True, variants={"dreambooth": {"default": 1e-6}}),
-    _w("optimizer", "choice", "AdamW", choices=OPTIMIZERS, kohya=("optimizer_type",)),
+    _w("optimizer", "choice", "AdamW", choices=OPTIMIZERS, kohya=("optimizer_type",), group="optim"),
     _w("lr_scheduler", "choice", "constant", choices=SCHEDULERS, kohya=("lr_scheduler",), metadata=("lr_scheduler",),
-       resumable=True),
-    _w("warmup_steps", "int", 0, low=0, high=100_000, kohya=("lr_warmup_steps",), resumable=True),
+       resumable=True, group="schedule"),
+    _w("warmup_steps", "int", 0, low=0, high=100_000, kohya=("lr_warmup_steps",), resumable=True, group="schedule"),
     _w("grad_accum", "int", 1, low=1, high=1024, kohya=("gradient_accumulation_steps",),
        metadata=("gradient_accumulation_steps",)),
     _w("max_grad_norm", "float", 1.0, "0 = no clipping.", low=0.0, high=1000.0, step=0.1, kohya=("max_grad_norm",),
-       metadata=("max_grad_norm",)),
+       metadata=("max_grad_norm",), group="optim"),
     _w("seed", "int", 0, low=0, high=0xFFFFFFFF, kohya=("seed",), metadata=("seed",),
        extra={"control_after_generate": True}),
     _w("precision", "choice", "auto", "Autocast dtype; auto = bf16 on GPUs that support it, else fp32. LoRA weights "
-       "stay fp32.", choices=PRECISION_CHOICES),
+       "stay fp32.", choices=PRECISION_CHOICES, config=False),
     _w("gradient_checkpointing", "bool", False, "Less memory, ~30% slower.", kohya=("gradient_checkpointing",),
-       metadata=("gradient_checkpointing",)),
-    _w("loss_type", "choice", "l2", choices=LOSS_TYPES, kohya=("loss_type",), metadata=("loss_type",)),
+       metadata=("gradient_checkpointing",), group="memory"),
+    _w("loss_type", "choice", "l2", choices=LOSS_TYPES, kohya=("loss_type",), metadata=("loss_type",), group="loss"),
     _w("min_snr_gamma", "float", 0.0, "0 = off; 5 is the paper's value.", low=0.0, high=100.0, step=0.5,
-       families=DDPM, kohya=("min_snr_gamma",), metadata=("min_snr_gamma",)),
+       families=DDPM, kohya=("min_snr_gamma",), metadata=("min_snr_gamma",), group="loss"),
     _w("mask_normalize", "bool", False, "Mean loss over the masked area, so small subjects weigh as much as large "
-       "ones."),
+       "ones.", group="loss"),
     _w("prior_loss_weight", "float", 1.0, "Loss weight of regularization images.", low=0.0, high=100.0, step=0.1,
-       kohya=("prior_loss_weight",), metadata=("prior_loss_weight",)),
+       kohya=("prior_loss_weight",), metadata=("prior_loss_weight",), group="loss"),
     _w("sample_prompts", "text", "", "One prompt per line, sampled during and after training, with kohya's options: "
        "--n negative, --w/--h size, --d seed, --s steps, --l CFG, --ss sampler (e.g. 'a toy --n blurry --w 768 --h 512 "
        "--d 42'). Or the path of a kohya prompt file (.txt/.toml/.json; relative: in ComfyUI's input folder). Empty: "
@@ -173,113 +174,125 @@ OPTIONS: tuple[Option, ...] = (
 
     # --- training_args: epochs and saving (kohya counts an epoch as every image × repeats once, reg images balanced)
     _ta("max_train_epochs", "int", None, "train this many epochs (overrides steps)", 1),
-    _ta("save_every_n_epochs", "int", None, "also write the LoRA (+ a resumable state) every N epochs", 1),
-    _ta("save_last_n_epochs", "int", None, "keep only the last N epoch saves (older ones removed)", 1),
-    _ta("save_last_n_steps", "int", None, "keep step saves of the last N steps only (older ones removed)", 1),
-    _ta("sample_every_n_epochs", "int", None, "preview a sample every N epochs", 1),
+    _ta("save_every_n_epochs", "int", None, "also write the LoRA (+ a resumable state) every N epochs", 1,
+        group="saving"),
+    _ta("save_last_n_epochs", "int", None, "keep only the last N epoch saves (older ones removed)", 1, group="saving"),
+    _ta("save_last_n_steps", "int", None, "keep step saves of the last N steps only (older ones removed)", 1,
+        group="saving"),
+    _ta("sample_every_n_epochs", "int", None, "preview a sample every N epochs", 1, group="samples"),
     # noise (SD1/SDXL)
     _ta("noise_offset", "float", None, "offset noise strength (~0.1)", 0.0, 1.0, families=DDPM,
-        metadata=("noise_offset",)),
+        metadata=("noise_offset",), group="noise"),
     _ta("noise_offset_random_strength", "bool", False, "offset strength drawn in [0, noise_offset]", families=DDPM,
-        metadata=("noise_offset_random_strength",)),
+        metadata=("noise_offset_random_strength",), group="noise"),
     _ta("adaptive_noise_scale", "float", None, "add |latent mean| × this to noise_offset", -1.0, 1.0, families=DDPM,
-        metadata=("adaptive_noise_scale",)),
+        metadata=("adaptive_noise_scale",), group="noise"),
     _ta("multires_noise_iterations", "int", None, "pyramid (multires) noise levels (6-10)", 1, 64, families=DDPM,
-        metadata=("multires_noise_iterations",)),
+        metadata=("multires_noise_iterations",), group="noise"),
     _ta("multires_noise_discount", "float", 0.3, "weight discount per multires level", 0.0, 1.0, families=DDPM,
-        metadata=("multires_noise_discount",)),
+        metadata=("multires_noise_discount",), group="noise"),
     _ta("ip_noise_gamma", "float", None, "input perturbation noise (~0.1)", 0.0, 1.0, families=DDPM,
-        metadata=("ip_noise_gamma",)),
+        metadata=("ip_noise_gamma",), group="noise"),
     _ta("ip_noise_gamma_random_strength", "bool", False, "perturbation drawn in [0, ip_noise_gamma]", families=DDPM,
-        metadata=("ip_noise_gamma_random_strength",)),
+        metadata=("ip_noise_gamma_random_strength",), group="noise"),
     _ta("zero_terminal_snr", "bool", False, "rescale the noise schedule to zero terminal SNR", families=DDPM,
-        metadata=("zero_terminal_snr",)),
-    _ta("min_timestep", "int", None, "lowest training timestep (0-999)", 0, 999, metadata=("min_timestep",)),
+        metadata=("zero_terminal_snr",), group="noise"),
+    _ta("min_timestep", "int", None, "lowest training timestep (0-999)", 0, 999, metadata=("min_timestep",),
+        group="noise"),
     _ta("max_timestep", "int", None, "highest training timestep, exclusive (1-1000)", 1, 1000,
-        metadata=("max_timestep",)),
+        metadata=("max_timestep",), group="noise"),
     # loss
     _ta("huber_schedule", "choice", "snr", "huber_c over timesteps (loss_type huber/smooth_l1)",
-        choices=HUBER_SCHEDULES, metadata=("huber_schedule",)),
-    _ta("huber_c", "float", 0.1, "Huber threshold (loss_type huber/smooth_l1)", 1e-6, 1.0, metadata=("huber_c",)),
+        choices=HUBER_SCHEDULES, metadata=("huber_schedule",), group="loss"),
+    _ta("huber_c", "float", 0.1, "Huber threshold (loss_type huber/smooth_l1)", 1e-6, 1.0, metadata=("huber_c",),
+        group="loss"),
     _ta("huber_scale", "float", 1.0, "Huber threshold scale (constant/exponential schedules)", 1e-6, 100.0,
-        metadata=("huber_scale",)),
+        metadata=("huber_scale",), group="loss"),
     _ta("v_pred_like_loss", "float", None, "add a v-prediction-like loss × this", 0.0, 100.0, families=DDPM,
-        metadata=("v_pred_like_loss",)),
+        metadata=("v_pred_like_loss",), group="loss"),
     _ta("debiased_estimation_loss", "bool", False, "weight the loss by 1/√SNR (v: 1/(SNR+1))", families=DDPM,
-        metadata=("debiased_estimation",)),
+        metadata=("debiased_estimation",), group="loss"),
     _ta("scale_v_pred_loss_like_noise_pred", "bool", False, "scale a v loss like an ε loss (SNR/(SNR+1))",
-        families=DDPM, metadata=("scale_v_pred_loss_like_noise_pred",)),
+        families=DDPM, metadata=("scale_v_pred_loss_like_noise_pred",), group="loss"),
     _ta("scale_weight_norms", "float", None, "max-norm regularisation: after every step, scale each LoRA module whose "
         "change up·down·α/r has a norm above this back to it (~1; LoRA and DoRA only)", 1e-6, 1000.0,
-        metadata=("scale_weight_norms",)),
+        metadata=("scale_weight_norms",), group="optim"),
     # optimizer and schedule (the node's optimizer / lr_scheduler / warmup_steps widgets stay; these refine them)
     _ta("optimizer_type", "str", "", "overrides the optimizer widget: a kohya name or a class path such as "
-        "pytorch_optimizer.CAME or torch.optim.RAdam"),
-    _ta("optimizer_args", "kwargs", None, "optimizer keyword arguments, e.g. [weight_decay=0.1 betas=0.9,0.99]"),
-    _ta("lr_warmup_steps", "steps", None, "overrides warmup_steps; below 1 = that fraction of all steps", 0),
-    _ta("lr_decay_steps", "steps", 0, "decay steps of warmup_stable_decay; below 1 = fraction of all steps", 0),
-    _ta("lr_scheduler_num_cycles", "int", 1, "restarts of cosine_with_restarts (cycles of the min-lr schedules)", 1),
-    _ta("lr_scheduler_power", "float", 1.0, "power of the polynomial schedule", 0.0, 100.0),
+        "pytorch_optimizer.CAME or torch.optim.RAdam", group="optim"),
+    _ta("optimizer_args", "kwargs", None, "optimizer keyword arguments, e.g. [weight_decay=0.1 betas=0.9,0.99]",
+        group="optim"),
+    _ta("lr_warmup_steps", "steps", None, "overrides warmup_steps; below 1 = that fraction of all steps", 0,
+        group="schedule"),
+    _ta("lr_decay_steps", "steps", 0, "decay steps of warmup_stable_decay; below 1 = fraction of all steps", 0,
+        group="schedule"),
+    _ta("lr_scheduler_num_cycles", "int", 1, "restarts of cosine_with_restarts (cycles of the min-lr schedules)", 1,
+        group="schedule"),
+    _ta("lr_scheduler_power", "float", 1.0, "power of the polynomial schedule", 0.0, 100.0, group="schedule"),
     _ta("lr_scheduler_min_lr_ratio", "float", None, "lowest lr as a fraction (cosine_with_min_lr, "
-        "warmup_stable_decay)", 0.0, 1.0),
+        "warmup_stable_decay)", 0.0, 1.0, group="schedule"),
     _ta("lr_scheduler_type", "str", "", "a scheduler class path, e.g. torch.optim.lr_scheduler.StepLR (overrides "
-        "lr_scheduler)"),
-    _ta("lr_scheduler_args", "kwargs", None, "scheduler keyword arguments, e.g. [step_size=100 gamma=0.5]"),
+        "lr_scheduler)", group="schedule"),
+    _ta("lr_scheduler_args", "kwargs", None, "scheduler keyword arguments, e.g. [step_size=100 gamma=0.5]",
+        group="schedule"),
     # validation loss (kohya >= 0.10)
     _ta("validation_split", "float", None, "fraction of each folder's images held out for a validation loss",
-        0.0, 0.9, metadata=("validation_split",)),
+        0.0, 0.9, metadata=("validation_split",), group="validation"),
     _ta("validation_seed", "int", None, "seed of the split and of the validation noise (default: seed)", 0,
-        metadata=("validation_seed",)),
+        metadata=("validation_seed",), group="validation"),
     _ta("validate_every_n_steps", "int", None, "also measure the validation loss every N steps", 1,
-        metadata=("validate_every_n_steps",)),
+        metadata=("validate_every_n_steps",), group="validation"),
     _ta("validate_every_n_epochs", "int", None, "measure it every N epochs (default: every epoch)", 1,
-        metadata=("validate_every_n_epochs",)),
+        metadata=("validate_every_n_epochs",), group="validation"),
     _ta("max_validation_steps", "int", None, "use at most N validation batches", 1,
-        metadata=("max_validation_steps",)),
+        metadata=("max_validation_steps",), group="validation"),
     # text encoders (SD1/SD2, SDXL)
     _ta("max_token_length", "int", None, "caption tokens trained: 75, 150 or 225 (kohya's 1-3 windows of 75; "
-        "longer captions are cut, with a warning)", 75, 225, families=DDPM, metadata=("max_token_length",)),
+        "longer captions are cut, with a warning)", 75, 225, families=DDPM, metadata=("max_token_length",),
+        group="text"),
     _ta("clip_skip", "int", None, "train (and preview) with the CLIP's Nth layer from the end, 2 = penultimate, "
         "as CLIP Set Last Layer -N; SD1/SD2 (kohya ignores it for SDXL)", 1, 12, families=("sd1",),
-        metadata=("clip_skip",)),
+        metadata=("clip_skip",), group="text"),
     # sample previews (kohya's sample_* options; prompts go in the node's sample_prompts)
     _ta("sample_sampler", "choice", None, "preview sampler by kohya's name (ddim, euler, euler_a, dpmsolver++, "
-        "...; mapped onto ComfyUI's samplers); a prompt's --ss overrides it", choices=tuple(SAMPLERS)),
-    _ta("sample_at_first", "bool", False, "also preview before the first step"),
+        "...; mapped onto ComfyUI's samplers); a prompt's --ss overrides it", choices=tuple(SAMPLERS), group="samples"),
+    _ta("sample_at_first", "bool", False, "also preview before the first step", group="samples"),
     _ta("fused_backward_pass", "bool", False, "step each parameter as soon as its gradient is ready (less "
-        "memory); not with grad_accum > 1, max_grad_norm > 0, fp16, Prodigy/D-Adaptation"),
+        "memory); not with grad_accum > 1, max_grad_norm > 0, fp16, Prodigy/D-Adaptation", group="optim"),
     # memory (block_swap.py; the base weights' dtype is ComfyUI's to choose when it loads them)
     _ta("blocks_to_swap", "int", 0, "keep the weights of the network's last N blocks in host memory; each visits "
         "the device only for its forward and backward (SD3: joint blocks; SD1/SDXL: the UNet's ResBlocks, "
-        "transformers and resamplers)", 0),
+        "transformers and resamplers)", 0, group="memory"),
     _ta("cpu_offload_checkpointing", "bool", False, "with gradient_checkpointing: keep each checkpointed block's "
-        "saved inputs in host memory until its backward (not with blocks_to_swap)"),
+        "saved inputs in host memory until its backward (not with blocks_to_swap)", group="memory"),
     _ta("fp8_base", "bool", False, "kohya's fp8 base model: requires a MODEL whose weights ComfyUI loaded as fp8 (Load "
-        "Diffusion Model, weight_dtype fp8_e4m3fn; cli.py loads a kohya config's model so)", metadata=("fp8_base",)),
+        "Diffusion Model, weight_dtype fp8_e4m3fn; cli.py loads a kohya config's model so)", metadata=("fp8_base",),
+        group="memory"),
     _ta("fp8_base_unet", "bool", False, "as fp8_base, for the diffusion model only (the text encoders as loaded)",
-        metadata=("fp8_base_unet",)),
+        metadata=("fp8_base_unet",), group="memory"),
     # logging (tracking.py): TensorBoard event files, kohya's folder layout and tags
     _ta("logging_dir", "str", None, "write loss, learning rates, validation loss and samples as TensorBoard "
-        "events under this folder (needs: pip install tensorboard)"),
-    _ta("log_prefix", "str", None, "prefix of the run's folder name (before its timestamp)"),
+        "events under this folder (needs: pip install tensorboard)", group="logging"),
+    _ta("log_prefix", "str", None, "prefix of the run's folder name (before its timestamp)", group="logging"),
     _ta("log_with", "choice", None, "tensorboard (the only backend; wandb is refused)",
-        choices=("tensorboard", "wandb", "all")),
-    _ta("log_tracker_name", "str", None, "sub-folder of the run (default: network_train)"),
+        choices=("tensorboard", "wandb", "all"), group="logging"),
+    _ta("log_tracker_name", "str", None, "sub-folder of the run (default: network_train)", group="logging"),
     # beyond kohya: an exponential moving average of the trained weights (ema.py)
     _ta("ema_decay", "float", 0.0, "keep an EMA of the trained weights (e.g. 0.999; 0 = off): saves, previews, "
-        "validation loss and the output use it", 0.0, 0.99999, resumable=True),
-    _ta("ema_update_every", "int", 1, "update the EMA every N optimizer steps", 1, resumable=True),
+        "validation loss and the output use it", 0.0, 0.99999, resumable=True, group="ema"),
+    _ta("ema_update_every", "int", 1, "update the EMA every N optimizer steps", 1, resumable=True, group="ema"),
     _ta("ema_warmup", "bool", True, "EMA decay min(ema_decay, (1+n)/(10+n)) at the n-th update, so the first "
-        "updates follow the weights"),
-    _ta("ema_on_host", "bool", False, "keep the EMA in host memory, not on the training device"),
+        "updates follow the weights", group="ema"),
+    _ta("ema_on_host", "bool", False, "keep the EMA in host memory, not on the training device", group="ema"),
     # beyond kohya's form: prior preservation without regularization images (preservation.py)
     _ta("diff_output_preservation", "bool", False, "keep the prediction for each caption with its trigger "
-        "replaced by the class (sks dog -> dog) at the base model's (adapters off)"),
-    _ta("diff_output_preservation_multiplier", "float", 1.0, "weight of that preservation loss", 0.0, 1000.0),
+        "replaced by the class (sks dog -> dog) at the base model's (adapters off)", group="preservation"),
+    _ta("diff_output_preservation_multiplier", "float", 1.0, "weight of that preservation loss", 0.0, 1000.0,
+        group="preservation"),
     _ta("diff_output_preservation_trigger", "str", "", "the trigger words (default: from the dataset: the "
-        "subset's class_tokens)"),
+        "subset's class_tokens)", group="preservation"),
     _ta("diff_output_preservation_class", "str", "", "the class words that replace them (default: the N_name "
-        "folder's name)"),
+        "folder's name)", group="preservation"),
 )
 
 BY_NAME: dict[str, Option] = {}
@@ -335,7 +348,7 @@ def config_widgets() -> tuple[str, ...]:
 
 def metadata_of(config) -> dict[str, object]:
     """The ss_* keys that record a TrainConfig field as given (kohya's names), e.g. noise_offset, max_train_steps."""
-    return {key: getattr(config, o.name) for o in OPTIONS if o.config for key in o.metadata}
+    return {key: config.get(o.name) for o in OPTIONS if o.config for key in o.metadata}
 
 
 def widget_metadata(values: dict, kind: str) -> dict[str, object]:

@@ -77,8 +77,9 @@ class TensorBoardLog:
 @contextlib.contextmanager
 def tensorboard_log(cfg, where: str):
     """A TensorBoardLog for a run whose TrainConfig sets logging_dir or log_with (else None), closed afterwards."""
-    log = (TensorBoardLog(cfg.logging_dir, cfg.log_prefix, cfg.log_with, cfg.log_tracker_name, where=where)
-           if (cfg.logging_dir or cfg.log_with) and distributed.is_main() else None)  # one log: rank 0's
+    lg = cfg.logging
+    log = (TensorBoardLog(lg.logging_dir, lg.log_prefix, lg.log_with, lg.log_tracker_name, where=where)
+           if (lg.logging_dir or lg.log_with) and distributed.is_main() else None)  # one log: rank 0's
     try:
         yield log
     finally:

@@ -75,7 +75,8 @@ def batch_tensors(inputs: StepInputs, source: LatentCache, indices: list[int], p
     x0 = inputs.latent_in(torch.stack([latent for latent, _ in views]).to(inputs.device))
     masks = [m for _, m in views]
     mask = torch.stack(masks).to(inputs.device) if all(m is not None for m in masks) else None
-    weights = torch.tensor([inputs.cfg.prior_loss_weight if s.is_reg else 1.0 for s in samples], device=inputs.device)
+    reg_weight = inputs.cfg.loss.prior_loss_weight
+    weights = torch.tensor([reg_weight if s.is_reg else 1.0 for s in samples], device=inputs.device)
     return Batch(x0, mask, weights, inputs.condition(captions, train, geometries), captions, geometries)
 
 
@@ -140,17 +141,17 @@ def batch_loss(inputs: StepInputs, source: LatentCache, indices: list[int], gene
     with inputs.autocast():
         pred = inputs.forward(nb.x_t, nb.timesteps, batch.cond)
     huber_c = None
-    if cfg.loss_type in ("huber", "smooth_l1"):
-        huber_c = objective.huber_c(nb, cfg.huber_schedule, cfg.huber_c, cfg.huber_scale).to(device)
-    err = elementwise(objective.output(pred, nb), nb.target, cfg.loss_type, huber_c)
-    per_sample = per_sample_loss(err, batch.mask, cfg.mask_normalize)
+    if cfg.loss.loss_type in ("huber", "smooth_l1"):
+        huber_c = objective.huber_c(nb, cfg.loss.huber_schedule, cfg.loss.huber_c, cfg.loss.huber_scale).to(device)
+    err = elementwise(objective.output(pred, nb), nb.target, cfg.loss.loss_type, huber_c)
+    per_sample = per_sample_loss(err, batch.mask, cfg.loss.mask_normalize)
     if nb.weight is not None:
         per_sample = per_sample * nb.weight.to(device)
-    if cfg.min_snr_gamma:
-        per_sample = per_sample * objective.min_snr_weight(nb.snr, cfg.min_snr_gamma).to(device)
-    if (post_weight := objective.loss_weight(nb.snr, cfg)) is not None:
+    if cfg.loss.min_snr_gamma:
+        per_sample = per_sample * objective.min_snr_weight(nb.snr, cfg.loss.min_snr_gamma).to(device)
+    if (post_weight := objective.loss_weight(nb.snr, cfg.loss)) is not None:
         per_sample = per_sample * post_weight.to(device)
     loss = (per_sample * batch.weights).mean()
-    if train and cfg.diff_output_preservation:
-        loss = loss + cfg.diff_output_preservation_multiplier * preservation_loss(inputs, nb, batch)
+    if train and cfg.preservation.diff_output_preservation:
+        loss = loss + cfg.preservation.diff_output_preservation_multiplier * preservation_loss(inputs, nb, batch)
     return loss

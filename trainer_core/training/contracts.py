@@ -56,5 +56,6 @@ class Objective(Protocol):
     def min_snr_weight(self, snr: torch.Tensor, gamma: float) -> torch.Tensor:
         """Min-SNR-γ weight per sample (a family without it refuses)."""
 
-    def loss_weight(self, snr: torch.Tensor, cfg) -> torch.Tensor | None:
-        """kohya's per-sample weights after min-SNR; None where the family has none."""
+    def loss_weight(self, snr: torch.Tensor, loss) -> torch.Tensor | None:
+        """kohya's per-sample weights after min-SNR, from the loss settings (TrainConfig.loss); None where the
+        family has none."""

@@ -39,7 +39,8 @@ def validation_loss(inputs: StepInputs, source: LatentCache, batches: list[list[
     cfg = inputs.cfg
     inputs.network.eval()
     optimizer_mode(optimizers, train=False)
-    gen = torch.Generator().manual_seed(cfg.seed if cfg.validation_seed is None else cfg.validation_seed)
+    seed = cfg.validation.validation_seed
+    gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
     with torch.no_grad():
         losses = [float(batch_loss(inputs, source, b, gen, train=False, timestep=t))
                   for b in batches for t in timesteps]

@@ -18,6 +18,7 @@ import torch
 
 from . import distributed, validation
 from .batch_loss import StepInputs
+from .config import TrainConfig
 from ..data.cache import LatentCache
 from ..memory.checkpointing import gradient_checkpointing
 from .contracts import Objective, TrainableNetwork
@@ -27,7 +28,7 @@ from ..errors import KilnError
 from .eval_loss import optimizer_mode, probe_batch, probe_loss, validation_loss
 from ..lora import max_norm
 from ..memory.oom import oom_guard
-from ..maths.optim import FusedBackward, Schedule, build_optimizer, build_scheduler, check_fused
+from ..maths.optim import FusedBackward, build_optimizer, build_scheduler, check_fused
 from .run_state import RESUMABLE_SETTINGS, RunState, TrainResult, changed_settings, run_settings
 from .step import ChangeGuard, accumulate, freeze_text_encoders, lrs_by_group, optimizer_step
 
@@ -36,101 +37,6 @@ __all__ = ["PRECISIONS", "TrainConfig", "StepInfo", "TrainResult", "BatchStream"
            "run_settings", "changed_settings", "train"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 500
-    learning_rate: float = 1e-4
-    batch_size: int = 1
-    grad_accum: int = 1
-    optimizer: str = "AdamW"
-    lr_scheduler: str = "constant"
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    loss_type: str = "l2"
-    min_snr_gamma: float = 0.0
-    mask_normalize: bool = False
-    prior_loss_weight: float = 1.0
-    precision: str = "fp32"
-    gradient_checkpointing: bool = False
-    group_lrs: dict = field(default_factory=dict)  # adapter group ("te1", ...) -> its own learning rate
-    save_every: int = 0                            # hand a resumable state to on_save every N steps (0: never)
-    # kohya's training_args (trainer_core/options/training_args.py), same names and meaning
-    max_train_epochs: int | None = None            # sets steps (epochs.steps_per_epoch)
-    save_every_n_epochs: int | None = None         # on_save(..., epoch=N) at the end of every Nth epoch
-    save_last_n_epochs: int | None = None          # read by the host that writes the files (epochs.py rules)
-    save_last_n_steps: int | None = None
-    sample_every_n_epochs: int | None = None       # read by the host's on_step (StepInfo.epoch_end)
-    # noise and timesteps: read when the host builds the objective (noise.NoiseOptions.from_config)
-    noise_offset: float | None = None
-    noise_offset_random_strength: bool = False
-    adaptive_noise_scale: float | None = None
-    multires_noise_iterations: int | None = None
-    multires_noise_discount: float = 0.3
-    ip_noise_gamma: float | None = None
-    ip_noise_gamma_random_strength: bool = False
-    zero_terminal_snr: bool = False
-    min_timestep: int | None = None
-    max_timestep: int | None = None
-    optimizer_type: str = ""                       # overrides optimizer (a kohya name or a class path)
-    optimizer_args: dict | None = None
-    lr_warmup_steps: float | None = None           # overrides warmup_steps; < 1 = fraction of all steps
-    lr_decay_steps: float = 0
-    lr_scheduler_num_cycles: int = 1
-    lr_scheduler_power: float = 1.0
-    lr_scheduler_min_lr_ratio: float | None = None
-    lr_scheduler_type: str = ""
-    lr_scheduler_args: dict | None = None
-    fused_backward_pass: bool = False              # optim.FusedBackward: step each parameter during backward
-    stop_text_encoder_training: int | None = None  # kohya (train_db): text encoders train in steps 1..N only
-    validation_split: float | None = None          # validation.py: held-out images, fixed timesteps and noise
-    validation_seed: int | None = None             # (default: seed)
-    validate_every_n_steps: int | None = None
-    validate_every_n_epochs: int | None = None     # None: every epoch (when there is a validation part)
-    max_validation_steps: int | None = None
-    logging_dir: str | None = None                 # tracking.py, read by the host: TensorBoard event files
-    log_prefix: str | None = None
-    log_with: str | None = None
-    log_tracker_name: str | None = None
-    max_token_length: int | None = None            # read by the host's text conditioning (kohya's windows)
-    clip_skip: int | None = None                   # read by the host: the CLIP layer it encodes with
-    sample_sampler: str | None = None              # read by the host's previews (sample_prompts.SAMPLERS)
-    sample_at_first: bool = False
-    ema_decay: float = 0.0                         # ema.py: 0 = off; saves, previews and the result use the average
-    ema_update_every: int = 1
-    ema_warmup: bool = True
-    ema_on_host: bool = False
-    diff_output_preservation: bool = False         # preservation.py: keep the class prompt's prediction at the base's
-    diff_output_preservation_multiplier: float = 1.0
-    diff_output_preservation_trigger: str = ""
-    diff_output_preservation_class: str = ""
-    preservation_pairs: list = field(default_factory=list)  # (trigger, class), set by the host (preservation.pairs_from)
-    blocks_to_swap: int = 0                        # block_swap.py: the last N checkpoint blocks live in host memory
-    cpu_offload_checkpointing: bool = False        # checkpointing.py: checkpointed blocks' inputs kept on the host
-    fp8_base: bool = False                         # read by the host: the MODEL's weights must be fp8 (ComfyUI loads them)
-    fp8_base_unet: bool = False
-    training_args: dict = field(default_factory=dict)  # the training_args given (for the node's text)
-    session_id: int = 0                            # kohya's ss_session_id / ss_training_started_at (set by the host)
-    training_started_at: float = 0.0
-
-    @property
-    def optimizer_name(self) -> str:
-        return self.optimizer_type or self.optimizer
-
-    def schedule(self) -> Schedule:
-        warmup = self.warmup_steps if self.lr_warmup_steps is None else self.lr_warmup_steps
-        return Schedule(self.lr_scheduler, warmup, self.lr_decay_steps, self.lr_scheduler_num_cycles,
-                        self.lr_scheduler_power, self.lr_scheduler_min_lr_ratio, self.lr_scheduler_type,
-                        self.lr_scheduler_args or {})
-    huber_schedule: str = "snr"
-    huber_c: float = 0.1
-    huber_scale: float = 1.0
-    v_pred_like_loss: float | None = None
-    debiased_estimation_loss: bool = False
-    scale_v_pred_loss_like_noise_pred: bool = False
-    scale_weight_norms: float | None = None         # lora/max_norm.py: kohya's max-norm regularisation
 
 
 @dataclass
@@ -150,30 +56,30 @@ class StepInfo:
 
 def check_trainable(network: TrainableNetwork, cache: LatentCache, cfg: TrainConfig, world: int) -> None:
     """Settings and data that cannot train as asked stop the run before anything is built."""
-    if world > 1 and cfg.fused_backward_pass:
+    if world > 1 and cfg.optim.fused_backward_pass:
         raise KilnError(f"fused_backward_pass steps each parameter during backward, before the other {world - 1} "
                         f"process(es) have sent their gradients: turn it off for a multi-process (torchrun) run.")
     if cache.has_masks and all(s.mask is not None and not bool((s.mask > 0).any()) for s in cache.samples):
         raise KilnError("every mask is entirely black, so nothing would train: white = train, black = ignore. "
                         "Check the mask folder or alpha channels, or set Alpha/Mask Source's mode to none.")
-    if cfg.diff_output_preservation and not network.switchable:
+    if cfg.preservation.diff_output_preservation and not network.switchable:
         raise KilnError("diff_output_preservation compares with the model without its adapters, and full "
                         "fine-tuning (DreamBooth) has none: use regularization images (prior_loss_weight) instead.")
-    if cfg.diff_output_preservation and not cfg.preservation_pairs:
+    if cfg.preservation.diff_output_preservation and not cfg.preservation_pairs:
         raise KilnError("diff_output_preservation: no trigger → class pairs were given.")
-    if cfg.scale_weight_norms:
-        max_norm.check(network, cfg.scale_weight_norms)
+    if cfg.optim.scale_weight_norms:
+        max_norm.check(network, cfg.optim.scale_weight_norms)
 
 
 def validation_due(cfg: TrainConfig, step: int, epoch: int, epoch_end: bool) -> bool:
     """Every validate_every_n_steps steps, and at the end of every validate_every_n_epochs-th epoch (default 1)."""
-    return bool((cfg.validate_every_n_steps and step % cfg.validate_every_n_steps == 0) or
-                (epoch_end and epoch % (cfg.validate_every_n_epochs or 1) == 0))
+    return bool((cfg.validation.validate_every_n_steps and step % cfg.validation.validate_every_n_steps == 0) or
+                (epoch_end and epoch % (cfg.validation.validate_every_n_epochs or 1) == 0))
 
 
 def saves_due(cfg: TrainConfig, step: int, epoch: int, epoch_end: bool, num_epochs: int) -> tuple[bool, int | None]:
     """(a step save is due, the epoch whose end is saved now or None); the last epoch's end is the run's output."""
-    save_epoch = epoch if (epoch_end and cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0
+    save_epoch = epoch if (epoch_end and cfg.saving.save_every_n_epochs and epoch % cfg.saving.save_every_n_epochs == 0
                            and epoch < num_epochs) else None
     return bool(cfg.save_every and step % cfg.save_every == 0), save_epoch
 
@@ -187,7 +93,7 @@ def train(network: TrainableNetwork, objective: Objective, forward: Callable, co
     accumulation ends with the epoch's last batch).
 
     Every ``cfg.save_every`` steps ``on_save(step, state, result)`` gets the training state
-    (optimizer, schedule, every RNG, the batch position), and at the end of every ``cfg.save_every_n_epochs``-th
+    (optimizer, schedule, every RNG, the batch position), and at the end of every ``cfg.saving.save_every_n_epochs``-th
     epoch ``on_save(step, state, result, epoch=N)``; passing such a state back as ``resume`` (with the adapters
     loaded from the LoRA saved then) continues exactly where that run was."""
     if not cache.samples:
@@ -206,13 +112,14 @@ def train(network: TrainableNetwork, objective: Objective, forward: Callable, co
     # the optimizer, its schedule, the average and the random streams: the run's state
     groups = network.param_groups(cfg.learning_rate, cfg.group_lrs)
     requested_lrs = {g["name"]: g["lr"] for g in groups}  # before the schedule scales them
-    opt = build_optimizer(cfg.optimizer_name, groups, cfg.learning_rate, cfg.optimizer_args)
-    sched = build_scheduler(opt, cfg.schedule(), cfg.steps, cfg.learning_rate)
+    opt = build_optimizer(cfg.optimizer_name, groups, cfg.learning_rate, cfg.optim.optimizer_args)
+    sched = build_scheduler(opt, cfg.lr_schedule(), cfg.steps, cfg.learning_rate)
     fused = None
-    if cfg.fused_backward_pass:
-        check_fused(cfg.grad_accum, cfg.max_grad_norm, cfg.precision)
-        fused = FusedBackward(opt, cfg.optimizer_name, cfg.optimizer_args)
-    ema = EMA(params, cfg.ema_decay, cfg.ema_update_every, cfg.ema_warmup, cfg.ema_on_host) if cfg.ema_decay else None
+    if cfg.optim.fused_backward_pass:
+        check_fused(cfg.grad_accum, cfg.optim.max_grad_norm, cfg.precision)
+        fused = FusedBackward(opt, cfg.optimizer_name, cfg.optim.optimizer_args)
+    e = cfg.ema
+    ema = EMA(params, e.ema_decay, e.ema_update_every, e.ema_warmup, e.ema_on_host) if e.ema_decay else None
     averaged = ema.applied if ema else contextlib.nullcontext  # what saves, previews and validation see
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     run = RunState.start(cfg, cache, params, opt, sched, fused, scaler, ema, requested_lrs, world)
@@ -230,12 +137,15 @@ def train(network: TrainableNetwork, objective: Objective, forward: Callable, co
         run.restore(resume)
     result = run.result
     guard = ChangeGuard(params, fused is not None)  # "nothing changed" is checked against the weights now
-    val_batches = validation.batches(val_cache, cfg.batch_size, cfg.max_validation_steps) if val_cache else []
-    val_timesteps = validation.timesteps(cfg.min_timestep, cfg.max_timestep, objective.num_timesteps)
+    max_val = cfg.validation.max_validation_steps
+    val_batches = validation.batches(val_cache, cfg.batch_size, max_val) if val_cache else []
+    val_timesteps = validation.timesteps(cfg.noise.min_timestep, cfg.noise.max_timestep, objective.num_timesteps)
 
     start, norms = time.perf_counter(), None
+    memory = cfg.memory
     with oom_guard(cfg, trained_params, device, lambda: f"at training step {result.steps + 1}"), \
-            gradient_checkpointing(list(checkpoint_blocks), cfg.gradient_checkpointing, cfg.cpu_offload_checkpointing):
+            gradient_checkpointing(list(checkpoint_blocks), memory.gradient_checkpointing,
+                                   memory.cpu_offload_checkpointing):
         for step in range(result.steps + 1, cfg.steps + 1):
             if cfg.stop_text_encoder_training is not None and step > cfg.stop_text_encoder_training:
                 freeze_text_encoders(groups)
@@ -272,8 +182,8 @@ def train(network: TrainableNetwork, objective: Objective, forward: Callable, co
     network.eval()
     guard.check_end(result.steps, cfg.learning_rate)
     if norms is not None:  # kohya logs these per step
-        result.notes.append(f"scale_weight_norms {cfg.scale_weight_norms:g}: at the last step {norms[0]} modules scaled "
-                            f"back; mean norm {norms[1]:.4g}, largest {norms[2]:.4g}")
+        result.notes.append(f"scale_weight_norms {cfg.optim.scale_weight_norms:g}: at the last step {norms[0]} "
+                            f"modules scaled back; mean norm {norms[1]:.4g}, largest {norms[2]:.4g}")
     if ema is not None:
         ema.copy_to_params()
     result.probe_loss_end = probe_loss(inputs, cache, probe)

@@ -25,7 +25,7 @@ RESUMABLE_SETTINGS = registry.resumable() + ("group_lrs",)
 def run_settings(cfg: TrainConfig) -> dict:
     """The settings a saved state records; on resume they may differ (and then take effect), except the
     optimizer, whose saved state only fits the optimizer that wrote it."""
-    return {"optimizer": cfg.optimizer_name, **{k: getattr(cfg, k) for k in RESUMABLE_SETTINGS}}
+    return {"optimizer": cfg.optimizer_name, **{k: cfg.get(k) for k in RESUMABLE_SETTINGS}}
 
 
 def changed_settings(saved: dict | None, cfg: TrainConfig) -> list[str]:

@@ -107,8 +107,8 @@ def optimizer_step(run: RunState, guard: ChangeGuard, step: int, loss: float, ne
     guard.check_gradients(step, loss)
     if scaler:
         scaler.unscale_(opt)
-    if cfg.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
+    if cfg.optim.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.max_grad_norm)
     if scaler:
         scaler.step(opt)
         scaler.update()
@@ -122,7 +122,7 @@ def optimizer_step(run: RunState, guard: ChangeGuard, step: int, loss: float, ne
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
         sched.step()
     opt.zero_grad(set_to_none=True)
-    norms = max_norm.apply(network, cfg.scale_weight_norms) if cfg.scale_weight_norms else None
+    norms = max_norm.apply(network, cfg.optim.scale_weight_norms) if cfg.optim.scale_weight_norms else None
     if run.ema is not None:
         run.ema.update(step)
     return norms

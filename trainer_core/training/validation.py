@@ -78,4 +78,5 @@ def batches(cache: LatentCache, batch_size: int, max_steps: int | None) -> list[
 
 def parts(cache: LatentCache, cfg) -> tuple[LatentCache, LatentCache | None]:
     """The training and validation parts for a TrainConfig (validation_seed defaults to the seed, as kohya)."""
-    return split(cache, cfg.validation_split, cfg.seed if cfg.validation_seed is None else cfg.validation_seed)
+    val = cfg.validation
+    return split(cache, val.validation_split, cfg.seed if val.validation_seed is None else val.validation_seed)
