@@ -2,6 +2,8 @@
 // Train nodes send each optimizer step (step, total, loss, lr, seconds, epoch, val_loss, saved): raw and smoothed
 // loss over the whole planned run, the learning rate on a second axis, validation points, save markers. Sample previews need no code
 // here: ComfyUI shows the node's progress preview image itself.
+// And a button on nodes with "advanced" inputs (the Train nodes' widgets beyond registry.SHOWN): the frontend hides
+// those until the node's "Show Advanced"; the button is that toggle, one click away, saying how many are hidden.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -160,20 +162,100 @@ function draw(canvas, state) {
                   lrY: lrs.map(([s, v]) => [x(s), yLr(v)]), valXY: val.map(([s, v]) => [x(s), y(v)])};
 }
 
+// input name -> default, for the advanced inputs of a node definition (from /object_info)
+function advancedDefaults(nodeData) {
+  const out = {};
+  for (const section of ["required", "optional"]) {
+    for (const [name, spec] of Object.entries(nodeData.input?.[section] ?? {})) {
+      if (spec?.[1]?.advanced) out[name] = spec[1].default;
+    }
+  }
+  return out;
+}
+
+const sameValue = (a, b) => (typeof a === "number" && typeof b === "number"
+  ? Math.abs(a - b) <= 1e-9 * Math.max(1, Math.abs(b)) : (a ?? "") === (b ?? ""));
+
+function fitHeight(node) {
+  node.setSize([node.size[0], node.computeSize()[1]]);
+  node.setDirtyCanvas(true, true);
+}
+
+// Frontend 1.32 (ComfyUI 0.3.75) skips hidden widgets when it draws and sizes a node, but still gives each its
+// height when it lays the widgets out, leaving gaps: a hidden widget measures nothing here instead.
+const NO_SIZE = () => [0, -4];  // the layout adds 4 px of margin to a widget's height
+
+function measuresNothingWhen(widget, isHidden) {
+  let own = widget.computeSize;  // the widget's own or its class's; undefined for widgets sized by their layout
+  Object.defineProperty(widget, "computeSize", {configurable: true, get: () => (isHidden() ? NO_SIZE : own),
+                                                set: (v) => { own = v; }});
+}
+
+function updateAdvancedButton(node) {
+  const hidden = node.widgets.filter((w) => w.advanced).length;
+  node.kilnAdvanced.button.label = node.kilnAdvanced.button.name = hidden === 0 ? "" :
+    node.showAdvanced ? `▾ hide ${hidden} advanced inputs` : `▸ show ${hidden} advanced inputs`;
+  node.kilnAdvanced.button.hidden = hidden === 0;
+}
+
+// the advanced flag on each widget (frontends that keep it only in the widget's options too), and the toggle button
+function addAdvancedToggle(node, defaults) {
+  for (const w of node.widgets ?? []) {
+    if (!(w.name in defaults)) continue;
+    w.advanced = true;
+    measuresNothingWhen(w, () => w.advanced && !node.showAdvanced);
+  }
+  const button = node.addWidget("button", "advanced", null, () => {
+    node.showAdvanced = !node.showAdvanced;
+    updateAdvancedButton(node);
+    fitHeight(node);
+  }, { serialize: false });
+  button.serialize = false;  // never among widgets_values: saved workflows keep their positions
+  measuresNothingWhen(button, () => button.hidden);
+  node.kilnAdvanced = {defaults, button};
+  updateAdvancedButton(node);
+}
+
+// a loaded workflow that sets an advanced input away from its default shows it: nothing it sets is out of sight
+function revealChanged(node) {
+  const {defaults} = node.kilnAdvanced;
+  for (const w of node.widgets) if (w.advanced && !sameValue(w.value, defaults[w.name])) w.advanced = false;
+  updateAdvancedButton(node);
+  fitHeight(node);
+}
+
+function addChart(node) {
+  const canvas = document.createElement("canvas");
+  canvas.className = "kiln-loss-chart";
+  canvas.style.width = "100%";
+  canvas.style.height = `${HEIGHT}px`;
+  node.kiln = {points: [], lrs: [], val: [], saves: [], last: null, canvas};
+  const chart = node.addDOMWidget("kiln_loss", "kiln-loss", canvas, { serialize: false, getMinHeight: () => HEIGHT });
+  chart.serialize = false;  // no trailing null in widgets_values
+  draw(canvas, node.kiln);
+}
+
 app.registerExtension({
   name: "kiln.training",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (!TRAIN_NODES.has(nodeData.name)) return;
+    if (!nodeData.name.startsWith("Kiln")) return;
+    const defaults = advancedDefaults(nodeData);
+    const advanced = Object.keys(defaults).length > 0;
+    if (!advanced && !TRAIN_NODES.has(nodeData.name)) return;
+    const configure = nodeType.prototype.onConfigure;
+    if (advanced) {
+      nodeType.prototype.onConfigure = function () {
+        const r = configure?.apply(this, arguments);
+        if (this.kilnAdvanced) revealChanged(this);
+        return r;
+      };
+    }
     const created = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const r = created?.apply(this, arguments);
-      const canvas = document.createElement("canvas");
-      canvas.className = "kiln-loss-chart";
-      canvas.style.width = "100%";
-      canvas.style.height = `${HEIGHT}px`;
-      this.kiln = {points: [], lrs: [], val: [], saves: [], last: null, canvas};
-      this.addDOMWidget("kiln_loss", "kiln-loss", canvas, { serialize: false, getMinHeight: () => HEIGHT });
-      draw(canvas, this.kiln);
+      if (advanced) addAdvancedToggle(this, defaults);
+      if (TRAIN_NODES.has(nodeData.name)) addChart(this);
+      if (advanced) fitHeight(this);
       return r;
     };
   },

@@ -30,8 +30,11 @@ class KilnLoraConfig(io.ComfyNode):
                 io.Float.Input("conv_alpha", default=1.0, min=0.0, max=1024.0, step=0.5,
                                tooltip="kohya conv_alpha; 0 = conv_rank (scale 1), as kohya reads it."),
                 io.Float.Input("dropout", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="kohya network_dropout."),
-                io.Float.Input("rank_dropout", default=0.0, min=0.0, max=1.0, step=0.01),
-                io.Float.Input("module_dropout", default=0.0, min=0.0, max=1.0, step=0.01),
+                io.Float.Input("rank_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="kohya rank_dropout: chance that each rank of a module is left out for a "
+                                       "step."),
+                io.Float.Input("module_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="kohya module_dropout: chance that a whole module is left out for a step."),
                 io.String.Input("network_args", default="", multiline=True, optional=True,
                                 tooltip="kohya --network_args, key=value pairs, e.g. for SD3: context_attn_dim=16 "
                                         "x_mlp_dim=8 emb_dims=[0,0,0,0,0,0] train_block_indices=0-11 verbose=True. "
@@ -103,9 +106,11 @@ class KilnSaveLora(io.ComfyNode):
             category="Kiln",
             description="Writes a kohya-format .safetensors LoRA into models/loras (atomically).",
             inputs=[
-                KilnLoraType.Input("lora"),
+                KilnLoraType.Input("lora", tooltip="The trained LoRA from a Train node."),
                 io.String.Input("filename", default="kiln/my_lora", tooltip="Inside models/loras; sub-folders allowed."),
-                io.Combo.Input("precision", options=list(DTYPES), default="fp16"),
+                io.Combo.Input("precision", options=list(DTYPES), default="fp16",
+                               tooltip="dtype of the saved weights: fp16 (kohya's usual save_precision, half the "
+                                       "size), bf16, or fp32 (as trained)."),
                 io.Boolean.Input("overwrite", default=True, tooltip="Off: stop instead of replacing an existing file."),
             ],
             outputs=[io.String.Output(display_name="path")],

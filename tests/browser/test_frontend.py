@@ -136,3 +136,65 @@ def test_every_example_workflow_opens_and_converts_to_its_twin(ready_server):
         assert strip_meta(prompt) == strip_meta(api), name
         assert charts == [True], name
     assert not [c for c in console if "kiln" in c.lower() and ("error" in c.lower() or "EXCEPTION" in c)], console
+
+
+VISIBLE = """((type) => {
+  const n = typeof type === 'string' ? LiteGraph.createNode(type) : app.graph.getNodeById(type);
+  if (!n.graph) app.graph.add(n);
+  const names = () => n.widgets.filter(w => n.isWidgetVisible(w) && w.name !== 'kiln_loss' && w.type !== 'button')
+    .map(w => w.name);
+  return {id: n.id, names: names(), button: n.kilnAdvanced?.button.label ?? null};
+})"""
+
+CLICK_BUTTON = """((id) => {
+  const n = app.graph.getNodeById(id), b = n.kilnAdvanced.button;
+  app.canvas.ds.scale = 1; app.canvas.ds.offset = [-n.pos[0] + 40, -n.pos[1] + 60]; app.canvas.setDirty(true, true);
+  app.canvas.draw(true, true);
+  const r = app.canvas.canvas.getBoundingClientRect();
+  const [x, y] = app.canvas.ds.convertOffsetToCanvas([n.pos[0] + n.size[0] / 2, n.pos[1] + b.y + 10]);
+  return [r.left + x, r.top + y];
+})"""
+
+
+async def click(b, x: float, y: float) -> None:
+    for kind in ("mousePressed", "mouseReleased"):
+        await b.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+        await asyncio.sleep(0.1)
+
+
+def test_train_nodes_show_a_dozen_inputs_and_the_rest_one_click_away(ready_server):
+    """A new Train node shows the registry's SHOWN widgets (+ seed's control widget); one click on its button shows
+    every input; a saved workflow keeps every widget value in its position and shows what it sets away from the
+    defaults."""
+    nodes = ("KilnTrainSD1", "KilnTrainSDXL", "KilnTrainSD3", "KilnTrainDreamBooth")
+
+    async def run():
+        out = {}
+        async with Browser(free_port()) as b:
+            await b.open_app(ready_server.url)
+            await b.wait_for("app.extensions.some(e => e.name === 'kiln.training')", 30)
+            for node in nodes:
+                await b.evaluate("app.graph.clear()")
+                before = await b.evaluate(f"{VISIBLE}({json.dumps(node)})")
+                await click(b, *await b.evaluate(f"{CLICK_BUTTON}({before['id']})"))
+                after = await b.evaluate(f"{VISIBLE}({before['id']})")
+                total = await b.evaluate(f"app.graph.getNodeById({before['id']}).widgets.filter(w => w.name !== "
+                                         f"'kiln_loss' && w.type !== 'button').length")
+                out[node] = (before, after, total)
+            await b.evaluate(f"app.loadGraphData({json.dumps(UI)})")
+            saved = await b.evaluate("app.graph.serialize().nodes.filter(n => n.type === 'KilnTrainSD1')"
+                                     ".map(n => n.widgets_values)[0]")
+            shown = await b.evaluate(f"{VISIBLE}(6)")
+            return out, saved, shown
+    out, saved, shown = asyncio.run(run())
+    counts = {node: (len(before["names"]), len(after["names"]), total) for node, (before, after, total) in out.items()}
+    print("visible widgets by default, after the click, all:", counts)
+    for node, (before, after, total) in out.items():
+        assert 10 <= len(before["names"]) <= 14, (node, before)
+        assert {"steps", "learning_rate", "seed", "sample_prompts"} <= set(before["names"]), before
+        assert before["button"].startswith("▸ show"), before
+        assert len(after["names"]) == total and after["button"].startswith("▾ hide"), (node, after)
+    train = next(n for n in UI["nodes"] if n["type"] == "KilnTrainSD1")
+    assert saved == train["widgets_values"], "the saved widget values moved"
+    # the example sets the advanced sample_steps 8 and sample_cfg 5: what it sets away from a default is in sight
+    assert {"sample_steps", "sample_cfg"} <= set(shown["names"]) and "grad_accum" not in shown["names"], shown
