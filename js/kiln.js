@@ -224,6 +224,47 @@ function revealChanged(node) {
   fitHeight(node);
 }
 
+// The text a Kiln node returns (ui "text": its summary, where a file went, "note: ..." warnings), shown on the node
+// after a run in a read-only box like the frontend's own text previews; warnings in amber with a mark.
+const TEXT_LINE_PX = 16, TEXT_MAX_LINES = 14;
+const isWarning = (line) => /^(note|warning):/i.test(line.trim());
+
+function addTextBox(node) {
+  const box = document.createElement("div");
+  box.className = "kiln-node-text";
+  Object.assign(box.style, {font: "12px monospace", lineHeight: `${TEXT_LINE_PX}px`, color: "#dcdcdc",
+                            background: "#1e1e22", border: "1px solid #50505a", borderRadius: "4px",
+                            padding: "4px 6px", overflowY: "auto", whiteSpace: "pre-wrap", wordBreak: "break-word",
+                            boxSizing: "border-box", userSelect: "text"});
+  const height = () => (node.kilnText.lines ? Math.min(node.kilnText.lines, TEXT_MAX_LINES) * TEXT_LINE_PX + 12 : 0);
+  const widget = node.addDOMWidget("kiln_text", "kiln-text", box, {serialize: false, getMinHeight: height,
+                                                                   getMaxHeight: height, hideOnZoom: false});
+  widget.serialize = false;
+  node.kilnText = {box, widget, lines: 0, text: ""};
+  measuresNothingWhen(widget, () => node.kilnText.lines === 0);
+  widget.hidden = true;
+}
+
+function showText(node, text) {
+  const t = node.kilnText;
+  if (!t || text === t.text) return;
+  t.text = text;
+  t.box.replaceChildren(...text.split("\n").map((line) => {
+    const div = document.createElement("div");
+    div.textContent = isWarning(line) ? `⚠ ${line}` : line;
+    if (isWarning(line)) Object.assign(div.style, {color: "#ffb454", fontWeight: "bold"});
+    return div;
+  }));
+  t.box.dataset.warnings = String(text.split("\n").filter(isWarning).length);
+  t.box.title = text;
+  // wrapped lines count too: about one per 7 px of width at 12 px monospace
+  const perLine = Math.max(20, Math.floor((node.size[0] - 40) / 7.2));
+  t.lines = text.split("\n").reduce((n, line) => n + Math.max(1, Math.ceil(line.length / perLine)), 0);
+  t.widget.hidden = t.lines === 0;
+  node.setSize([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
+  node.setDirtyCanvas(true, true);
+}
+
 function addChart(node) {
   const canvas = document.createElement("canvas");
   canvas.className = "kiln-loss-chart";
@@ -241,7 +282,13 @@ app.registerExtension({
     if (!nodeData.name.startsWith("Kiln")) return;
     const defaults = advancedDefaults(nodeData);
     const advanced = Object.keys(defaults).length > 0;
-    if (!advanced && !TRAIN_NODES.has(nodeData.name)) return;
+    const executed = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (output) {
+      const r = executed?.apply(this, arguments);
+      const text = output?.text;
+      if (text !== undefined) showText(this, (Array.isArray(text) ? text : [text]).join("\n"));
+      return r;
+    };
     const configure = nodeType.prototype.onConfigure;
     if (advanced) {
       nodeType.prototype.onConfigure = function () {
@@ -255,6 +302,7 @@ app.registerExtension({
       const r = created?.apply(this, arguments);
       if (advanced) addAdvancedToggle(this, defaults);
       if (TRAIN_NODES.has(nodeData.name)) addChart(this);
+      addTextBox(this);
       if (advanced) fitHeight(this);
       return r;
     };

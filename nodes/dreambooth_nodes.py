@@ -139,8 +139,8 @@ class KilnTrainDreamBooth(io.ComfyNode):
             hidden=[io.Hidden.unique_id, io.Hidden.prompt], not_idempotent=False)
 
     @classmethod
-    def validate_inputs(cls, save_every_n_steps=None, save_name=None, resume_from=None):
-        return validate_saving(NODE, FullTrainable, save_every_n_steps, save_name, resume_from)
+    def validate_inputs(cls, save_name=None):
+        return validate_saving(NODE, FullTrainable, save_name)
 
     @classmethod
     def execute(cls, model, clip, dataset: KilnDataset, **opts) -> io.NodeOutput:
@@ -202,9 +202,11 @@ class KilnSaveCheckpoint(io.ComfyNode):
             outputs=[io.String.Output(display_name="path")], is_output_node=True)
 
     @classmethod
-    def validate_inputs(cls, filename=None, overwrite=None):
+    def validate_inputs(cls, filename=None):
+        """Only filename (ComfyUI reports a failure once per input taken): an existing file with overwrite off is
+        refused by the Train node before it trains (check_save_nodes), and here when it runs."""
         if filename is not None:
-            return check_output_file(filename, SAVE_NODE, "filename", overwrite is not False, "checkpoints") or True
+            return check_output_file(filename, SAVE_NODE, "filename", kind="checkpoints") or True
         return True
 
     @classmethod

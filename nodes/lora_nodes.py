@@ -91,7 +91,9 @@ def check_output_file(name: str, node: str, what: str, overwrite: bool = True, k
         return str(e)
     folder = nearest_existing(os.path.dirname(path))
     if not os.access(folder, os.W_OK):
-        return f"{node}: cannot write into {folder} ({what} {name!r}): it is read-only or not yours."
+        return (f"{node}: cannot write into {folder} ({what} {name!r}): it is read-only or not yours. Give the user "
+                f"running ComfyUI write access to it (e.g. chown -R that user {folder}), or make a folder you own "
+                f"the first models/{kind} folder (extra_model_paths.yaml, is_default: true).")
     if not overwrite and os.path.exists(path):
         return f"{node}: {path} exists and overwrite is off; choose another name or turn overwrite on."
     return None
@@ -118,12 +120,13 @@ class KilnSaveLora(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, filename=None, precision=None, overwrite=None):
-        """Runs when the prompt is queued, before any training: a bad name fails now, not after the run."""
-        if precision is not None and precision not in DTYPES:
-            return f"Save LoRA: precision {precision!r} is not one of its choices: {', '.join(DTYPES)}."
+    def validate_inputs(cls, filename=None):
+        """Runs when the prompt is queued, before any training: a bad name fails now, not after the run. Only
+        filename: ComfyUI reports a failure once per input this takes. An existing file with overwrite off, or a
+        precision not among the choices (API prompts), is refused by the Train node before it trains
+        (check_save_nodes), and by execute."""
         if filename is not None:
-            return check_output_file(filename, "Save LoRA", "filename", overwrite is not False) or True
+            return check_output_file(filename, "Save LoRA", "filename") or True
         return True
 
     @classmethod

@@ -32,6 +32,7 @@ from ..trainer_core.kohya.metadata import training_metadata
 from ..trainer_core.data.latent_store import DiskStore
 from ..trainer_core.training.loop import StepInfo, TrainConfig, TrainResult, train
 from ..trainer_core.lora.blocks import BlockPlan
+from ..trainer_core.lora.io import DTYPES
 from ..trainer_core.report.plot import loss_plot
 from ..trainer_core.maths.preservation import pairs_from
 from ..trainer_core.files.resume import SUFFIX, state_path
@@ -177,41 +178,55 @@ def check_paths(opts: dict, node: str, trainable: Trainable) -> None:
     check_text(opts.get("save_name") or "", node, "save_name")
     if opts.get("save_every_n_steps", 0):
         name = save_name_of(opts, trainable.default_save_name)
-        lora_output_path(f"{name}-step000001", node, "save_name", trainable.kind)
+        problem = check_output_file(f"{name}-step000001", node, "save_name", kind=trainable.kind)
+        if problem:
+            raise KilnError(problem)
     resume_file(opts.get("resume_from") or "", node, trainable)
 
 
-def validate_saving(node: str, trainable: Trainable, save_every_n_steps=None, save_name=None, resume_from=None):
-    """A Train node's validate_inputs: the save and resume names, when the prompt is queued."""
+def validate_saving(node: str, trainable: Trainable, save_name=None):
+    """A Train node's validate_inputs, when the prompt is queued: save_name must be a name inside the models folder.
+    Only that input: ComfyUI reports a failure once per input validate_inputs takes. Whether the folder can be
+    written (when saves are on) and resume_from are checked as the run starts (check_paths)."""
+    if save_name is None:
+        return True
     try:
-        check_paths({"save_every_n_steps": save_every_n_steps or 0, "save_name": save_name,
-                     "resume_from": resume_from}, node, trainable)
+        check_text(save_name, node, "save_name")
+        lora_output_path(f"{save_name_of({'save_name': save_name}, trainable.default_save_name)}-step000001", node,
+                         "save_name", trainable.kind)
     except KilnError as e:
         return str(e)
-    if save_every_n_steps and save_name is not None:
-        name = save_name_of({"save_name": save_name}, trainable.default_save_name)
-        return check_output_file(f"{name}-step000001", node, "save_name", kind=trainable.kind) or True
     return True
 
 
+# the save nodes a Train node may feed: class_type -> (the input linked to it, models folder, name)
+SAVE_NODES = {"KilnSaveLora": ("lora", "loras", "Save LoRA"), "KilnSaveCheckpoint": ("model", "checkpoints",
+                                                                                    "Save Checkpoint")}
+
+
 def check_save_nodes(prompt: dict | None, node_id, node: str) -> list[str]:
-    """The Save LoRA nodes fed by this Train node, where their filename is a constant: a name that cannot be
-    saved stops the run now, not after training (ComfyUI would still train for the other outputs). Returns
-    their target paths (their free space is checked once the LoRA's size is known)."""
+    """The Save LoRA / Save Checkpoint nodes fed by this Train node, where their filename is a constant: a name
+    that cannot be saved (or an existing file with overwrite off) stops the run now, not after training (ComfyUI
+    would still train for the other outputs). Returns the Save LoRA target paths (their free space is checked once
+    the LoRA's size is known)."""
     targets = []
     for nid, n in (prompt or {}).items():
         inputs = n.get("inputs", {}) if isinstance(n, dict) else {}
-        link = inputs.get("lora")
-        if n.get("class_type") != "KilnSaveLora" or not (isinstance(link, list) and str(link[0]) == str(node_id)):
+        socket, kind, title = SAVE_NODES.get(n.get("class_type"), (None, None, None))
+        link = inputs.get(socket)
+        if socket is None or not (isinstance(link, list) and str(link[0]) == str(node_id)):
             continue
         name = inputs.get("filename")
-        problem = check_output_file(name, "Save LoRA", "filename", inputs.get("overwrite") is not False) \
+        problem = check_output_file(name, title, "filename", inputs.get("overwrite") is not False, kind) \
             if isinstance(name, str) else None
+        if problem is None and kind == "loras" and isinstance(inputs.get("precision"), str) \
+                and inputs["precision"] not in DTYPES:  # (ComfyUI 0.3.x does not check a V3 combo's value)
+            problem = f"precision {inputs['precision']!r} is not one of its choices: {', '.join(DTYPES)}"
         if problem:
-            raise KilnError(f"{node}: the Save LoRA node ({nid}) this node feeds cannot save, so training would be "
+            raise KilnError(f"{node}: the {title} node ({nid}) this node feeds cannot save, so training would be "
                             f"lost: {problem}")
-        if isinstance(name, str):
-            targets.append(lora_output_path(name, "Save LoRA", "filename"))
+        if isinstance(name, str) and kind == "loras":
+            targets.append(lora_output_path(name, title, "filename"))
     return targets
 
 
