@@ -65,18 +65,27 @@ function draw(canvas, state) {
     labels.push({text: s, x: x0, y: y0, w: m.width, h: FONT_PX});
   };
   const pts = state.points;  // [step, loss]
+  const ph = state.phase;  // what the run is doing besides training steps ("kiln.phase" events)
+  const phase = ph && ph.phase !== "training"
+    ? (ph.total ? `${ph.phase} ${ph.done}/${ph.total}` : ph.phase) : null;
   if (!pts.length) {
-    text("loss: waiting for training to start", 8, 16, C.text);
-    state.layout = {width: w, height: HEIGHT, labels, box: null};
+    text(phase ? `${phase}…` : "loss: waiting for training to start", 8, 16, C.text);
+    state.layout = {width: w, height: HEIGHT, labels, box: null, header: labels[0].text};
     return;
   }
   const last = state.last;
-  const rate = (last.step - pts[0][0] + 1) / Math.max(last.seconds, 1e-6);
-  const eta = rate > 0 ? (last.total - last.step) / rate : 0;
-  const parts = [`step ${last.step}/${last.total}`, `loss ${last.loss.toFixed(4)}`, `lr ${fmtLr(last.lr)}`,
-                 `${rate.toFixed(2)} it/s`, `ETA ${Math.round(eta)}s`];
-  if (last.epochs > 1) parts.unshift(`epoch ${last.epoch}/${last.epochs}`);
-  while (parts.length > 2 && g.measureText(parts.join("  ")).width > w - 12) parts.pop();  // narrow node: fewer
+  // training steps by their own time; the ETA (the node's) counts the previews and saves to come as well
+  const rate = (last.step - pts[0][0] + 1) / Math.max(last.train_seconds ?? last.seconds, 1e-6);
+  const eta = state.eta ?? (rate > 0 ? (last.total - last.step) / rate : 0);
+  const head = {phase, epoch: last.epochs > 1 ? `epoch ${last.epoch}/${last.epochs}` : null,
+                step: `step ${last.step}/${last.total}`, loss: `loss ${last.loss.toFixed(4)}`, lr: `lr ${fmtLr(last.lr)}`,
+                rate: `${rate.toFixed(2)} it/s`, eta: `ETA ${Math.round(eta)}s`};
+  const shown = () => Object.values(head).filter(Boolean);
+  for (const less of ["lr", "rate", "epoch", "loss"]) {  // a narrow node: the phase, the step and the ETA stay
+    if (g.measureText(shown().join("  ")).width <= w - 12) break;
+    head[less] = null;
+  }
+  const parts = shown();
   text(parts.join("  "), 6, 14, C.text);
   const val = state.val, saves = state.saves, lrs = state.lrs;
   const items = [["raw", "raw"], ["smoothed", "smooth"], ["lr", "lr"]];
@@ -156,7 +165,7 @@ function draw(canvas, state) {
   if (lrMax > 0) line(lrs, yLr, C.lr, 1.5);
   g.fillStyle = C.val;
   val.forEach(([s, v]) => g.fillRect(x(s) - 3, y(v) - 3, 6, 6));
-  state.layout = {width: w, height: HEIGHT, labels, box: [left, top, right, bottom], fontPx: FONT_PX,
+  state.layout = {width: w, height: HEIGHT, labels, header: parts.join("  "), box: [left, top, right, bottom], fontPx: FONT_PX,
                   x: Object.fromEntries([...pts.map((p) => p[0]), ...saves].map((s) => [s, x(s)])),
                   saveX: saves.map((s) => Math.round(x(s)) + 0.5), stepTicks,
                   lrY: lrs.map(([s, v]) => [x(s), yLr(v)]), valXY: val.map(([s, v]) => [x(s), y(v)])};
@@ -287,6 +296,10 @@ app.registerExtension({
       const r = executed?.apply(this, arguments);
       const text = output?.text;
       if (text !== undefined) showText(this, (Array.isArray(text) ? text : [text]).join("\n"));
+      if (this.kiln?.last) {  // the run is over: no phase, nothing left
+        Object.assign(this.kiln, {phase: null, eta: 0});
+        draw(this.kiln.canvas, this.kiln);
+      }
       return r;
     };
     const configure = nodeType.prototype.onConfigure;
@@ -313,12 +326,26 @@ app.registerExtension({
       if (!node?.kiln) return;
       const k = node.kiln;
       if (k.last && detail.step <= k.last.step) Object.assign(k, {points: [], lrs: [], val: [], saves: []});  // a new run
+      if (k.phase?.phase !== "saving" && k.phase?.phase !== "sampling") k.phase = {phase: "training"};
+      k.eta = detail.eta ?? null;
       k.points.push([detail.step, detail.loss]);
       k.lrs.push([detail.step, detail.lr]);
       if (detail.val_loss !== null && detail.val_loss !== undefined) k.val.push([detail.step, detail.val_loss]);
       if (detail.saved) k.saves.push(detail.step);
       node.kiln.last = detail;
       draw(node.kiln.canvas, node.kiln);
+      node.setDirtyCanvas(true, false);
+    });
+    api.addEventListener("kiln.phase", ({ detail }) => {
+      const node = app.graph.getNodeById(Number(detail.node));
+      if (!node?.kiln) return;
+      const k = node.kiln;
+      if (detail.step === 0 && (detail.phase === "caching" || detail.phase === "preparing") && k.points.length) {
+        Object.assign(k, {points: [], lrs: [], val: [], saves: [], last: null});  // a new run
+      }
+      k.phase = detail;
+      k.eta = detail.eta ?? k.eta ?? null;
+      draw(k.canvas, k);
       node.setDirtyCanvas(true, false);
     });
   },

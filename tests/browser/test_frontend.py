@@ -60,6 +60,18 @@ CHART_CHECK = """(() => {
 })()"""
 
 
+RECORD_HEADERS = """(() => { window.kilnHeaders = [];
+  app.api.addEventListener("kiln.phase", () => setTimeout(() => {
+    window.kilnHeaders.push(app.graph.getNodeById(6).kiln.layout.header); }, 0)); })()"""
+RUN_BUTTON = """(() => { const r = document.querySelector('[data-testid="queue-button"] button').getBoundingClientRect();
+  return [r.left + r.width / 2, r.top + r.height / 2]; })()"""
+NODE_TEXT = """(() => { const t = app.graph.getNodeById(NID).kilnText, r = t.box.getBoundingClientRect();
+  const warn = [...t.box.children].find((d) => d.textContent.startsWith("⚠"));
+  return {text: t.text, warnings: Number(t.box.dataset.warnings), amber: warn ? getComputedStyle(warn).color : null,
+          shown: t.box.isConnected && getComputedStyle(t.box).display !== "none" && r.height > 0 && r.bottom > 0
+                 && r.top < innerHeight && r.right > 0 && r.left < innerWidth}; })()"""
+
+
 def test_workflow_opens_queues_and_draws_the_loss_chart(ready_server):
     """The live chart at the node's default size: a step axis with ticks, smoothed over raw loss, the learning
     rate (cosine with warmup) on its own axis, validation points and a save marker, every label inside the chart
@@ -79,8 +91,18 @@ def test_workflow_opens_queues_and_draws_the_loss_chart(ready_server):
             widgets = await b.evaluate("app.graph.getNodeById(6).widgets.map(w => w.name)")
             await b.evaluate(f"(() => {{ const n = app.graph.getNodeById(6); const s = {json.dumps(settings)}; "
                              f"for (const [k, v] of Object.entries(s)) n.widgets.find(w => w.name === k).value = v; }})()")
-            await b.evaluate("app.queuePrompt(0, 1)")
+            await b.evaluate(RECORD_HEADERS)
+            await click(b, *await b.evaluate(RUN_BUTTON))  # the Run button, as a person queues it
             await b.wait_for(f"(app.graph.getNodeById(6).kiln?.points.length ?? 0) >= {steps}", 300, 0.5)
+            await b.wait_for("app.graph.getNodeById(7).kilnText?.text.includes('saved')", 300, 0.5)
+            texts = {}
+            for nid in (2, 3, 6, 7):  # each node in view, its text box drawn on screen
+                await b.evaluate(f"(() => {{ app.canvas.ds.scale = 1; const n = app.graph.getNodeById({nid}); "
+                                 f"app.canvas.ds.offset = [-n.pos[0] + 40, -n.pos[1] - n.size[1] + 700]; "
+                                 f"app.canvas.setDirty(true, true); }})()")
+                await asyncio.sleep(0.7)
+                texts[nid] = await b.evaluate(NODE_TEXT.replace("NID", str(nid)))
+            headers = await b.evaluate("window.kilnHeaders")
             await b.evaluate("(() => { app.canvas.ds.scale = 1; const n = app.graph.getNodeById(6); "
                              "app.canvas.ds.offset = [-n.pos[0] + 420, -n.pos[1] - n.size[1] + 760]; "
                              "app.canvas.setDirty(true, true); })()")
@@ -89,8 +111,19 @@ def test_workflow_opens_queues_and_draws_the_loss_chart(ready_server):
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
             await b.screenshot(SCREENSHOTS / "train_node_loss_chart.png")
             (SCREENSHOTS / "loss_chart_canvas.png").write_bytes(base64.b64decode(chart.pop("png").split(",", 1)[1]))
-            return widgets, chart, b.console
-    widgets, chart, console = asyncio.run(run())
+            return widgets, chart, texts, headers, b.console
+    widgets, chart, texts, headers, console = asyncio.run(run())
+    # every node's text on screen after the run: the dataset summary, the alpha warning standing out, the file
+    for nid, t in texts.items():
+        assert t["shown"], (nid, t)
+    assert "images" in texts[2]["text"], texts[2]
+    assert "no alpha channel" in texts[3]["text"] and texts[3]["warnings"] >= 1 and texts[3]["amber"], texts[3]
+    assert "steps in" in texts[6]["text"], texts[6]
+    assert "saved" in texts[7]["text"] and "chart_test" not in texts[7]["text"], texts[7]
+    # the chart's header named the phases: the text encoders' outputs, the mid-run and final previews, the save
+    assert any(h.startswith("caching") for h in headers), headers
+    assert any(h.startswith("sampling 1/1") and "ETA" in h for h in headers), headers
+    assert any(h.startswith("saving") for h in headers), headers
     assert "kiln_loss" in widgets
     assert chart["n"] == steps and chart["last"]["step"] == steps
     # readable at the node's default size: the chart spans the node, labels >= 10 px, inside, apart
