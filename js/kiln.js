@@ -274,6 +274,16 @@ function showText(node, text) {
   node.setDirtyCanvas(true, true);
 }
 
+// the sample preview ComfyUI draws below a node's widgets gets room inside the node's frame before it arrives
+const PREVIEW_ROOM = 240;
+function roomForPreview(node) {
+  const need = node.computeSize()[1] + PREVIEW_ROOM;
+  if (node.size[1] < need) {
+    node.setSize([node.size[0], need]);
+    node.setDirtyCanvas(true, true);
+  }
+}
+
 function addChart(node) {
   const canvas = document.createElement("canvas");
   canvas.className = "kiln-loss-chart";
@@ -345,6 +355,7 @@ app.registerExtension({
       }
       k.phase = detail;
       k.eta = detail.eta ?? k.eta ?? null;
+      if (detail.phase === "sampling") roomForPreview(node);
       draw(k.canvas, k);
       node.setDirtyCanvas(true, false);
     });

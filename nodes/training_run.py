@@ -577,6 +577,11 @@ def run_summary(head: str, details: str, result, tcfg: TrainConfig, notes: list[
     return text + "".join(f"\nnote: {n}" for n in notes + result.notes)
 
 
+LOSS_PLOT_SIZE = (400, 240)
+
+
 def loss_image(result: TrainResult) -> torch.Tensor:
-    """The loss_plot IMAGE of every Train node: loss, smoothed loss, learning rate, validation points, saves."""
-    return pil_to_image(loss_plot(result.losses, validation=result.validation, lrs=result.lrs, saves=result.saves))
+    """The loss_plot IMAGE of every Train node: loss, smoothed loss, learning rate, validation points, saves; at
+    about the size a Preview Image node shows it, so its 11-13 px labels stay readable there."""
+    return pil_to_image(loss_plot(result.losses, LOSS_PLOT_SIZE[0], LOSS_PLOT_SIZE[1], validation=result.validation,
+                                  lrs=result.lrs, saves=result.saves))

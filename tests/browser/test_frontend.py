@@ -93,6 +93,16 @@ def test_workflow_opens_queues_and_draws_the_loss_chart(ready_server):
                              f"for (const [k, v] of Object.entries(s)) n.widgets.find(w => w.name === k).value = v; }})()")
             await b.evaluate(RECORD_HEADERS)
             await click(b, *await b.evaluate(RUN_BUTTON))  # the Run button, as a person queues it
+            await b.wait_for("(app.graph.getNodeById(6).kiln?.points.length ?? 0) >= 8", 300, 0.5)
+            await b.evaluate("(() => { app.canvas.ds.scale = 1; const n = app.graph.getNodeById(6); "
+                             "app.canvas.ds.offset = [-n.pos[0] + 420, -n.pos[1] - n.size[1] + 800]; "
+                             "app.canvas.setDirty(true, true); })()")
+            await asyncio.sleep(1)
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            await b.screenshot(SCREENSHOTS / "train_node_mid_run.png")  # docs/images/train-node-mid-run.png
+            room = await b.evaluate("(() => { const n = app.graph.getNodeById(6); "  # below the last widget
+                                    "const c = n.widgets.find(w => w.name === 'kiln_loss'); "
+                                    "return n.size[1] - (c.y + c.computedHeight); })()")
             await b.wait_for(f"(app.graph.getNodeById(6).kiln?.points.length ?? 0) >= {steps}", 300, 0.5)
             await b.wait_for("app.graph.getNodeById(7).kilnText?.text.includes('saved')", 300, 0.5)
             texts = {}
@@ -111,8 +121,9 @@ def test_workflow_opens_queues_and_draws_the_loss_chart(ready_server):
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
             await b.screenshot(SCREENSHOTS / "train_node_loss_chart.png")
             (SCREENSHOTS / "loss_chart_canvas.png").write_bytes(base64.b64decode(chart.pop("png").split(",", 1)[1]))
-            return widgets, chart, texts, headers, b.console
-    widgets, chart, texts, headers, console = asyncio.run(run())
+            return widgets, chart, texts, headers, room, b.console
+    widgets, chart, texts, headers, room, console = asyncio.run(run())
+    assert room >= 200, room  # the mid-run sample preview is drawn inside the node's frame
     # every node's text on screen after the run: the dataset summary, the alpha warning standing out, the file
     for nid, t in texts.items():
         assert t["shown"], (nid, t)
