@@ -121,46 +121,52 @@ FAMILY_VALUES = {
     "dreambooth": "Full fine-tune (SD1.5): resolution 512; learning_rate 1e-6 to 5e-6; steps 800-2000; about 200 "
                   "class images in the regularization folder, prior_loss_weight 1.0; saves a whole checkpoint.",
 }
-TEMPLATES = {  # name: (title, one-line description, family, what this example needs beyond the demo set-up)
+CHECKPOINT = {"sd1": "your SD1.5 checkpoint", "dreambooth": "your SD1.5 checkpoint",
+              "sdxl": "your SDXL checkpoint", "sd3": "your SD3/3.5 checkpoint (with its text encoders)"}
+TEMPLATES = {  # name: (title, one-line description, family, what Load Checkpoint should load if not CHECKPOINT's)
     "sd1_lora": ("Train a LoRA (SD1)", "The quick start: a LoRA on a captioned image folder, with a live loss "
                  "chart, samples and a loss plot.", "sd1", ""),
     "sd1_images_lora": ("LoRA from ComfyUI images (SD1)", "Train from IMAGE/MASK/caption sockets (ComfyUI's Load "
                         "Image-Text loader, a mask from a threshold) instead of a folder.", "sd1", ""),
-    "sd1_masked_lora": ("Masked LoRA (SD1)", "Masked loss: only the parts of each image inside its alpha mask "
-                        "count.", "sd1", "images with an alpha channel (or a mask folder)"),
-    "sd1_reg_images": ("LoRA with generated regularization images (SD1)", "Make Regularization Images draws class "
-                       "images with the base model and feeds them to Load Dataset (prior preservation).", "sd1", ""),
+    "sd1_masked_lora": ("Masked LoRA (SD1)", "Masked loss: only what a mask from the mask folder covers trains, "
+                        "normalised by mask area.", "sd1", ""),
+    "sd1_reg_images": ("LoRA with generated class images (SD1)", "Make Regularization Images draws class images "
+                       "with the base model and feeds them to Load Dataset (prior preservation).", "sd1", ""),
     "sd1_compare_loras": ("Compare LoRA saves (SD1)", "Train with an intermediate save and a validation split, then "
                           "draw a grid comparing the saves on the same prompts.", "sd1", ""),
     "sd1_dreambooth_reg": ("DreamBooth LoRA with class images (SD1)", "A LoRA with prior preservation: a "
-                           "regularization folder of class images and prior_loss_weight.", "sd1",
-                           "a folder of class images (kiln_reg/train)"),
+                           "regularization folder of class images weighted by prior_loss_weight.", "sd1", ""),
     "sd1_dreambooth_full": ("DreamBooth full fine-tune (SD1)", "Fine-tune the whole model with class images and "
-                            "save a checkpoint.", "dreambooth", "a folder of class images (kiln_reg/train)"),
-    "sdxl_lora": ("Train a LoRA (SDXL)", "A LoRA on SDXL, both text encoders cached.", "sdxl",
-                  "an SDXL checkpoint"),
-    "sdxl_lokr": ("Train a LoKr (SDXL)", "LyCORIS LoKr (Kronecker factors) on SDXL: smaller files than LoRA at "
-                  "the same capacity.", "sdxl", "an SDXL checkpoint"),
-    "sd3_lora": ("Train a LoRA (SD3)", "A LoRA on SD3's MMDiT from an all-in-one checkpoint.", "sd3",
-                 "an SD3 checkpoint with its text encoders"),
-    "sd3_lora_separate_te": ("SD3 LoRA, separate text encoders", "SD3 as kohya's guide loads it: the model "
-                             "checkpoint plus CLIP-L and CLIP-G files (DualCLIPLoader).", "sd3",
-                             "an SD3 model file, clip_l and clip_g in models/text_encoders"),
+                            "save a checkpoint.", "dreambooth", ""),
+    "sdxl_lora": ("Train a LoRA (SDXL)", "A LoRA on an SDXL-family model (UNet only).", "sdxl", ""),
+    "sdxl_lokr": ("Train a LoKr (SDXL)", "LyCORIS LoKr (Kronecker factors) on SDXL: smaller files than a LoRA of "
+                  "the same capacity.", "sdxl", ""),
+    "sd3_lora": ("Train a LoRA (SD3)", "A LoRA on SD3's MMDiT from an all-in-one checkpoint, per-layer ranks in "
+                 "network_args.", "sd3", ""),
+    "sd3_lora_separate_te": ("SD3 LoRA, separate text encoders", "SD3 as kohya's guide loads it: the model file "
+                             "plus CLIP-L and CLIP-G files (DualCLIPLoader).", "sd3",
+                             "the SD3 model file; DualCLIPLoader: clip_l and clip_g from models/text_encoders"),
 }
 
 
+DATA_LINE = {"sd1_images_lora": "- Load Image-Text (from Folder): folder (under input/); Dataset from Images: "
+                                 "resolution and buckets"}
+
+
 def note_text(name: str) -> str:
-    """The Note every example carries: what it is, what to change for a real run, and typical values."""
-    title, description, family, needs = TEMPLATES[name]
-    lines = [title, description, "",
-             "For a real run, change:",
-             "- Load Checkpoint: your base model" + (f" ({needs})" if needs else ""),
-             "- Load Dataset: folder (under ComfyUI's input/), resolution and buckets",
-             "- Train: learning_rate, steps, sample_prompts (your trigger word)",
-             "- Save: filename", "",
-             "Typical values: " + FAMILY_VALUES[family], "",
-             "The demo set-up (bash scripts/demo.sh) makes tiny test models and images that this example names."]
-    return "\n".join(lines)
+    """The Note every example carries: what it is, what to change for a real run, typical values, what it loads."""
+    title, description, family, checkpoint = TEMPLATES[name]
+    demo = ("bash scripts/demo.sh --examples makes the tiny SDXL and SD3 test models this example names"
+            if family in ("sdxl", "sd3") else "bash scripts/demo.sh makes the tiny test model and images it names")
+    return "\n".join([
+        title, description, "",
+        "For a real run, change:",
+        f"- Load Checkpoint: {checkpoint or CHECKPOINT[family]}",
+        DATA_LINE.get(name, "- Load Dataset: folder (under ComfyUI's input/), resolution and buckets"),
+        "- Train: learning_rate, steps, sample_prompts (your trigger word)",
+        "- Save: filename", "",
+        "Typical values: " + FAMILY_VALUES[family], "",
+        f"As it opens it runs on test data: {demo}."])
 
 
 # --- layout ------------------------------------------------------------------------------------------------

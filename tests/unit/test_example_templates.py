@@ -35,3 +35,18 @@ def test_example_has_a_note_and_a_thumbnail(name):
     assert {"Model", "Data", "Training", "Output"} <= {g["title"] for g in ui["groups"]}
     with Image.open(REPO / "example_workflows" / f"{name}.jpg") as thumb:
         assert thumb.format == "JPEG" and thumb.width >= 480 and thumb.height >= 200, thumb.size
+
+
+def test_the_demo_set_up_makes_every_model_the_examples_name():
+    """scripts/demo.sh (--examples for SDXL/SD3) makes each model file an example loads, where it loads it from."""
+    from demo import example_models
+    from fixtures import tiny_models
+
+    made = set(example_models(tiny_models))
+    folders = {"ckpt_name": "checkpoints", "clip_name1": "text_encoders", "clip_name2": "text_encoders"}
+    for name in NAMES:
+        api = json.loads((REPO / "example_workflows" / "api" / f"{name}.json").read_text())
+        for node in api.values():
+            for key, folder in folders.items():
+                if isinstance(node["inputs"].get(key), str):
+                    assert (folder, node["inputs"][key]) in made, (name, key, node["inputs"][key])
