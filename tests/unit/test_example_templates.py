@@ -50,3 +50,9 @@ def test_the_demo_set_up_makes_every_model_the_examples_name():
             for key, folder in folders.items():
                 if isinstance(node["inputs"].get(key), str):
                     assert (folder, node["inputs"][key]) in made, (name, key, node["inputs"][key])
+
+
+def test_docs_list_every_template_with_its_title_and_description():
+    page = (REPO / "docs" / "workflows.md").read_text()
+    for name, (title, description, _family, _checkpoint) in TEMPLATES.items():
+        assert f"| `{name}.json` | {title} | {description} |" in page, name
