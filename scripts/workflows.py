@@ -183,6 +183,8 @@ TRAIN_ROOM = 240 + 40  # kiln.js PREVIEW_ROOM (the sample preview) and a margin
 TEXT_ROOM = 90  # about five lines of node text
 PREVIEW_SIZE = [380, 290]  # a Preview Image node: the 400x240 loss plot nearly at full size
 NOTE_SIZE = [360, 470]
+MIN_WIDTH = 320  # every node at least this wide: columns line up
+TRAIN_WIDTH = 400  # the Train node's loss chart: step ticks every ~80 px, labels apart
 TITLE = 30  # LiteGraph.NODE_TITLE_HEIGHT
 GAP, GROUP_PAD, GROUP_TITLE = 24, 12, 40
 MAX_COLUMN = 1250  # a stage's column (rooms included) wraps below this height
@@ -227,8 +229,8 @@ def layout(ui: dict, sizes: dict[int, list[float]] | None = None, note: str | No
         w, h = sizes.get(node["id"], node["size"])
         if node["type"] == "PreviewImage":
             w, h = max(w, PREVIEW_SIZE[0]), max(h, PREVIEW_SIZE[1])
-        node["size"] = [max(float(w), 320.0), float(h)]
-        node["size"] = [round(v) for v in node["size"]]
+        wide = TRAIN_WIDTH if node["type"].startswith("KilnTrain") else MIN_WIDTH
+        node["size"] = [round(max(w, wide)), round(h)]
         by_stage[stage[node["id"]]].append(node)
     if note is not None:
         nid = max(n["id"] for n in ui["nodes"]) + 1
