@@ -1,13 +1,13 @@
 """Example workflows: API format is the source, the UI format (what the ComfyUI frontend opens, and
 lists as templates) is derived from it with the node definitions of a running server.
 
-    python scripts/workflows.py --server http://127.0.0.1:8188    # rewrite example_workflows/*.json and *.jpg
+    python scripts/workflows.py --server http://127.0.0.1:8188 [NAME ...]   # rewrite example_workflows/*.json, *.jpg
 
 The UI twin is laid out here too: each node at the size ComfyUI's frontend gives it (measured in headless chromium,
 tests/browser/cdp.py), in groups naming the stages (model, data, training, output), with room left below the
-nodes that show images or text after a run, compact enough that the frontend's fit-to-view opens it at >= 70 %
-on a 1920x1080 window, and a Note saying what to change for a real run. The thumbnail beside each file
-(<name>.jpg, what the template browser shows) is a screenshot of the graph in that frontend.
+nodes that show images or text after a run, and the view it opens with (extra.ds) showing every node at >= 70 %
+on a 1920x1080 window; a Note says what to change for a real run. The thumbnail beside each file (<name>.jpg,
+what the template browser shows for a custom node's example) is a screenshot of the graph in that frontend.
 
 tests/e2e/test_sd1_workflow.py checks that the committed UI files are what this produces; tests/browser/
 test_example_layout.py checks the layout in the frontend.
