@@ -20,6 +20,7 @@ from workflows import FREE, IMAGE_NODES, VIEW  # noqa: E402
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 REPO = Path(__file__).resolve().parents[2]
 NAMES = sorted(p.stem for p in (REPO / "example_workflows" / "api").glob("*.json"))
+SCREENSHOTS = REPO / ".kiln" / "screenshots"
 
 OPENED = """(() => { const ds = app.canvas.ds, c = app.canvas.canvas;
   const screen = (n) => { const [x0, y0] = ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT]);
@@ -100,3 +101,40 @@ def test_examples_open_readable_with_no_overlaps(layout_server):
         grown = {n["id"]: n["rect"][3] for n in r["after_run"]}
         assert any(grown[n["id"]] > n["rect"][3] + 150 for n in r["sizes"] if n["type"].startswith("KilnTrain")), \
             "the run's outputs did not grow the Train node: the check above checked nothing"
+
+
+CARDS = """(() => [...document.querySelectorAll("img[alt]")].filter(img => NAMES.includes(img.getAttribute("alt")))
+  .map(img => { let card = img; while (card.parentElement && !card.innerText.includes("\\n")) card = card.parentElement;
+    for (let i = 0; i < 6 && card.parentElement && card.parentElement.querySelectorAll("img[alt]").length === 1; i++)
+      card = card.parentElement;
+    return {name: img.getAttribute("alt"), text: card.innerText, loaded: img.naturalWidth > 0}; }))()"""
+
+
+def test_template_cards_show_thumbnail_title_and_description(layout_server):
+    """Workflow → Browse Templates → Extensions → comfyui-kiln: each card shows the example's thumbnail, title and
+    one-line description (js/templates.js), not its file name."""
+    from workflows import TEMPLATES
+
+    async def run():
+        async with Browser(free_port()) as b:
+            await b.send("Emulation.setDeviceMetricsOverride", **VIEW, deviceScaleFactor=1, mobile=False)
+            await b.open_app(layout_server.url)
+            await b.wait_for("app.extensions.some(e => e.name === 'kiln.templates')", 60)
+            await b.evaluate("app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+            await b.wait_for("[...document.querySelectorAll('*')].some(e => e.children.length === 0 && "
+                             "e.textContent.trim() === 'comfyui-kiln')", 30)
+            await b.evaluate("[...document.querySelectorAll('*')].find(e => e.children.length === 0 && "
+                             "e.textContent.trim() === 'comfyui-kiln').click()")
+            await b.wait_for(f"{CARDS.replace('NAMES', json.dumps(NAMES))}.filter(c => c.loaded).length >= 4", 30)
+            await asyncio.sleep(1)
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            await b.screenshot(SCREENSHOTS / "template_list.png")  # docs/images/template-list.png
+            return await b.evaluate(CARDS.replace("NAMES", json.dumps(NAMES)))
+
+    cards = asyncio.run(run())
+    assert len(cards) >= 4, cards  # the cards in view (the dialog loads the rest as one scrolls)
+    for card in cards:
+        title, description, _family, _checkpoint = TEMPLATES[card["name"]]
+        assert title in card["text"] and description[:30] in card["text"].replace("\n", " "), card
+        assert card["name"] not in card["text"], card
+        assert card["loaded"], card  # the thumbnail, <name>.jpg
