@@ -7,18 +7,19 @@ import { api } from "../../scripts/api.js";
 
 const texts = new Map();  // template name -> {title, description}
 
+// this pack's folder under custom_nodes/, as ComfyUI serves its js/ (/extensions/<folder>/templates.js)
+const MODULE = decodeURIComponent(new URL(import.meta.url).pathname.split("/").at(-2));
+
 async function loadTexts() {
-  const modules = await (await api.fetchApi("/workflow_templates")).json();
-  for (const [module, names] of Object.entries(modules)) {
-    for (const name of names) {
-      try {
-        const wf = await (await api.fetchApi(`/workflow_templates/${module}/${name}.json`)).json();
-        const note = wf.nodes?.find((n) => n.type === "Note" && n.title === "Read me: what to change");
-        if (!note) continue;  // not a Kiln example
-        const [title, description] = String(note.widgets_values[0]).split("\n");
-        texts.set(name, {title, description});
-      } catch (e) { /* a template that is not JSON: left as the frontend shows it */ }
-    }
+  const names = (await (await api.fetchApi("/workflow_templates")).json())[MODULE] ?? [];
+  for (const name of names) {
+    try {
+      const wf = await (await api.fetchApi(`/workflow_templates/${MODULE}/${name}.json`)).json();
+      const note = wf.nodes?.find((n) => n.type === "Note" && n.title === "Read me: what to change");
+      if (!note) continue;
+      const [title, description] = String(note.widgets_values[0]).split("\n");
+      texts.set(name, {title, description});
+    } catch (e) { /* not a workflow: the card stays as the frontend shows it */ }
   }
 }
 
@@ -47,13 +48,15 @@ function relabel(img) {
 
 app.registerExtension({
   name: "kiln.templates",
-  async setup() {
-    await loadTexts();
-    if (!texts.size) return;
-    const scan = (root) => root.querySelectorAll?.("img[alt]").forEach(relabel);
-    new MutationObserver((records) => records.forEach((r) => {
-      if (r.type === "attributes") relabel(r.target);
-      else r.addedNodes.forEach((n) => { if (n.nodeName === "IMG") relabel(n); else scan(n); });
-    })).observe(document.body, {subtree: true, childList: true, attributes: true, attributeFilter: ["src", "alt"]});
+  setup() {  // not awaited: the app does not wait for the examples' files
+    loadTexts().then(() => {
+      if (!texts.size) return;
+      const scan = (root) => root.querySelectorAll?.("img[alt]").forEach(relabel);
+      scan(document.body);
+      new MutationObserver((records) => records.forEach((r) => {
+        if (r.type === "attributes") relabel(r.target);
+        else r.addedNodes.forEach((n) => { if (n.nodeName === "IMG") relabel(n); else scan(n); });
+      })).observe(document.body, {subtree: true, childList: true, attributes: true, attributeFilter: ["src", "alt"]});
+    }).catch((e) => console.warn("Kiln: the template cards keep their file names:", e.message));
   },
 });
