@@ -291,11 +291,12 @@ def prepare(model, dataset: KilnDataset, opts: dict, families: tuple[str, ...], 
 
 
 def caption_conditioning(cond: TextConditioning, dataset: KilnDataset, te_train: list[str], opts: dict,
-                         node: str) -> tuple[Callable[..., dict], set[str]]:
+                         node: str, tcfg: TrainConfig) -> tuple[Callable[..., dict], set[str]]:
     """The loop's ``conditioning`` callable over ``cond`` and the set of distinct captions it trained on.
     Trained text encoders (``te_train``) encode every caption again at every step; otherwise fixed captions are
     encoded once, before the loop (or read from the disk cache), and augmented ones on demand."""
     cond.live = bool(te_train)
+    cond.weighted = tcfg.text.weighted_captions  # kohya's weighted_captions; else captions are plain text
     if opts.get("cache_text_encoder_outputs_to_disk"):
         varying = next((s for s in dataset.cache.samples if s.captions.varies), None)
         if te_train or varying is not None:
@@ -448,7 +449,7 @@ def run_training(model, clip, dataset: KilnDataset, tcfg: TrainConfig, plan: Fam
     run = Run(model, clip, dataset, tcfg, plan, opts, normal_cache(dataset.cache), te_train, notes)
     previews = preview_specs(opts, tcfg, dataset, plan.node, notes)
     cond = plan.conditioning
-    conditioning, run.seen = caption_conditioning(cond, dataset, te_train, opts, plan.node)
+    conditioning, run.seen = caption_conditioning(cond, dataset, te_train, opts, plan.node, tcfg)
     notes += caption_length_notes(cond, dataset, tcfg, plan.node)
 
     progress = Progress(tcfg.steps, node_id)

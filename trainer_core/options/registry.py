@@ -253,6 +253,8 @@ OPTIONS: tuple[Option, ...] = (
     _ta("clip_skip", "int", None, "train (and preview) with the CLIP's Nth layer from the end, 2 = penultimate, "
         "as CLIP Set Last Layer -N; SD1/SD2 (kohya ignores it for SDXL)", 1, 12, families=("sd1",),
         metadata=("clip_skip",), group="text"),
+    _ta("weighted_captions", "bool", False, "read captions with ComfyUI's prompt weighting ((tag:1.2), (tag) = 1.1); "
+        "off: plain text, brackets trained as written (kohya's default)", group="text"),
     # sample previews (kohya's sample_* options; prompts go in the node's sample_prompts)
     _ta("sample_sampler", "choice", None, "preview sampler by kohya's name (ddim, euler, euler_a, dpmsolver++, "
         "...; mapped onto ComfyUI's samplers); a prompt's --ss overrides it", choices=tuple(SAMPLERS), group="samples"),
