@@ -220,6 +220,12 @@ def read_config(text: str, path: str) -> dict:
         raise KilnError(f"{path} is not valid TOML: {e}") from None
 
 
+def known_keys(dreambooth: bool = True) -> set[str]:
+    """Every key the mapping reads, refuses with a reason or reports as having no effect."""
+    known = set(TRAIN_KEYS) | set(SD3_KEYS) | HANDLED | set(NO_EFFECT) | set(TRAINING_ARGS) | set(REFUSED)
+    return known | DREAMBOOTH_KEYS if dreambooth else known
+
+
 def node_of(prompt: dict, role: str) -> dict:
     """The node of ``role`` (ROLES) in a prompt graph_from_config made."""
     return prompt[ROLES[role]]
@@ -230,8 +236,7 @@ def graph_from_config(config: str | dict, path: str, family: str) -> tuple[dict,
     config's text or its read_config keys. Each node's id is its role's (ROLES)."""
     cfg = read_config(config, path) if isinstance(config, str) else dict(config)
     dreambooth = "network_module" not in cfg  # kohya's train_db.py
-    known = set(TRAIN_KEYS) | set(SD3_KEYS) | HANDLED | set(NO_EFFECT) | set(TRAINING_ARGS) | set(REFUSED)
-    known |= DREAMBOOTH_KEYS if dreambooth else set()
+    known = known_keys(dreambooth)
     unknown = sorted(k for k in cfg if k not in known)
     if unknown:
         raise KilnError(f"{path}: kohya key '{unknown[0]}' is not read by Kiln's CLI (known: "
