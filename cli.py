@@ -111,6 +111,7 @@ def prompt_from_kohya_config(path: str, flat: dict, config_dir: str, family: str
     import folder_paths
     from trainer_core.errors import KilnError
     from trainer_core.kohya.config import TE_FILES, graph_from_config, node_of
+    from trainer_core.kohya.dataset_flags import dataset_document
 
     def resolve(p: str) -> str:
         return p if os.path.isabs(p) else os.path.join(config_dir, p)
@@ -146,6 +147,16 @@ def prompt_from_kohya_config(path: str, flat: dict, config_dir: str, family: str
     node_of(prompt, "checkpoint")["inputs"]["ckpt_name"] = os.path.basename(ckpt_file)
     dataset = node_of(prompt, "dataset")["inputs"]
     dataset["folder"] = resolve(dataset["folder"])
+    try:
+        doc, dataset_notes = dataset_document(flat, resolve, path)
+    except KilnError as e:
+        sys.exit(f"kiln: {e}")
+    notes += dataset_notes
+    if doc is not None:  # kohya's dataset flags: the dataset TOML they describe, read by Load Dataset
+        dataset["folder"] = write_dataset_toml(doc, flat.get("output_name") or "last")
+        notes.append(f"the dataset flags as a kohya dataset config: {dataset['folder']}")
+    if flat.get("resume"):
+        train["resume_from"] = register_resume(path, resolve(flat["resume"]), train["class_type"])
     if train["inputs"].get("sample_prompts"):  # kohya's prompt file, relative to the config like the rest
         train["inputs"]["sample_prompts"] = resolve(train["inputs"]["sample_prompts"])
     if flat.get("vae"):  # kohya's --vae: a separate VAE file, loaded by ComfyUI's VAELoader
@@ -183,6 +194,44 @@ def prompt_from_kohya_config(path: str, flat: dict, config_dir: str, family: str
     for note in notes:
         print(f"[kiln] note: {note}", flush=True)
     return prompt
+
+
+def write_dataset_toml(doc: dict, name: str) -> str:
+    """The dataset kohya's flags describe, as a dataset TOML in ComfyUI's temp folder (cleared at its start)."""
+    import folder_paths
+    from trainer_core.errors import KilnError
+    from trainer_core.files.atomic import write_atomically
+    from trainer_core.kohya.dataset_flags import toml_text
+    target = os.path.join(folder_paths.get_temp_directory(), "kiln-cli", f"{os.path.basename(name)}-dataset.toml")
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(toml_text(doc))
+
+    try:
+        return write_atomically(target, write, "the dataset config",
+                                "Free space in ComfyUI's temp folder or pass -- --temp-directory DIR.")
+    except KilnError as e:
+        sys.exit(f"kiln: {e}")
+
+
+def register_resume(path: str, where: str, train_class: str) -> str:
+    """kohya's --resume names a state folder (<name>-000002-state, <name>-step00000500-state); Kiln's state is the
+    .kiln-state beside the save of the same name (<name>-000002.safetensors). The save's folder is registered with
+    ComfyUI and its name returned for the Train node's resume_from."""
+    import folder_paths
+    from trainer_core.files.resume import state_path
+    save = where
+    if not os.path.isfile(save):
+        stem = where.rstrip("/\\")
+        save = (stem[:-len("-state")] if stem.endswith("-state") else stem) + ".safetensors"
+    if not os.path.isfile(save) or not os.path.isfile(state_path(save)):
+        what = "has no .kiln-state" if os.path.isfile(save) else "is not a file"
+        sys.exit(f"kiln: {path}: resume {where}: Kiln resumes from a save with its .kiln-state beside it (e.g. "
+                 f"out/my_lora-000002.safetensors for kohya's out/my_lora-000002-state; save_every_n_epochs or "
+                 f"save_every_n_steps write them). {save} {what}; kohya's own state folders are not read.")
+    kind = "checkpoints" if train_class == "KilnTrainDreamBooth" else "loras"
+    folder_paths.add_model_folder_path(kind, os.path.dirname(os.path.abspath(save)))
+    return os.path.basename(save)
 
 
 def apply_comfyui_settings(path: str, flat: dict) -> None:

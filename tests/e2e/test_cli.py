@@ -8,8 +8,8 @@ import pytest
 from safetensors import safe_open
 
 from fixtures.datasets import make_dataset
-from fixtures.kohya import (SD3_COMMAND, SD3_EXAMPLE, SDXL_COMMAND, SDXL_EXAMPLE, TRAIN_NETWORK_COMMAND,
-                            command_args, with_keys, write_dataset_config)
+from fixtures.kohya import (SD3_COMMAND, SD3_EXAMPLE, SDXL_COMMAND, SDXL_EXAMPLE, TRAIN_DB_FOLDERS_COMMAND,
+                            TRAIN_NETWORK_COMMAND, command_args, with_keys, write_dataset_config)
 from test_sd1_workflow import REPO
 
 pytestmark = pytest.mark.e2e
@@ -126,7 +126,7 @@ cache_latents = true
     assert "ss_network_module" not in meta and meta["kiln_trained"] == "unet" and meta["ss_steps"] == "8"
     assert int(meta["ss_num_reg_images"]) > 0 and meta["ss_fused_backward_pass"] == "True"
     assert float(meta["kiln_probe_loss_end"]) < float(meta["kiln_probe_loss_start"])
-    assert (tmp_path / "out" / "db_kohya-step000004.safetensors").is_file()
+    assert (tmp_path / "out" / "db_kohya-step00000004.safetensors").is_file()
 
 
 def run_example_config(kiln_env, base, tmp_path, config: str, output_name: str):
@@ -349,7 +349,8 @@ def test_cli_runs_kohyas_sdxl_command(kiln_env, base, tiny_sdxl_path, tmp_path):
     """docs/sdxl_train_network.md's command as written, 1 epoch, with --network_train_unet_only, which kohya itself
     requires together with --cache_text_encoder_outputs (without it the command is refused, as kohya refuses it)."""
     pytest.importorskip("bitsandbytes")
-    write_dataset_config(tmp_path / "my_sdxl_dataset_config.toml", base / "input" / "kiln_demo" / "train" / "5_kiln toy")
+    images = base / "input" / "kiln_demo" / "train" / "5_kiln toy"
+    write_dataset_config(tmp_path / "my_sdxl_dataset_config.toml", images)
     args = command_args(SDXL_COMMAND, pretrained_model_name_or_path=tiny_sdxl_path, max_train_epochs=1)
     refused = cli_kohya(kiln_env, base, args, tmp_path)
     assert refused.returncode != 0 and "add network_train_unet_only = true" in refused.stderr
@@ -381,3 +382,23 @@ def test_cli_runs_kohyas_sd3_command(kiln_env, base, tiny_sd3_split, tmp_path):
     with safe_open(str(tmp_path / "out" / "my_sd3_lora.safetensors"), "pt") as f:
         meta = f.metadata()
     assert (meta["ss_network_dim"], meta["ss_weighting_scheme"]) == ("16", "uniform")
+
+
+@pytest.mark.slow
+def test_cli_runs_kohyas_train_db_command_with_folder_flags(kiln_env, base, tiny_sd1_path, tmp_path):
+    """docs/train_db_README's command with --train_data_dir/--reg_data_dir (no dataset config): kohya's DreamBooth
+    dataset from N_name folders, reg images balanced, --use_8bit_adam; 4 steps at 64² instead of 1600 at 512²."""
+    pytest.importorskip("bitsandbytes")
+    reg = make_dataset(tmp_path / "reg", seed=1, count=3)
+    args = command_args(TRAIN_DB_FOLDERS_COMMAND, pretrained_model_name_or_path=tiny_sd1_path,
+                        train_data_dir=base / "input" / "kiln_demo" / "train", reg_data_dir=reg["train_dir"],
+                        resolution=64, max_train_steps=4)
+    run = cli_kohya(kiln_env, base, args, tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "train_db.py: a sd1 run of KilnTrainDreamBooth" in run.stdout
+    assert "the dataset flags as a kohya dataset config:" in run.stdout
+    with safe_open(str(tmp_path / "out" / "my_db.safetensors"), "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    assert "model.diffusion_model.out.2.weight" in keys and meta["ss_steps"] == "4"
+    assert int(meta["ss_num_reg_images"]) == 3 and meta["ss_optimizer"].endswith("AdamW8bit")
+    assert meta["ss_resolution"] == "(64, 64)"
