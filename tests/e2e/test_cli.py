@@ -311,7 +311,8 @@ def test_cli_runs_kohyas_train_network_command_as_written(kiln_env, base, tiny_s
 @pytest.mark.slow
 def test_cli_kohya_command_with_masked_loss_and_a_config_file(kiln_env, base, tiny_sd1_path, tmp_path):
     """kohya's masked loss (docs/masked_loss_README.md): --masked_loss with a dataset subset's
-    conditioning_data_dir; --config_file merged under the command line (its network_dim loses to the flag)."""
+    conditioning_data_dir; --config_file merged under the command line (its network_dim loses to the flag); kohya's
+    --save_every_n_steps series (the last step too) and --resume of kohya's state folder name."""
     data = make_dataset(tmp_path / "data", count=4)
     images, masks = data["image_dir"], data["mask_dir"]
     (tmp_path / "masked.toml").write_text(
@@ -323,13 +324,20 @@ def test_cli_kohya_command_with_masked_loss_and_a_config_file(kiln_env, base, ti
     args = ["train_network.py", "--config_file=base", f"--pretrained_model_name_or_path={tiny_sd1_path}",
             "--dataset_config", "masked.toml", "--output_dir", "out", "--output_name", "masked", "--network_dim", "2",
             "--masked_loss", "--network_train_unet_only", "--learning_rate=1e-3", "--optimizer_args",
-            "weight_decay=0.01", "betas=0.9,0.99"]
+            "weight_decay=0.01", "betas=0.9,0.99", "--save_every_n_steps=1", "--save_state"]
     run = cli_kohya(kiln_env, base, args, tmp_path)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     with safe_open(str(tmp_path / "out" / "masked.safetensors"), "pt") as f:
         meta = f.metadata()
     assert (meta["ss_masked_loss"], meta["ss_network_dim"], meta["ss_network_alpha"]) == ("True", "2", "2.0")
     assert meta["ss_steps"] == "2" and "weight_decay=0.01" in meta["ss_optimizer"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("masked-step*")) == [
+        "masked-step00000001.kiln-state", "masked-step00000001.safetensors", "masked-step00000002.kiln-state",
+        "masked-step00000002.safetensors"]  # kohya's series, the last step included
+    resumed = cli_kohya(kiln_env, base, args + ["--output_name=again", "--resume", "out/masked-step00000001-state"],
+                        tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "resuming exactly at step 1" in resumed.stdout
     # the same without --masked_loss: kohya's schema refuses conditioning_data_dir then, and so does Kiln
     refused = cli_kohya(kiln_env, base, [a for a in args if a != "--masked_loss"], tmp_path)
     assert refused.returncode != 0 and "add masked_loss = true" in refused.stderr

@@ -88,7 +88,8 @@ def test_train_db_text_encoder_keys(extra, lr, stop):
     ("no_token_padding = true\n", "sd1", "no_token_padding = true: ComfyUI's SD tokenizer always pads"),
     ("", "sdxl", "this is a sdxl model"),
     ('save_precision = "fp16"\n', "sd1", "save_precision 'fp16'"),
-    ("learning_rate_te = 1e-6\nnetwork_module = \"networks.lora\"\n", "sd1", "'learning_rate_te' is a key of kohya's train_db.py, not of a LoRA"),
+    ("learning_rate_te = 1e-6\nnetwork_module = \"networks.lora\"\n", "sd1",
+     "'learning_rate_te' is a key of kohya's train_db.py, not of a LoRA"),
 ])
 def test_train_db_what_kiln_does_not_do_is_refused_by_name(extra, family, message):
     with pytest.raises(KilnError, match=message):
