@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from comfy_server import ComfyServer  # noqa: E402  (scripts/ is on sys.path via conftest)
@@ -133,7 +134,7 @@ print("trained:", ", ".join(algos), "|", ", ".join(opts), "| skipped (optional):
 
 def freeze(python: Path) -> dict[str, str]:
     lines = run([str(python), "-m", "pip", "freeze", "--all"], python.parent).splitlines()
-    return {re.split(r"[=@ ]", ln)[0].lower(): ln.split("==")[1] for ln in lines if "==" in ln}
+    return {canonicalize_name(re.split(r"[=@ ]", ln)[0]): ln.split("==")[1] for ln in lines if "==" in ln}
 
 
 @pytest.mark.slow
@@ -152,16 +153,17 @@ def test_manager_cli_installs_the_pack_offline_into_a_fresh_comfyui(snapshot, ki
         assert "[INSTALLED]" in out and "Installation was successful" in out, out
         assert (comfyui / "custom_nodes" / "comfyui-kiln" / "__init__.py").is_file()
         # requirements: Manager runs an install for every line but torch (its blacklist keeps ComfyUI's torch)
-        reqs = [Requirement(ln.split("#")[0]) for ln in (REPO / "requirements.txt").read_text().splitlines()
-                if ln.split("#")[0].strip()]
-        for r in reqs:
+        lines = [ln.split("#")[0].strip() for ln in (REPO / "requirements.txt").read_text().splitlines()]
+        lines = [ln for ln in lines if ln]  # as the Manager passes them to pip: comments cut, as written
+        reqs = [Requirement(ln) for ln in lines]
+        for r, line in zip(reqs, lines):
             if r.name == "torch":
-                assert f"skip black listed pip installation: '{r}'" in out
+                assert f"skip black listed pip installation: '{line}'" in out
             else:
-                assert re.search(rf"'install', '{re.escape(str(r))}'\]", out), (r, out)
+                assert re.search(rf"'install', '{re.escape(line)}'\]", out), (r, out)
         after = freeze(python)
         for r in reqs:
-            assert after[r.name.lower()] in r.specifier, (r, after[r.name.lower()])
+            assert after[canonicalize_name(r.name)] in r.specifier, (r, after[canonicalize_name(r.name)])
         # nothing in ComfyUI's environment downgraded (or removed)
         lower = {k: (v, after.get(k)) for k, v in before.items()
                  if k not in after or Version(after[k]) < Version(v)}
