@@ -156,7 +156,7 @@ def prompt_from_kohya_config(path: str, flat: dict, config_dir: str, family: str
         dataset["folder"] = write_dataset_toml(doc, flat.get("output_name") or "last")
         notes.append(f"the dataset flags as a kohya dataset config: {dataset['folder']}")
     if flat.get("resume"):
-        train["resume_from"] = register_resume(path, resolve(flat["resume"]), train["class_type"])
+        train["inputs"]["resume_from"] = register_resume(path, resolve(flat["resume"]), train["class_type"])
     if train["inputs"].get("sample_prompts"):  # kohya's prompt file, relative to the config like the rest
         train["inputs"]["sample_prompts"] = resolve(train["inputs"]["sample_prompts"])
     if flat.get("vae"):  # kohya's --vae: a separate VAE file, loaded by ComfyUI's VAELoader
