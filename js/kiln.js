@@ -2,6 +2,8 @@
 // Train nodes send each optimizer step (step, total, loss, lr, seconds, epoch, val_loss, saved): raw and smoothed
 // loss over the whole planned run, the learning rate on a second axis, validation points, save markers. Sample previews need no code
 // here: ComfyUI shows the node's progress preview image itself.
+// And a button on nodes with "advanced" inputs (the Train nodes' widgets beyond registry.SHOWN): the frontend hides
+// those until the node's "Show Advanced"; the button is that toggle, one click away, saying how many are hidden.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -63,18 +65,27 @@ function draw(canvas, state) {
     labels.push({text: s, x: x0, y: y0, w: m.width, h: FONT_PX});
   };
   const pts = state.points;  // [step, loss]
+  const ph = state.phase;  // what the run is doing besides training steps ("kiln.phase" events)
+  const phase = ph && ph.phase !== "training"
+    ? (ph.total ? `${ph.phase} ${ph.done}/${ph.total}` : ph.phase) : null;
   if (!pts.length) {
-    text("loss: waiting for training to start", 8, 16, C.text);
-    state.layout = {width: w, height: HEIGHT, labels, box: null};
+    text(phase ? `${phase}…` : "loss: waiting for training to start", 8, 16, C.text);
+    state.layout = {width: w, height: HEIGHT, labels, box: null, header: labels[0].text};
     return;
   }
   const last = state.last;
-  const rate = (last.step - pts[0][0] + 1) / Math.max(last.seconds, 1e-6);
-  const eta = rate > 0 ? (last.total - last.step) / rate : 0;
-  const parts = [`step ${last.step}/${last.total}`, `loss ${last.loss.toFixed(4)}`, `lr ${fmtLr(last.lr)}`,
-                 `${rate.toFixed(2)} it/s`, `ETA ${Math.round(eta)}s`];
-  if (last.epochs > 1) parts.unshift(`epoch ${last.epoch}/${last.epochs}`);
-  while (parts.length > 2 && g.measureText(parts.join("  ")).width > w - 12) parts.pop();  // narrow node: fewer
+  // training steps by their own time; the ETA (the node's) counts the previews and saves to come as well
+  const rate = (last.step - pts[0][0] + 1) / Math.max(last.train_seconds ?? last.seconds, 1e-6);
+  const eta = state.eta ?? (rate > 0 ? (last.total - last.step) / rate : 0);
+  const head = {phase, epoch: last.epochs > 1 ? `epoch ${last.epoch}/${last.epochs}` : null,
+                step: `step ${last.step}/${last.total}`, loss: `loss ${last.loss.toFixed(4)}`, lr: `lr ${fmtLr(last.lr)}`,
+                rate: `${rate.toFixed(2)} it/s`, eta: `ETA ${Math.round(eta)}s`};
+  const shown = () => Object.values(head).filter(Boolean);
+  for (const less of ["lr", "rate", "epoch", "loss"]) {  // a narrow node: the phase, the step and the ETA stay
+    if (g.measureText(shown().join("  ")).width <= w - 12) break;
+    head[less] = null;
+  }
+  const parts = shown();
   text(parts.join("  "), 6, 14, C.text);
   const val = state.val, saves = state.saves, lrs = state.lrs;
   const items = [["raw", "raw"], ["smoothed", "smooth"], ["lr", "lr"]];
@@ -154,26 +165,168 @@ function draw(canvas, state) {
   if (lrMax > 0) line(lrs, yLr, C.lr, 1.5);
   g.fillStyle = C.val;
   val.forEach(([s, v]) => g.fillRect(x(s) - 3, y(v) - 3, 6, 6));
-  state.layout = {width: w, height: HEIGHT, labels, box: [left, top, right, bottom], fontPx: FONT_PX,
+  state.layout = {width: w, height: HEIGHT, labels, header: parts.join("  "), box: [left, top, right, bottom], fontPx: FONT_PX,
                   x: Object.fromEntries([...pts.map((p) => p[0]), ...saves].map((s) => [s, x(s)])),
                   saveX: saves.map((s) => Math.round(x(s)) + 0.5), stepTicks,
                   lrY: lrs.map(([s, v]) => [x(s), yLr(v)]), valXY: val.map(([s, v]) => [x(s), y(v)])};
 }
 
+// input name -> default, for the advanced inputs of a node definition (from /object_info)
+function advancedDefaults(nodeData) {
+  const out = {};
+  for (const section of ["required", "optional"]) {
+    for (const [name, spec] of Object.entries(nodeData.input?.[section] ?? {})) {
+      if (spec?.[1]?.advanced) out[name] = spec[1].default;
+    }
+  }
+  return out;
+}
+
+const sameValue = (a, b) => (typeof a === "number" && typeof b === "number"
+  ? Math.abs(a - b) <= 1e-9 * Math.max(1, Math.abs(b)) : (a ?? "") === (b ?? ""));
+
+function fitHeight(node) {
+  node.setSize([node.size[0], node.computeSize()[1]]);
+  node.setDirtyCanvas(true, true);
+}
+
+// Frontend 1.32 (ComfyUI 0.3.75) skips hidden widgets when it draws and sizes a node, but still gives each its
+// height when it lays the widgets out, leaving gaps: a hidden widget measures nothing here instead.
+const NO_SIZE = () => [0, -4];  // the layout adds 4 px of margin to a widget's height
+
+function measuresNothingWhen(widget, isHidden) {
+  let own = widget.computeSize;  // the widget's own or its class's; undefined for widgets sized by their layout
+  Object.defineProperty(widget, "computeSize", {configurable: true, get: () => (isHidden() ? NO_SIZE : own),
+                                                set: (v) => { own = v; }});
+}
+
+function updateAdvancedButton(node) {
+  const hidden = node.widgets.filter((w) => w.advanced).length;
+  node.kilnAdvanced.button.label = node.kilnAdvanced.button.name = hidden === 0 ? "" :
+    node.showAdvanced ? `▾ hide ${hidden} advanced inputs` : `▸ show ${hidden} advanced inputs`;
+  node.kilnAdvanced.button.hidden = hidden === 0;
+}
+
+// the advanced flag on each widget (frontends that keep it only in the widget's options too), and the toggle button
+function addAdvancedToggle(node, defaults) {
+  for (const w of node.widgets ?? []) {
+    if (!(w.name in defaults)) continue;
+    w.advanced = true;
+    measuresNothingWhen(w, () => w.advanced && !node.showAdvanced);
+  }
+  const button = node.addWidget("button", "advanced", null, () => {
+    node.showAdvanced = !node.showAdvanced;
+    updateAdvancedButton(node);
+    fitHeight(node);
+  }, { serialize: false });
+  button.serialize = false;  // never among widgets_values: saved workflows keep their positions
+  measuresNothingWhen(button, () => button.hidden);
+  node.kilnAdvanced = {defaults, button};
+  updateAdvancedButton(node);
+}
+
+// a loaded workflow that sets an advanced input away from its default shows it: nothing it sets is out of sight
+function revealChanged(node) {
+  const {defaults} = node.kilnAdvanced;
+  for (const w of node.widgets) if (w.advanced && !sameValue(w.value, defaults[w.name])) w.advanced = false;
+  updateAdvancedButton(node);
+  fitHeight(node);
+}
+
+// The text a Kiln node returns (ui "text": its summary, where a file went, "note: ..." warnings), shown on the node
+// after a run in a read-only box like the frontend's own text previews; warnings in amber with a mark.
+const TEXT_LINE_PX = 16, TEXT_MAX_LINES = 14;
+const isWarning = (line) => /^(note|warning):/i.test(line.trim());
+
+function addTextBox(node) {
+  const box = document.createElement("div");
+  box.className = "kiln-node-text";
+  Object.assign(box.style, {font: "12px monospace", lineHeight: `${TEXT_LINE_PX}px`, color: "#dcdcdc",
+                            background: "#1e1e22", border: "1px solid #50505a", borderRadius: "4px",
+                            padding: "4px 6px", overflowY: "auto", whiteSpace: "pre-wrap", wordBreak: "break-word",
+                            boxSizing: "border-box", userSelect: "text"});
+  const height = () => (node.kilnText.lines ? Math.min(node.kilnText.lines, TEXT_MAX_LINES) * TEXT_LINE_PX + 12 : 0);
+  const widget = node.addDOMWidget("kiln_text", "kiln-text", box, {serialize: false, getMinHeight: height,
+                                                                   getMaxHeight: height, hideOnZoom: false});
+  widget.serialize = false;
+  node.kilnText = {box, widget, lines: 0, text: ""};
+  measuresNothingWhen(widget, () => node.kilnText.lines === 0);
+  widget.hidden = true;
+}
+
+function showText(node, text) {
+  const t = node.kilnText;
+  if (!t || text === t.text) return;
+  t.text = text;
+  t.box.replaceChildren(...text.split("\n").map((line) => {
+    const div = document.createElement("div");
+    div.textContent = isWarning(line) ? `⚠ ${line}` : line;
+    if (isWarning(line)) Object.assign(div.style, {color: "#ffb454", fontWeight: "bold"});
+    return div;
+  }));
+  t.box.dataset.warnings = String(text.split("\n").filter(isWarning).length);
+  t.box.title = text;
+  // wrapped lines count too: about one per 7 px of width at 12 px monospace
+  const perLine = Math.max(20, Math.floor((node.size[0] - 40) / 7.2));
+  t.lines = text.split("\n").reduce((n, line) => n + Math.max(1, Math.ceil(line.length / perLine)), 0);
+  t.widget.hidden = t.lines === 0;
+  node.setSize([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
+  node.setDirtyCanvas(true, true);
+}
+
+// the sample preview ComfyUI draws below a node's widgets gets room inside the node's frame before it arrives
+const PREVIEW_ROOM = 240;
+function roomForPreview(node) {
+  const need = node.computeSize()[1] + PREVIEW_ROOM;
+  if (node.size[1] < need) {
+    node.setSize([node.size[0], need]);
+    node.setDirtyCanvas(true, true);
+  }
+}
+
+function addChart(node) {
+  const canvas = document.createElement("canvas");
+  canvas.className = "kiln-loss-chart";
+  canvas.style.width = "100%";
+  canvas.style.height = `${HEIGHT}px`;
+  node.kiln = {points: [], lrs: [], val: [], saves: [], last: null, canvas};
+  const chart = node.addDOMWidget("kiln_loss", "kiln-loss", canvas, { serialize: false, getMinHeight: () => HEIGHT });
+  chart.serialize = false;  // no trailing null in widgets_values
+  draw(canvas, node.kiln);
+}
+
 app.registerExtension({
   name: "kiln.training",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (!TRAIN_NODES.has(nodeData.name)) return;
+    if (!nodeData.name.startsWith("Kiln")) return;
+    const defaults = advancedDefaults(nodeData);
+    const advanced = Object.keys(defaults).length > 0;
+    const executed = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (output) {
+      const r = executed?.apply(this, arguments);
+      const text = output?.text;
+      if (text !== undefined) showText(this, (Array.isArray(text) ? text : [text]).join("\n"));
+      if (this.kiln?.last) {  // the run is over: no phase, nothing left
+        Object.assign(this.kiln, {phase: null, eta: 0});
+        draw(this.kiln.canvas, this.kiln);
+      }
+      return r;
+    };
+    const configure = nodeType.prototype.onConfigure;
+    if (advanced) {
+      nodeType.prototype.onConfigure = function () {
+        const r = configure?.apply(this, arguments);
+        if (this.kilnAdvanced) revealChanged(this);
+        return r;
+      };
+    }
     const created = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const r = created?.apply(this, arguments);
-      const canvas = document.createElement("canvas");
-      canvas.className = "kiln-loss-chart";
-      canvas.style.width = "100%";
-      canvas.style.height = `${HEIGHT}px`;
-      this.kiln = {points: [], lrs: [], val: [], saves: [], last: null, canvas};
-      this.addDOMWidget("kiln_loss", "kiln-loss", canvas, { serialize: false, getMinHeight: () => HEIGHT });
-      draw(canvas, this.kiln);
+      if (advanced) addAdvancedToggle(this, defaults);
+      if (TRAIN_NODES.has(nodeData.name)) addChart(this);
+      addTextBox(this);
+      if (advanced) fitHeight(this);
       return r;
     };
   },
@@ -183,12 +336,27 @@ app.registerExtension({
       if (!node?.kiln) return;
       const k = node.kiln;
       if (k.last && detail.step <= k.last.step) Object.assign(k, {points: [], lrs: [], val: [], saves: []});  // a new run
+      if (k.phase?.phase !== "saving" && k.phase?.phase !== "sampling") k.phase = {phase: "training"};
+      k.eta = detail.eta ?? null;
       k.points.push([detail.step, detail.loss]);
       k.lrs.push([detail.step, detail.lr]);
       if (detail.val_loss !== null && detail.val_loss !== undefined) k.val.push([detail.step, detail.val_loss]);
       if (detail.saved) k.saves.push(detail.step);
       node.kiln.last = detail;
       draw(node.kiln.canvas, node.kiln);
+      node.setDirtyCanvas(true, false);
+    });
+    api.addEventListener("kiln.phase", ({ detail }) => {
+      const node = app.graph.getNodeById(Number(detail.node));
+      if (!node?.kiln) return;
+      const k = node.kiln;
+      if (detail.step === 0 && (detail.phase === "caching" || detail.phase === "preparing") && k.points.length) {
+        Object.assign(k, {points: [], lrs: [], val: [], saves: [], last: null});  // a new run
+      }
+      k.phase = detail;
+      k.eta = detail.eta ?? k.eta ?? null;
+      if (detail.phase === "sampling") roomForPreview(node);
+      draw(k.canvas, k);
       node.setDirtyCanvas(true, false);
     });
   },

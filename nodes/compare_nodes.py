@@ -20,6 +20,7 @@ from .comfy.preview import PreviewSpec, pil_to_image, sample_images, to_pil
 from .comfy.progress import Progress
 from .comfy.text import TextConditioning
 from .lora_nodes import lora_output_path
+from . import tooltips as tips
 from .options import check_text
 from .types import KilnLoraType
 
@@ -87,20 +88,26 @@ class KilnCompareLoras(io.ComfyNode):
             description="Samples the base model and each intermediate LoRA of a run (save_name, as the Train node "
                         "saved them) and the final LoRA at each strength, with ComfyUI's own LoRA patching and "
                         "sampler, into one labelled grid: rows = step, columns = strength.",
-            inputs=[io.Model.Input("model"), io.Clip.Input("clip"), io.Vae.Input("vae"),
+            inputs=[io.Model.Input("model", tooltip="The base model the LoRAs were trained on."),
+                    io.Clip.Input("clip", tooltip=tips.CLIP), io.Vae.Input("vae", tooltip=tips.VAE),
                     io.String.Input("save_name", default="kiln/checkpoint",
                                     tooltip="The Train node's save_name: its <save_name>-stepNNNNNNNN LoRAs in "
                                             "models/loras are the rows."),
-                    io.String.Input("strengths", default="0.6, 0.8, 1.0"),
-                    io.String.Input("prompt", default="a kiln toy", multiline=True),
-                    io.String.Input("negative", default="", multiline=True),
-                    io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1),
-                    io.Int.Input("steps", default=20, min=1, max=200),
-                    io.Float.Input("cfg", default=7.0, min=0.0, max=30.0, step=0.1),
-                    io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler"),
-                    io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal"),
-                    io.Int.Input("width", default=512, min=64, max=4096, step=8),
-                    io.Int.Input("height", default=512, min=64, max=4096, step=8),
+                    io.String.Input("strengths", default="0.6, 0.8, 1.0",
+                                    tooltip="LoRA strengths, comma-separated: one column each."),
+                    io.String.Input("prompt", default="a kiln toy", multiline=True,
+                                    tooltip="The prompt of every cell (same seed everywhere, so only the LoRA "
+                                            "differs)."),
+                    io.String.Input("negative", default="", multiline=True, tooltip=tips.SAMPLER["negative"]),
+                    io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip=tips.SAMPLER["seed"]),
+                    io.Int.Input("steps", default=20, min=1, max=200, tooltip=tips.SAMPLER["steps"]),
+                    io.Float.Input("cfg", default=7.0, min=0.0, max=30.0, step=0.1, tooltip=tips.SAMPLER["cfg"]),
+                    io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                                   tooltip=tips.SAMPLER["sampler_name"]),
+                    io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
+                                   tooltip=tips.SAMPLER["scheduler"]),
+                    io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip=tips.SAMPLER["width"]),
+                    io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip=tips.SAMPLER["height"]),
                     KilnLoraType.Input("lora", optional=True,
                                        tooltip="The Train node's final LoRA: the last row (and the Train node runs "
                                                "first)."),

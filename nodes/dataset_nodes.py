@@ -30,6 +30,7 @@ from ..trainer_core.data.latent_store import DiskStore, MemoryStore
 from .comfy.progress import Progress
 from .comfy.vae import vae_encoder, vae_identity, vae_in_fp32
 from .options import check_options
+from . import tooltips as tips
 from .types import KilnDataset, KilnDatasetType
 
 log = logging.getLogger("kiln")
@@ -84,12 +85,20 @@ def bucket_inputs() -> list:
     """resolution, batch size and kohya's bucket options (Load Dataset, Dataset from Images)."""
     return [
         io.Int.Input("resolution", default=512, min=64, max=4096, step=64, tooltip="Training area is resolution²."),
-        io.Int.Input("batch_size", default=1, min=1, max=256),
+        io.Int.Input("batch_size", default=1, min=1, max=256,
+                     tooltip="Images per training step (kohya train_batch_size); more needs more memory. With "
+                             "buckets a batch holds images of one bucket."),
         io.Boolean.Input("enable_bucket", default=True, tooltip="Aspect-ratio bucketing (kohya)."),
-        io.Int.Input("min_bucket_reso", default=256, min=16, max=4096, step=8),
-        io.Int.Input("max_bucket_reso", default=1024, min=16, max=8192, step=8),
-        io.Int.Input("bucket_reso_steps", default=64, min=8, max=256, step=8),
-        io.Boolean.Input("bucket_no_upscale", default=False),
+        io.Int.Input("min_bucket_reso", default=256, min=16, max=4096, step=8,
+                     tooltip="Shortest side a bucket may have (kohya min_bucket_reso)."),
+        io.Int.Input("max_bucket_reso", default=1024, min=16, max=8192, step=8,
+                     tooltip="Longest side a bucket may have (kohya max_bucket_reso)."),
+        io.Int.Input("bucket_reso_steps", default=64, min=8, max=256, step=8,
+                     tooltip="Bucket sides are multiples of this (kohya bucket_reso_steps; 64 is safe for every "
+                             "family)."),
+        io.Boolean.Input("bucket_no_upscale", default=False,
+                         tooltip="Images smaller than resolution² keep their size in a bucket of their own "
+                                 "instead of being scaled up (kohya bucket_no_upscale)."),
     ]
 
 
@@ -158,7 +167,9 @@ class KilnLoadDataset(io.ComfyNode):
                 io.String.Input("folder", default="", tooltip="Image folder, or a kohya dataset .toml (absolute, or relative to "
                                 "ComfyUI's input folder). A .toml brings its own repeats, captions, caption augmentation, "
                                 "resolution, buckets and batch size; the widgets below are then not used."),
-                io.String.Input("caption_extension", default=".txt"),
+                io.String.Input("caption_extension", default=".txt",
+                                tooltip="The caption file beside each image: image.png -> image.txt (kohya "
+                                        "caption_extension; .caption is the other common one)."),
                 io.String.Input("class_tokens", default="", tooltip="Caption for images without one. Empty: the 'name' of the N_name folder."),
                 io.Int.Input("repeats", default=1, min=1, max=10000, tooltip="Repeats for images directly in the folder (N_name folders carry their own)."),
                 *bucket_inputs(),
@@ -343,7 +354,7 @@ class KilnMaskSource(io.ComfyNode):
             category="Kiln",
             description="Masked loss: white trains, black is ignored, grey weighs in between.",
             inputs=[
-                KilnDatasetType.Input("dataset"),
+                KilnDatasetType.Input("dataset", tooltip=tips.DATASET),
                 io.Combo.Input("mode", options=list(MASK_MODES), default="alpha",
                                tooltip="alpha: the image's alpha channel; folder: a mask image with the same file name."),
                 io.String.Input("mask_folder", default="", tooltip="For mode 'folder' (absolute, or relative to ComfyUI's input folder)."),
@@ -415,8 +426,8 @@ class KilnCacheLatents(io.ComfyNode):
                         "Latents are reused from memory, and from disk with disk_cache on, whenever the image, "
                         "mask, crop, flip and VAE are the same.",
             inputs=[
-                KilnDatasetType.Input("dataset"),
-                io.Vae.Input("vae"),
+                KilnDatasetType.Input("dataset", tooltip=tips.DATASET),
+                io.Vae.Input("vae", tooltip="The VAE the model was trained with (Load Checkpoint's)."),
                 io.Int.Input("batch_size", default=4, min=1, max=64, tooltip="Images per VAE call."),
                 io.Boolean.Input("disk_cache", default=False, optional=True,
                                  tooltip="Keep latents on disk too, so later runs (even after a restart) skip the VAE. "

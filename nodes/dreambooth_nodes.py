@@ -26,6 +26,7 @@ from .train_inputs import node_widgets
 from .train_nodes import ddpm_objective, sd1_kind
 from .training_run import FamilyPlan, Run, loss_image, prepare, run_metadata, run_summary, run_training, \
     validate_saving
+from . import tooltips as tips
 from .types import KilnDataset, KilnDatasetType
 
 log = logging.getLogger("kiln")
@@ -128,7 +129,8 @@ class KilnTrainDreamBooth(io.ComfyNode):
             description="DreamBooth in kohya's sense (train_db.py): fine-tunes the whole UNet (and the text encoder "
                         "with a learning rate) of the loaded SD 1.x/2.x model, with regularization images and "
                         "prior_loss_weight. The input MODEL/CLIP are left exactly as they were.",
-            inputs=[io.Model.Input("model"), io.Clip.Input("clip"), KilnDatasetType.Input("dataset")]
+            inputs=[io.Model.Input("model", tooltip=tips.MODEL), io.Clip.Input("clip", tooltip=tips.CLIP),
+                    KilnDatasetType.Input("dataset", tooltip=tips.TRAIN_DATASET)]
             + node_widgets("dreambooth", "sd1"),
             outputs=[io.Model.Output(display_name="model", tooltip="The fine-tuned model."),
                      io.Clip.Output(display_name="clip", tooltip="The fine-tuned CLIP (the input CLIP when the "
@@ -137,8 +139,8 @@ class KilnTrainDreamBooth(io.ComfyNode):
             hidden=[io.Hidden.unique_id, io.Hidden.prompt], not_idempotent=False)
 
     @classmethod
-    def validate_inputs(cls, save_every_n_steps=None, save_name=None, resume_from=None):
-        return validate_saving(NODE, FullTrainable, save_every_n_steps, save_name, resume_from)
+    def validate_inputs(cls, save_name=None):
+        return validate_saving(NODE, FullTrainable, save_name)
 
     @classmethod
     def execute(cls, model, clip, dataset: KilnDataset, **opts) -> io.NodeOutput:
@@ -190,7 +192,9 @@ class KilnSaveCheckpoint(io.ComfyNode):
             description="Writes MODEL + CLIP + VAE as one .safetensors checkpoint (the layout Load Checkpoint, A1111 "
                         "and Forge read) into models/checkpoints, atomically, with the training metadata of a "
                         "Train DreamBooth run.",
-            inputs=[io.Model.Input("model"), io.Clip.Input("clip"), io.Vae.Input("vae"),
+            inputs=[io.Model.Input("model", tooltip="The fine-tuned model from Train DreamBooth."),
+                    io.Clip.Input("clip", tooltip="Train DreamBooth's CLIP (fine-tuned when the text encoder trained)."),
+                    io.Vae.Input("vae", tooltip="The VAE to store in the checkpoint (Load Checkpoint's)."),
                     io.String.Input("filename", default=DEFAULT_SAVE_NAME,
                                     tooltip="Inside models/checkpoints; sub-folders allowed."),
                     io.Boolean.Input("overwrite", default=True,
@@ -198,9 +202,11 @@ class KilnSaveCheckpoint(io.ComfyNode):
             outputs=[io.String.Output(display_name="path")], is_output_node=True)
 
     @classmethod
-    def validate_inputs(cls, filename=None, overwrite=None):
+    def validate_inputs(cls, filename=None):
+        """Only filename (ComfyUI reports a failure once per input taken): an existing file with overwrite off is
+        refused by the Train node before it trains (check_save_nodes), and here when it runs."""
         if filename is not None:
-            return check_output_file(filename, SAVE_NODE, "filename", overwrite is not False, "checkpoints") or True
+            return check_output_file(filename, SAVE_NODE, "filename", kind="checkpoints") or True
         return True
 
     @classmethod

@@ -30,8 +30,11 @@ class KilnLoraConfig(io.ComfyNode):
                 io.Float.Input("conv_alpha", default=1.0, min=0.0, max=1024.0, step=0.5,
                                tooltip="kohya conv_alpha; 0 = conv_rank (scale 1), as kohya reads it."),
                 io.Float.Input("dropout", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="kohya network_dropout."),
-                io.Float.Input("rank_dropout", default=0.0, min=0.0, max=1.0, step=0.01),
-                io.Float.Input("module_dropout", default=0.0, min=0.0, max=1.0, step=0.01),
+                io.Float.Input("rank_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="kohya rank_dropout: chance that each rank of a module is left out for a "
+                                       "step."),
+                io.Float.Input("module_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="kohya module_dropout: chance that a whole module is left out for a step."),
                 io.String.Input("network_args", default="", multiline=True, optional=True,
                                 tooltip="kohya --network_args, key=value pairs, e.g. for SD3: context_attn_dim=16 "
                                         "x_mlp_dim=8 emb_dims=[0,0,0,0,0,0] train_block_indices=0-11 verbose=True. "
@@ -88,7 +91,9 @@ def check_output_file(name: str, node: str, what: str, overwrite: bool = True, k
         return str(e)
     folder = nearest_existing(os.path.dirname(path))
     if not os.access(folder, os.W_OK):
-        return f"{node}: cannot write into {folder} ({what} {name!r}): it is read-only or not yours."
+        return (f"{node}: cannot write into {folder} ({what} {name!r}): it is read-only or not yours. Give the user "
+                f"running ComfyUI write access to it (e.g. chown -R that user {folder}), or make a folder you own "
+                f"the first models/{kind} folder (extra_model_paths.yaml, is_default: true).")
     if not overwrite and os.path.exists(path):
         return f"{node}: {path} exists and overwrite is off; choose another name or turn overwrite on."
     return None
@@ -103,9 +108,11 @@ class KilnSaveLora(io.ComfyNode):
             category="Kiln",
             description="Writes a kohya-format .safetensors LoRA into models/loras (atomically).",
             inputs=[
-                KilnLoraType.Input("lora"),
+                KilnLoraType.Input("lora", tooltip="The trained LoRA from a Train node."),
                 io.String.Input("filename", default="kiln/my_lora", tooltip="Inside models/loras; sub-folders allowed."),
-                io.Combo.Input("precision", options=list(DTYPES), default="fp16"),
+                io.Combo.Input("precision", options=list(DTYPES), default="fp16",
+                               tooltip="dtype of the saved weights: fp16 (kohya's usual save_precision, half the "
+                                       "size), bf16, or fp32 (as trained)."),
                 io.Boolean.Input("overwrite", default=True, tooltip="Off: stop instead of replacing an existing file."),
             ],
             outputs=[io.String.Output(display_name="path")],
@@ -113,12 +120,13 @@ class KilnSaveLora(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, filename=None, precision=None, overwrite=None):
-        """Runs when the prompt is queued, before any training: a bad name fails now, not after the run."""
-        if precision is not None and precision not in DTYPES:
-            return f"Save LoRA: precision {precision!r} is not one of its choices: {', '.join(DTYPES)}."
+    def validate_inputs(cls, filename=None):
+        """Runs when the prompt is queued, before any training: a bad name fails now, not after the run. Only
+        filename: ComfyUI reports a failure once per input this takes. An existing file with overwrite off, or a
+        precision not among the choices (API prompts), is refused by the Train node before it trains
+        (check_save_nodes), and by execute."""
         if filename is not None:
-            return check_output_file(filename, "Save LoRA", "filename", overwrite is not False) or True
+            return check_output_file(filename, "Save LoRA", "filename") or True
         return True
 
     @classmethod

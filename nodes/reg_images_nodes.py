@@ -23,6 +23,7 @@ from .comfy.progress import Progress
 from .comfy.text import TextConditioning, clip_identity
 from .comfy.vae import vae_identity
 from .dataset_nodes import confinement
+from . import tooltips as tips
 from .options import check_text
 
 NODE = "Make Regularization Images"
@@ -56,25 +57,30 @@ class KilnMakeRegImages(io.ComfyNode):
                         "ComfyUI's sampler into input/<folder>/<repeats>_<prompt>/, each with its prompt as caption "
                         "and its seed recorded; connect 'regularization_folder' to Load Dataset. Images already "
                         "made with the same model, prompt, settings and seed are not made again.",
-            inputs=[io.Model.Input("model"), io.Clip.Input("clip"), io.Vae.Input("vae"),
+            inputs=[io.Model.Input("model", tooltip=tips.MODEL), io.Clip.Input("clip", tooltip=tips.CLIP),
+                    io.Vae.Input("vae", tooltip=tips.VAE),
                     io.String.Input("prompt", default="a photo of a toy", multiline=True,
                                     tooltip="The class prompt (the class word without your trigger), also written "
                                             "as every image's caption."),
-                    io.String.Input("negative", default="", multiline=True),
+                    io.String.Input("negative", default="", multiline=True, tooltip=tips.SAMPLER["negative"]),
                     io.Int.Input("count", default=50, min=1, max=100_000,
                                  tooltip="kohya: about as many images as training images × repeats."),
-                    io.Int.Input("width", default=512, min=64, max=4096, step=8),
-                    io.Int.Input("height", default=512, min=64, max=4096, step=8),
-                    io.Int.Input("steps", default=25, min=1, max=200),
-                    io.Float.Input("cfg", default=7.0, min=0.0, max=30.0, step=0.1),
-                    io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler"),
-                    io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal"),
+                    io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip=tips.SAMPLER["width"]),
+                    io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip=tips.SAMPLER["height"]),
+                    io.Int.Input("steps", default=25, min=1, max=200, tooltip=tips.SAMPLER["steps"]),
+                    io.Float.Input("cfg", default=7.0, min=0.0, max=30.0, step=0.1, tooltip=tips.SAMPLER["cfg"]),
+                    io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                                   tooltip=tips.SAMPLER["sampler_name"]),
+                    io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
+                                   tooltip=tips.SAMPLER["scheduler"]),
                     io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1,
                                  tooltip="Image i is sampled with seed + i."),
                     io.String.Input("folder", default="kiln_reg",
                                     tooltip="Inside ComfyUI's input folder; the images go into a <repeats>_<prompt> "
                                             "sub-folder, as kohya's reg folders are laid out."),
-                    io.Int.Input("repeats", default=1, min=1, max=10_000)],
+                    io.Int.Input("repeats", default=1, min=1, max=10_000,
+                                 tooltip="The repeats of the class folder (<repeats>_<prompt>), as kohya's reg "
+                                         "folders carry them.")],
             outputs=[io.String.Output(display_name="regularization_folder",
                                       tooltip="Connect to Load Dataset's regularization_folder."),
                      io.Image.Output(display_name="images", tooltip="The first (up to 16) images.")],

@@ -7,11 +7,18 @@ from comfy_api.latest import io
 from ..trainer_core.options import registry
 from ..trainer_core.options.registry import Option
 from ..trainer_core.options.training_args import describe as describe_training_args
+from . import tooltips as tips
+from .comfy.compat import mark_advanced
 from .types import KilnDatasetType, KilnLoraConfigType, KilnLoraType
 
 
 def widget_input(o: Option, family: str):
-    """The ComfyUI input of one registry widget."""
+    """The ComfyUI input of one registry widget; advanced (hidden until asked for) unless registry.SHOWN lists it."""
+    spec = _widget_input(o, family)
+    return spec if o.name in registry.SHOWN else mark_advanced(spec)
+
+
+def _widget_input(o: Option, family: str):
     common = {"default": o.default, "optional": o.optional, "tooltip": o.help or None}
     if o.name == "training_args":
         common["tooltip"] = f"{o.help} Keys:\n" + describe_training_args(family)
@@ -47,6 +54,7 @@ def train_schema(node_id: str, display_name: str, description: str, family: str)
     same outputs."""
     return io.Schema(
         node_id=node_id, display_name=display_name, category="Kiln", description=description,
-        inputs=[io.Model.Input("model"), io.Clip.Input("clip"), KilnDatasetType.Input("dataset"),
-                KilnLoraConfigType.Input("lora_config")] + node_widgets(family, family),
+        inputs=[io.Model.Input("model", tooltip=tips.MODEL), io.Clip.Input("clip", tooltip=tips.CLIP),
+                KilnDatasetType.Input("dataset", tooltip=tips.TRAIN_DATASET),
+                KilnLoraConfigType.Input("lora_config", tooltip=tips.LORA_CONFIG)] + node_widgets(family, family),
         outputs=train_outputs(), hidden=[io.Hidden.unique_id, io.Hidden.prompt], not_idempotent=False)

@@ -36,9 +36,8 @@ class TrainNode(io.ComfyNode):
     """What the Train LoRA nodes share beyond their schema: checks run when the prompt is queued, and the run."""
 
     @classmethod
-    def validate_inputs(cls, save_every_n_steps=None, save_name=None, resume_from=None):
-        return validate_saving(cls.define_schema().display_name, LoraTrainable, save_every_n_steps, save_name,
-                               resume_from)
+    def validate_inputs(cls, save_name=None):
+        return validate_saving(cls.define_schema().display_name, LoraTrainable, save_name)
 
     @classmethod
     def train(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, tcfg: TrainConfig, plan: FamilyPlan,

@@ -32,6 +32,7 @@ from ..trainer_core.kohya.metadata import training_metadata
 from ..trainer_core.data.latent_store import DiskStore
 from ..trainer_core.training.loop import StepInfo, TrainConfig, TrainResult, train
 from ..trainer_core.lora.blocks import BlockPlan
+from ..trainer_core.lora.io import DTYPES
 from ..trainer_core.report.plot import loss_plot
 from ..trainer_core.maths.preservation import pairs_from
 from ..trainer_core.files.resume import SUFFIX, state_path
@@ -42,6 +43,7 @@ from ..trainer_core.options.training_args import effective, parse_training_args
 from .comfy import model as cmodel
 from .comfy.preview import PreviewSpec, known_sampler, pil_to_image, sample_images, to_pil
 from .comfy.progress import Progress
+from .run_clock import RunClock
 from .comfy.tensors import normal_tensor
 from .comfy.text import TextConditioning, text_encoder_names, text_encoder_session
 from .dataset_nodes import confinement, default_cache_folder
@@ -177,41 +179,55 @@ def check_paths(opts: dict, node: str, trainable: Trainable) -> None:
     check_text(opts.get("save_name") or "", node, "save_name")
     if opts.get("save_every_n_steps", 0):
         name = save_name_of(opts, trainable.default_save_name)
-        lora_output_path(f"{name}-step00000001", node, "save_name", trainable.kind)
+        problem = check_output_file(f"{name}-step00000001", node, "save_name", kind=trainable.kind)
+        if problem:
+            raise KilnError(problem)
     resume_file(opts.get("resume_from") or "", node, trainable)
 
 
-def validate_saving(node: str, trainable: Trainable, save_every_n_steps=None, save_name=None, resume_from=None):
-    """A Train node's validate_inputs: the save and resume names, when the prompt is queued."""
+def validate_saving(node: str, trainable: Trainable, save_name=None):
+    """A Train node's validate_inputs, when the prompt is queued: save_name must be a name inside the models folder.
+    Only that input: ComfyUI reports a failure once per input validate_inputs takes. Whether the folder can be
+    written (when saves are on) and resume_from are checked as the run starts (check_paths)."""
+    if save_name is None:
+        return True
     try:
-        check_paths({"save_every_n_steps": save_every_n_steps or 0, "save_name": save_name,
-                     "resume_from": resume_from}, node, trainable)
+        check_text(save_name, node, "save_name")
+        name = save_name_of({"save_name": save_name}, trainable.default_save_name)
+        lora_output_path(f"{name}-step00000001", node, "save_name", trainable.kind)
     except KilnError as e:
         return str(e)
-    if save_every_n_steps and save_name is not None:
-        name = save_name_of({"save_name": save_name}, trainable.default_save_name)
-        return check_output_file(f"{name}-step00000001", node, "save_name", kind=trainable.kind) or True
     return True
 
 
+# the save nodes a Train node may feed: class_type -> (the input linked to it, models folder, name)
+SAVE_NODES = {"KilnSaveLora": ("lora", "loras", "Save LoRA"), "KilnSaveCheckpoint": ("model", "checkpoints",
+                                                                                    "Save Checkpoint")}
+
+
 def check_save_nodes(prompt: dict | None, node_id, node: str) -> list[str]:
-    """The Save LoRA nodes fed by this Train node, where their filename is a constant: a name that cannot be
-    saved stops the run now, not after training (ComfyUI would still train for the other outputs). Returns
-    their target paths (their free space is checked once the LoRA's size is known)."""
+    """The Save LoRA / Save Checkpoint nodes fed by this Train node, where their filename is a constant: a name
+    that cannot be saved (or an existing file with overwrite off) stops the run now, not after training (ComfyUI
+    would still train for the other outputs). Returns the Save LoRA target paths (their free space is checked once
+    the LoRA's size is known)."""
     targets = []
     for nid, n in (prompt or {}).items():
         inputs = n.get("inputs", {}) if isinstance(n, dict) else {}
-        link = inputs.get("lora")
-        if n.get("class_type") != "KilnSaveLora" or not (isinstance(link, list) and str(link[0]) == str(node_id)):
+        socket, kind, title = SAVE_NODES.get(n.get("class_type"), (None, None, None))
+        link = inputs.get(socket)
+        if socket is None or not (isinstance(link, list) and str(link[0]) == str(node_id)):
             continue
         name = inputs.get("filename")
-        problem = check_output_file(name, "Save LoRA", "filename", inputs.get("overwrite") is not False) \
+        problem = check_output_file(name, title, "filename", inputs.get("overwrite") is not False, kind) \
             if isinstance(name, str) else None
+        if problem is None and kind == "loras" and isinstance(inputs.get("precision"), str) \
+                and inputs["precision"] not in DTYPES:  # (ComfyUI 0.3.x does not check a V3 combo's value)
+            problem = f"precision {inputs['precision']!r} is not one of its choices: {', '.join(DTYPES)}"
         if problem:
-            raise KilnError(f"{node}: the Save LoRA node ({nid}) this node feeds cannot save, so training would be "
+            raise KilnError(f"{node}: the {title} node ({nid}) this node feeds cannot save, so training would be "
                             f"lost: {problem}")
-        if isinstance(name, str):
-            targets.append(lora_output_path(name, "Save LoRA", "filename"))
+        if isinstance(name, str) and kind == "loras":
+            targets.append(lora_output_path(name, title, "filename"))
     return targets
 
 
@@ -291,12 +307,12 @@ def prepare(model, dataset: KilnDataset, opts: dict, families: tuple[str, ...], 
 
 
 def caption_conditioning(cond: TextConditioning, dataset: KilnDataset, te_train: list[str], opts: dict,
-                         node: str, tcfg: TrainConfig) -> tuple[Callable[..., dict], set[str]]:
+                         node: str, report=None) -> tuple[Callable[..., dict], set[str]]:
     """The loop's ``conditioning`` callable over ``cond`` and the set of distinct captions it trained on.
     Trained text encoders (``te_train``) encode every caption again at every step; otherwise fixed captions are
-    encoded once, before the loop (or read from the disk cache), and augmented ones on demand."""
+    encoded once, before the loop (or read from the disk cache), and augmented ones on demand
+    (``report(done, total)`` after each)."""
     cond.live = bool(te_train)
-    cond.weighted = tcfg.text.weighted_captions  # kohya's weighted_captions; else captions are plain text
     if opts.get("cache_text_encoder_outputs_to_disk"):
         varying = next((s for s in dataset.cache.samples if s.captions.varies), None)
         if te_train or varying is not None:
@@ -307,9 +323,11 @@ def caption_conditioning(cond: TextConditioning, dataset: KilnDataset, te_train:
                             f"rates to 0 and switch off shuffle_caption / caption dropout.")
         cond.use_disk(DiskStore(default_cache_folder("text"), redo="encoding its caption again"))
     if not cond.live:
-        for s in dataset.cache.samples:
-            if not s.captions.varies:
-                cond.encode(base_caption(s.caption, s.captions), pin=True)
+        fixed = [s for s in dataset.cache.samples if not s.captions.varies]
+        for n, s in enumerate(fixed, 1):
+            cond.encode(base_caption(s.caption, s.captions), pin=True)
+            if report is not None:
+                report(n, len(fixed))
     seen: set[str] = set()
 
     def conditioning(captions: list[str], train: bool = False, geometries=None) -> dict[str, torch.Tensor]:
@@ -319,19 +337,40 @@ def caption_conditioning(cond: TextConditioning, dataset: KilnDataset, te_train:
     return conditioning, seen
 
 
-def step_reporter(progress: Progress, tcfg: TrainConfig, opts: dict, epochs: int,
-                  preview: Callable[[], object], tracker: TensorBoardLog | None = None) -> Callable[[StepInfo], None]:
+def planned_steps(every_steps: int, every_epochs: int | None, per_epoch: int, total: int) -> list[int]:
+    """The steps before the last after which something every N steps (or every N epochs: kohya's epoch option
+    overrides the step one) happens."""
+    every = every_epochs * per_epoch if every_epochs else every_steps
+    return list(range(every, total, every)) if every else []
+
+
+def run_clock(progress: Progress, tcfg: TrainConfig, opts: dict, per_epoch: int, previews: list) -> RunClock:
+    """The Train node's phases and ETA: its previews (sample_every / sample_every_n_epochs) and intermediate saves
+    (save_every_n_steps, save_every_n_epochs) planned from the settings."""
+    samples, saving = tcfg.samples.sample_every_n_epochs, tcfg.saving.save_every_n_epochs
+    saves = set(planned_steps(tcfg.save_every, None, per_epoch, tcfg.steps)) | \
+        set(planned_steps(0, saving, per_epoch, tcfg.steps))
+    return RunClock(progress.send, tcfg.steps, planned_steps(opts["sample_every"], samples, per_epoch, tcfg.steps),
+                    saves, sum(p.steps for p in previews))
+
+
+def step_reporter(progress: Progress, tcfg: TrainConfig, opts: dict, epochs: int, preview: Callable[..., object],
+                  clock: RunClock, prompts: int,
+                  tracker: TensorBoardLog | None = None) -> Callable[[StepInfo], None]:
     """The loop's ``on_step``: progress (with a preview image every ``sample_every`` steps, or every
-    ``sample_every_n_epochs`` epochs as kohya), the loss chart's event, and TensorBoard when logging_dir is set."""
+    ``sample_every_n_epochs`` epochs as kohya; ``preview(on_image)`` draws its ``prompts`` images), the loss
+    chart's event (the training seconds and the ETA of ``clock``), and TensorBoard when logging_dir is set."""
     every = opts["sample_every"]
 
     def on_step(info: StepInfo) -> None:
         image = None
+        train_seconds = clock.on_step(info.step, info.seconds)
         by_epoch = tcfg.samples.sample_every_n_epochs  # kohya: overrides the step interval
         due = (info.epoch_end and info.epoch % by_epoch == 0) if by_epoch else (every and info.step % every == 0)
         if due and info.step < info.total:
-            with info.averaged():  # with EMA on, the preview shows the average, as the saves hold it
-                image = preview()
+            # with EMA on, the preview shows the average, as the saves hold it
+            with info.averaged(), clock.timed("sampling", prompts) as done:
+                image = preview(done)
         progress.update(info.step, image)
         if tracker is not None:
             tracker.step(info)
@@ -339,7 +378,8 @@ def step_reporter(progress: Progress, tcfg: TrainConfig, opts: dict, epochs: int
                 tracker.image(f"step {info.step}", image, info.step)
         progress.send("kiln.loss", {"step": info.step, "total": info.total, "loss": info.loss, "lr": info.lr,
                                     "seconds": info.seconds, "epoch": info.epoch, "epochs": epochs,
-                                    "val_loss": info.val_loss, "saved": info.saving})
+                                    "val_loss": info.val_loss, "saved": info.saving,
+                                    "train_seconds": train_seconds, "eta": clock.eta()})
     return on_step
 
 
@@ -449,12 +489,16 @@ def run_training(model, clip, dataset: KilnDataset, tcfg: TrainConfig, plan: Fam
     run = Run(model, clip, dataset, tcfg, plan, opts, normal_cache(dataset.cache), te_train, notes)
     previews = preview_specs(opts, tcfg, dataset, plan.node, notes)
     cond = plan.conditioning
-    conditioning, run.seen = caption_conditioning(cond, dataset, te_train, opts, plan.node, tcfg)
-    notes += caption_length_notes(cond, dataset, tcfg, plan.node)
-
     progress = Progress(tcfg.steps, node_id)
     run.per_epoch = steps_per_epoch(validation.parts(run.cache, tcfg)[0], tcfg.batch_size, tcfg.grad_accum)
     run.epochs = math.ceil(tcfg.steps / run.per_epoch)
+    clock = run_clock(progress, tcfg, opts, run.per_epoch, previews)
+    clock.show("caching")  # the text encoders' outputs of the fixed captions
+    cond.weighted = tcfg.text.weighted_captions  # kohya's weighted_captions; else captions are plain text
+    conditioning, run.seen = caption_conditioning(cond, dataset, te_train, opts, plan.node,
+                                                  lambda n, total: clock.show("caching", n, total))
+    notes += caption_length_notes(cond, dataset, tcfg, plan.node)
+    clock.show("preparing")  # the model on its device, the network, resume
     device = cmodel.device_of(model)
 
     te_session = text_encoder_session(clip, plan.node) if te_train else contextlib.nullcontext()
@@ -467,11 +511,11 @@ def run_training(model, clip, dataset: KilnDataset, tcfg: TrainConfig, plan: Fam
         main = distributed.is_main()  # under torchrun only rank 0 samples and writes; the others only train
         network = run.network = trainable.build(run)
 
-        def preview() -> torch.Tensor:
+        def preview(on_image=None) -> torch.Tensor:
             if not main:
                 return torch.zeros((1, 8, 8, 3))
             network.eval()
-            images = sample_images(run.target.patcher, cond, dataset.vae, previews)
+            images = sample_images(run.target.patcher, cond, dataset.vae, previews, on_image)
             network.train()
             return images
 
@@ -488,14 +532,21 @@ def run_training(model, clip, dataset: KilnDataset, tcfg: TrainConfig, plan: Fam
             swap_blocks = plan.checkpoint_blocks(net_host)
             with block_swap(swap_blocks, tcfg.memory.blocks_to_swap, device) as swap, \
                     tensorboard_log(tcfg, plan.node) as tracker:
-                on_step = step_reporter(progress, tcfg, opts, run.epochs, lambda: to_pil(preview()[0]), tracker)
+                on_step = step_reporter(progress, tcfg, opts, run.epochs, lambda done: to_pil(preview(done)[0]),
+                                        clock, len(previews), tracker)
                 if tcfg.samples.sample_at_first:  # kohya's sample_at_first: a preview before the first step
-                    progress.update(0, to_pil(preview()[0]))
+                    with clock.timed("sampling", len(previews)) as done:
+                        progress.update(0, to_pil(preview(done)[0]))
+
+                def save(*args, **kw) -> None:
+                    with clock.timed("saving"):
+                        saver.save(*args, **kw)
                 run.result = train(network, plan.objective,
                                    cmodel.unet_forward(run.target.patcher, net_host, trainable.forward_dtype), conditioning,
                                    run.cache, cmodel.latent_in(model), tcfg, device, swap_blocks, on_step,
-                                   saver.save if main else None, resume)
-                run.samples = preview()
+                                   save if main else None, resume)
+                with clock.timed("sampling", len(previews)) as done:
+                    run.samples = preview(done)
                 if tracker is not None:
                     tracker.image("final", to_pil(run.samples[0]), run.result.steps)
                 if swap is not None:
@@ -527,6 +578,11 @@ def run_summary(head: str, details: str, result, tcfg: TrainConfig, notes: list[
     return text + "".join(f"\nnote: {n}" for n in notes + result.notes)
 
 
+LOSS_PLOT_SIZE = (400, 240)
+
+
 def loss_image(result: TrainResult) -> torch.Tensor:
-    """The loss_plot IMAGE of every Train node: loss, smoothed loss, learning rate, validation points, saves."""
-    return pil_to_image(loss_plot(result.losses, validation=result.validation, lrs=result.lrs, saves=result.saves))
+    """The loss_plot IMAGE of every Train node: loss, smoothed loss, learning rate, validation points, saves; at
+    about the size a Preview Image node shows it, so its 11-13 px labels stay readable there."""
+    return pil_to_image(loss_plot(result.losses, LOSS_PLOT_SIZE[0], LOSS_PLOT_SIZE[1], validation=result.validation,
+                                  lrs=result.lrs, saves=result.saves))

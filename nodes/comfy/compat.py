@@ -11,6 +11,8 @@ What changed (docs/architecture.md, fact 9):
     patcher for the next run;
   * the prompt executor's cache arguments (``--cache-ram`` became a list; RAM pressure is the default);
   * ``PromptServer.instance.node_replace_manager`` (0.33), which node packs register with at import;
+  * V3 inputs' ``advanced`` flag (the frontend hides such inputs until "Show Advanced"): an argument of every input
+    in 0.33, absent from 0.3.75's API, where the same key goes to the frontend through the input's extra keys;
   * who assembles a full checkpoint: the model (0.3.x, ``get_sd`` of the CLIP) or the MODEL patcher (0.33, with
     the unet's state dict passed in and the CLIP's ``state_dict_for_saving``).
 """
@@ -91,6 +93,15 @@ def executor_cache(args) -> tuple[object, dict]:
     kind = (types.LRU if args.cache_lru > 0 else types.RAM_PRESSURE if args.cache_ram > 0
             else types.NONE if args.cache_none else types.CLASSIC)
     return kind, {"lru": args.cache_lru, "ram": args.cache_ram}
+
+
+def mark_advanced(spec):
+    """Make a V3 input an advanced one (hidden by the frontend until the node's "Show Advanced"); returns it."""
+    if hasattr(spec, "advanced"):
+        spec.advanced = True
+    else:
+        spec.extra_dict["advanced"] = True
+    return spec
 
 
 def node_replace_manager():

@@ -29,12 +29,15 @@ def known_sampler(sampler: str, scheduler: str) -> bool:
     return sampler in comfy.samplers.KSampler.SAMPLERS and scheduler in comfy.samplers.KSampler.SCHEDULERS
 
 
-def sample_images(model, cond, vae, specs: list[PreviewSpec]) -> torch.Tensor:
+def sample_images(model, cond, vae, specs: list[PreviewSpec], on_image=None) -> torch.Tensor:
     """IMAGE [B,H,W,3]; ``model`` is the patcher that trains (text.TextConditioning gives the conditioning).
-    Previews of different sizes are placed top-left on the largest canvas (an IMAGE batch has one size)."""
+    Previews of different sizes are placed top-left on the largest canvas (an IMAGE batch has one size).
+    ``on_image(n)``: called as the n-th image (from 1) starts."""
     images = []
     with torch.no_grad():
-        for s in specs:
+        for n, s in enumerate(specs, 1):
+            if on_image is not None:
+                on_image(n)
             latent = torch.zeros([1, model.model.latent_format.latent_channels, s.height // 8, s.width // 8])
             noise = comfy.sample.prepare_noise(latent, s.seed)
             out = comfy.sample.sample(model, noise, s.steps, s.cfg, s.sampler, s.scheduler,

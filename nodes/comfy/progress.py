@@ -20,7 +20,9 @@ class Progress:
         comfy.model_management.throw_exception_if_processing_interrupted()
         if total is not None:
             self.total = total
-        self.bar.update_absolute(value, self.total, ("JPEG", preview, 512) if preview is not None else None)
+        # ComfyUI scales a preview to fit max_size, up as well as down: a 64 px sample stays 64 px (and says so)
+        size = min(512, max(preview.size)) if preview is not None else None
+        self.bar.update_absolute(value, self.total, ("JPEG", preview, size) if preview is not None else None)
 
     def text(self, message: str) -> None:
         """A line of text under the running node (ComfyUI's progress text), e.g. an ETA."""

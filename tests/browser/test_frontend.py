@@ -60,6 +60,18 @@ CHART_CHECK = """(() => {
 })()"""
 
 
+RECORD_HEADERS = """(() => { window.kilnHeaders = [];
+  app.api.addEventListener("kiln.phase", () => setTimeout(() => {
+    window.kilnHeaders.push(app.graph.getNodeById(6).kiln.layout.header); }, 0)); })()"""
+RUN_BUTTON = """(() => { const r = document.querySelector('[data-testid="queue-button"] button').getBoundingClientRect();
+  return [r.left + r.width / 2, r.top + r.height / 2]; })()"""
+NODE_TEXT = """(() => { const t = app.graph.getNodeById(NID).kilnText, r = t.box.getBoundingClientRect();
+  const warn = [...t.box.children].find((d) => d.textContent.startsWith("⚠"));
+  return {text: t.text, warnings: Number(t.box.dataset.warnings), amber: warn ? getComputedStyle(warn).color : null,
+          shown: t.box.isConnected && getComputedStyle(t.box).display !== "none" && r.height > 0 && r.bottom > 0
+                 && r.top < innerHeight && r.right > 0 && r.left < innerWidth}; })()"""
+
+
 def test_workflow_opens_queues_and_draws_the_loss_chart(ready_server):
     """The live chart at the node's default size: a step axis with ticks, smoothed over raw loss, the learning
     rate (cosine with warmup) on its own axis, validation points and a save marker, every label inside the chart
@@ -79,8 +91,28 @@ def test_workflow_opens_queues_and_draws_the_loss_chart(ready_server):
             widgets = await b.evaluate("app.graph.getNodeById(6).widgets.map(w => w.name)")
             await b.evaluate(f"(() => {{ const n = app.graph.getNodeById(6); const s = {json.dumps(settings)}; "
                              f"for (const [k, v] of Object.entries(s)) n.widgets.find(w => w.name === k).value = v; }})()")
-            await b.evaluate("app.queuePrompt(0, 1)")
+            await b.evaluate(RECORD_HEADERS)
+            await click(b, *await b.evaluate(RUN_BUTTON))  # the Run button, as a person queues it
+            await b.wait_for("(app.graph.getNodeById(6).kiln?.points.length ?? 0) >= 8", 300, 0.5)
+            await b.evaluate("(() => { app.canvas.ds.scale = 1; const n = app.graph.getNodeById(6); "
+                             "app.canvas.ds.offset = [-n.pos[0] + 420, -n.pos[1] - n.size[1] + 800]; "
+                             "app.canvas.setDirty(true, true); })()")
+            await asyncio.sleep(1)
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            await b.screenshot(SCREENSHOTS / "train_node_mid_run.png")  # docs/images/train-node-mid-run.png
+            room = await b.evaluate("(() => { const n = app.graph.getNodeById(6); "  # below the last widget
+                                    "const c = n.widgets.find(w => w.name === 'kiln_loss'); "
+                                    "return n.size[1] - (c.y + c.computedHeight); })()")
             await b.wait_for(f"(app.graph.getNodeById(6).kiln?.points.length ?? 0) >= {steps}", 300, 0.5)
+            await b.wait_for("app.graph.getNodeById(7).kilnText?.text.includes('saved')", 300, 0.5)
+            texts = {}
+            for nid in (2, 3, 6, 7):  # each node in view, its text box drawn on screen
+                await b.evaluate(f"(() => {{ app.canvas.ds.scale = 1; const n = app.graph.getNodeById({nid}); "
+                                 f"app.canvas.ds.offset = [-n.pos[0] + 40, -n.pos[1] - n.size[1] + 700]; "
+                                 f"app.canvas.setDirty(true, true); }})()")
+                await asyncio.sleep(0.7)
+                texts[nid] = await b.evaluate(NODE_TEXT.replace("NID", str(nid)))
+            headers = await b.evaluate("window.kilnHeaders")
             await b.evaluate("(() => { app.canvas.ds.scale = 1; const n = app.graph.getNodeById(6); "
                              "app.canvas.ds.offset = [-n.pos[0] + 420, -n.pos[1] - n.size[1] + 760]; "
                              "app.canvas.setDirty(true, true); })()")
@@ -89,8 +121,20 @@ def test_workflow_opens_queues_and_draws_the_loss_chart(ready_server):
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
             await b.screenshot(SCREENSHOTS / "train_node_loss_chart.png")
             (SCREENSHOTS / "loss_chart_canvas.png").write_bytes(base64.b64decode(chart.pop("png").split(",", 1)[1]))
-            return widgets, chart, b.console
-    widgets, chart, console = asyncio.run(run())
+            return widgets, chart, texts, headers, room, b.console
+    widgets, chart, texts, headers, room, console = asyncio.run(run())
+    assert room >= 200, room  # the mid-run sample preview is drawn inside the node's frame
+    # every node's text on screen after the run: the dataset summary, the alpha warning standing out, the file
+    for nid, t in texts.items():
+        assert t["shown"], (nid, t)
+    assert "images" in texts[2]["text"], texts[2]
+    assert "no alpha channel" in texts[3]["text"] and texts[3]["warnings"] >= 1 and texts[3]["amber"], texts[3]
+    assert "steps in" in texts[6]["text"], texts[6]
+    assert "saved" in texts[7]["text"] and "chart_test" not in texts[7]["text"], texts[7]
+    # the chart's header named the phases: the text encoders' outputs, the mid-run and final previews, the save
+    assert any(h.startswith("caching") for h in headers), headers
+    assert any(h.startswith("sampling 1/1") and "ETA" in h for h in headers), headers
+    assert any(h.startswith("saving") for h in headers), headers
     assert "kiln_loss" in widgets
     assert chart["n"] == steps and chart["last"]["step"] == steps
     # readable at the node's default size: the chart spans the node, labels >= 10 px, inside, apart
@@ -136,3 +180,65 @@ def test_every_example_workflow_opens_and_converts_to_its_twin(ready_server):
         assert strip_meta(prompt) == strip_meta(api), name
         assert charts == [True], name
     assert not [c for c in console if "kiln" in c.lower() and ("error" in c.lower() or "EXCEPTION" in c)], console
+
+
+VISIBLE = """((type) => {
+  const n = typeof type === 'string' ? LiteGraph.createNode(type) : app.graph.getNodeById(type);
+  if (!n.graph) app.graph.add(n);
+  const names = () => n.widgets.filter(w => n.isWidgetVisible(w) && w.name !== 'kiln_loss' && w.type !== 'button')
+    .map(w => w.name);
+  return {id: n.id, names: names(), button: n.kilnAdvanced?.button.label ?? null};
+})"""
+
+CLICK_BUTTON = """((id) => {
+  const n = app.graph.getNodeById(id), b = n.kilnAdvanced.button;
+  app.canvas.ds.scale = 1; app.canvas.ds.offset = [-n.pos[0] + 40, -n.pos[1] + 60]; app.canvas.setDirty(true, true);
+  app.canvas.draw(true, true);
+  const r = app.canvas.canvas.getBoundingClientRect();
+  const [x, y] = app.canvas.ds.convertOffsetToCanvas([n.pos[0] + n.size[0] / 2, n.pos[1] + b.y + 10]);
+  return [r.left + x, r.top + y];
+})"""
+
+
+async def click(b, x: float, y: float) -> None:
+    for kind in ("mousePressed", "mouseReleased"):
+        await b.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+        await asyncio.sleep(0.1)
+
+
+def test_train_nodes_show_a_dozen_inputs_and_the_rest_one_click_away(ready_server):
+    """A new Train node shows the registry's SHOWN widgets (+ seed's control widget); one click on its button shows
+    every input; a saved workflow keeps every widget value in its position and shows what it sets away from the
+    defaults."""
+    nodes = ("KilnTrainSD1", "KilnTrainSDXL", "KilnTrainSD3", "KilnTrainDreamBooth")
+
+    async def run():
+        out = {}
+        async with Browser(free_port()) as b:
+            await b.open_app(ready_server.url)
+            await b.wait_for("app.extensions.some(e => e.name === 'kiln.training')", 30)
+            for node in nodes:
+                await b.evaluate("app.graph.clear()")
+                before = await b.evaluate(f"{VISIBLE}({json.dumps(node)})")
+                await click(b, *await b.evaluate(f"{CLICK_BUTTON}({before['id']})"))
+                after = await b.evaluate(f"{VISIBLE}({before['id']})")
+                total = await b.evaluate(f"app.graph.getNodeById({before['id']}).widgets.filter(w => w.name !== "
+                                         f"'kiln_loss' && w.type !== 'button').length")
+                out[node] = (before, after, total)
+            await b.evaluate(f"app.loadGraphData({json.dumps(UI)})")
+            saved = await b.evaluate("app.graph.serialize().nodes.filter(n => n.type === 'KilnTrainSD1')"
+                                     ".map(n => n.widgets_values)[0]")
+            shown = await b.evaluate(f"{VISIBLE}(6)")
+            return out, saved, shown
+    out, saved, shown = asyncio.run(run())
+    counts = {node: (len(before["names"]), len(after["names"]), total) for node, (before, after, total) in out.items()}
+    print("visible widgets by default, after the click, all:", counts)
+    for node, (before, after, total) in out.items():
+        assert 10 <= len(before["names"]) <= 14, (node, before)
+        assert {"steps", "learning_rate", "seed", "sample_prompts"} <= set(before["names"]), before
+        assert before["button"].startswith("▸ show"), before
+        assert len(after["names"]) == total and after["button"].startswith("▾ hide"), (node, after)
+    train = next(n for n in UI["nodes"] if n["type"] == "KilnTrainSD1")
+    assert saved == train["widgets_values"], "the saved widget values moved"
+    # the example sets the advanced sample_steps 8 and sample_cfg 5: what it sets away from a default is in sight
+    assert {"sample_steps", "sample_cfg"} <= set(shown["names"]) and "grad_accum" not in shown["names"], shown

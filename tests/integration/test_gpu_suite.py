@@ -7,6 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 STEPS = {"correctness", "dynamic_vram", "compare_native", "train_overhead", "memory"}
 
@@ -21,6 +23,7 @@ def suite(kiln_env, out: Path, *args: str) -> tuple[subprocess.CompletedProcess,
     return proc, json.loads(report.read_text())
 
 
+@pytest.mark.slow  # ~55 s: every bench step in a subprocess; bench code, not a product module
 def test_dry_run_runs_every_step_and_reports_their_figures(kiln_env, tmp_path):
     proc, report = suite(kiln_env, tmp_path)
     steps = {s["step"]: s for s in report["steps"]}

@@ -80,25 +80,40 @@ DREAMBOOTH_SAVES = {
 
 OPTIONS: tuple[Option, ...] = (
     # --- widgets every Train node shows (schedule, optimizer, precision, loss, previews, saving) ---
-    _w("steps", "int", 500, low=1, high=1_000_000, kohya=("max_train_steps",), metadata=("max_train_steps",),
-       resumable=True),
-    _w("learning_rate", "float", 1e-4, low=0.0, high=10.0, step=1e-6, kohya=("learning_rate",),
-       metadata=("learning_rate", "unet_lr"), resumable=True, variants={"dreambooth": {"default": 1e-6}}),
-    _w("optimizer", "choice", "AdamW", choices=OPTIMIZERS, kohya=("optimizer_type",), group="optim"),
-    _w("lr_scheduler", "choice", "constant", choices=SCHEDULERS, kohya=("lr_scheduler",), metadata=("lr_scheduler",),
-       resumable=True, group="schedule"),
-    _w("warmup_steps", "int", 0, low=0, high=100_000, kohya=("lr_warmup_steps",), resumable=True, group="schedule"),
-    _w("grad_accum", "int", 1, low=1, high=1024, kohya=("gradient_accumulation_steps",),
-       metadata=("gradient_accumulation_steps",)),
+    _w("steps", "int", 500, "Optimizer steps to train (kohya max_train_steps); typical 500-3000 for a LoRA. "
+       "training_args max_train_epochs=N trains N epochs instead.", low=1, high=1_000_000,
+       kohya=("max_train_steps",), metadata=("max_train_steps",), resumable=True),
+    _w("learning_rate", "float", 1e-4, "Learning rate of the diffusion model's LoRA (kohya unet_lr); typical 1e-4 "
+       "(SD1/SDXL), 1e-4 to 5e-4 (SD3); about 1.0 for the optimizers that set their own rate (Prodigy, "
+       "D-Adaptation).", low=0.0, high=10.0, step=1e-6, kohya=("learning_rate",),
+       metadata=("learning_rate", "unet_lr"), resumable=True,
+       variants={"dreambooth": {"default": 1e-6, "help": "Learning rate of the UNet (kohya learning_rate); typical "
+                                                         "1e-6 to 5e-6 for a full fine-tune."}}),
+    _w("optimizer", "choice", "AdamW", "kohya's optimizer_type. AdamW is the safe default; AdamW8bit and the "
+       "other 8bit ones need less memory (bitsandbytes); Prodigy and D-Adaptation choose their own step size "
+       "(learning_rate ~1). training_args optimizer_args passes its settings.", choices=OPTIMIZERS,
+       kohya=("optimizer_type",), group="optim"),
+    _w("lr_scheduler", "choice", "constant", "How the learning rate moves over the run (kohya lr_scheduler): "
+       "constant, or cosine / linear down to 0 at the last step; warmup_steps ramps it up first.",
+       choices=SCHEDULERS, kohya=("lr_scheduler",), metadata=("lr_scheduler",), resumable=True, group="schedule"),
+    _w("warmup_steps", "int", 0, "Steps over which the learning rate rises from 0 to learning_rate (kohya "
+       "lr_warmup_steps); 0 = none.", low=0, high=100_000, kohya=("lr_warmup_steps",), resumable=True,
+       group="schedule"),
+    _w("grad_accum", "int", 1, "Batches whose gradients add up before each optimizer step (kohya "
+       "gradient_accumulation_steps): the effective batch is batch_size × grad_accum, at batch_size's memory.",
+       low=1, high=1024, kohya=("gradient_accumulation_steps",), metadata=("gradient_accumulation_steps",)),
     _w("max_grad_norm", "float", 1.0, "0 = no clipping.", low=0.0, high=1000.0, step=0.1, kohya=("max_grad_norm",),
        metadata=("max_grad_norm",), group="optim"),
-    _w("seed", "int", 0, low=0, high=0xFFFFFFFF, kohya=("seed",), metadata=("seed",),
+    _w("seed", "int", 0, "Seed of the data order, noise, timesteps and previews: the same seed, data and "
+       "settings give the same run.", low=0, high=0xFFFFFFFF, kohya=("seed",), metadata=("seed",),
        extra={"control_after_generate": True}),
     _w("precision", "choice", "auto", "Autocast dtype; auto = bf16 on GPUs that support it, else fp32. LoRA weights "
        "stay fp32.", choices=PRECISION_CHOICES, config=False),
     _w("gradient_checkpointing", "bool", False, "Less memory, ~30% slower.", kohya=("gradient_checkpointing",),
        metadata=("gradient_checkpointing",), group="memory"),
-    _w("loss_type", "choice", "l2", choices=LOSS_TYPES, kohya=("loss_type",), metadata=("loss_type",), group="loss"),
+    _w("loss_type", "choice", "l2", "kohya's loss_type: l2 (mean squared error, the usual), l1, huber or "
+       "smooth_l1 (less pulled by outliers; huber_c and huber_schedule in training_args).", choices=LOSS_TYPES,
+       kohya=("loss_type",), metadata=("loss_type",), group="loss"),
     _w("min_snr_gamma", "float", 0.0, "0 = off; 5 is the paper's value.", low=0.0, high=100.0, step=0.5,
        families=DDPM, kohya=("min_snr_gamma",), metadata=("min_snr_gamma",), group="loss"),
     _w("mask_normalize", "bool", False, "Mean loss over the masked area, so small subjects weigh as much as large "
@@ -111,8 +126,10 @@ OPTIONS: tuple[Option, ...] = (
        "the first caption.", config=False),
     _w("sample_every", "int", 0, "Preview a sample every N steps; 0 = only at the end.", low=0, high=100_000,
        kohya=("sample_every_n_steps",), config=False),
-    _w("sample_steps", "int", 20, low=1, high=150, config=False),
-    _w("sample_cfg", "float", 7.0, low=0.0, high=30.0, step=0.5, config=False, variants={"sd3": {"default": 5.0}}),
+    _w("sample_steps", "int", 20, "Sampling steps of each preview (a prompt's --s overrides it).", low=1, high=150,
+       config=False),
+    _w("sample_cfg", "float", 7.0, "CFG scale of the previews (a prompt's --l overrides it).", low=0.0, high=30.0,
+       step=0.5, config=False, variants={"sd3": {"default": 5.0}}),
     _w("sample_negative", "text", "", "Negative prompt of the sample previews.", optional=True, config=False),
     _w("save_every_n_steps", "int", 0, "Also write the LoRA (and a .kiln-state file to resume from) every N steps, the "
        "last step too (as kohya), as <save_name>-stepNNNNNNNN.safetensors in models/loras. 0 = off.", low=0,
@@ -133,25 +150,30 @@ OPTIONS: tuple[Option, ...] = (
     _w("weighting_scheme", "choice", "uniform", "Timestep density (uniform, logit_normal, mode) or loss weighting "
        "(cosmap, sigma_sqrt).", choices=WEIGHTING_SCHEMES, families=("sd3",), kohya=("weighting_scheme",),
        metadata=("weighting_scheme",), config=False),
-    _w("logit_mean", "float", 0.0, low=-10.0, high=10.0, step=0.1, families=("sd3",), kohya=("logit_mean",),
-       metadata=("logit_mean",), config=False),
-    _w("logit_std", "float", 1.0, low=0.01, high=10.0, step=0.1, families=("sd3",), kohya=("logit_std",),
-       metadata=("logit_std",), config=False),
-    _w("mode_scale", "float", 1.29, low=-10.0, high=10.0, step=0.01, families=("sd3",), kohya=("mode_scale",),
+    _w("logit_mean", "float", 0.0, "weighting_scheme logit_normal: mean of the normal the timesteps are drawn "
+       "through (kohya's 0 = centred; below 0 cleaner, above noisier).", low=-10.0, high=10.0, step=0.1,
+       families=("sd3",), kohya=("logit_mean",), metadata=("logit_mean",), config=False),
+    _w("logit_std", "float", 1.0, "weighting_scheme logit_normal: its standard deviation (kohya's 1).", low=0.01,
+       high=10.0, step=0.1, families=("sd3",), kohya=("logit_std",), metadata=("logit_std",), config=False),
+    _w("mode_scale", "float", 1.29, "weighting_scheme mode: how strongly the timesteps gather at the middle "
+       "(kohya's 1.29).", low=-10.0, high=10.0, step=0.01, families=("sd3",), kohya=("mode_scale",),
        metadata=("mode_scale",), config=False),
     _w("training_shift", "float", 1.0, ">1 samples noisier timesteps (structure), <1 cleaner ones (detail).",
        low=0.01, high=100.0, step=0.1, families=("sd3",), kohya=("training_shift",), config=False),
-    _w("t5xxl_max_token_length", "int", 256, low=1, high=512, families=("sd3",), kohya=("t5xxl_max_token_length",),
-       config=False),
+    _w("t5xxl_max_token_length", "int", 256, "T5-XXL tokens per caption (kohya's 256); longer captions are "
+       "cut.", low=1, high=512, families=("sd3",), kohya=("t5xxl_max_token_length",), config=False),
     _w("apply_lg_attn_mask", "bool", False, "Zero CLIP-L/G outputs at padding tokens.", families=("sd3",),
        kohya=("apply_lg_attn_mask",), metadata=("apply_lg_attn_mask",), config=False),
     _w("apply_t5_attn_mask", "bool", False, "Zero T5 outputs at padding tokens.", families=("sd3",),
        kohya=("apply_t5_attn_mask",), metadata=("apply_t5_attn_mask",), config=False),
-    _w("clip_l_dropout_rate", "float", 0.0, low=0.0, high=1.0, step=0.01, families=("sd3",),
-       kohya=("clip_l_dropout_rate",), config=False),
-    _w("clip_g_dropout_rate", "float", 0.0, low=0.0, high=1.0, step=0.01, families=("sd3",),
+    _w("clip_l_dropout_rate", "float", 0.0, "Chance per caption that CLIP-L's output is zeroed for the step "
+       "(kohya's clip_l_dropout_rate), so the model also learns without it.", low=0.0, high=1.0, step=0.01,
+       families=("sd3",), kohya=("clip_l_dropout_rate",), config=False),
+    _w("clip_g_dropout_rate", "float", 0.0, "Chance per caption that CLIP-G's output is zeroed for the step "
+       "(kohya's clip_g_dropout_rate).", low=0.0, high=1.0, step=0.01, families=("sd3",),
        kohya=("clip_g_dropout_rate",), config=False),
-    _w("t5_dropout_rate", "float", 0.0, low=0.0, high=1.0, step=0.01, families=("sd3",), kohya=("t5_dropout_rate",),
+    _w("t5_dropout_rate", "float", 0.0, "Chance per caption that T5-XXL's output is zeroed for the step "
+       "(kohya's t5_dropout_rate).", low=0.0, high=1.0, step=0.01, families=("sd3",), kohya=("t5_dropout_rate",),
        config=False),
     _w("pos_emb_random_crop_rate", "float", 0.0, "SD3.5: probability of a random (not centred) position-embedding "
        "crop per step.", low=0.0, high=1.0, step=0.01, families=("sd3",), kohya=("pos_emb_random_crop_rate",),
@@ -322,6 +344,10 @@ LAYOUTS: dict[str, tuple[str, ...]] = {
     + ("text_encoder_lr", "stop_text_encoder_training", "fused_backward_pass") + _SAVES + ("training_args",),
 }
 WIDGETS: dict[str, Option] = {o.name: o for o in OPTIONS if o.widget}
+# the widgets a Train node shows a new user; the others are "advanced" inputs, one click away in the frontend (they
+# still show where a workflow sets them away from their default: js/kiln.js). Showing or hiding never moves a value.
+SHOWN = ("steps", "learning_rate", "optimizer", "lr_scheduler", "warmup_steps", "seed", "precision",
+         "gradient_checkpointing", "sample_prompts", "sample_every", "save_every_n_steps", "training_args")
 
 
 def widget(name: str, kind: str) -> Option:
