@@ -104,12 +104,14 @@ def read_kohya_config(path: str) -> dict:
         sys.exit(f"kiln: {e}")
 
 
-def prompt_from_kohya_config(path: str, flat: dict, config_dir: str, family: str) -> dict:
+def prompt_from_kohya_config(path: str, flat: dict, config_dir: str, family: str, script: str | None = None) -> dict:
     """kohya's config (its read_kohya_config keys) as a Kiln graph; paths resolved like kohya's (relative to the
-    config's folder here), the checkpoint's and output's folders registered with ComfyUI."""
+    config's folder here, or the working directory for a command line), the checkpoint's and output's folders
+    registered with ComfyUI. ``script``: the kohya script of a command line, which fixes the family."""
     import folder_paths
     from trainer_core.errors import KilnError
     from trainer_core.kohya.config import TE_FILES, graph_from_config, node_of
+    from trainer_core.kohya.dataset_flags import dataset_document
 
     def resolve(p: str) -> str:
         return p if os.path.isabs(p) else os.path.join(config_dir, p)
@@ -127,6 +129,12 @@ def prompt_from_kohya_config(path: str, flat: dict, config_dir: str, family: str
         if not ckpt_file:
             sys.exit(f"kiln: {path}: pretrained_model_name_or_path {ckpt!r} is neither a file nor in models/checkpoints.")
         fam = family if family != "auto" else family_of(ckpt_file)
+        if script and ckpt_file.lower().endswith(".safetensors") and family_of(ckpt_file) != fam:
+            from trainer_core.kohya.flags import SCRIPTS
+            found = family_of(ckpt_file)
+            fits = [s for s, (f, _) in SCRIPTS.items() if f == found and s != "train_db.py"]
+            sys.exit(f"kiln: {script} trains {fam} models, but {ckpt} is a {found} checkpoint: run "
+                     f"{' or '.join(fits)} instead, as kohya would need.")
         prompt, notes = graph_from_config(flat, path, fam)
         dataset_file = resolve(flat.get("dataset_config", ""))
         if os.path.isfile(dataset_file):
@@ -139,6 +147,16 @@ def prompt_from_kohya_config(path: str, flat: dict, config_dir: str, family: str
     node_of(prompt, "checkpoint")["inputs"]["ckpt_name"] = os.path.basename(ckpt_file)
     dataset = node_of(prompt, "dataset")["inputs"]
     dataset["folder"] = resolve(dataset["folder"])
+    try:
+        doc, dataset_notes = dataset_document(flat, resolve, path)
+    except KilnError as e:
+        sys.exit(f"kiln: {e}")
+    notes += dataset_notes
+    if doc is not None:  # kohya's dataset flags: the dataset TOML they describe, read by Load Dataset
+        dataset["folder"] = write_dataset_toml(doc, flat.get("output_name") or "last")
+        notes.append(f"the dataset flags as a kohya dataset config: {dataset['folder']}")
+    if flat.get("resume"):
+        train["inputs"]["resume_from"] = register_resume(path, resolve(flat["resume"]), train["class_type"])
     if train["inputs"].get("sample_prompts"):  # kohya's prompt file, relative to the config like the rest
         train["inputs"]["sample_prompts"] = resolve(train["inputs"]["sample_prompts"])
     if flat.get("vae"):  # kohya's --vae: a separate VAE file, loaded by ComfyUI's VAELoader
@@ -176,6 +194,44 @@ def prompt_from_kohya_config(path: str, flat: dict, config_dir: str, family: str
     for note in notes:
         print(f"[kiln] note: {note}", flush=True)
     return prompt
+
+
+def write_dataset_toml(doc: dict, name: str) -> str:
+    """The dataset kohya's flags describe, as a dataset TOML in ComfyUI's temp folder (cleared at its start)."""
+    import folder_paths
+    from trainer_core.errors import KilnError
+    from trainer_core.files.atomic import write_atomically
+    from trainer_core.kohya.dataset_flags import toml_text
+    target = os.path.join(folder_paths.get_temp_directory(), "kiln-cli", f"{os.path.basename(name)}-dataset.toml")
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(toml_text(doc))
+
+    try:
+        return write_atomically(target, write, "the dataset config",
+                                "Free space in ComfyUI's temp folder or pass -- --temp-directory DIR.")
+    except KilnError as e:
+        sys.exit(f"kiln: {e}")
+
+
+def register_resume(path: str, where: str, train_class: str) -> str:
+    """kohya's --resume names a state folder (<name>-000002-state, <name>-step00000500-state); Kiln's state is the
+    .kiln-state beside the save of the same name (<name>-000002.safetensors). The save's folder is registered with
+    ComfyUI and its name returned for the Train node's resume_from."""
+    import folder_paths
+    from trainer_core.files.resume import state_path
+    save = where
+    if not os.path.isfile(save):
+        stem = where.rstrip("/\\")
+        save = (stem[:-len("-state")] if stem.endswith("-state") else stem) + ".safetensors"
+    if not os.path.isfile(save) or not os.path.isfile(state_path(save)):
+        what = "has no .kiln-state" if os.path.isfile(save) else "is not a file"
+        sys.exit(f"kiln: {path}: resume {where}: Kiln resumes from a save with its .kiln-state beside it (e.g. "
+                 f"out/my_lora-000002.safetensors for kohya's out/my_lora-000002-state; save_every_n_epochs or "
+                 f"save_every_n_steps write them). {save} {what}; kohya's own state folders are not read.")
+    kind = "checkpoints" if train_class == "KilnTrainDreamBooth" else "loras"
+    folder_paths.add_model_folder_path(kind, os.path.dirname(os.path.abspath(save)))
+    return os.path.basename(save)
 
 
 def apply_comfyui_settings(path: str, flat: dict) -> None:
@@ -246,19 +302,38 @@ class Host:
         pass
 
 
+def kohya_command(own: list[str]):
+    """(cli.py's own options, the KohyaCommand) when the arguments hold one of kohya's scripts, else (own, None)."""
+    from trainer_core.errors import KilnError
+    from trainer_core.kohya.command_line import read_command
+    from trainer_core.kohya.config import known_keys
+    try:
+        found = read_command(own, read_kohya_config, known_keys())
+    except KilnError as e:
+        sys.exit(f"kiln: {e}")
+    return found if found else (own, None)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     comfy_args = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
+    own, command = kohya_command(own)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    source = ap.add_mutually_exclusive_group(required=True)
+    source = ap.add_mutually_exclusive_group(required=command is None)
     source.add_argument("--workflow", help="API-format workflow JSON")
     source.add_argument("--config", help="kohya training config TOML (--config_file)")
     ap.add_argument("--family", choices=("auto", "sd1", "sdxl", "sd3"), default="auto")
     ap.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE")
     ap.add_argument("--comfyui", default=None, help="the ComfyUI folder (with main.py)")
     opts = ap.parse_args(own)
+    opts.kohya = command
     config_dir = os.path.dirname(os.path.abspath(opts.config)) if opts.config else None
+    if command is not None:
+        if opts.workflow or opts.config or opts.family != "auto":
+            sys.exit(f"kiln: {command.script} names the trainer and its flags carry the settings: leave out "
+                     f"--workflow, --config and --family (kohya's --config_file goes after the script).")
+        config_dir = os.getcwd()  # kohya reads relative paths against the directory it is started in
     if opts.workflow:
         with open(opts.workflow, encoding="utf-8") as f:
             prompt = json.load(f)
@@ -267,12 +342,45 @@ def main(argv: list[str] | None = None) -> int:
 
     comfyui = find_comfyui(opts.comfyui)
     from trainer_core.training import distributed
+    if command is not None and command.launcher:
+        check_launcher(command, distributed.launched())
     if distributed.launched() and "--cpu" not in comfy_args:  # before ComfyUI's model management touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = distributed.visible_device()
     try:
         return run(opts, prompt if opts.workflow else None, comfyui, comfy_args, config_dir)
     finally:
         distributed.shutdown()
+
+
+def check_launcher(command, launched: bool) -> None:
+    """A pasted ``accelerate launch ...`` prefix: cli.py runs in the process it was started in, so a prefix asking
+    for several processes must start cli.py itself."""
+    from trainer_core.kohya.command_line import processes_asked
+    prefix = " ".join(command.launcher)
+    n = processes_asked(command.launcher)
+    if n > 1 and not launched:
+        sys.exit(f"kiln: '{prefix}' asks for {n} processes, but it comes after cli.py, which runs as one process. "
+                 f"Put the launcher before cli.py: {' '.join(command.launcher[:2])} ... cli.py {command.script} ... "
+                 f"(docs/multi-gpu.md), or remove it to train in one process.")
+    print(f"[kiln] '{prefix}': the launcher's options are not used; cli.py runs {command.script} "
+          f"{'in this process group' if launched else 'in this process'}", flush=True)
+
+
+def prompt_from_kohya_command(command, base: str) -> dict:
+    """A pasted kohya command (its script and flags, --config_file merged under them) as a Kiln graph: the script
+    chooses the trainer as kohya's scripts do; paths are relative to the directory cli.py was started in."""
+    from trainer_core.kohya.config import TRAIN_NODE
+    flat, script = command.keys, command.script
+    if command.dreambooth and "network_module" in flat:
+        sys.exit(f"kiln: {script} fine-tunes the whole model (DreamBooth), but network_module is set (in "
+                 f"{command.config_file or 'the command'}): run train_network.py for a LoRA, or remove it.")
+    if not command.dreambooth and "network_module" not in flat:
+        sys.exit(f"kiln: {script} needs --network_module (networks.lora, networks.lora_sd3 or lycoris.kohya), as "
+                 f"in kohya, where the script stops without it.")
+    if command.family not in TRAIN_NODE:
+        sys.exit(f"kiln: {script}: this version of Kiln has no {command.family} trainer; it trains SD 1.x/2.x "
+                 f"(train_network.py, train_db.py), SDXL (sdxl_train_network.py) and SD3 (sd3_train_network.py).")
+    return prompt_from_kohya_config(script, flat, base, command.family, script=script)
 
 
 def join_process_group(prompt: dict):
@@ -314,6 +422,9 @@ def run(opts, prompt: dict | None, comfyui: str, comfy_args: list[str], config_d
         flat = read_kohya_config(opts.config)
         prompt = prompt_from_kohya_config(opts.config, flat, config_dir, opts.family)
         apply_comfyui_settings(opts.config, flat)
+    elif opts.kohya is not None:
+        prompt = prompt_from_kohya_command(opts.kohya, config_dir)
+        apply_comfyui_settings(opts.kohya.script, opts.kohya.keys)
     apply_overrides(prompt, opts.set)
     rank, trainer = join_process_group(prompt)
     compat = load_compat()

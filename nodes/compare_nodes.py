@@ -44,9 +44,9 @@ def metadata_of(path: str) -> dict:
 
 
 def series(save_name: str) -> list[tuple[int, str, dict]]:
-    """(step, file, metadata) of a run's intermediate LoRAs (kohya's NAME-stepNNNNNN and NAME-NNNNNN epoch
+    """(step, file, metadata) of a run's intermediate LoRAs (kohya's NAME-stepNNNNNNNN and NAME-NNNNNN epoch
     files in models/loras), by step."""
-    folder = os.path.dirname(lora_output_path(f"{save_name}-step000001", NODE, "save_name"))
+    folder = os.path.dirname(lora_output_path(f"{save_name}-step00000001", NODE, "save_name"))
     stem = re.escape(os.path.basename(save_name.strip()))
     pattern = re.compile(rf"^{stem}-(step)?\d+\.safetensors$")
     found = []
@@ -91,7 +91,7 @@ class KilnCompareLoras(io.ComfyNode):
             inputs=[io.Model.Input("model", tooltip="The base model the LoRAs were trained on."),
                     io.Clip.Input("clip", tooltip=tips.CLIP), io.Vae.Input("vae", tooltip=tips.VAE),
                     io.String.Input("save_name", default="kiln/checkpoint",
-                                    tooltip="The Train node's save_name: its <save_name>-stepNNNNNN LoRAs in "
+                                    tooltip="The Train node's save_name: its <save_name>-stepNNNNNNNN LoRAs in "
                                             "models/loras are the rows."),
                     io.String.Input("strengths", default="0.6, 0.8, 1.0",
                                     tooltip="LoRA strengths, comma-separated: one column each."),
@@ -124,11 +124,14 @@ class KilnCompareLoras(io.ComfyNode):
         check_text(prompt, NODE, "prompt")
         values = parse_strengths(strengths)
         files = listed(loras) if (loras or "").strip() else series(save_name)
+        if lora is not None and not (loras or "").strip():  # the series' last-step file is the final LoRA again
+            final = int(lora.metadata.get("ss_steps") or 0)
+            files = [f for f in files if f[0] != final]
         rows = [(step, os.path.basename(path), load_lora_file(path)[0], meta) for step, path, meta in files]
         if lora is not None:
             rows.append((int(lora.metadata.get("ss_steps") or 0), "final", lora.state_dict, lora.metadata))
         if not rows:
-            raise KilnError(f"{NODE}: no LoRAs to compare: nothing named {save_name}-stepNNNNNN in models/loras and "
+            raise KilnError(f"{NODE}: no LoRAs to compare: nothing named {save_name}-stepNNNNNNNN in models/loras and "
                             f"no lora input. Set the Train node's save_every_n_steps and the same save_name here.")
         spec = PreviewSpec(prompt, negative, width, height, seed, steps, cfg, sampler_name, scheduler)
         progress = Progress(1 + len(rows) * len(values), cls.hidden.unique_id)

@@ -169,7 +169,7 @@ def resume_file(name: str, node: str, trainable: Trainable) -> str | None:
     path = resume_path(name, kind)
     if path is None:
         raise KilnError(f"{node}: resume_from {name.strip()!r} is not a file in models/{kind}. Give the name as "
-                        f"{FOLDER_LOADER[kind]} lists it, e.g. {trainable.default_save_name}-step000500.safetensors, "
+                        f"{FOLDER_LOADER[kind]} lists it, e.g. {trainable.default_save_name}-step00000500.safetensors, "
                         f"or leave it empty.")
     return path
 
@@ -179,7 +179,7 @@ def check_paths(opts: dict, node: str, trainable: Trainable) -> None:
     check_text(opts.get("save_name") or "", node, "save_name")
     if opts.get("save_every_n_steps", 0):
         name = save_name_of(opts, trainable.default_save_name)
-        problem = check_output_file(f"{name}-step000001", node, "save_name", kind=trainable.kind)
+        problem = check_output_file(f"{name}-step00000001", node, "save_name", kind=trainable.kind)
         if problem:
             raise KilnError(problem)
     resume_file(opts.get("resume_from") or "", node, trainable)
@@ -193,8 +193,8 @@ def validate_saving(node: str, trainable: Trainable, save_name=None):
         return True
     try:
         check_text(save_name, node, "save_name")
-        lora_output_path(f"{save_name_of({'save_name': save_name}, trainable.default_save_name)}-step000001", node,
-                         "save_name", trainable.kind)
+        name = save_name_of({"save_name": save_name}, trainable.default_save_name)
+        lora_output_path(f"{name}-step00000001", node, "save_name", trainable.kind)
     except KilnError as e:
         return str(e)
     return True
@@ -232,8 +232,8 @@ def check_save_nodes(prompt: dict | None, node_id, node: str) -> list[str]:
 
 
 def intermediate_series(save_name: str, node: str, kind: str = "loras") -> tuple[str, list[str]]:
-    """(folder, files of the ``<save_name>-stepNNNNNN`` series already there: LoRAs or checkpoints, and states)."""
-    folder = os.path.dirname(lora_output_path(f"{save_name}-step000001", node, "save_name", kind))
+    """(folder, files of the ``<save_name>-stepNNNNNNNN`` series already there: LoRAs or checkpoints, and states)."""
+    folder = os.path.dirname(lora_output_path(f"{save_name}-step00000001", node, "save_name", kind))
     stem = re.escape(os.path.basename(save_name))
     pattern = re.compile(rf"^{stem}-step\d+(\.safetensors|{re.escape(SUFFIX)})$")
     return folder, sorted(f for f in os.listdir(folder) if pattern.match(f)) if os.path.isdir(folder) else []
@@ -252,7 +252,7 @@ def unique_save_name(save_name: str, resume_file: str | None, node: str, notes: 
         n += 1
     new = f"{save_name}_{n}"
     notes.append(f"save_name {save_name}: {files[0]} and others belong to another run and are kept; this run's "
-                 f"intermediate saves are {new}-stepNNNNNN")
+                 f"intermediate saves are {new}-stepNNNNNNNN")
     log.warning("kiln: %s: %s", node, notes[-1])
     return new
 
@@ -447,7 +447,7 @@ def caption_length_notes(cond: TextConditioning, dataset: KilnDataset, tcfg: Tra
 
 
 class IntermediateSaves:
-    """The run's intermediate saves (save_every_n_steps, save_every_n_epochs): kohya's names (NAME-stepNNNNNN,
+    """The run's intermediate saves (save_every_n_steps, save_every_n_epochs): kohya's names (NAME-stepNNNNNNNN,
     NAME-000004), a name no other run's series holds, room on the disk before the first step, the older saves removed
     (save_last_n_steps / save_last_n_epochs)."""
 
@@ -461,7 +461,7 @@ class IntermediateSaves:
                            "Choose another save_name, free disk space, or set save_every_n_steps to 0.")
 
     def path(self, step: int, epoch: int | None) -> str:
-        name = f"{self.name}-{epoch:06d}" if epoch else f"{self.name}-step{step:06d}"
+        name = f"{self.name}-{epoch:06d}" if epoch else f"{self.name}-step{step:08d}"  # kohya's file names
         return lora_output_path(name, self.run.node, "save_name", self.trainable.kind)
 
     def save(self, step: int, state: dict, so_far: TrainResult, epoch: int | None = None) -> None:
@@ -494,6 +494,7 @@ def run_training(model, clip, dataset: KilnDataset, tcfg: TrainConfig, plan: Fam
     run.epochs = math.ceil(tcfg.steps / run.per_epoch)
     clock = run_clock(progress, tcfg, opts, run.per_epoch, previews)
     clock.show("caching")  # the text encoders' outputs of the fixed captions
+    cond.weighted = tcfg.text.weighted_captions  # kohya's weighted_captions; else captions are plain text
     conditioning, run.seen = caption_conditioning(cond, dataset, te_train, opts, plan.node,
                                                   lambda n, total: clock.show("caching", n, total))
     notes += caption_length_notes(cond, dataset, tcfg, plan.node)

@@ -1,6 +1,7 @@
 """CLIP: captions to conditioning for training batches and sample previews, and text-encoder sessions for
-text-encoder LoRA. ComfyUI's own tokenizers and ``encode_from_tokens`` do the encoding (clip skip, prompt
-weights and upstream CLIP LoRAs included)."""
+text-encoder LoRA. ComfyUI's own tokenizers and ``encode_from_tokens`` do the encoding (clip skip and upstream
+CLIP LoRAs included). Captions are plain text, as kohya trains them unless ``weighted_captions`` is set; sample
+prompts are prompts, read with ComfyUI's prompt weighting as Load LoRA + KSampler will read them."""
 from __future__ import annotations
 
 import collections
@@ -21,6 +22,13 @@ from .tensors import autograd_views, fingerprint, fingerprint_patches, normal_te
 
 def _clone_input(module, args):
     return (args[0].clone(),) + tuple(args[1:]) if torch.is_grad_enabled() else None
+
+
+def literal(text: str) -> str:
+    """``text`` for ComfyUI's tokenizer with its prompt weighting switched off: every bracket escaped (ComfyUI reads
+    ``\\(`` as the character), so ``name (series)`` is tokenized as written, brackets included, at weight 1, as
+    kohya tokenizes a caption without --weighted_captions. A backslash already before a bracket stays a character."""
+    return text.replace("(", "\\(").replace(")", "\\)")
 
 
 def trainable_clip(clip, node: str) -> tuple[object, str | None]:
@@ -121,7 +129,9 @@ def clip_identity(clip, settings: str) -> str:
 
 class TextConditioning:
     """Caption -> conditioning tensors for training batches and sample previews; training captions in kohya's
-    max_token_length windows (1 by default: 77 states), previews as ComfyUI encodes a prompt.
+    max_token_length windows (1 by default: 77 states), previews as ComfyUI encodes a prompt. Captions are plain
+    text (``literal``) unless ``weighted`` (kohya's weighted_captions, set by the run before it encodes anything):
+    then ComfyUI's prompt weighting applies, ``(tag:1.2)`` trains at weight 1.2.
 
     Frozen text encoders: captions known before training are encoded once and kept (``pin``). Caption
     augmentation makes a new string nearly every draw, so those are encoded on demand, one text-encoder
@@ -136,6 +146,7 @@ class TextConditioning:
         self.windows = windows_for(max_token_length)  # kohya's max_token_length: 1, 2 or 3 windows of 75 tokens
         self.recent_size = recent
         self.live = False
+        self.weighted = False  # kohya's weighted_captions: captions read with ComfyUI's prompt weighting
         self.raw: dict[str, tuple] = {}  # prompt -> (tokens, cond, pooled) for the sampler (prompts are few)
         self.pinned: dict[str, dict[str, torch.Tensor]] = {}
         self.recent: collections.OrderedDict[str, dict[str, torch.Tensor]] = collections.OrderedDict()
@@ -146,7 +157,7 @@ class TextConditioning:
 
     def settings(self) -> str:
         """What, besides the CLIP itself, decides the outputs (part of the disk cache key)."""
-        return f"{type(self).__name__}|kohya-windows|{self.windows}"
+        return f"{type(self).__name__}|kohya-windows|{self.windows}" + ("|weighted" if self.weighted else "")
 
     def use_disk(self, store) -> None:
         self.store = store
@@ -161,10 +172,15 @@ class TextConditioning:
         """kohya's max_token_length in force: caption tokens beyond it are not trained."""
         return WINDOW * self.windows
 
+    def caption_text(self, text: str) -> str:
+        """What the tokenizer is given for a training caption: the caption as written, or with weighted_captions
+        the caption as a ComfyUI prompt."""
+        return text if self.weighted else literal(text)
+
     def _windowed(self, text: str) -> tuple[dict, int]:
         """(kohya's windows per encoder, the caption's length in tokens) from ComfyUI's tokenization of ``text``."""
         out, length = {}, 0
-        for key, chunks in self.clip.tokenize(text).items():
+        for key, chunks in self.clip.tokenize(self.caption_text(text)).items():
             tok = getattr(self.clip.tokenizer, f"clip_{key}", None)
             if getattr(tok, "start_token", None) is None or getattr(tok, "end_token", None) is None:
                 raise KilnError(f"this CLIP's '{key}' tokenizer has no start/end tokens, so captions cannot be cut "
@@ -302,6 +318,9 @@ class SD3TextConditioning(TextConditioning):
         return f"{super().settings()}|{self.t5_tokens}|{self.lg_mask}|{self.t5_mask}"
 
     def tokens(self, text: str) -> dict:
+        return self._sd3_tokens(self.caption_text(text))
+
+    def _sd3_tokens(self, text: str) -> dict:
         tok = self.clip.tokenizer
         tokens = self.clip.tokenize(text, tokenizer_options={"t5xxl_min_length": self.t5_tokens})
         for key in ("l", "g"):
@@ -316,7 +335,7 @@ class SD3TextConditioning(TextConditioning):
         return None  # kohya's SD3 cuts CLIP at 77 and T5 at t5xxl_max_token_length; max_token_length is not read
 
     def preview_tokens(self, text: str) -> dict:
-        return self.tokens(text)
+        return self._sd3_tokens(text)  # a prompt: ComfyUI's weighting, as a caption with weighted_captions
 
     def _entry(self, tokens: dict, cond: torch.Tensor, pooled) -> dict[str, torch.Tensor]:
         tok = self.clip.tokenizer

@@ -8,7 +8,8 @@ import pytest
 from safetensors import safe_open
 
 from fixtures.datasets import make_dataset
-from fixtures.kohya import SD3_EXAMPLE, SDXL_EXAMPLE, with_keys, write_dataset_config
+from fixtures.kohya import (SD3_COMMAND, SD3_EXAMPLE, SDXL_COMMAND, SDXL_EXAMPLE, TRAIN_DB_FOLDERS_COMMAND,
+                            TRAIN_NETWORK_COMMAND, command_args, with_keys, write_dataset_config)
 from test_sd1_workflow import REPO
 
 pytestmark = pytest.mark.e2e
@@ -125,7 +126,7 @@ cache_latents = true
     assert "ss_network_module" not in meta and meta["kiln_trained"] == "unet" and meta["ss_steps"] == "8"
     assert int(meta["ss_num_reg_images"]) > 0 and meta["ss_fused_backward_pass"] == "True"
     assert float(meta["kiln_probe_loss_end"]) < float(meta["kiln_probe_loss_start"])
-    assert (tmp_path / "out" / "db_kohya-step000004.safetensors").is_file()
+    assert (tmp_path / "out" / "db_kohya-step00000004.safetensors").is_file()
 
 
 def run_example_config(kiln_env, base, tmp_path, config: str, output_name: str):
@@ -278,3 +279,134 @@ def test_cli_names_what_it_cannot_read_a_ckpt_without_family_and_a_diffusers_fol
     assert out["ckpt"].returncode != 0 and "pass --family sd1, sdxl or sd3" in out["ckpt"].stderr
     assert "Traceback" not in out["ckpt"].stderr
     assert out["diffusers"].returncode != 0 and "is a Diffusers-format folder" in out["diffusers"].stderr
+
+
+def cli_kohya(kiln_env, base, args, cwd, timeout=900):
+    """``cli.py <kohya command args>`` started in ``cwd`` (kohya reads relative paths against it), on the CPU."""
+    cmd = [kiln_env.python, str(REPO / "cli.py"), "--comfyui", str(kiln_env.comfyui), *map(str, args),
+           "--", "--cpu", "--base-directory", str(base)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(cwd),
+                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+
+
+@pytest.mark.slow
+def test_cli_runs_kohyas_train_network_command_as_written(kiln_env, base, tiny_sd1_path, tmp_path):
+    """sd-scripts docs/train_network.md's command pasted after cli.py, accelerate prefix and all: paths relative to
+    the directory it starts in, 1 epoch instead of 10; the text encoder trains at learning_rate, as in kohya."""
+    pytest.importorskip("bitsandbytes")  # the example uses AdamW8bit
+    write_dataset_config(tmp_path / "my_dataset_config.toml", base / "input" / "kiln_demo" / "train" / "5_kiln toy")
+    run = cli_kohya(kiln_env, base, command_args(TRAIN_NETWORK_COMMAND, pretrained_model_name_or_path=tiny_sd1_path,
+                                                 max_train_epochs=1), tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "train_network.py: a sd1 run of KilnTrainSD1" in run.stdout
+    assert "'accelerate launch --num_cpu_threads_per_process 1': the launcher's options are not used" in run.stdout
+    assert "sdpa: no effect" in run.stdout
+    with safe_open(str(tmp_path / "out" / "my_lora.safetensors"), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_mixed_precision"]) == ("16", "1.0", "fp16")
+    assert meta["ss_optimizer"].endswith("AdamW8bit") and meta["ss_gradient_checkpointing"] == "True"
+    assert any(k.startswith("lora_te_") for k in keys) and any(k.startswith("lora_unet_") for k in keys)
+
+
+@pytest.mark.slow
+def test_cli_kohya_command_with_masked_loss_and_a_config_file(kiln_env, base, tiny_sd1_path, tmp_path):
+    """kohya's masked loss (docs/masked_loss_README.md): --masked_loss with a dataset subset's
+    conditioning_data_dir; --config_file merged under the command line (its network_dim loses to the flag); kohya's
+    --save_every_n_steps series (the last step too) and --resume of kohya's state folder name."""
+    data = make_dataset(tmp_path / "data", count=4)
+    images, masks = data["image_dir"], data["mask_dir"]
+    (tmp_path / "masked.toml").write_text(
+        f'[general]\nresolution = 64\nbatch_size = 2\n[[datasets]]\n  [[datasets.subsets]]\n'
+        f'  image_dir = "{images}"\n  caption_extension = ".txt"\n'
+        f'  conditioning_data_dir = "{masks}"\n  num_repeats = 1\n')
+    (tmp_path / "base.toml").write_text('[network_arguments]\nnetwork_module = "networks.lora"\nnetwork_dim = 8\n'
+                                        'network_alpha = 2\n[training_arguments]\nmax_train_steps = 2\n')
+    args = ["train_network.py", "--config_file=base", f"--pretrained_model_name_or_path={tiny_sd1_path}",
+            "--dataset_config", "masked.toml", "--output_dir", "out", "--output_name", "masked", "--network_dim", "2",
+            "--masked_loss", "--network_train_unet_only", "--learning_rate=1e-3", "--optimizer_args",
+            "weight_decay=0.01", "betas=0.9,0.99", "--save_every_n_steps=1", "--save_state"]
+    run = cli_kohya(kiln_env, base, args, tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    with safe_open(str(tmp_path / "out" / "masked.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_masked_loss"], meta["ss_network_dim"], meta["ss_network_alpha"]) == ("True", "2", "2.0")
+    assert meta["ss_steps"] == "2" and "weight_decay=0.01" in meta["ss_optimizer"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("masked-step*")) == [
+        "masked-step00000001.kiln-state", "masked-step00000001.safetensors", "masked-step00000002.kiln-state",
+        "masked-step00000002.safetensors"]  # kohya's series, the last step included
+    resumed = cli_kohya(kiln_env, base, args + ["--output_name=again", "--resume", "out/masked-step00000001-state"],
+                        tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "resuming exactly at step 1" in resumed.stdout
+    # the same without --masked_loss: kohya's schema refuses conditioning_data_dir then, and so does Kiln
+    refused = cli_kohya(kiln_env, base, [a for a in args if a != "--masked_loss"], tmp_path)
+    assert refused.returncode != 0 and "add masked_loss = true" in refused.stderr
+
+
+def test_cli_kohya_command_refuses_what_kohya_would_before_loading_anything(kiln_env, base, tmp_path):
+    bad = cli_kohya(kiln_env, base, ["train_network.py", "--pretrained_model_name_or_path=m.safetensors",
+                                     "--network_dimm=4"], tmp_path, timeout=120)
+    assert bad.returncode != 0 and "Did you mean --network_dim?" in bad.stderr and "Traceback" not in bad.stderr
+    several = cli_kohya(kiln_env, base, ["accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+                                         "train_network.py", "--network_module=networks.lora"], tmp_path, timeout=120)
+    assert several.returncode != 0 and "Put the launcher before cli.py" in several.stderr
+
+
+@pytest.mark.slow
+def test_cli_runs_kohyas_sdxl_command(kiln_env, base, tiny_sdxl_path, tmp_path):
+    """docs/sdxl_train_network.md's command as written, 1 epoch, with --network_train_unet_only, which kohya itself
+    requires together with --cache_text_encoder_outputs (without it the command is refused, as kohya refuses it)."""
+    pytest.importorskip("bitsandbytes")
+    images = base / "input" / "kiln_demo" / "train" / "5_kiln toy"
+    write_dataset_config(tmp_path / "my_sdxl_dataset_config.toml", images)
+    args = command_args(SDXL_COMMAND, pretrained_model_name_or_path=tiny_sdxl_path, max_train_epochs=1)
+    refused = cli_kohya(kiln_env, base, args, tmp_path)
+    assert refused.returncode != 0 and "add network_train_unet_only = true" in refused.stderr
+    run = cli_kohya(kiln_env, base, args + ["--network_train_unet_only"], tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "sdxl_train_network.py: a sdxl run of KilnTrainSDXL" in run.stdout
+    with safe_open(str(tmp_path / "out" / "my_sdxl_lora.safetensors"), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_mixed_precision"]) == ("32", "16.0", "bf16")
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    # the script fixes the family: the SDXL checkpoint under train_network.py is refused, naming the right script
+    wrong = cli_kohya(kiln_env, base, ["train_network.py"] + args[args.index("sdxl_train_network.py") + 1:], tmp_path)
+    assert wrong.returncode != 0 and "run sdxl_train_network.py instead" in wrong.stderr
+
+
+@pytest.mark.slow
+def test_cli_runs_kohyas_sd3_command(kiln_env, base, tiny_sd3_split, tmp_path):
+    """docs/sd3_train_network.md's command: 1 epoch, the fixture's separate CLIP-L/G files, no t5xxl (no T5-XXL
+    fixture fits a test run), blocks_to_swap 2 (the fixture's every joint block) and --network_train_unet_only
+    (text-encoder LoRA through the fixture's full-size CLIP-G costs about a minute a step on 2 CPU cores)."""
+    pytest.importorskip("bitsandbytes")
+    write_dataset_config(tmp_path / "my_sd3_dataset_config.toml", base / "input" / "kiln_demo" / "train" / "5_kiln toy")
+    args = command_args(SD3_COMMAND, pretrained_model_name_or_path=tiny_sd3_split["model"],
+                        clip_l=tiny_sd3_split["clip_l"], clip_g=tiny_sd3_split["clip_g"], t5xxl=None,
+                        max_train_epochs=1, blocks_to_swap=2, network_train_unet_only=True)
+    run = cli_kohya(kiln_env, base, args, tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "sd3_train_network.py: a sd3 run of KilnTrainSD3" in run.stdout and "DualCLIPLoader" in run.stdout
+    with safe_open(str(tmp_path / "out" / "my_sd3_lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_network_dim"], meta["ss_weighting_scheme"]) == ("16", "uniform")
+
+
+@pytest.mark.slow
+def test_cli_runs_kohyas_train_db_command_with_folder_flags(kiln_env, base, tiny_sd1_path, tmp_path):
+    """docs/train_db_README's command with --train_data_dir/--reg_data_dir (no dataset config): kohya's DreamBooth
+    dataset from N_name folders, reg images balanced, --use_8bit_adam; 4 steps at 64² instead of 1600 at 512²."""
+    pytest.importorskip("bitsandbytes")
+    reg = make_dataset(tmp_path / "reg", seed=1, count=3)
+    args = command_args(TRAIN_DB_FOLDERS_COMMAND, pretrained_model_name_or_path=tiny_sd1_path,
+                        train_data_dir=base / "input" / "kiln_demo" / "train", reg_data_dir=reg["train_dir"],
+                        resolution=64, max_train_steps=4)
+    run = cli_kohya(kiln_env, base, args, tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "train_db.py: a sd1 run of KilnTrainDreamBooth" in run.stdout
+    assert "the dataset flags as a kohya dataset config:" in run.stdout
+    with safe_open(str(tmp_path / "out" / "my_db.safetensors"), "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    assert "model.diffusion_model.out.2.weight" in keys and meta["ss_steps"] == "4"
+    assert int(meta["ss_num_reg_images"]) == 3 and meta["ss_optimizer"].endswith("AdamW8bit")
+    assert meta["ss_resolution"] == "(64, 64)"

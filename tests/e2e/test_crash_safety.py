@@ -71,7 +71,7 @@ def test_sigkill_mid_run_leaves_only_complete_files_and_resumes(new_comfy_server
 
     server = new_comfy_server(base)
     try:
-        wf["6"]["inputs"]["resume_from"] = f"kiln/crash-step{last:06d}.safetensors"
+        wf["6"]["inputs"]["resume_from"] = f"kiln/crash-step{last:08d}.safetensors"
         entry = server.wait(server.post_prompt(wf), timeout=900)
         train_text = "".join(entry["outputs"]["6"]["text"])
         assert f"resuming exactly at step {last}" in train_text, train_text

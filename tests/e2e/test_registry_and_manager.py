@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from comfy_server import ComfyServer  # noqa: E402  (scripts/ is on sys.path via conftest)
@@ -100,9 +101,40 @@ def fresh_environment(python: str) -> tuple[Path, Path]:
     return home, venv / "bin" / "python"
 
 
+# run in the installed pack's folder with the fresh Python: one step of each LoRA Config algorithm and each
+# optimizer whose package a Manager install brings (requirements.txt)
+DROPDOWNS_TRAIN = """
+import torch
+from torch import nn
+from trainer_core.lora.config import ALGORITHMS
+from trainer_core.lora.network import LoRANetwork
+from trainer_core.lora.targets import TargetRule
+from trainer_core.maths.optim import OPTIMIZERS, build_optimizer, package_of
+algos, opts, skipped = [], [], []
+for algorithm in ALGORITHMS:
+    root = nn.Sequential(nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 8))
+    net = LoRANetwork(root, [TargetRule(r".*", ("linear",), 4, 4.0)], lambda p: "lora_" + p, algorithm=algorithm)
+    with net.attached():
+        root(torch.randn(2, 8)).square().mean().backward()
+    assert any(p.grad is not None for p in net.parameters()), algorithm
+    algos.append(algorithm)
+for name in OPTIMIZERS:
+    if package_of(name) == "bitsandbytes":
+        skipped.append(name)
+        continue
+    p = nn.Parameter(torch.randn(4))
+    opt = build_optimizer(name, [p], 1e-3)
+    getattr(opt, "train", lambda: None)()
+    p.square().sum().backward()
+    opt.step()
+    opts.append(name)
+print("trained:", ", ".join(algos), "|", ", ".join(opts), "| skipped (optional):", ", ".join(skipped))
+"""
+
+
 def freeze(python: Path) -> dict[str, str]:
     lines = run([str(python), "-m", "pip", "freeze", "--all"], python.parent).splitlines()
-    return {re.split(r"[=@ ]", ln)[0].lower(): ln.split("==")[1] for ln in lines if "==" in ln}
+    return {canonicalize_name(re.split(r"[=@ ]", ln)[0]): ln.split("==")[1] for ln in lines if "==" in ln}
 
 
 @pytest.mark.slow
@@ -121,20 +153,26 @@ def test_manager_cli_installs_the_pack_offline_into_a_fresh_comfyui(snapshot, ki
         assert "[INSTALLED]" in out and "Installation was successful" in out, out
         assert (comfyui / "custom_nodes" / "comfyui-kiln" / "__init__.py").is_file()
         # requirements: Manager runs an install for every line but torch (its blacklist keeps ComfyUI's torch)
-        reqs = [Requirement(ln.split("#")[0]) for ln in (REPO / "requirements.txt").read_text().splitlines()
-                if ln.split("#")[0].strip()]
-        for r in reqs:
+        lines = [ln.split("#")[0].strip() for ln in (REPO / "requirements.txt").read_text().splitlines()]
+        lines = [ln for ln in lines if ln]  # as the Manager passes them to pip: comments cut, as written
+        reqs = [Requirement(ln) for ln in lines]
+        for r, line in zip(reqs, lines):
             if r.name == "torch":
-                assert f"skip black listed pip installation: '{r}'" in out
+                assert f"skip black listed pip installation: '{line}'" in out
             else:
-                assert re.search(rf"'install', '{re.escape(str(r))}'\]", out), (r, out)
+                assert re.search(rf"'install', '{re.escape(line)}'\]", out), (r, out)
         after = freeze(python)
         for r in reqs:
-            assert after[r.name.lower()] in r.specifier, (r, after[r.name.lower()])
+            assert after[canonicalize_name(r.name)] in r.specifier, (r, after[canonicalize_name(r.name)])
         # nothing in ComfyUI's environment downgraded (or removed)
         lower = {k: (v, after.get(k)) for k, v in before.items()
                  if k not in after or Version(after[k]) < Version(v)}
         assert not lower, lower
+        # every algorithm and optimizer the dropdowns offer trains in the installed pack, bitsandbytes' ones apart
+        # (requirements-optional.txt, documented optional)
+        trained = run([str(python), "-c", DROPDOWNS_TRAIN], comfyui / "custom_nodes" / "comfyui-kiln", OFFLINE)
+        assert "trained: lora, loha, lokr, dora | AdamW, Lion," in trained and "CAME" in trained, trained
+        assert "skipped (optional): AdamW8bit, PagedAdamW8bit, Lion8bit, PagedLion8bit, SGDNesterov8bit" in trained
         # the nodes register: the fresh ComfyUI, started with the fresh Python, serves every node the README lists
         server = ComfyServer(str(python), comfyui, base=None)
         info = server.get("/object_info")

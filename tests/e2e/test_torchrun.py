@@ -62,8 +62,8 @@ def test_two_processes_train_the_lora_of_one_process_with_the_double_batch(kiln_
     assert "8 latents: 8 encoded, 0 reused from memory, 0 from the disk cache" in one.stdout
     loras = [os.path.relpath(os.path.join(d, f), two_base / "models" / "loras")
              for d, _, fs in os.walk(two_base / "models" / "loras") for f in fs]
-    assert sorted(loras) == ["kiln/dist.safetensors", "kiln/dist_ckpt-step000002.kiln-state",
-                             "kiln/dist_ckpt-step000002.safetensors"]
+    assert sorted(loras) == ["kiln/dist.safetensors", "kiln/dist_ckpt-step00000002.kiln-state",
+                             "kiln/dist_ckpt-step00000002.safetensors"]
     a = load_file(str(one_base / "models" / "loras" / "kiln" / "dist.safetensors"))
     b = load_file(str(two_base / "models" / "loras" / "kiln" / "dist.safetensors"))
     assert a.keys() == b.keys()

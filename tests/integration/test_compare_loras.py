@@ -48,7 +48,7 @@ def test_grid_of_steps_and_strengths_matches_stock_lora_loader(comfy, loaded, da
                           negative=comfy.run_node("CLIPTextEncode", clip=clip, text="")[0],
                           latent_image=comfy.run_node("EmptyLatentImage", width=64, height=64, batch_size=1)[0],
                           denoise=1.0)[0]
-    m, c = comfy.run_node("LoraLoader", model=model, clip=clip, lora_name="kiln/compare_test-step000002.safetensors",
+    m, c = comfy.run_node("LoraLoader", model=model, clip=clip, lora_name="kiln/compare_test-step00000002.safetensors",
                           strength_model=1.0, strength_clip=1.0)
     stock = comfy.run_node("KSampler", model=m, seed=5, steps=3, cfg=5.0, sampler_name="euler", scheduler="normal",
                            positive=comfy.run_node("CLIPTextEncode", clip=c, text="a kiln toy")[0],
@@ -67,7 +67,7 @@ def test_grid_of_steps_and_strengths_matches_stock_lora_loader(comfy, loaded, da
 def test_a_list_of_loras_is_compared_in_its_order(comfy, loaded):
     model, clip, vae = loaded
     out = comfy.run_node("KilnCompareLoras", model=model, clip=clip, vae=vae, save_name="kiln/unused",
-                         strengths="1.0", loras="kiln/compare_test-step000002.safetensors\n", **SAMPLE)
+                         strengths="1.0", loras="kiln/compare_test-step00000002.safetensors\n", **SAMPLE)
     assert out[0].shape[1] == 24 + 2 * 64  # base + the listed LoRA
     assert "1 LoRAs × 1 strengths + base" in " ".join(map(str, out.ui["text"]))
     with pytest.raises(Exception) as err:

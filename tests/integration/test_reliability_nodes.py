@@ -89,16 +89,16 @@ def test_intermediate_saves_never_replace_another_runs_and_a_resume_says_what_ch
     folder = comfy.loras_dir / "kiln"
     opts = dict(steps=2, save_every_n_steps=1, save_name="kiln/series")
     first = train(comfy, setup, **opts)
-    mine = folder / "series-step000001.safetensors"
+    mine = folder / "series-step00000001.safetensors"
     before = (mine.read_bytes(), mine.with_suffix(".kiln-state").read_bytes())
     second = train(comfy, setup, **{**opts, "seed": 1})
     assert (mine.read_bytes(), mine.with_suffix(".kiln-state").read_bytes()) == before
-    assert (folder / "series_2-step000001.safetensors").is_file()
+    assert (folder / "series_2-step00000001.safetensors").is_file()
     text = " ".join(map(str, second.ui["text"]))
-    assert "series_2-stepNNNNNN" in text and "another run" in text
+    assert "series_2-stepNNNNNNNN" in text and "another run" in text
     assert "another run" not in " ".join(map(str, first.ui["text"]))
     # resuming that series continues it (no new name), with the changed learning rate applied and reported
-    out = train(comfy, setup, **{**opts, "learning_rate": 1e-5}, resume_from="kiln/series-step000001.safetensors")
+    out = train(comfy, setup, **{**opts, "learning_rate": 1e-5}, resume_from="kiln/series-step00000001.safetensors")
     text = " ".join(map(str, out.ui["text"]))
     assert "learning_rate 0.001 → 1e-05" in text and "no longer exactly" in text and "series_3" not in text
 
@@ -131,10 +131,10 @@ def test_cancel_keeps_the_last_intermediate_save_and_it_resumes(comfy, setup):
     finally:
         mm.interrupt_current_processing(False)
         cutils.set_progress_bar_global_hook(previous_hook)
-    kept = comfy.loras_dir / "kiln" / "cancelled-step000002.safetensors"
+    kept = comfy.loras_dir / "kiln" / "cancelled-step00000002.safetensors"
     assert load_file(str(kept)) and kept.with_suffix(".kiln-state").is_file()
-    assert not (comfy.loras_dir / "kiln" / "cancelled-step000004.safetensors").exists()
-    out = train(comfy, setup, steps=4, resume_from="kiln/cancelled-step000002.safetensors")
+    assert not (comfy.loras_dir / "kiln" / "cancelled-step00000004.safetensors").exists()
+    out = train(comfy, setup, steps=4, resume_from="kiln/cancelled-step00000002.safetensors")
     text = " ".join(map(str, out.ui["text"]))
     assert "resumed at step 2" in text and "steps 50 → 4" in text and "exactly" not in text.replace("no longer exactly", "")
 

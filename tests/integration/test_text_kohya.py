@@ -101,3 +101,62 @@ def test_train_sd1_with_clip_skip_and_a_long_caption(comfy, sd1, tmp_path):
     text = " ".join(map(str, whole.ui["text"]))
     assert "longer than" not in text and f"the longest caption has {len(ids)} tokens" in text
     assert (whole[1].metadata["ss_max_token_length"], whole[1].metadata["ss_clip_skip"]) == ("225", "None")
+
+
+def kohya_plain_ids(tokenizer, caption: str) -> list[int]:
+    """kohya's tokenisation of a caption without --weighted_captions (strategy_base._get_input_ids): the CLIP
+    tokenizer on the caption as written, padded and cut to 77."""
+    return tokenizer(caption, padding="max_length", truncation=True, max_length=77)["input_ids"]
+
+
+@pytest.mark.parametrize("caption", ["name (series), 1girl", "(red hair:1.2), \\(escaped\\), [blue] eyes"])
+def test_captions_are_plain_text_as_kohya_tokenises_them(sd1, caption):
+    clip, text = sd1["clip"], sd1["text"]
+    cond = text.TextConditioning(clip)
+    window = cond.tokens(caption)["l"][0]
+    assert [p[0] for p in window] == kohya_plain_ids(clip.tokenizer.clip_l.tokenizer, caption)
+    assert {p[1] for p in window} == {1.0}  # no weight anywhere: the brackets are characters
+    assert cond.token_count(caption) == len(clip.tokenizer.clip_l.tokenizer(caption)["input_ids"]) - 2
+
+
+@pytest.mark.slow  # two encodes on the CPU
+def test_weighted_captions_read_comfyui_prompt_weights(sd1):
+    clip, text = sd1["clip"], sd1["text"]
+    tokenizer = clip.tokenizer.clip_l.tokenizer
+    cond = text.TextConditioning(clip)
+    cond.weighted = True
+    window = cond.tokens("1girl, (tag:1.2)")["l"][0]
+    tag = tokenizer("tag")["input_ids"][1:-1]
+    weighted = [(t, w) for t, w in window if w != 1.0]
+    assert weighted == [(t, 1.2) for t in tag]  # the brackets and ":1.2" are syntax, not tokens
+    assert cond.settings() != text.TextConditioning(clip).settings()  # the disk cache tells the two apart
+    # plain: the same caption trains other tokens (brackets, ":", "1.2") and so another context
+    plain = text.TextConditioning(clip)
+    assert not torch.equal(plain.encode("1girl, (tag:1.2)"), cond.encode("1girl, (tag:1.2)"))
+
+
+@pytest.mark.slow
+def test_sample_prompts_keep_comfyui_weighting_while_captions_are_plain(sd1):
+    clip, text = sd1["clip"], sd1["text"]
+    cond = text.TextConditioning(clip)
+    assert not cond.weighted
+    preview = cond.preview_tokens("a (tag:1.2)")["l"][0]
+    assert any(w == 1.2 for _, w in preview)
+    native = clip.encode_from_tokens(clip.tokenize("a (tag:1.2)"))
+    assert torch.equal(cond.comfy_conditioning("a (tag:1.2)")[0][0], native)
+
+
+def test_sd3_captions_are_plain_and_previews_weighted(comfy, sd3_checkpoint):
+    clip = comfy.run_node("CheckpointLoaderSimple", ckpt_name=sd3_checkpoint)[1]
+    text = comfy.pack_module("nodes.comfy.text")
+    cond = text.SD3TextConditioning(clip)
+    caption = "name (series), (tag:1.2)"
+    tokens = cond.tokens(caption)
+    for key in ("l", "g"):
+        ids = kohya_plain_ids(getattr(clip.tokenizer, f"clip_{key}").tokenizer, caption)
+        assert [p[0] for p in tokens[key][0]][:ids.index(49407) + 1] == ids[:ids.index(49407) + 1]
+        assert {p[1] for p in tokens[key][0]} == {1.0}
+    assert {p[1] for p in tokens["t5xxl"][0]} == {1.0}
+    assert any(w == 1.2 for _, w in cond.preview_tokens(caption)["l"][0])
+    cond.weighted = True
+    assert any(w == 1.2 for _, w in cond.tokens(caption)["l"][0])

@@ -177,8 +177,8 @@ def test_cancel_restores_model_and_clip_and_keeps_the_intermediate_checkpoint(co
     assert_as_before(encoders, clip_params)
     assert all(p.is_inference() for p in list(unet.parameters()) + list(encoders.parameters()))
     folder = os.path.join(folder_paths.get_folder_paths("checkpoints")[0], "kiln_cancel")
-    assert sorted(os.listdir(folder)) == ["run-step000001.kiln-state", "run-step000001.safetensors"]  # nothing half-written
-    with safe_open(os.path.join(folder, "run-step000001.safetensors"), "pt") as f:
+    assert sorted(os.listdir(folder)) == ["run-step00000001.kiln-state", "run-step00000001.safetensors"]  # nothing half-written
+    with safe_open(os.path.join(folder, "run-step00000001.safetensors"), "pt") as f:
         assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in set(f.keys())
 
 
@@ -190,23 +190,23 @@ def test_save_every_n_steps_then_resume_exactly(comfy, loaded, cached):
     import folder_paths
     model, clip, _ = loaded
     folder = os.path.join(folder_paths.get_folder_paths("checkpoints")[0], "kiln_resume")
-    opts = TRAIN | dict(steps=6, sample_every=0, sample_steps=1, lr_scheduler="cosine", text_encoder_lr=1e-3,
-                        stop_text_encoder_training=5, training_args="ema_decay=0.9")  # the EMA resumes too
+    opts = TRAIN | dict(steps=7, sample_every=0, sample_steps=1, lr_scheduler="cosine", text_encoder_lr=1e-3,
+                        stop_text_encoder_training=6, training_args="ema_decay=0.9")  # the EMA resumes too
     full = comfy.run_node("KilnTrainDreamBooth", model=model, clip=clip, dataset=cached, **opts, save_every_n_steps=2,
                           save_name="kiln_resume/run")
-    assert sorted(os.listdir(folder)) == ["run-step000002.safetensors", "run-step000004.kiln-state",
-                                          "run-step000004.safetensors"]  # the older state goes; the last is the output
+    assert sorted(os.listdir(folder)) == ["run-step00000002.safetensors", "run-step00000004.safetensors",
+                                          "run-step00000006.kiln-state", "run-step00000006.safetensors"]  # older states go
     out = comfy.run_node("KilnTrainDreamBooth", model=model, clip=clip, dataset=cached, **opts,
-                         resume_from="kiln_resume/run-step000004.safetensors")
-    assert "resuming exactly at step 4" in " ".join(map(str, out.ui["text"]))
+                         resume_from="kiln_resume/run-step00000006.safetensors")
+    assert "resuming exactly at step 6" in " ".join(map(str, out.ui["text"]))
     assert full[0].model_options["kiln_checkpoint_metadata"]["kiln_ema_decay"] == "0.9"
     for a, b in ((full[0], out[0]), (full[1].patcher, out[1].patcher)):  # UNet, then CLIP
         assert a.patches.keys() == b.patches.keys() and a.patches
         # same_bits, not torch.equal: the fixture CLIP's unused text_projection is uninitialised memory, NaN at times
         assert all(same_bits(a.patches[k][-1][1][1][0], b.patches[k][-1][1][1][0]) for k in a.patches)
     older = comfy.run_node("KilnTrainDreamBooth", model=model, clip=clip, dataset=cached, **opts,
-                           resume_from="kiln_resume/run-step000002.safetensors")
-    assert "no run-step000002.kiln-state beside it" in " ".join(map(str, older.ui["text"]))
+                           resume_from="kiln_resume/run-step00000004.safetensors")
+    assert "no run-step00000004.kiln-state beside it" in " ".join(map(str, older.ui["text"]))
     with pytest.raises(Exception) as err:
         comfy.run_node("KilnTrainDreamBooth", model=model, clip=clip, dataset=cached, **opts,
                        resume_from="kiln_resume/nothing.safetensors")

@@ -197,11 +197,12 @@ def test_save_every_n_steps_then_resume_exactly(comfy, loaded, cached):
     opts = TRAIN | dict(steps=6, sample_every=0, sample_steps=1, lr_scheduler="cosine")
     full = comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=cfg, **opts,
                           save_every_n_steps=3, save_name="kiln/resume_test")[1]
-    saved = comfy.loras_dir / "kiln" / "resume_test-step000003.safetensors"
+    saved = comfy.loras_dir / "kiln" / "resume_test-step00000003.safetensors"
     assert saved.is_file() and saved.with_suffix(".kiln-state").is_file()
-    assert not (comfy.loras_dir / "kiln" / "resume_test-step000006.safetensors").exists()  # the last is the output
+    last = comfy.loras_dir / "kiln" / "resume_test-step00000006.safetensors"  # the last step too, as kohya saves
+    assert last.is_file() and last.with_suffix(".kiln-state").is_file()
     out = comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=cfg, **opts,
-                         resume_from="kiln/resume_test-step000003.safetensors")
+                         resume_from="kiln/resume_test-step00000003.safetensors")
     resumed = out[1]
     assert "resuming exactly at step 3" in " ".join(map(str, out.ui["text"]))
     assert all(torch.equal(full.state_dict[k], resumed.state_dict[k]) for k in full.state_dict)
@@ -213,7 +214,7 @@ def test_save_every_n_steps_then_resume_exactly(comfy, loaded, cached):
                             rank_dropout=0.0, module_dropout=0.0)[0]
     with pytest.raises(Exception) as err:
         comfy.run_node("KilnTrainSD1", model=model, clip=clip, dataset=cached, lora_config=bigger, **opts,
-                       resume_from="kiln/resume_test-step000003.safetensors")
+                       resume_from="kiln/resume_test-step00000003.safetensors")
     assert type(err.value).__name__ == "KilnError" and "does not fit this LoRA" in str(err.value)
 
 

@@ -85,3 +85,39 @@ def test_sd3_node_refuses_keys_it_does_not_read(comfy, sd3):
         comfy.run_node("KilnTrainSD3", model=model, clip=clip, dataset=cached,
                        lora_config=lora_config(comfy, "x_atn_dim=4"), **(SD3_TRAIN | dict(steps=1)), **SD3_OPTS)
     assert type(err.value).__name__ == "KilnError" and "x_atn_dim" in str(err.value) and "x_attn_dim" in str(err.value)
+
+
+@pytest.mark.slow  # loads the SD3 fixture
+def test_pos_emb_random_crop_rate_draws_kohyas_crops(comfy, sd3_checkpoint):
+    """kohya's pos_emb_random_crop_rate p: in a training forward, with probability p the position embedding is cut
+    from a uniformly drawn place of the max-size grid instead of its centre; never without gradients (probe,
+    previews); ComfyUI's method is back afterwards."""
+    import torch
+    model = comfy.run_node("CheckpointLoaderSimple", ckpt_name=sd3_checkpoint)[0]
+    mmdit = model.model.diffusion_model
+    size, p = mmdit.pos_embed_max_size, mmdit.x_embedder.patch_size[0]
+    grid = mmdit.pos_embed.reshape(size, size, -1)
+    hw, n = (8 * p, 8 * p), 8  # 8×8 patches
+
+    def place(embed):
+        found = (grid == embed[0, 0]).all(-1).nonzero()
+        assert len(found) == 1
+        top, left = found[0].tolist()
+        assert torch.equal(embed[0], grid[top:top + n, left:left + n].reshape(n * n, -1))  # a crop, unchanged
+        return top, left
+
+    centre = place(mmdit.cropped_pos_embed(hw))
+    assert centre == ((size - n) // 2,) * 2
+    with torch.inference_mode(False), comfy.pack_module("nodes.comfy.model").random_pos_embed_crop(mmdit, 0.3, 1):
+        with torch.enable_grad():
+            places = [place(mmdit.cropped_pos_embed(hw)) for _ in range(1000)]
+        with torch.no_grad():
+            assert place(mmdit.cropped_pos_embed(hw)) == centre
+    assert "cropped_pos_embed" not in mmdit.__dict__ and place(mmdit.cropped_pos_embed(hw)) == centre
+    moved = [pl for pl in places if pl != centre]
+    assert abs(len(moved) / 1000 - 0.3) < 0.06
+    tops, lefts = [t for t, _ in moved], [left for _, left in moved]
+    span = size - n  # offsets 0 .. size - n, uniform
+    for values in (tops, lefts):
+        assert min(values) < span / 4 and max(values) > 3 * span / 4
+        assert abs(sum(values) / len(values) - span / 2) < span / 8

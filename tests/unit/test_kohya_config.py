@@ -88,7 +88,8 @@ def test_train_db_text_encoder_keys(extra, lr, stop):
     ("no_token_padding = true\n", "sd1", "no_token_padding = true: ComfyUI's SD tokenizer always pads"),
     ("", "sdxl", "this is a sdxl model"),
     ('save_precision = "fp16"\n', "sd1", "save_precision 'fp16'"),
-    ("learning_rate_te = 1e-6\nnetwork_module = \"networks.lora\"\n", "sd1", "kohya key 'learning_rate_te' is not read"),
+    ("learning_rate_te = 1e-6\nnetwork_module = \"networks.lora\"\n", "sd1",
+     "'learning_rate_te' is a key of kohya's train_db.py, not of a LoRA"),
 ])
 def test_train_db_what_kiln_does_not_do_is_refused_by_name(extra, family, message):
     with pytest.raises(KilnError, match=message):
@@ -106,9 +107,10 @@ def test_sd3_keys_and_network_args():
 
 
 @pytest.mark.parametrize("extra, family, message", [
-    ("color_jitter = 1\n", "sd1", "kohya key 'color_jitter' is not read"),
+    ("color_jitter = 1\n", "sd1", "'color_jitter' is not a kohya training key Kiln knows"),
+    ("shuffle_captions = true\n", "sd1", "did you mean 'shuffle_caption'"),
     ('weighting_scheme = "mode"\n', "sd1", "is an SD3 option"),
-    ('save_model_as = "ckpt"\n', "sd1", "save_model_as must be safetensors"),
+    ('save_model_as = "ckpt"\n', "sd1", "save_model_as 'ckpt' is refused: Kiln writes .safetensors only"),
 ])
 def test_what_kiln_cannot_honour_is_refused_by_name(extra, family, message):
     with pytest.raises(KilnError, match=message):
@@ -240,7 +242,10 @@ def test_alpha_mask_and_masked_loss_keys():
 
 
 @pytest.mark.parametrize("key", ["enable_scaled_pos_embed = true", "stop_text_encoder_training = 100",
-                                 "no_token_padding = true"])
+                                 "no_token_padding = true", "color_aug = true", "random_crop = true",
+                                 "face_crop_aug_range = \"2.0,4.0\"", "token_warmup_step = 10",
+                                 "huggingface_repo_id = \"me/lora\"", "deepspeed = true", "base_weights = [\"a\"]",
+                                 "initial_step = 100", "in_json = \"meta.json\"", "no_metadata = true"])
 def test_keys_kiln_refuses_in_a_lora_config_name_the_reason(key):
     with pytest.raises(KilnError, match=key.split(" ")[0] + " is refused: "):
         graph_from_config(BASE + key + "\n", "t.toml", "sd3" if "pos_embed" in key else "sd1")
@@ -277,5 +282,46 @@ def test_docs_list_every_config_key_the_cli_knows():
     from trainer_core.kohya import config as k
     doc = (Path(__file__).resolve().parents[2] / "docs" / "kohya.md").read_text(encoding="utf-8")
     section = doc.split("## Every kohya config key")[1].split("\n## ")[0]
-    keys = set(k.TRAIN_KEYS) | set(k.SD3_KEYS) | k.HANDLED | set(k.NO_EFFECT) | set(k.REFUSED)
+    keys = k.known_keys() - set(k.TRAINING_ARGS)
     assert sorted(key for key in keys if f"`{key}`" not in section) == []
+
+
+def test_refused_keys_at_kohyas_defaults_ask_for_nothing():
+    """kohya_ss writes every key: at kohya's default (off, empty, 0) a refused key is accepted."""
+    extra = ('color_aug = false\nrandom_crop = false\nface_crop_aug_range = ""\ntoken_warmup_min = 1\n'
+             'token_warmup_step = 0\nhuggingface_repo_id = ""\ndeepspeed = false\nno_metadata = false\n'
+             'base_weights = []\nsave_state = true\nxformers = true\n')
+    _, notes = graph_from_config(BASE + extra, "t.toml", "sd1")
+    assert any(n.startswith("save_state: no effect in Kiln (Kiln writes a resumable .kiln-state") for n in notes)
+
+
+def test_every_refusal_says_why_and_what_to_use():
+    from trainer_core.kohya import config as k
+    for key, reason in k.REFUSED.items():
+        assert len(reason) > 40 and any(w in reason for w in (";", ":", ".", "use", "Use")), key
+
+
+def test_kohyas_old_optimizer_switches_and_the_vae_batch_size():
+    base = BASE.replace('optimizer_type = "AdamW8bit"\n', "")
+    p, _ = graph_from_config(base + "use_lion_optimizer = true\nvae_batch_size = 8\n", "t.toml", "sd1")
+    assert p["6"]["inputs"]["optimizer"] == "Lion" and p["4"]["inputs"]["batch_size"] == 8
+    p, _ = graph_from_config(base + "use_8bit_adam = true\n", "t.toml", "sd1")
+    assert p["6"]["inputs"]["optimizer"] == "AdamW8bit"
+    with pytest.raises(KilnError, match="use_8bit_adam and optimizer_type are both set"):
+        graph_from_config(BASE + "use_8bit_adam = true\n", "t.toml", "sd1")
+    with pytest.raises(KilnError, match="use_8bit_adam and use_lion_optimizer are both set"):
+        graph_from_config(base + "use_8bit_adam = true\nuse_lion_optimizer = true\n", "t.toml", "sd1")
+
+
+def test_a_folder_dataset_resume_and_flux_keys():
+    folders = BASE.replace('dataset_config = "dataset.toml"', 'train_data_dir = "train"\nresolution = "512"')
+    p, _ = graph_from_config(folders, "t.toml", "sd1")
+    assert p["2"]["inputs"]["folder"] == "train"  # the CLI writes the TOML the flags describe and names it here
+    p, notes = graph_from_config(BASE + 'resume = "out/mine-000002-state"\n', "t.toml", "sd1")
+    assert p["6"]["inputs"]["resume_from"] == "out/mine-000002-state" and any("resume:" in n for n in notes)
+    with pytest.raises(KilnError, match="resume and network_weights both"):
+        graph_from_config(BASE + 'resume = "r"\nnetwork_weights = "w.safetensors"\n', "t.toml", "sd1")
+    with pytest.raises(KilnError, match="guidance_scale is a flux_train_network.py option"):
+        graph_from_config(BASE + "guidance_scale = 1.0\n", "t.toml", "sd1")
+    with pytest.raises(KilnError, match="has no dataset: give dataset_config"):
+        graph_from_config(BASE.replace('dataset_config = "dataset.toml"', ""), "t.toml", "sd1")

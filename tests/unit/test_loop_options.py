@@ -109,3 +109,33 @@ def test_fused_backward_pass_trains_the_same_weights(optimizer):
 def test_fused_backward_pass_is_refused_where_it_would_differ(options, why):
     with pytest.raises(KilnError, match=f"fused_backward_pass cannot be used with {why}"):
         run(TrainConfig(**{"steps": 1, "max_grad_norm": 0.0, **options}, fused_backward_pass=True))
+
+
+def reg_cache():
+    """A training image and a regularization image in one batch."""
+    g = plan_geometry((32, 32), (32, 32))
+    return LatentCache([CachedSample(torch.randn(4, 4, 4, generator=torch.Generator().manual_seed(i)), None, "c", 1,
+                                     i == 1, g, f"{i}.png") for i in range(2)], None, "x")
+
+
+def one_step(prior_loss_weight: float) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    root = nn.Sequential(nn.Conv2d(4, 8, 1), nn.SiLU(), nn.Conv2d(8, 4, 1))
+    network = LoRANetwork(root, [TargetRule(r".*", ("conv1x1",), 2, 2.0)], lambda p: "lora_" + p.replace(".", "_"))
+    start = {k: v.clone() for k, v in network.kohya_state_dict().items()}
+    with network.attached():
+        train(network, PerSampleNoise(torch.linspace(0.99, 0.01, 100)), lambda x, t, c: root(x),
+              lambda caps, train=False, geometries=None: {}, reg_cache(), lambda z: z,
+              TrainConfig(steps=1, batch_size=2, prior_loss_weight=prior_loss_weight, **SGD), torch.device("cpu"))
+    end = network.kohya_state_dict()
+    return {k: end[k] - start[k] for k in end if k.endswith("weight")}
+
+
+def test_prior_loss_weight_scales_the_regularization_images_gradient():
+    """kohya: loss = mean over the batch of loss_i · (prior_loss_weight if image i is a regularization image else 1),
+    so one SGD step's update is the training image's part plus prior_loss_weight times the reg image's part."""
+    none, one, three = one_step(0.0), one_step(1.0), one_step(3.0)
+    reg_part = {k: one[k] - none[k] for k in one}
+    assert any(v.abs().sum() > 1e-6 for v in reg_part.values()) and any(v.abs().sum() > 1e-6 for v in none.values())
+    for k in one:
+        assert torch.allclose(three[k], none[k] + 3.0 * reg_part[k], rtol=1e-4, atol=1e-7), k

@@ -62,7 +62,10 @@ def run(resume=None, weights=None, save_every=0, options=None, noise=NoiseConfig
 
 def test_resumed_run_ends_bit_identical_to_the_uninterrupted_one():
     full, full_result, saved, _ = run(save_every=4)
-    assert sorted(saved) == [4, 8]  # not at the last step: the final LoRA is the node's output
+    full, full_result, saved, _ = run(save_every=3)
+    assert sorted(saved) == [3, 6, 9]  # the last step too, as kohya (NAME-step00000009 beside the output)
+    full, full_result, saved, _ = run(save_every=4)
+    assert sorted(saved) == [4, 8]
     state, weights, _ = saved[4]
     resumed, result, _, _ = run(resume=state, weights=weights)
     assert result.losses == full_result.losses and result.steps == 9

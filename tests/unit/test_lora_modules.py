@@ -108,3 +108,66 @@ def test_alpha_zero_is_alpha_rank_as_kohya_reads_it():
     sd = {k: (torch.tensor(0.0) if k.endswith(".alpha") else v) for k, v in net.kohya_state_dict().items()}
     net.load_kohya_state_dict(sd)
     assert {a.alpha for a in net.adapters.values()} == {2.0}
+
+
+def delta_of(lora: LoRAModule, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    ref = base(x)
+    lora.attach()
+    try:
+        return base(x) - ref
+    finally:
+        lora.detach()
+
+
+def eye_lora(rank: int, **dropouts) -> tuple[LoRAModule, nn.Linear]:
+    """A LoRA whose up projection is the identity (out = rank), so its delta shows the rank activations."""
+    base = nn.Linear(16, rank)
+    lora = LoRAModule("n", base, rank=rank, alpha=rank, **dropouts).train()  # scale 1
+    with torch.no_grad():
+        lora.lora_up.weight.copy_(torch.eye(rank))
+    return lora, base
+
+
+def test_network_dropout_drops_rank_activations_as_kohya():
+    """kohya's network_dropout p: each element of down(x) is zeroed with probability p, the rest scaled by 1/(1-p)
+    (networks/lora.py drops the down projection's output, not the input)."""
+    torch.manual_seed(0)
+    lora, base = eye_lora(8, dropout=0.3)
+    x = torch.randn(64, 20, 16)
+    with torch.no_grad():
+        h = lora.lora_down(x)
+        got = delta_of(lora, base, x)
+    kept = got != 0
+    assert torch.allclose(got[kept], h[kept] / 0.7, atol=1e-5)  # kept elements: scaled, never mixed
+    assert abs((~kept).float().mean().item() - 0.3) < 0.02  # 10240 elements: ±4.5 sigma
+    assert len({tuple(m) for m in kept.reshape(-1, 8).tolist()}) > 100  # element-wise, not per sample or rank
+    with torch.no_grad():
+        assert torch.allclose(delta_of(lora.eval(), base, x), h, atol=1e-5)  # eval: no dropout
+
+
+def test_rank_dropout_statistics():
+    """kohya's rank_dropout p: per sample, each rank is dropped with probability p for all its tokens, and the
+    adapter scaled by 1/(1-p)."""
+    torch.manual_seed(1)
+    lora, base = eye_lora(8, rank_dropout=0.25)
+    x = torch.randn(2000, 3, 16)
+    with torch.no_grad():
+        h = lora.lora_down(x)
+        got = delta_of(lora, base, x)
+    kept = got != 0
+    assert torch.equal(kept, kept[:, :1].expand_as(kept))  # one draw per sample and rank, shared by its tokens
+    assert torch.allclose(got[kept], h[kept] / 0.75, atol=1e-5)
+    assert abs((~kept[:, 0]).float().mean().item() - 0.25) < 0.02  # 16000 draws
+
+
+def test_module_dropout_statistics():
+    """kohya's module_dropout p: the whole adapter is left out of a forward with probability p."""
+    torch.manual_seed(2)
+    lora, base = eye_lora(4, module_dropout=0.4)
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        full = lora.lora_down(x)
+        deltas = [delta_of(lora, base, x) for _ in range(3000)]
+    off = sum(bool((d == 0).all()) for d in deltas)
+    assert all(bool((d == 0).all()) or torch.allclose(d, full, atol=1e-5) for d in deltas)  # all or nothing
+    assert abs(off / 3000 - 0.4) < 0.04

@@ -102,3 +102,22 @@ def test_class_path_scheduler_and_schedule_free():
     assert got[:7] == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25]
     opt = build_optimizer("AdamWScheduleFree", [param()], 1.0)
     assert build_scheduler(opt, Schedule("cosine"), 10, 1.0).get_last_lr() == [1.0]  # kohya: no schedule
+
+
+def test_every_optimizer_offered_comes_with_a_manager_install_or_is_documented_optional():
+    """ComfyUI Manager installs requirements.txt: each optimizer's package is there, ComfyUI's own (torch,
+    transformers), or one of requirements-optional.txt's, which docs/install.md lists as optional."""
+    from pathlib import Path
+    from packaging.requirements import Requirement
+    from trainer_core.maths.optim import package_of
+    root = Path(__file__).resolve().parents[2]
+
+    def names(file):
+        return {Requirement(ln.split("#")[0]).name for ln in (root / file).read_text().splitlines()
+                if ln.split("#")[0].strip()}
+    required, optional = names("requirements.txt"), names("requirements-optional.txt")
+    install = (root / "docs" / "install.md").read_text()
+    for name in OPTIMIZERS:
+        pkg = package_of(name)
+        assert pkg in required | {None, "transformers"} or (pkg in optional and f"`{pkg}`" in install), (name, pkg)
+    assert "lycoris-lora" in required and optional == {"bitsandbytes", "tensorboard"}

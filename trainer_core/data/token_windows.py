@@ -14,8 +14,9 @@ BOS, EOS, padding...
 ComfyUI's own long-prompt encoding differs: it makes as many 77-token chunks as the prompt needs (no limit, no
 padding to a fixed count), keeps every chunk's BOS and EOS states in the output (77·k states), and moves a short
 weighted group such as ``(red hair:1.2)`` whole into the next chunk rather than splitting it at token 75. Kiln
-trains with kohya's windows (from ComfyUI's tokens, so ComfyUI's prompt weights and embeddings are kept) and
-previews with ComfyUI's own encoding, as a prompt is encoded when the LoRA is used.
+trains with kohya's windows (from ComfyUI's tokens of the caption as plain text, or with weighted_captions of the
+caption read as a ComfyUI prompt, weights kept) and previews with ComfyUI's own encoding, as a prompt is encoded
+when the LoRA is used.
 """
 from __future__ import annotations
 

@@ -9,12 +9,15 @@ kohya's training options without a widget (the registry's training_args keys) go
 """
 from __future__ import annotations
 
+import difflib
 import tomllib
 
 from ..errors import KilnError
 from ..maths.optim import OPTIMIZERS, SCHEDULERS
 from ..options.registry import TRAINING_ARGS, WIDGETS, kohya_widget_keys
 from ..options.training_args import format_value, parse_training_args
+from .dataset_flags import DATASET_FLAGS, FOLDERS
+from .flags import SCRIPTS
 
 TRAIN_NODE = {"sd1": "KilnTrainSD1", "sdxl": "KilnTrainSDXL", "sd3": "KilnTrainSD3"}
 NETWORK_MODULES = {"networks.lora": ("sd1", "sdxl"), "networks.lora_sd3": ("sd3",),
@@ -49,12 +52,80 @@ NO_EFFECT = {
     "max_data_loader_n_workers": "latents are cached", "persistent_data_loader_workers": "latents are cached",
     "full_fp16": "trained weights (LoRA or DreamBooth) stay fp32", "full_bf16": "trained weights (LoRA or DreamBooth) "
     "stay fp32", "lowram": "ComfyUI manages memory", "highvram": "ComfyUI manages memory",
+    "save_state": "Kiln writes a resumable .kiln-state beside every save_every_n_steps / save_every_n_epochs save "
+    "(resume: that save)", "save_state_on_train_end": "the final file has no state; the intermediate saves do",
+    "save_last_n_epochs_state": "a save's state is kept and removed with it (save_last_n_epochs)",
+    "save_last_n_steps_state": "a save's state is kept and removed with it (save_last_n_steps)",
+    "cache_info": "the latent cache is keyed by content", "skip_cache_check": "the latent cache is keyed by content",
+    "console_log_level": "Kiln logs through ComfyUI's logging", "console_log_file": "Kiln logs through ComfyUI's "
+    "logging", "console_log_simple": "Kiln logs through ComfyUI's logging", "log_config": "TensorBoard gets the "
+    "losses, learning rates and samples; the run's settings are in the file's metadata",
+    "ddp_timeout": "several processes all-reduce through Kiln's own step (no DDP wrapper)",
+    "ddp_gradient_as_bucket_view": "no DDP wrapper", "ddp_static_graph": "no DDP wrapper",
+    "dynamo_backend": "nothing is compiled", "tokenizer_cache_dir": "ComfyUI's tokenizers are local files",
+    "disable_mmap_load_safetensors": "ComfyUI loads the model", "t5xxl_device": "ComfyUI places the text encoders",
+    "t5xxl_dtype": "ComfyUI chooses the text encoders' dtype", "text_encoder_batch_size": "captions are encoded as "
+    "the steps need them", "save_clip": "a LoRA run saves the LoRA", "save_t5xxl": "a LoRA run saves the LoRA",
+    "zero_stage": "DeepSpeed is not used", "offload_optimizer_device": "DeepSpeed is not used",
+    "offload_optimizer_nvme_path": "DeepSpeed is not used", "offload_param_device": "DeepSpeed is not used",
+    "offload_param_nvme_path": "DeepSpeed is not used", "zero3_init_flag": "DeepSpeed is not used",
+    "zero3_save_16bit_model": "DeepSpeed is not used", "fp16_master_weights_and_gradients": "DeepSpeed is not used",
+    "training_comment": "not written (ss_training_comment is None); add it to the file's metadata afterwards",
+    **{f"metadata_{k}": "not written: Kiln writes modelspec's architecture, title (output_name), date, resolution "
+       "and hash; add it to the file's metadata afterwards" for k in (
+           "title", "author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from",
+           "trigger_phrase", "preprocessor", "is_negative_embedding")},
 }
 # train_db.py's own keys (a config without network_module: DreamBooth, the whole model trains)
 DREAMBOOTH_KEYS = {"learning_rate_te", "stop_text_encoder_training", "no_token_padding", "use_safetensors"}
 TE_FILES = ("clip_l", "clip_g", "t5xxl")  # kohya's separate SD3 text-encoder files -> ComfyUI's CLIP loaders
-# kohya keys Kiln refuses in a LoRA config, with the reason
+# why latents that are always cached rule an option out, and what Kiln offers instead
+_CACHED = ("it needs new pixels every epoch, and Kiln always trains from cached latents (kohya refuses it together "
+           "with cache_latents too)")
+_UPLOAD = "Kiln does not upload anything (no network while training); upload the files in output_dir yourself"
+# kohya keys Kiln refuses, with the reason and what to use; a key set to kohya's default (off, empty, 0) asks for
+# nothing and is accepted (kohya_ss writes every key)
 REFUSED = {
+    "color_aug": f"{_CACHED}. flip_aug is supported (its mirror latents are cached as well)",
+    "random_crop": f"{_CACHED}. Buckets crop each image once, centred (enable_bucket avoids most cropping)",
+    "face_crop_aug_range": f"{_CACHED}. Crop the images around the face beforehand",
+    "token_warmup_min": "kohya's caption token warm-up is not implemented; shuffle_caption and "
+    "caption_tag_dropout_rate are", "token_warmup_step": "kohya's caption token warm-up is not implemented; "
+    "shuffle_caption and caption_tag_dropout_rate are",
+    "enable_wildcard": "caption wildcards ({a|b}) and multi-line captions are not expanded; write one caption per "
+    "image",
+    "resize_interpolation": "Kiln resizes with Lanczos (masks bilinear); remove it",
+    "in_json": "kohya's fine-tuning metadata (in_json) is not read; use train_data_dir with N_name folders and "
+    "caption files, or a dataset_config", "dataset_repeats": "it belongs to in_json's fine-tuning datasets, which are "
+    "not read; use N_name folders or num_repeats in a dataset_config",
+    "dataset_class": "a custom Python dataset class cannot be loaded; use train_data_dir or a dataset_config",
+    "debug_dataset": "use Load Dataset's preview output in ComfyUI: it shows the training views (crop, flip, mask)",
+    "conditioning_data_dir": "as a flag it is for ControlNet training, which Kiln does not do; for masked loss, set "
+    "conditioning_data_dir in a dataset_config subset, with masked_loss",
+    "deepspeed": "DeepSpeed is not used: several GPUs train through torchrun / accelerate launch started before "
+    "cli.py (docs/multi-gpu.md); to save memory use blocks_to_swap, gradient_checkpointing or fused_backward_pass",
+    "torch_compile": "Kiln trains ComfyUI's loaded model in place, not a compiled copy; remove it",
+    **{k: _UPLOAD for k in ("huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo",
+                            "huggingface_token", "huggingface_repo_visibility", "save_state_to_huggingface",
+                            "resume_from_huggingface", "async_upload")},
+    "wandb_api_key": "wandb is not offered; log_with = tensorboard with logging_dir is",
+    "wandb_run_name": "wandb is not offered; log_with = tensorboard with logging_dir is",
+    "log_tracker_config": "a tracker config is for wandb; TensorBoard (logging_dir) needs none",
+    "no_metadata": "Kiln always writes kohya's metadata (ComfyUI, A1111 and kohya's tools read it); strip it "
+    "from the file afterwards if needed",
+    "initial_epoch": "Kiln continues a run only from a save with its state: resume (or network_weights to start "
+    "from a LoRA's weights)", "initial_step": "Kiln continues a run only from a save with its state: resume (or "
+    "network_weights to start from a LoRA's weights)", "skip_until_initial_step": "Kiln continues a run only from a "
+    "save with its state: resume",
+    "network_train_text_encoder_only": "Kiln always trains the diffusion model's adapters; train the text "
+    "encoders together with them (text_encoder_lr) or not at all",
+    "base_weights": "merging LoRAs into the model before training is a workflow: Load LoRA nodes in front of the "
+    "Train node (cli.py --workflow)", "base_weights_multiplier": "merging LoRAs into the model before training is a "
+    "workflow: Load LoRA nodes in front of the Train node (cli.py --workflow)",
+    "save_n_epoch_ratio": "give the interval itself: save_every_n_epochs",
+    "output_config": "Kiln does not write kohya configs; keep the command (or its --config_file)",
+    "lr_scheduler_timescale": "it sets kohya's inverse_sqrt schedule, which Kiln does not offer; use lr_scheduler "
+    "or a class path in lr_scheduler_type",
     "enable_scaled_pos_embed": "SD3.5's rescaled position embeddings per resolution are not used: ComfyUI samples "
     "SD3.5 by cropping its fixed position-embedding grid, so Kiln trains with those same crops (a LoRA trained on "
     "rescaled embeddings would be used with others). Remove it; pos_emb_random_crop_rate is supported",
@@ -63,6 +134,16 @@ REFUSED = {
     "no_token_padding": "it is a train_db.py (DreamBooth) option; kohya's train_network.py (LoRA) has no such "
     "argument, and LoRA training pads captions as kohya does",
 }
+# a refused key at these values asks for nothing (kohya's defaults that are not off/empty/0)
+HARMLESS = {"token_warmup_min": 1, "resize_interpolation": "area", "dataset_repeats": 1}
+# flux_train_network.py's own keys: the Flux family is not in this version of Kiln
+FLUX_KEYS = frozenset(("ae", "controlnet_model_name_or_path", "discrete_flow_shift", "guidance_scale",
+                       "model_prediction_type", "model_type", "sigmoid_scale", "split_mode", "timestep_sampling"))
+# kohya's old optimizer switches (train_util.get_optimizer): each names an optimizer_type
+OPTIMIZER_SWITCHES = {"use_8bit_adam": "AdamW8bit", "use_lion_optimizer": "Lion"}
+# keys the CLI itself reads: the dataset the flags describe (dataset_flags.py), a resume, the VAE batch size
+DATASET_KEYS = frozenset(DATASET_FLAGS) | frozenset(FOLDERS)
+CLI_KEYS = frozenset(("resume", "vae_batch_size"))
 # kohya's argparse defaults where Kiln's node defaults differ: an unset key trains as kohya would
 KOHYA_DEFAULTS = {"learning_rate": 2e-6, "max_train_steps": 1600, "mixed_precision": "no"}
 
@@ -134,7 +215,7 @@ def lycoris_args(args: dict[str, str], path: str) -> dict:
         inputs["factor"] = int(args.pop("factor"))
     if "full_matrix" in args:
         inputs["full_matrix"] = _true(args.pop("full_matrix"))
-    if "dropout" in args:  # LyCORIS's name for the down projection's input dropout
+    if "dropout" in args:  # LyCORIS's dropout, trained as kohya's network_dropout (docs/kohya.md, differences)
         inputs["dropout"] = float(args.pop("dropout"))
     return inputs
 
@@ -220,6 +301,34 @@ def read_config(text: str, path: str) -> dict:
         raise KilnError(f"{path} is not valid TOML: {e}") from None
 
 
+def known_keys(dreambooth: bool = True) -> set[str]:
+    """Every key the mapping reads, refuses with a reason or reports as having no effect."""
+    known = set(TRAIN_KEYS) | set(SD3_KEYS) | HANDLED | set(NO_EFFECT) | set(TRAINING_ARGS) | set(REFUSED)
+    known |= DATASET_KEYS | CLI_KEYS | set(OPTIMIZER_SWITCHES)
+    return known | DREAMBOOTH_KEYS if dreambooth else known
+
+
+def asks_for_something(key: str, value) -> bool:
+    """Whether a refused key's value asks for anything: kohya_ss writes every key, most at off, empty or 0."""
+    return value not in (None, False, "", 0, []) and value != HARMLESS.get(key)
+
+
+def optimizer_from_switches(cfg: dict, path: str) -> dict:
+    """kohya's use_8bit_adam / use_lion_optimizer as the optimizer_type they stand for; with another optimizer_type
+    (or both) refused, as kohya refuses them."""
+    on = [k for k in OPTIMIZER_SWITCHES if cfg.get(k)]
+    cfg = {k: v for k, v in cfg.items() if k not in OPTIMIZER_SWITCHES}
+    if len(on) > 1:
+        raise KilnError(f"{path}: use_8bit_adam and use_lion_optimizer are both set (kohya stops on it too); give "
+                        f"one, or optimizer_type.")
+    if on and cfg.get("optimizer_type"):
+        raise KilnError(f"{path}: {on[0]} and optimizer_type are both set (kohya stops on it too); use "
+                        f"optimizer_type = \"{OPTIMIZER_SWITCHES[on[0]]}\" alone.")
+    if on:
+        cfg["optimizer_type"] = OPTIMIZER_SWITCHES[on[0]]
+    return cfg
+
+
 def node_of(prompt: dict, role: str) -> dict:
     """The node of ``role`` (ROLES) in a prompt graph_from_config made."""
     return prompt[ROLES[role]]
@@ -230,18 +339,32 @@ def graph_from_config(config: str | dict, path: str, family: str) -> tuple[dict,
     config's text or its read_config keys. Each node's id is its role's (ROLES)."""
     cfg = read_config(config, path) if isinstance(config, str) else dict(config)
     dreambooth = "network_module" not in cfg  # kohya's train_db.py
-    known = set(TRAIN_KEYS) | set(SD3_KEYS) | HANDLED | set(NO_EFFECT) | set(TRAINING_ARGS) | set(REFUSED)
-    known |= DREAMBOOTH_KEYS if dreambooth else set()
+    known = known_keys(dreambooth)
     unknown = sorted(k for k in cfg if k not in known)
+    flux = [k for k in unknown if k in FLUX_KEYS]
+    if flux:
+        raise KilnError(f"{path}: {flux[0]} is a flux_train_network.py option; this version of Kiln has no Flux "
+                        f"trainer (it trains SD 1.x/2.x, SDXL and SD3).")
+    others = [script for script, (_, flags) in SCRIPTS.items() if unknown and unknown[0] in flags]
+    if others:
+        this = "train_db.py (DreamBooth: no network_module)" if dreambooth else "LoRA (train_network.py)"
+        raise KilnError(f"{path}: '{unknown[0]}' is a key of kohya's {' and '.join(others)}, not of a {this} "
+                        f"config; kohya's script would stop on it too.")
     if unknown:
-        raise KilnError(f"{path}: kohya key '{unknown[0]}' is not read by Kiln's CLI (known: "
-                        f"{', '.join(sorted(known))}).")
-    for key in ("pretrained_model_name_or_path", "dataset_config"):
-        if key not in cfg:
-            raise KilnError(f"{path} has no {key}: the CLI needs the checkpoint and the dataset TOML.")
-    refused = [k for k in cfg if k in REFUSED and not (dreambooth and k in DREAMBOOTH_KEYS)]
+        near = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.6)
+        raise KilnError(f"{path}: '{unknown[0]}' is not a kohya training key Kiln knows"
+                        + (f"; did you mean '{near[0]}'?" if near else "")
+                        + " (docs/kohya.md lists every key; options beyond kohya's are in docs/training-args.md).")
+    if "pretrained_model_name_or_path" not in cfg:
+        raise KilnError(f"{path} has no pretrained_model_name_or_path: the CLI needs the checkpoint to train.")
+    if not cfg.get("dataset_config") and not cfg.get("train_data_dir"):
+        raise KilnError(f"{path} has no dataset: give dataset_config (a kohya dataset TOML) or train_data_dir (a "
+                        f"folder of N_name sub-folders), as kohya needs one of them.")
+    refused = [k for k in cfg if k in REFUSED and not (dreambooth and k in DREAMBOOTH_KEYS)
+               and asks_for_something(k, cfg[k])]
     if refused:
         raise KilnError(f"{path}: {refused[0]} is refused: {REFUSED[refused[0]]}.")
+    cfg = optimizer_from_switches(cfg, path)
     notes = []
     if dreambooth:
         dreambooth_checks(cfg, path, family)
@@ -253,8 +376,11 @@ def graph_from_config(config: str | dict, path: str, family: str) -> tuple[dict,
         if family not in NETWORK_MODULES.get(module, ()):
             raise KilnError(f"{path}: network_module {module!r} does not train a {family} model with Kiln (use "
                             f"networks.lora for SD1/SDXL, networks.lora_sd3 for SD3, or lycoris.kohya).")
-    if cfg.get("save_model_as", "safetensors") != "safetensors":
-        raise KilnError(f"{path}: save_model_as must be safetensors; Kiln writes nothing else.")
+    if cfg.get("save_model_as") not in (None, "", "safetensors"):
+        raise KilnError(f"{path}: save_model_as {cfg['save_model_as']!r} is refused: Kiln writes .safetensors only "
+                        f"(a LoRA in kohya's format, train_db a single-file checkpoint), which ComfyUI, A1111 and "
+                        f"kohya load; .ckpt/.pt are pickles that can run code when loaded, and Diffusers folders are "
+                        f"not ComfyUI's format. Use save_model_as = \"safetensors\" or leave it out.")
 
     if family != "sd3" and any(k in cfg for k in SD3_KEYS):
         raise KilnError(f"{path}: {next(k for k in SD3_KEYS if k in cfg)} is an SD3 option; this is a {family} model.")
@@ -277,6 +403,11 @@ def graph_from_config(config: str | dict, path: str, family: str) -> tuple[dict,
     train.update({k: v for k, v in cfg.items() if k in SD3_KEYS})
     if cfg.get("dim_from_weights") and "network_weights" not in cfg:
         raise KilnError(f"{path}: dim_from_weights needs network_weights (the file to read the ranks from).")
+    if cfg.get("resume"):  # the CLI finds the save (and its .kiln-state) that kohya's state folder stands for
+        if "network_weights" in cfg:
+            raise KilnError(f"{path}: resume and network_weights both say where training starts from; give one.")
+        train["resume_from"] = cfg["resume"]
+        notes.append(f"resume: training continues from {cfg['resume']} and its .kiln-state")
     if "network_weights" in cfg:  # the CLI registers the file's folder with ComfyUI and passes its name
         train["resume_from"] = cfg["network_weights"]
         notes.append(f"network_weights: training starts from {cfg['network_weights']} (its algorithm, rank and "
@@ -337,9 +468,12 @@ def graph_from_config(config: str | dict, path: str, family: str) -> tuple[dict,
         return [ROLES[role], index]
 
     add("checkpoint", "CheckpointLoaderSimple", ckpt_name=cfg["pretrained_model_name_or_path"])
-    add("dataset", "KilnLoadDataset", folder=cfg["dataset_config"])
+    # the dataset TOML, or train_data_dir, which the CLI turns into the TOML kohya's dataset flags describe
+    add("dataset", "KilnLoadDataset", folder=cfg.get("dataset_config") or cfg["train_data_dir"])
     cache = add("cache", "KilnCacheLatents", dataset=out("dataset", 0), vae=out("checkpoint", 2),
                 disk_cache=bool(cfg.get("cache_latents_to_disk", False)), no_half_vae=bool(cfg.get("no_half_vae", False)))
+    if cfg.get("vae_batch_size"):  # kohya's VAE batch size while caching latents
+        cache["batch_size"] = int(cfg["vae_batch_size"])
     train.update(model=out("checkpoint", 0), clip=out("text_encoders" if files else "checkpoint", 0 if files else 1),
                  dataset=out("cache", 0))
     if dreambooth:  # the trained MODEL and CLIP with the checkpoint's own VAE, as kohya's train_db saves them

@@ -15,7 +15,7 @@ class LoraConfig:
     alpha: float = 16.0
     conv_rank: int = 0          # 0 = no LoRA on 3x3 convolutions (kohya's conv_dim)
     conv_alpha: float = 1.0
-    dropout: float = 0.0        # kohya network_dropout (on the down projection's input)
+    dropout: float = 0.0        # kohya network_dropout (on the down projection's output, the rank activations)
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     args: str = ""              # kohya --network_args text (family-specific keys, read by the Train node)

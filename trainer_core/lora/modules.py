@@ -118,7 +118,8 @@ class Adapter(nn.Module):
 
 
 class LoRAModule(Adapter):
-    """y = base(x) + up(down(dropout(x))) * alpha / rank."""
+    """y = base(x) + up(dropout(down(x))) * alpha / rank, kohya's networks.lora: network_dropout drops elements of
+    the rank activations (down's output), rank_dropout whole ranks per sample, module_dropout the whole adapter."""
 
     algorithm = "lora"
 
@@ -139,9 +140,9 @@ class LoRAModule(Adapter):
         nn.init.zeros_(self.lora_up.weight)
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
-        if self.training and self.dropout:
-            h = F.dropout(h, self.dropout)
         h = self.lora_down(h)
+        if self.training and self.dropout:  # kohya: on down's output (not the input), scaled by 1 / (1 - p)
+            h = F.dropout(h, self.dropout)
         scale = self.scale
         if self.training and self.rank_dropout:
             # one keep-mask per sample and rank (kohya's rank_dropout)

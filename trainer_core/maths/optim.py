@@ -17,7 +17,7 @@ import torch
 
 from ..errors import KilnError
 
-PIP_EXTRA = "comfyui-kiln[optimizers]"
+PIP_EXTRA = "comfyui-kiln[optimizers]"  # bitsandbytes; the others are in requirements.txt
 
 # kohya name -> (module, class, pip package, fixed kwargs, default kwargs kohya adds)
 _OPTIMIZERS = {
@@ -39,6 +39,11 @@ _OPTIMIZERS = {
     "SGD": ("torch.optim", "SGD", None, {}, {"momentum": 0.9, "weight_decay": 0.01}),  # Kiln 0.2's SGD, kept
 }
 OPTIMIZERS = tuple(_OPTIMIZERS)
+
+
+def package_of(name: str) -> str | None:
+    """The pip package optimizer ``name`` (a kohya name) needs; None for torch's own."""
+    return _OPTIMIZERS[name][2]
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
               "adafactor", "cosine_with_min_lr", "warmup_stable_decay")
 _PACKAGE_OF_MODULE = {"pytorch_optimizer": "pytorch-optimizer", "bitsandbytes": "bitsandbytes",
@@ -65,9 +70,10 @@ def _import(module: str, what: str):
     except ImportError as e:
         root = module.split(".")[0]
         pkg = _PACKAGE_OF_MODULE.get(root, root)
+        more = (f"  (or: pip install {PIP_EXTRA})" if pkg == "bitsandbytes" else
+                "  (it is in Kiln's requirements.txt: pip install -r custom_nodes/comfyui-kiln/requirements.txt)")
         raise KilnError(f"{what} needs the '{pkg}' package, which is not installed. Install it into ComfyUI's "
-                        f"Python: python -m pip install {pkg}  (or all optional optimizers: pip install "
-                        f"{PIP_EXTRA}).") from e
+                        f"Python: python -m pip install {pkg}{more}.") from e
 
 
 def resolve_optimizer(name: str) -> tuple[type, dict, dict]:

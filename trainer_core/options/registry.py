@@ -69,11 +69,11 @@ def _te_lr(name: str, what: str, **variants) -> Option:
 
 
 DREAMBOOTH_SAVES = {
-    "save_every_n_steps": "Also write the full checkpoint every N steps, as <save_name>-stepNNNNNN.safetensors in "
-                          "models/checkpoints. 0 = off.",
+    "save_every_n_steps": "Also write the full checkpoint every N steps (the last step too, as kohya), as "
+                          "<save_name>-stepNNNNNNNN.safetensors in models/checkpoints. 0 = off.",
     "save_name": "Name (inside models/checkpoints) of the intermediate checkpoints.",
     "resume_from": "An intermediate checkpoint of an earlier run, as Load Checkpoint lists it (e.g. "
-                   "kiln/dreambooth-step000500.safetensors): training continues from its weights, and with the "
+                   "kiln/dreambooth-step00000500.safetensors): training continues from its weights, and with the "
                    ".kiln-state beside it and the same seed, data and settings, bit-identically to the run that never "
                    "stopped. Empty = start from the input model.",
 }
@@ -131,13 +131,14 @@ OPTIONS: tuple[Option, ...] = (
     _w("sample_cfg", "float", 7.0, "CFG scale of the previews (a prompt's --l overrides it).", low=0.0, high=30.0,
        step=0.5, config=False, variants={"sd3": {"default": 5.0}}),
     _w("sample_negative", "text", "", "Negative prompt of the sample previews.", optional=True, config=False),
-    _w("save_every_n_steps", "int", 0, "Also write the LoRA (and a .kiln-state file to resume from) every N steps, as "
-       "<save_name>-step000N.safetensors in models/loras. 0 = off.", low=0, high=1_000_000, optional=True,
-       kohya=("save_every_n_steps",), config=False,
+    _w("save_every_n_steps", "int", 0, "Also write the LoRA (and a .kiln-state file to resume from) every N steps, the "
+       "last step too (as kohya), as <save_name>-stepNNNNNNNN.safetensors in models/loras. 0 = off.", low=0,
+       high=1_000_000, optional=True, kohya=("save_every_n_steps",), config=False,
        variants={"dreambooth": {"help": DREAMBOOTH_SAVES["save_every_n_steps"]}}),
     _w("save_name", "str", "kiln/checkpoint", "Name (inside models/loras) of the intermediate LoRAs.", optional=True,
        config=False, variants={"dreambooth": {"default": "kiln/dreambooth", "help": DREAMBOOTH_SAVES["save_name"]}}),
-    _w("resume_from", "str", "", "A LoRA in models/loras to continue from, e.g. kiln/checkpoint-step000500.safetensors. "
+    _w("resume_from", "str", "", "A LoRA in models/loras to continue from, e.g. "
+       "kiln/checkpoint-step00000500.safetensors. "
        "With its .kiln-state beside it and the same seed, data and steps, training continues exactly where it stopped; "
        "otherwise it starts from the LoRA's weights.", optional=True, config=False,
        variants={"dreambooth": {"help": DREAMBOOTH_SAVES["resume_from"]}}),
@@ -275,6 +276,8 @@ OPTIONS: tuple[Option, ...] = (
     _ta("clip_skip", "int", None, "train (and preview) with the CLIP's Nth layer from the end, 2 = penultimate, "
         "as CLIP Set Last Layer -N; SD1/SD2 (kohya ignores it for SDXL)", 1, 12, families=("sd1",),
         metadata=("clip_skip",), group="text"),
+    _ta("weighted_captions", "bool", False, "read captions with ComfyUI's prompt weighting ((tag:1.2), (tag) = 1.1); "
+        "off: plain text, brackets trained as written (kohya's default)", group="text"),
     # sample previews (kohya's sample_* options; prompts go in the node's sample_prompts)
     _ta("sample_sampler", "choice", None, "preview sampler by kohya's name (ddim, euler, euler_a, dpmsolver++, "
         "...; mapped onto ComfyUI's samplers); a prompt's --ss overrides it", choices=tuple(SAMPLERS), group="samples"),

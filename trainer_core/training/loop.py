@@ -78,7 +78,9 @@ def validation_due(cfg: TrainConfig, step: int, epoch: int, epoch_end: bool) -> 
 
 
 def saves_due(cfg: TrainConfig, step: int, epoch: int, epoch_end: bool, num_epochs: int) -> tuple[bool, int | None]:
-    """(a step save is due, the epoch whose end is saved now or None); the last epoch's end is the run's output."""
+    """(a step save is due, the epoch whose end is saved now or None), as kohya saves: every save_every_n_steps-th
+    step, the last one included (NAME-step00000008 beside NAME, the run's output), and the end of every
+    save_every_n_epochs-th epoch but the last, which is the output."""
     save_epoch = epoch if (epoch_end and cfg.saving.save_every_n_epochs and epoch % cfg.saving.save_every_n_epochs == 0
                            and epoch < num_epochs) else None
     return bool(cfg.save_every and step % cfg.save_every == 0), save_epoch
@@ -162,7 +164,7 @@ def train(network: TrainableNetwork, objective: Objective, forward: Callable, co
             result.seconds = time.perf_counter() - start
             result.lrs.append((step, sched.get_last_lr()[0]))
             save_step, save_epoch = saves_due(cfg, step, epoch, epoch_end, num_epochs)
-            saving = bool(on_save and step < cfg.steps and (save_step or save_epoch))
+            saving = bool(on_save and (save_step or save_epoch))
             if saving:
                 result.saves.append(step)
             if on_step:
