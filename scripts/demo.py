@@ -4,6 +4,10 @@ Generates a tiny random-weight SD1 checkpoint and a small captioned image set (n
 into that ComfyUI's models/ and input/, starts `main.py` on 127.0.0.1, posts
 example_workflows/api/sd1_lora.json, prints progress and loss as the server reports them over its
 websocket, and leaves the LoRA in models/loras/kiln/sd1_demo.safetensors.
+
+It also makes what the other examples name (example_workflows/): the class images of the DreamBooth ones
+(input/kiln_reg); with --examples the tiny SDXL and SD3 models as well (about 4 GB, a minute: ComfyUI builds
+CLIP-G at full size), so every template runs as it opens.
 """
 from __future__ import annotations
 
@@ -20,6 +24,41 @@ sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
 
 from comfy_server import ComfyServer  # noqa: E402
+
+
+def example_models(tiny_models) -> dict[tuple[str, str], tuple[str, object]]:
+    """{(models/ folder, file name): (family, builder)} for every tiny model an example names."""
+    split = {part: tiny_models.default_name(f"sd3-{part}") for part in ("model", "clip_l", "clip_g")}
+    return {("checkpoints", tiny_models.default_name("sd1")): ("sd1", tiny_models.build_sd1_checkpoint),
+            ("checkpoints", tiny_models.default_name("sdxl")): ("sdxl", tiny_models.build_sdxl_checkpoint),
+            ("checkpoints", tiny_models.default_name("sd3")): ("sd3", tiny_models.build_sd3_checkpoint),
+            **{("checkpoints" if part == "model" else "text_encoders", name): ("sd3-split", part)
+               for part, name in split.items()}}
+
+
+def prepare_examples(server: ComfyServer, everything: bool) -> None:
+    """The regularization images the DreamBooth examples read; with ``everything`` the SDXL and SD3 models."""
+    from fixtures import tiny_models
+    from fixtures.datasets import make_dataset
+
+    reg = server.input_dir / "kiln_reg"
+    if not (reg / "train").is_dir():
+        print(f"[demo] generating class images for the DreamBooth examples: {reg}")
+        make_dataset(reg, seed=1)
+    if not everything:
+        return
+    cache = REPO / ".kiln" / "fixtures"  # the split SD3 files, linked into models/ (as scripts/screenshot.py)
+    cache.mkdir(parents=True, exist_ok=True)
+    for (folder, name), (family, build) in example_models(tiny_models).items():
+        dest = server.models_dir / folder / name
+        if dest.exists() or family == "sd1":
+            continue
+        print(f"[demo] generating a tiny random-weight {family} model: {dest}")
+        if family == "sd3-split":
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.symlink_to(tiny_models.build_sd3_split_files(str(cache))[build])
+        else:
+            build(str(dest))
 
 
 def prepare(comfyui: Path, server: ComfyServer, workflow: dict, cpu: bool) -> None:
@@ -69,6 +108,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="Train the demo LoRA through a real ComfyUI server.")
     ap.add_argument("--workflow", default=str(REPO / "example_workflows" / "api" / "sd1_lora.json"))
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--examples", action="store_true",
+                    help="also make the tiny SDXL and SD3 models the other examples name (about 4 GB)")
     args = ap.parse_args()
 
     comfyui = Path(os.environ["KILN_COMFYUI"])
@@ -81,6 +122,7 @@ def main() -> int:
     try:
         print(f"[demo] server up in {server.start_seconds:.1f}s at {server.url} (log: {server.log_path})")
         prepare(comfyui, server, workflow, cpu)
+        prepare_examples(server, args.examples)
         if "KilnTrainSD1" not in server.get("/object_info/KilnTrainSD1"):
             print("[demo] Kiln's nodes are not loaded in this ComfyUI; see the log above", file=sys.stderr)
             return 1

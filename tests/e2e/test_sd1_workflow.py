@@ -15,7 +15,7 @@ from fixtures.datasets import make_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
-from workflows import api_to_ui  # noqa: E402
+from workflows import api_to_ui, build  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 API = json.loads((REPO / "example_workflows" / "api" / "sd1_lora.json").read_text())
@@ -106,7 +106,11 @@ def test_ui_workflow_is_the_api_workflow_for_this_server(comfy_server, name):
     committed = json.loads((REPO / "example_workflows" / name).read_text())
     assert kiln_part(committed) == kiln_part(api_to_ui(api, object_info)), \
         "regenerate with: python scripts/workflows.py --server URL"
-    assert [n["type"] for n in committed["nodes"]] == [n["type"] for n in api_to_ui(api, object_info)["nodes"]]
+    made = build(api, object_info, None, Path(name).stem)  # the layout, groups and Note as well
+    assert [n["type"] for n in committed["nodes"]] == [n["type"] for n in made["nodes"]]
+    assert [g["title"] for g in committed["groups"]] == [g["title"] for g in made["groups"]]
+    note = next(n for n in committed["nodes"] if n["type"] == "Note")
+    assert note["widgets_values"] == next(n for n in made["nodes"] if n["type"] == "Note")["widgets_values"]
 
 
 @pytest.mark.parametrize("name, check", [
