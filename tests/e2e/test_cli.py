@@ -370,7 +370,9 @@ def test_cli_runs_kohyas_sdxl_command(kiln_env, base, tiny_sdxl_path, tmp_path):
     assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_mixed_precision"]) == ("32", "16.0", "bf16")
     assert keys and all(k.startswith("lora_unet_") for k in keys)
     # the script fixes the family: the SDXL checkpoint under train_network.py is refused, naming the right script
-    wrong = cli_kohya(kiln_env, base, ["train_network.py"] + args[args.index("sdxl_train_network.py") + 1:], tmp_path)
+    wrong = cli_kohya(kiln_env, base, ["train_network.py", f"--pretrained_model_name_or_path={tiny_sdxl_path}",
+                                       "--dataset_config=my_sdxl_dataset_config.toml", "--output_dir=out",
+                                       "--network_module=networks.lora", "--max_train_steps=1"], tmp_path)
     assert wrong.returncode != 0 and "run sdxl_train_network.py instead" in wrong.stderr
 
 
