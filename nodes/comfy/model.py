@@ -24,7 +24,7 @@ import comfy.utils
 from ...trainer_core.errors import KilnError
 from . import compat
 from . import private as private_model
-from .tensors import autograd_views, fingerprint, fingerprint_patches
+from .tensors import autograd_views, fingerprint, fingerprint_patches, norm_input_copies
 
 
 # ComfyUI model_config class names per Kiln train node
@@ -140,13 +140,17 @@ def trainable_patcher(model, node: str, private: bool = False) -> tuple[object, 
 
 
 @contextlib.contextmanager
-def training_session(model, node: str, private: bool = False):
+def training_session(model, node: str, private: bool = False, copy_norm_inputs: bool = False):
     """Load the MODEL to train through (with its own patches, e.g. an upstream LoRA) fully on its device and
-    make its network trainable-through for the duration; yields a TrainingTarget."""
+    make its network trainable-through for the duration; yields a TrainingTarget. Meanwhile ComfyUI's
+    ``in_training`` is set (backward-safe kernels, compat.in_training) and, with ``copy_norm_inputs`` (networks
+    that add residuals in place, such as Flux's blocks), every LayerNorm gets a copy of its input while gradients
+    are on (tensors.norm_input_copies); both are undone on the way out, also on an error or Cancel."""
     patcher, note = trainable_patcher(model, node, private)
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     unet = patcher.model.diffusion_model
-    with torch.inference_mode(False), autograd_views(unet):
+    copies = norm_input_copies(unet) if copy_norm_inputs else contextlib.nullcontext()
+    with compat.in_training(), copies, torch.inference_mode(False), autograd_views(unet):
         yield TrainingTarget(patcher, unet, note)
 
 

@@ -16,11 +16,7 @@ from ...trainer_core.data.token_windows import WINDOW, joined_positions, kohya_w
 from . import compat
 from .model import TrainingTarget
 from .private import private_patcher
-from .tensors import autograd_views, fingerprint, fingerprint_patches, normal_tensor
-
-
-def _clone_input(module, args):
-    return (args[0].clone(),) + tuple(args[1:]) if torch.is_grad_enabled() else None
+from .tensors import autograd_views, fingerprint, fingerprint_patches, norm_input_copies, normal_tensor
 
 
 def trainable_clip(clip, node: str) -> tuple[object, str | None]:
@@ -46,14 +42,8 @@ def text_encoder_session(clip, node: str):
     trained, note = trainable_clip(clip, node)
     trained.load_model()
     encoders = trained.cond_stage_model
-    norms = [m for m in encoders.modules() if isinstance(m, torch.nn.LayerNorm) or type(m).__name__.endswith("LayerNorm")]
-    hooks = [m.register_forward_pre_hook(_clone_input) for m in norms]
-    try:
-        with torch.inference_mode(False), autograd_views(encoders):
-            yield TrainingTarget(trained, encoders, note)
-    finally:
-        for h in hooks:
-            h.remove()
+    with norm_input_copies(encoders), torch.inference_mode(False), autograd_views(encoders):
+        yield TrainingTarget(trained, encoders, note)
 
 
 def text_encoder_names(clip) -> list[str]:
