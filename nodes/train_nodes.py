@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from ..trainer_core.training import distributed
 from ..trainer_core.options import registry
-from ..trainer_core.families import sd1, sd3, sdxl
+from ..trainer_core.families import layer, sd1, sd3, sdxl
 from ..trainer_core.training.loop import TrainConfig
 from ..trainer_core.lora.blocks import NETWORK_ARGS as BLOCK_ARGS
 from ..trainer_core.lora.config import LoraConfig
@@ -19,10 +19,10 @@ from .training_run import FamilyPlan, prepare, run_training, validate_saving
 from .types import KilnDataset
 
 
-def ddpm_objective(model, is_v: bool, tcfg: TrainConfig) -> sd1.SD1Objective:
-    """SD1/SDXL objective with the model's schedule and kohya's timestep, noise and zero_terminal_snr options."""
-    return sd1.SD1Objective(cmodel.alphas_cumprod(model), "v" if is_v else "eps", tcfg.noise.min_timestep,
-                            tcfg.noise.max_timestep, tcfg.noise, tcfg.noise.zero_terminal_snr)
+def family_objective(model, key: str, tcfg: TrainConfig, opts: dict | None = None):
+    """The family's objective on ComfyUI's own model sampling of this MODEL (the family layer)."""
+    fam = layer.FAMILIES[key]
+    return layer.objective(fam, cmodel.sampling(model, fam.node), tcfg, opts or {})
 
 
 def sd1_kind(model, fam: str, node: str) -> tuple[bool, bool, str]:
@@ -69,7 +69,7 @@ class KilnTrainSD1(TrainNode):
             rules=lambda unet: sd1.unet_rules(lc.rank, lc.alpha, unet_conv_rank(lc, blocks), lc.conv_alpha),
             namer=sd1.unet_namer, checkpoint_blocks=sd1.checkpoint_blocks,
             architecture=lambda unet: sd1.modelspec_architecture(is_v, is_sd2), version=version,
-            objective=ddpm_objective(model, is_v, tcfg),
+            objective=family_objective(model, "sd1", tcfg),
             conditioning=TextConditioning(clip, tcfg.text.max_token_length),
             te_prefixes={"clip_l": "lora_te", "clip_h": "lora_te"}, hidden_only=("clip_l", "clip_h"),
             te_lrs={"clip_l": opts.get("text_encoder_lr", 0.0), "clip_h": opts.get("text_encoder_lr", 0.0)})
@@ -98,9 +98,7 @@ class KilnTrainSD3(TrainNode):
             node=node, rules=lambda mmdit: ranks.rules(lora_config.alpha), namer=lambda mmdit: sd3.unet_namer,
             checkpoint_blocks=sd3.checkpoint_blocks, architecture=sd3.modelspec_architecture,
             version=sd3.model_type(model.model.diffusion_model), network_module="networks.lora_sd3",
-            objective=sd3.SD3Objective(opts["weighting_scheme"], opts["logit_mean"], opts["logit_std"],
-                                       opts["mode_scale"], opts["training_shift"], tcfg.noise.min_timestep or 0,
-                                       1000 if tcfg.noise.max_timestep is None else tcfg.noise.max_timestep),
+            objective=family_objective(model, "sd3", tcfg, opts),
             conditioning=conditioning, network_args={**VERBOSE, **sd3.NETWORK_ARGS, **LORAPLUS_ARGS},
             te_prefixes=sd3.TE_PREFIXES,
             te_lrs={"clip_l": opts.get("text_encoder_lr1", 0.0), "clip_g": opts.get("text_encoder_lr2", 0.0),
@@ -130,7 +128,7 @@ class KilnTrainSDXL(TrainNode):
             rules=lambda unet: sdxl.unet_rules(lc.rank, lc.alpha, unet_conv_rank(lc, blocks), lc.conv_alpha),
             namer=sdxl.unet_namer, checkpoint_blocks=sdxl.checkpoint_blocks,
             architecture=lambda unet: sdxl.ARCHITECTURE, version=sdxl.BASE_MODEL_VERSION + ("_v" if is_v else ""),
-            objective=ddpm_objective(model, is_v, tcfg),
+            objective=family_objective(model, "sdxl", tcfg),
             conditioning=SDXLTextConditioning(clip, model, tcfg.text.max_token_length), te_prefixes=sdxl.TE_PREFIXES,
             hidden_only=("clip_l",),
             te_lrs={"clip_l": opts.get("text_encoder_lr1", 0.0), "clip_g": opts.get("text_encoder_lr2", 0.0)})

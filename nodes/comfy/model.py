@@ -22,17 +22,18 @@ import comfy.sd
 import comfy.utils
 
 from ...trainer_core.errors import KilnError
+from ...trainer_core.families import layer
 from . import compat
 from . import private as private_model
 from .tensors import autograd_views, fingerprint, fingerprint_patches, norm_input_copies
 
 
-# ComfyUI model_config class names per Kiln train node
-SD1_FAMILIES = ("SD15", "SD15_instructpix2pix", "SD20", "SD21UnclipL", "SD21UnclipH", "SD_X4Upscaler", "LotusD")
-SDXL_FAMILIES = ("SDXL", "SDXLRefiner", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B", "SDXL_instructpix2pix")
-SD3_FAMILIES = ("SD3",)
-NODE_FOR_FAMILY = {**{f: "Train LoRA (SD1)" for f in SD1_FAMILIES}, **{f: "Train LoRA (SDXL)" for f in SDXL_FAMILIES},
-                   **{f: "Train LoRA (SD3)" for f in SD3_FAMILIES}}
+# ComfyUI model_config class names per Kiln train node (the family layer's data)
+SD1_FAMILIES = layer.FAMILIES["sd1"].model_configs
+SDXL_FAMILIES = layer.FAMILIES["sdxl"].model_configs
+SD3_FAMILIES = layer.FAMILIES["sd3"].model_configs
+FLUX_FAMILIES = layer.FAMILIES["flux"].model_configs
+NODE_FOR_FAMILY = layer.NODE_FOR_MODEL_CONFIG
 
 
 # --- identity and schedule ------------------------------------------------------------------------------
@@ -71,6 +72,16 @@ def prediction_type(model, node: str) -> str:
     raise KilnError(f"{node}: this model samples as {kind}; Kiln trains epsilon or v-prediction "
                     f"models with a discrete schedule. Remove the sampling patch (e.g. ModelSamplingDiscrete set to "
                     f"lcm/x0) before the Train node.")
+
+
+def sampling(model, node: str) -> layer.Sampling:
+    """ComfyUI's model sampling in effect (a ModelSamplingDiscrete/SD3/Flux patch included) as the family layer's
+    plain data: the parameterisation, the DDPM σ table, or the flow timestep ComfyUI calls the network with."""
+    ms = model_sampling(model)
+    if isinstance(ms, comfy.model_sampling.CONST):  # rectified flow (SD3's discrete flow, Flux's shifted schedule)
+        one = float(ms.timestep(torch.tensor(1.0, dtype=torch.float64)))
+        return layer.Sampling("flow", multiplier=one, shift=float(getattr(ms, "shift", 1.0)), timestep=ms.timestep)
+    return layer.Sampling(prediction_type(model, node), sigmas=ms.sigmas.detach().double().cpu())
 
 
 def alphas_cumprod(model) -> torch.Tensor:
