@@ -166,13 +166,13 @@ def training_session(model, node: str, private: bool = False, copy_norm_inputs: 
 
 
 def unet_forward(model, unet, dtype: torch.dtype | None = None):
-    """fn(x_t, t, cond) for the diffusion network (compvis UNet or MMDiT): the call ComfyUI's _apply_model
+    """fn(x_t, t, cond) for the diffusion network (compvis UNet, MMDiT, Flux): the call ComfyUI's _apply_model
     makes, with ``t`` in the model's own timestep units (DDPM index, or σ·1000 for flow models). Inputs go in
     the model's compute dtype, or ``dtype`` (a fully fine-tuned network computes with its float32 weights)."""
     dtype = dtype or model.model.manual_cast_dtype or model.model.get_dtype()
 
     def forward(x_t, timesteps, cond):
-        extra = {"y": cond["y"].to(dtype)} if "y" in cond else {}
+        extra = {k: cond[k].to(dtype) for k in ("y", "guidance") if k in cond}  # Flux: pooled CLIP-L, guidance
         return unet(x_t.to(dtype), timesteps, context=cond["context"].to(dtype), **extra)
     return forward
 

@@ -155,11 +155,27 @@ def checkpoint_blocks(network: nn.Module) -> list[nn.Module]:
     return list(network.double_blocks) + list(network.single_blocks)
 
 
+def swap_blocks(network: nn.Module, count: int) -> list[nn.Module]:
+    """kohya's split of blocks_to_swap N (flux_models.enable_block_swap): N // 2 double blocks and twice the rest in
+    single blocks (a double block weighs about two single ones), the last ones of each kind, capped at what the model
+    has; in the order they run."""
+    double, single = list(network.double_blocks), list(network.single_blocks)
+    d = min(count // 2, len(double))
+    s = min((count - count // 2) * 2, len(single))
+    return double[len(double) - d:] + single[len(single) - s:]
+
+
 # --- names and metadata ---------------------------------------------------------------------------
 
+def base_model_version(model_config: str) -> str:
+    """kohya's ss_base_model_version (library/flux_utils.py MODEL_VERSION_*): "flux1" for FLUX.1 dev and schnell,
+    "chroma" for Chroma."""
+    return "chroma" if model_config == "Chroma" else "flux1"
+
+
 def model_type(model_config: str) -> str:
-    """kohya's ss_base_model_version for the ComfyUI model class: flux1 dev/schnell, chroma."""
-    return {"FluxSchnell": "flux1-schnell", "Chroma": "chroma"}.get(model_config, "flux1-dev")
+    """kohya's ss_model_type (--model_type): flux or chroma."""
+    return "chroma" if model_config == "Chroma" else "flux"
 
 
 def modelspec_architecture(model_config: str) -> str:

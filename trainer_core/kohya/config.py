@@ -34,8 +34,10 @@ PRECISION = {"no": "fp32", "fp32": "fp32", "float": "fp32", "fp16": "fp16", "bf1
 
 # kohya key -> Train node input (same value), from the option registry; SD3's own widgets apart
 WIDGET_KEYS = kohya_widget_keys()
-SD3_KEYS = tuple(k for k, name in WIDGET_KEYS.items() if WIDGETS[name].families == ("sd3",))
-TRAIN_KEYS = {k: name for k, name in WIDGET_KEYS.items() if k not in SD3_KEYS}
+SD3_KEYS = tuple(k for k, name in WIDGET_KEYS.items() if set(WIDGETS[name].families) <= {"sd3", "flux"}
+                 and "sd3" in WIDGETS[name].families)  # the flow families' own widgets that SD3 has
+FLUX_KEYS = tuple(k for k, name in WIDGET_KEYS.items() if WIDGETS[name].families == ("flux",))  # not read from configs yet
+TRAIN_KEYS = {k: name for k, name in WIDGET_KEYS.items() if k not in SD3_KEYS + FLUX_KEYS}
 HANDLED = {"pretrained_model_name_or_path", "text_encoder_lr1", "text_encoder_lr2", "text_encoder_lr3", "clip_l", "clip_g",
            "t5xxl", "dataset_config", "output_dir", "output_name", "save_precision",
            "network_module", "network_dim", "network_alpha", "network_dropout", "network_args", "unet_lr",
