@@ -123,3 +123,30 @@ def test_schnell_and_chroma_train(comfy, flux_model_name, sd1_checkpoint, sd3_ch
     assert comfy.pack_module("nodes.comfy.model").unmapped_lora_keys(model, lora.state_dict) == []
     names = {k.split(".")[0] for k in lora.state_dict}
     assert ("lora_unet_double_blocks_0_img_mod_lin" in names) == (variant != "chroma")  # Chroma has no modulation
+
+
+@pytest.mark.slow
+def test_cancel_restores_the_model_and_comfyuis_in_training_flag(comfy, flux_dev):
+    import importlib
+    mm = importlib.import_module("comfy.model_management")
+    cutils = importlib.import_module("comfy.utils")
+    model, clip, cached = flux_dev
+    flag, previous_hook, seen = getattr(mm, "in_training", None), cutils.PROGRESS_BAR_HOOK, []
+
+    def cancel_at_1(value, total, preview=None, prompt_id=None, node_id=None):
+        seen.append((value, getattr(mm, "in_training", None)))
+        if value == 1:
+            mm.interrupt_current_processing(True)  # what the Cancel button does
+    cutils.set_progress_bar_global_hook(cancel_at_1)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            comfy.run_node("KilnTrainFlux", model=model, clip=clip, dataset=cached, lora_config=lora_config(comfy),
+                           **(FLUX_TRAIN | dict(steps=50)), **FLUX_OPTS)
+    finally:
+        mm.interrupt_current_processing(False)
+        cutils.set_progress_bar_global_hook(previous_hook)
+    if flag is not None:  # ComfyUI >= 0.14 has the flag: set while training, put back after Cancel
+        assert seen and all(during for _, during in seen)
+    assert getattr(mm, "in_training", None) == flag
+    net = model.model.diffusion_model
+    assert not any("forward" in m.__dict__ or m._forward_pre_hooks for m in net.modules())
