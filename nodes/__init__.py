@@ -12,7 +12,8 @@ from .reg_images_nodes import KilnMakeRegImages
 from .train_nodes import KilnTrainFlux, KilnTrainSD1, KilnTrainSD3, KilnTrainSDXL
 
 NODES: list[type[io.ComfyNode]] = [KilnLoadDataset, KilnDatasetFromImages, KilnMaskSource, KilnCacheLatents, KilnLoraConfig,
-                                 KilnTrainSD1, KilnTrainSDXL, KilnTrainSD3, KilnTrainFlux, KilnSaveLora, KilnTrainDreamBooth,
+                                 KilnTrainSD1, KilnTrainSDXL, KilnTrainSD3, KilnTrainFlux, KilnSaveLora,
+                                 KilnTrainDreamBooth,
                                  KilnSaveCheckpoint, KilnMakeRegImages, KilnCompareLoras, KilnExportRun]
 
 

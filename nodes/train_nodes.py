@@ -1,5 +1,5 @@
-"""Train LoRA (SD1 / SDXL / SD3 / Flux): each node states its family's plan (objective, conditioning, target rules, kohya
-names); the run skeleton (training_run.py) and the LoRA trainable (lora_training.py) do the rest."""
+"""Train LoRA (SD1 / SDXL / SD3 / Flux): each node states its family's plan (objective, conditioning, target rules,
+kohya names); the run skeleton (training_run.py) and the LoRA trainable (lora_training.py) do the rest."""
 from __future__ import annotations
 
 from comfy_api.latest import io
@@ -160,7 +160,8 @@ class KilnTrainFlux(TrainNode):
             node=node, rules=lambda net: rules, namer=lambda net: flux.unet_namer,
             checkpoint_blocks=flux.checkpoint_blocks, swap_blocks=flux.swap_blocks,
             architecture=lambda net: flux.modelspec_architecture(fam), version=flux.base_model_version(fam),
-            network_module=layer.FAMILIES["flux"].network_module, copy_norm_inputs=True,
+            network_module=layer.FAMILIES["flux"].network_module,
+            copy_norm_inputs=layer.FAMILIES["flux"].inplace_residuals,
             objective=family_objective(model, "flux", tcfg, opts),
             conditioning=FluxTextConditioning(clip, t5_tokens, opts["guidance_scale"], pooled=fam != "Chroma"),
             network_args={**VERBOSE, **flux.NETWORK_ARGS, **LORAPLUS_ARGS}, te_prefixes=flux.TE_PREFIXES,

@@ -6,8 +6,6 @@ import logging
 import pytest
 import torch
 
-from fixtures.kiln_nodes import kiln_error  # noqa: F401  (kept for the Flux tests' shared imports)
-
 CLASSES = {"flux-dev": "Flux", "flux-schnell": "FluxSchnell", "chroma": "Chroma"}
 VARIANTS = [pytest.param("flux-dev"), pytest.param("flux-schnell", marks=pytest.mark.slow),
             pytest.param("chroma", marks=pytest.mark.slow)]  # Chroma: 3072 wide in every ComfyUI (~1.2 GB)

@@ -49,7 +49,8 @@ NETWORK_ARGS = {
     "train_double_block_indices": "double blocks that get LoRA: all, none, or e.g. 0,1,4-5",
     "train_single_block_indices": "single blocks that get LoRA: all, none, or e.g. 0-10,20",
     "train_t5xxl": "True: T5-XXL gets LoRA too (lora_te3_, at text_encoder_lr3)",
-    "split_qkv": "refused: kohya's split_qkv trains q, k, v as separate LoRAs (not supported; False is kohya's default)",
+    "split_qkv": "refused: kohya's split_qkv trains q, k, v as separate LoRAs (not supported; kohya's default is "
+                 "False)",
 }
 
 

@@ -36,7 +36,8 @@ PRECISION = {"no": "fp32", "fp32": "fp32", "float": "fp32", "fp16": "fp16", "bf1
 WIDGET_KEYS = kohya_widget_keys()
 SD3_KEYS = tuple(k for k, name in WIDGET_KEYS.items() if set(WIDGETS[name].families) <= {"sd3", "flux"}
                  and "sd3" in WIDGETS[name].families)  # the flow families' own widgets that SD3 has
-FLUX_KEYS = tuple(k for k, name in WIDGET_KEYS.items() if WIDGETS[name].families == ("flux",))  # not read from configs yet
+# the Flux node's own widgets: not read from kohya configs yet
+FLUX_KEYS = tuple(k for k, name in WIDGET_KEYS.items() if WIDGETS[name].families == ("flux",))
 TRAIN_KEYS = {k: name for k, name in WIDGET_KEYS.items() if k not in SD3_KEYS + FLUX_KEYS}
 HANDLED = {"pretrained_model_name_or_path", "text_encoder_lr1", "text_encoder_lr2", "text_encoder_lr3", "clip_l", "clip_g",
            "t5xxl", "dataset_config", "output_dir", "output_name", "save_precision",

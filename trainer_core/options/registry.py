@@ -21,7 +21,7 @@ from ..kohya.sample_prompts import SAMPLERS
 FAMILIES = ("sd1", "sdxl", "sd3", "flux")
 DDPM = ("sd1", "sdxl")  # noise and loss options kohya applies to the DDPM families only
 FLOW = ("sd3", "flux")  # rectified flow (families/flow.py)
-NODE_KINDS = ("sd1", "sdxl", "sd3", "flux", "dreambooth")  # the Train nodes: four LoRA families and DreamBooth (SD1/SD2)
+NODE_KINDS = ("sd1", "sdxl", "sd3", "flux", "dreambooth")  # Train nodes: four LoRA families, DreamBooth (SD1/SD2)
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -134,7 +134,8 @@ OPTIONS: tuple[Option, ...] = (
     # --- SD3's widgets: kohya's sd3_train_network options, same names ---
     _w("weighting_scheme", "choice", "uniform", "Timestep density (uniform, logit_normal, mode) or loss weighting "
        "(cosmap, sigma_sqrt). Flux: the density of timestep_sampling=sigma, and the loss weight of "
-       "model_prediction_type=sigma_scaled (kohya).", choices=WEIGHTING_SCHEMES, families=FLOW, kohya=("weighting_scheme",),
+       "model_prediction_type=sigma_scaled (kohya).", choices=WEIGHTING_SCHEMES, families=FLOW,
+       kohya=("weighting_scheme",),
        metadata=("weighting_scheme",), config=False),
     _w("logit_mean", "float", 0.0, low=-10.0, high=10.0, step=0.1, families=FLOW, kohya=("logit_mean",),
        metadata=("logit_mean",), config=False),
