@@ -378,8 +378,9 @@ def prompt_from_kohya_command(command, base: str) -> dict:
         sys.exit(f"kiln: {script} needs --network_module (networks.lora, networks.lora_sd3 or lycoris.kohya), as "
                  f"in kohya, where the script stops without it.")
     if command.family not in TRAIN_NODE:
-        sys.exit(f"kiln: {script}: this version of Kiln has no {command.family} trainer; it trains SD 1.x/2.x "
-                 f"(train_network.py, train_db.py), SDXL (sdxl_train_network.py) and SD3 (sd3_train_network.py).")
+        sys.exit(f"kiln: {script}: cli.py does not run {command.family} commands yet (train it with its Train node "
+                 f"in a workflow, cli.py --workflow); it runs SD 1.x/2.x (train_network.py, train_db.py), SDXL "
+                 f"(sdxl_train_network.py) and SD3 (sd3_train_network.py).")
     return prompt_from_kohya_config(script, flat, base, command.family, script=script)
 
 

@@ -23,7 +23,7 @@ from .comfy import model as cmodel
 from .comfy.text import TextConditioning, with_clip_skip
 from .lora_nodes import check_output_file, lora_output_path
 from .train_inputs import node_widgets
-from .train_nodes import ddpm_objective, sd1_kind
+from .train_nodes import family_objective, sd1_kind
 from .training_run import FamilyPlan, Run, loss_image, prepare, run_metadata, run_summary, run_training, \
     validate_saving
 from . import tooltips as tips
@@ -160,7 +160,7 @@ class KilnTrainDreamBooth(io.ComfyNode):
             node=NODE, checkpoint_blocks=sd1.checkpoint_blocks,
             architecture=lambda unet: sd1.modelspec_architecture(is_v, is_sd2, lora=False),
             version=version,
-            objective=ddpm_objective(model, is_v, tcfg),
+            objective=family_objective(model, "sd1", tcfg),
             conditioning=TextConditioning(clip, tcfg.text.max_token_length),
             te_lrs={e: te_lr for e in SD1_ENCODERS})
         run = run_training(model, clip, dataset, tcfg, plan, opts, cls.hidden.unique_id, trainable)

@@ -1,28 +1,30 @@
-"""Train LoRA (SD1 / SDXL / SD3): each node states its family's plan (objective, conditioning, target rules, kohya
-names); the run skeleton (training_run.py) and the LoRA trainable (lora_training.py) do the rest."""
+"""Train LoRA (SD1 / SDXL / SD3 / Flux): each node states its family's plan (objective, conditioning, target rules,
+kohya names); the run skeleton (training_run.py) and the LoRA trainable (lora_training.py) do the rest."""
 from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..trainer_core.errors import KilnError
 from ..trainer_core.training import distributed
 from ..trainer_core.options import registry
-from ..trainer_core.families import sd1, sd3, sdxl
+from ..trainer_core.families import flux, layer, sd1, sd3, sdxl
 from ..trainer_core.training.loop import TrainConfig
 from ..trainer_core.lora.blocks import NETWORK_ARGS as BLOCK_ARGS
 from ..trainer_core.lora.config import LoraConfig
-from ..trainer_core.lora.network_args import parse_network_args
+from ..trainer_core.lora.network_args import bool_arg, parse_network_args
 from .comfy import model as cmodel
-from .comfy.text import SD3TextConditioning, SDXLTextConditioning, TextConditioning, with_clip_skip
+from .comfy.text import FluxTextConditioning, SD3TextConditioning, SDXLTextConditioning, TextConditioning, \
+    with_clip_skip
 from .lora_training import LORAPLUS_ARGS, VERBOSE, LoraTrainable, unet_blocks, unet_conv_rank
 from .train_inputs import train_schema
 from .training_run import FamilyPlan, prepare, run_training, validate_saving
 from .types import KilnDataset
 
 
-def ddpm_objective(model, is_v: bool, tcfg: TrainConfig) -> sd1.SD1Objective:
-    """SD1/SDXL objective with the model's schedule and kohya's timestep, noise and zero_terminal_snr options."""
-    return sd1.SD1Objective(cmodel.alphas_cumprod(model), "v" if is_v else "eps", tcfg.noise.min_timestep,
-                            tcfg.noise.max_timestep, tcfg.noise, tcfg.noise.zero_terminal_snr)
+def family_objective(model, key: str, tcfg: TrainConfig, opts: dict | None = None):
+    """The family's objective on ComfyUI's own model sampling of this MODEL (the family layer)."""
+    fam = layer.FAMILIES[key]
+    return layer.objective(fam, cmodel.sampling(model, fam.node), tcfg, opts or {})
 
 
 def sd1_kind(model, fam: str, node: str) -> tuple[bool, bool, str]:
@@ -68,7 +70,7 @@ class KilnTrainSD1(TrainNode):
             rules=lambda unet: sd1.unet_rules(lc.rank, lc.alpha, unet_conv_rank(lc, blocks), lc.conv_alpha),
             namer=sd1.unet_namer, checkpoint_blocks=sd1.checkpoint_blocks,
             architecture=lambda unet: sd1.modelspec_architecture(is_v, is_sd2), version=version,
-            objective=ddpm_objective(model, is_v, tcfg),
+            objective=family_objective(model, "sd1", tcfg),
             conditioning=TextConditioning(clip, tcfg.text.max_token_length),
             te_prefixes={"clip_l": "lora_te", "clip_h": "lora_te"}, hidden_only=("clip_l", "clip_h"),
             te_lrs={"clip_l": opts.get("text_encoder_lr", 0.0), "clip_h": opts.get("text_encoder_lr", 0.0)})
@@ -97,9 +99,7 @@ class KilnTrainSD3(TrainNode):
             node=node, rules=lambda mmdit: ranks.rules(lora_config.alpha), namer=lambda mmdit: sd3.unet_namer,
             checkpoint_blocks=sd3.checkpoint_blocks, architecture=sd3.modelspec_architecture,
             version=sd3.model_type(model.model.diffusion_model), network_module="networks.lora_sd3",
-            objective=sd3.SD3Objective(opts["weighting_scheme"], opts["logit_mean"], opts["logit_std"],
-                                       opts["mode_scale"], opts["training_shift"], tcfg.noise.min_timestep or 0,
-                                       1000 if tcfg.noise.max_timestep is None else tcfg.noise.max_timestep),
+            objective=family_objective(model, "sd3", tcfg, opts),
             conditioning=conditioning, network_args={**VERBOSE, **sd3.NETWORK_ARGS, **LORAPLUS_ARGS},
             te_prefixes=sd3.TE_PREFIXES,
             te_lrs={"clip_l": opts.get("text_encoder_lr1", 0.0), "clip_g": opts.get("text_encoder_lr2", 0.0),
@@ -129,8 +129,57 @@ class KilnTrainSDXL(TrainNode):
             rules=lambda unet: sdxl.unet_rules(lc.rank, lc.alpha, unet_conv_rank(lc, blocks), lc.conv_alpha),
             namer=sdxl.unet_namer, checkpoint_blocks=sdxl.checkpoint_blocks,
             architecture=lambda unet: sdxl.ARCHITECTURE, version=sdxl.BASE_MODEL_VERSION + ("_v" if is_v else ""),
-            objective=ddpm_objective(model, is_v, tcfg),
+            objective=family_objective(model, "sdxl", tcfg),
             conditioning=SDXLTextConditioning(clip, model, tcfg.text.max_token_length), te_prefixes=sdxl.TE_PREFIXES,
             hidden_only=("clip_l",),
             te_lrs={"clip_l": opts.get("text_encoder_lr1", 0.0), "clip_g": opts.get("text_encoder_lr2", 0.0)})
         return cls.train(model, clip, dataset, lora_config, tcfg, plan, opts, fam)
+
+
+class KilnTrainFlux(TrainNode):
+    @classmethod
+    def define_schema(cls):
+        return train_schema(
+            "KilnTrainFlux", "Train LoRA (Flux)",
+            "Trains a LoRA on the loaded FLUX.1 (dev, schnell) or Chroma model in place, with kohya's "
+            "flux_train_network options.", "flux")
+
+    @classmethod
+    def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
+        node = "Train LoRA (Flux)"
+        fam, tcfg = prepare(model, dataset, opts, cmodel.FLUX_FAMILIES, node, cls, "flux", LoraTrainable)
+        check_flux_options(fam, opts, tcfg, node)
+        lc = lora_config
+        args = parse_network_args(lc.args)
+        double, single = flux.check_shape(model.model.diffusion_model)
+        rules = flux.rules(args, lc.rank, lc.alpha, double, single, node)
+        t5_tokens = opts["t5xxl_max_token_length"] or (256 if fam == "FluxSchnell" else 512)
+        train_t5 = bool_arg(args, "train_t5xxl")
+        plan = FamilyPlan(
+            node=node, rules=lambda net: rules, namer=lambda net: flux.unet_namer,
+            checkpoint_blocks=flux.checkpoint_blocks, swap_blocks=flux.swap_blocks,
+            architecture=lambda net: flux.modelspec_architecture(fam), version=flux.base_model_version(fam),
+            network_module=layer.FAMILIES["flux"].network_module,
+            copy_norm_inputs=layer.FAMILIES["flux"].inplace_residuals,
+            objective=family_objective(model, "flux", tcfg, opts),
+            conditioning=FluxTextConditioning(clip, t5_tokens, opts["guidance_scale"], pooled=fam != "Chroma"),
+            network_args={**VERBOSE, **flux.NETWORK_ARGS, **LORAPLUS_ARGS}, te_prefixes=flux.TE_PREFIXES,
+            te_lrs={"clip_l": opts.get("text_encoder_lr1", 0.0),
+                    "t5xxl": opts.get("text_encoder_lr3", 0.0) if train_t5 else 0.0},
+            metadata={**registry.widget_metadata(opts, "flux"), "model_type": flux.model_type(fam),
+                      "t5xxl_max_token_length": t5_tokens})  # flux_train_network.update_metadata
+        return cls.train(model, clip, dataset, lora_config, tcfg, plan, opts, fam)
+
+
+def check_flux_options(fam: str, opts: dict, tcfg: TrainConfig, node: str) -> None:
+    """kohya's Flux options Kiln refuses, each with the reason and what to use instead."""
+    if tcfg.memory.split_mode:
+        raise KilnError(f"{node}: training_args split_mode is obsolete in kohya's flux_train_network: use "
+                        f"blocks_to_swap instead (kohya sets blocks_to_swap=18 for it).")
+    if opts["apply_t5_attn_mask"]:
+        raise KilnError(f"{node}: apply_t5_attn_mask is not supported for Flux yet: kohya masks T5's padding in the "
+                        f"T5 encode and in the double blocks' attention, and ComfyUI's Flux text encoder encodes T5 "
+                        f"without a mask. Turn it off.")
+    if fam == "Chroma" and opts["guidance_scale"] != 0:
+        raise KilnError(f"{node}: Chroma is not guidance-distilled: kohya requires guidance_scale 0 for it (ComfyUI "
+                        f"samples Chroma with guidance 0). Set guidance_scale to 0.")

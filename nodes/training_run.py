@@ -28,6 +28,7 @@ from ..trainer_core.data.captions import base_caption
 from ..trainer_core.data.confine import check_inside
 from ..trainer_core.training.epochs import epoch_save_to_remove, resolve_epochs, step_save_to_remove, steps_per_epoch
 from ..trainer_core.errors import KilnError
+from ..trainer_core.families import layer
 from ..trainer_core.kohya.metadata import training_metadata
 from ..trainer_core.data.latent_store import DiskStore
 from ..trainer_core.training.loop import StepInfo, TrainConfig, TrainResult, train
@@ -77,6 +78,9 @@ class FamilyPlan:
     is_sdxl: bool = False                        # which block numbering ``blocks`` uses
     metadata: dict = field(default_factory=dict)  # ss_* keys kohya's trainer for this family adds (update_metadata)
     network_module: str = "networks.lora"        # kohya's module for this family (ss_network_module)
+    copy_norm_inputs: bool = False               # the network adds residuals in place (layer.Family.inplace_residuals)
+    swap_blocks: Callable[[nn.Module, int], list] | None = None  # blocks_to_swap N -> the blocks it swaps (default:
+    #                                              the last N of checkpoint_blocks); Flux splits N as kohya does
 
 
 @dataclass
@@ -289,8 +293,10 @@ def prepare(model, dataset: KilnDataset, opts: dict, families: tuple[str, ...], 
             cmodel.check_fp8_base(model, node, key)
     if cmodel.weight_dtype(model) in cmodel.FP8_DTYPES and not tcfg.memory.fp8_base:
         tcfg.memory.fp8_base_unet = True  # the metadata says what kohya's would: the diffusion model trained in fp8
-    if family == "sd3" and "huber_schedule" not in args:
-        tcfg.loss.huber_schedule = "constant"  # kohya's default (snr) needs a DDPM schedule and fails on SD3
+    fam_data = layer.FAMILIES.get(family)
+    for key, value in (fam_data.defaults if fam_data else {}).items():
+        if key not in args:  # e.g. huber_schedule: kohya's default (snr) needs a DDPM schedule, so flow models differ
+            setattr(tcfg.holder(key), key, value)
     resolve_epochs(tcfg, validation.parts(dataset.cache, tcfg)[0])
     if tcfg.preservation.diff_output_preservation:
         try:
@@ -502,7 +508,8 @@ def run_training(model, clip, dataset: KilnDataset, tcfg: TrainConfig, plan: Fam
     device = cmodel.device_of(model)
 
     te_session = text_encoder_session(clip, plan.node) if te_train else contextlib.nullcontext()
-    with cmodel.training_session(model, plan.node) as run.target, te_session as run.te_target, \
+    with cmodel.training_session(model, plan.node, copy_norm_inputs=plan.copy_norm_inputs) as run.target, \
+            te_session as run.te_target, \
             plan.while_training(run.target.network, tcfg.seed):
         net_host = run.target.network
         notes += [t.note for t in (run.target, run.te_target) if t is not None and t.note]
@@ -530,7 +537,11 @@ def run_training(model, clip, dataset: KilnDataset, tcfg: TrainConfig, plan: Fam
                                "Free disk space or choose another filename, so the trained LoRA can be saved.")
             saver = IntermediateSaves(run, trainable, signature, resuming)
             swap_blocks = plan.checkpoint_blocks(net_host)
-            with block_swap(swap_blocks, tcfg.memory.blocks_to_swap, device) as swap, \
+            swapping, n_swap = swap_blocks, tcfg.memory.blocks_to_swap
+            if plan.swap_blocks and n_swap:
+                swapping = plan.swap_blocks(net_host, n_swap)
+                n_swap = len(swapping)
+            with block_swap(swapping, n_swap, device) as swap, \
                     tensorboard_log(tcfg, plan.node) as tracker:
                 on_step = step_reporter(progress, tcfg, opts, run.epochs, lambda done: to_pil(preview(done)[0]),
                                         clock, len(previews), tracker)

@@ -122,6 +122,18 @@ def tiny_sdxl_path(kiln_env, fixture_cache) -> Path:
     return Path(tiny_models.build_sdxl_checkpoint(str(path)))
 
 
+@pytest.fixture(scope="session")
+def tiny_flux_paths(kiln_env, fixture_cache):
+    """A factory: variant ("flux-dev", "flux-schnell", "chroma") -> the tiny diffusion-model file in the cache, built
+    on first use (256 wide in 4 MiB where this ComfyUI derives heads from the width, else 3072 wide: ~1 GiB and
+    ~40 s; Chroma is 3072 wide everywhere: ~1.2 GiB; see tiny_models.FLUX_VARIANTS)."""
+    _import_comfy_core(kiln_env.comfyui)
+
+    def path(variant: str) -> Path:
+        return Path(tiny_models.build_flux_model(str(fixture_cache / tiny_models.flux_model_name(variant)), variant))
+    return path
+
+
 def _link_pack(custom_nodes: Path) -> None:
     """Expose only this repo to ComfyUI's custom-node loader, under the name users install it as."""
     custom_nodes.mkdir(parents=True, exist_ok=True)
@@ -196,6 +208,7 @@ class ComfyInProcess:
         exts = folder_paths.supported_pt_extensions
         folder_paths.folder_names_and_paths["checkpoints"] = ([str(self.checkpoints_dir)], exts)
         folder_paths.folder_names_and_paths["loras"] = ([str(self.loras_dir)], exts)
+        folder_paths.folder_names_and_paths["diffusion_models"] = ([str(root / "models" / "diffusion_models")], exts)
         folder_paths.set_input_directory(str(self.input_dir))
         folder_paths.set_output_directory(str(self.output_dir))
         folder_paths.set_temp_directory(str(self.temp_dir))
@@ -238,9 +251,12 @@ class ComfyInProcess:
     def progress(self):
         return getattr(self.ui, "progress", [])
 
-    def install_checkpoint(self, src: Path) -> str:
-        """Link a checkpoint file into models/checkpoints; returns the name nodes refer to it by."""
-        link = self.checkpoints_dir / Path(src).name
+    def install_checkpoint(self, src: Path, folder: str = "checkpoints") -> str:
+        """Link a model file into models/<folder> (checkpoints, diffusion_models); returns the name nodes refer
+        to it by."""
+        target = Path(self.folder_paths.get_folder_paths(folder)[0])
+        target.mkdir(parents=True, exist_ok=True)
+        link = target / Path(src).name
         if not link.exists():
             link.symlink_to(Path(src).resolve())
         return link.name
@@ -322,6 +338,13 @@ def sd3_checkpoint(comfy, tiny_sd3_path) -> str:
 def sdxl_checkpoint(comfy, tiny_sdxl_path) -> str:
     """File name of the SDXL-family checkpoint, linked into comfy's models/checkpoints."""
     return comfy.install_checkpoint(tiny_sdxl_path)
+
+
+@pytest.fixture(scope="session")
+def flux_model_name(comfy, tiny_flux_paths):
+    """A factory: variant -> the file name (for Load Diffusion Model's unet_name) of the tiny Flux/Chroma model,
+    linked into comfy's models/diffusion_models."""
+    return lambda variant: comfy.install_checkpoint(tiny_flux_paths(variant), "diffusion_models")
 
 
 @pytest.fixture(scope="session")

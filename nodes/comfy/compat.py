@@ -13,11 +13,15 @@ What changed (docs/architecture.md, fact 9):
   * ``PromptServer.instance.node_replace_manager`` (0.33), which node packs register with at import;
   * V3 inputs' ``advanced`` flag (the frontend hides such inputs until "Show Advanced"): an argument of every input
     in 0.33, absent from 0.3.75's API, where the same key goes to the frontend through the input's extra keys;
+  * ``comfy.model_management.in_training`` (≥ 0.14): True switches Flux's RoPE (comfy-kitchen's fused kernel in
+    0.33), Lumina's fused norm+RoPE, LTX and others to backward-safe code; 0.3.75 has no such flag (its code is
+    backward-safe as it is);
   * who assembles a full checkpoint: the model (0.3.x, ``get_sd`` of the CLIP) or the MODEL patcher (0.33, with
     the unet's state dict passed in and the CLIP's ``state_dict_for_saving``).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -28,6 +32,21 @@ def is_dynamic(patcher) -> bool:
     """Whether a ModelPatcher stages its weights per layer (ComfyUI's dynamic VRAM)."""
     probe = getattr(patcher, "is_dynamic", None)
     return bool(probe()) if callable(probe) else False
+
+
+@contextlib.contextmanager
+def in_training():
+    """ComfyUI's ``in_training`` flag set while a run trains and put back as it was afterwards (also on an error
+    or Cancel); nothing where this ComfyUI has no such flag."""
+    import comfy.model_management as mm
+    if not hasattr(mm, "in_training"):
+        yield False
+        return
+    before, mm.in_training = mm.in_training, True
+    try:
+        yield True
+    finally:
+        mm.in_training = before
 
 
 @dataclass

@@ -22,17 +22,18 @@ import comfy.sd
 import comfy.utils
 
 from ...trainer_core.errors import KilnError
+from ...trainer_core.families import layer
 from . import compat
 from . import private as private_model
-from .tensors import autograd_views, fingerprint, fingerprint_patches
+from .tensors import autograd_views, fingerprint, fingerprint_patches, norm_input_copies
 
 
-# ComfyUI model_config class names per Kiln train node
-SD1_FAMILIES = ("SD15", "SD15_instructpix2pix", "SD20", "SD21UnclipL", "SD21UnclipH", "SD_X4Upscaler", "LotusD")
-SDXL_FAMILIES = ("SDXL", "SDXLRefiner", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B", "SDXL_instructpix2pix")
-SD3_FAMILIES = ("SD3",)
-NODE_FOR_FAMILY = {**{f: "Train LoRA (SD1)" for f in SD1_FAMILIES}, **{f: "Train LoRA (SDXL)" for f in SDXL_FAMILIES},
-                   **{f: "Train LoRA (SD3)" for f in SD3_FAMILIES}}
+# ComfyUI model_config class names per Kiln train node (the family layer's data)
+SD1_FAMILIES = layer.FAMILIES["sd1"].model_configs
+SDXL_FAMILIES = layer.FAMILIES["sdxl"].model_configs
+SD3_FAMILIES = layer.FAMILIES["sd3"].model_configs
+FLUX_FAMILIES = layer.FAMILIES["flux"].model_configs
+NODE_FOR_FAMILY = layer.NODE_FOR_MODEL_CONFIG
 
 
 # --- identity and schedule ------------------------------------------------------------------------------
@@ -71,6 +72,16 @@ def prediction_type(model, node: str) -> str:
     raise KilnError(f"{node}: this model samples as {kind}; Kiln trains epsilon or v-prediction "
                     f"models with a discrete schedule. Remove the sampling patch (e.g. ModelSamplingDiscrete set to "
                     f"lcm/x0) before the Train node.")
+
+
+def sampling(model, node: str) -> layer.Sampling:
+    """ComfyUI's model sampling in effect (a ModelSamplingDiscrete/SD3/Flux patch included) as the family layer's
+    plain data: the parameterisation, the DDPM σ table, or the flow timestep ComfyUI calls the network with."""
+    ms = model_sampling(model)
+    if isinstance(ms, comfy.model_sampling.CONST):  # rectified flow (SD3's discrete flow, Flux's shifted schedule)
+        one = float(ms.timestep(torch.tensor(1.0, dtype=torch.float64)))
+        return layer.Sampling("flow", multiplier=one, shift=float(getattr(ms, "shift", 1.0)), timestep=ms.timestep)
+    return layer.Sampling(prediction_type(model, node), sigmas=ms.sigmas.detach().double().cpu())
 
 
 def alphas_cumprod(model) -> torch.Tensor:
@@ -140,24 +151,28 @@ def trainable_patcher(model, node: str, private: bool = False) -> tuple[object, 
 
 
 @contextlib.contextmanager
-def training_session(model, node: str, private: bool = False):
+def training_session(model, node: str, private: bool = False, copy_norm_inputs: bool = False):
     """Load the MODEL to train through (with its own patches, e.g. an upstream LoRA) fully on its device and
-    make its network trainable-through for the duration; yields a TrainingTarget."""
+    make its network trainable-through for the duration; yields a TrainingTarget. Meanwhile ComfyUI's
+    ``in_training`` is set (backward-safe kernels, compat.in_training) and, with ``copy_norm_inputs`` (networks
+    that add residuals in place, such as Flux's blocks), every LayerNorm gets a copy of its input while gradients
+    are on (tensors.norm_input_copies); both are undone on the way out, also on an error or Cancel."""
     patcher, note = trainable_patcher(model, node, private)
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     unet = patcher.model.diffusion_model
-    with torch.inference_mode(False), autograd_views(unet):
+    copies = norm_input_copies(unet) if copy_norm_inputs else contextlib.nullcontext()
+    with compat.in_training(), copies, torch.inference_mode(False), autograd_views(unet):
         yield TrainingTarget(patcher, unet, note)
 
 
 def unet_forward(model, unet, dtype: torch.dtype | None = None):
-    """fn(x_t, t, cond) for the diffusion network (compvis UNet or MMDiT): the call ComfyUI's _apply_model
+    """fn(x_t, t, cond) for the diffusion network (compvis UNet, MMDiT, Flux): the call ComfyUI's _apply_model
     makes, with ``t`` in the model's own timestep units (DDPM index, or σ·1000 for flow models). Inputs go in
     the model's compute dtype, or ``dtype`` (a fully fine-tuned network computes with its float32 weights)."""
     dtype = dtype or model.model.manual_cast_dtype or model.model.get_dtype()
 
     def forward(x_t, timesteps, cond):
-        extra = {"y": cond["y"].to(dtype)} if "y" in cond else {}
+        extra = {k: cond[k].to(dtype) for k in ("y", "guidance") if k in cond}  # Flux: pooled CLIP-L, guidance
         return unet(x_t.to(dtype), timesteps, context=cond["context"].to(dtype), **extra)
     return forward
 

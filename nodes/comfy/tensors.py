@@ -34,6 +34,24 @@ def autograd_views(module: torch.nn.Module):
                 store[name] = original
 
 
+def _copy_input(module, args):
+    return (args[0].clone(),) + tuple(args[1:]) if torch.is_grad_enabled() else None
+
+
+@contextlib.contextmanager
+def norm_input_copies(module: torch.nn.Module):
+    """While gradients are on, every LayerNorm inside ``module`` gets a copy of its input (a forward pre-hook,
+    removed afterwards). ComfyUI's CLIP, T5 and Flux blocks add residuals in place (``x += attn(norm(x))``, ``img +=
+    ...``), which autograd refuses once the norm saved ``x`` for backward (docs/architecture.md, fact 11)."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.LayerNorm) or type(m).__name__.endswith("LayerNorm")]
+    hooks = [m.register_forward_pre_hook(_copy_input) for m in norms]
+    try:
+        yield module
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def normal_tensor(t: torch.Tensor) -> torch.Tensor:
     """A non-inference copy of a (small) tensor made inside the node, e.g. conditioning or latents."""
     with torch.inference_mode(False):

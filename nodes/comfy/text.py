@@ -17,11 +17,7 @@ from ...trainer_core.data.token_windows import WINDOW, joined_positions, kohya_w
 from . import compat
 from .model import TrainingTarget
 from .private import private_patcher
-from .tensors import autograd_views, fingerprint, fingerprint_patches, normal_tensor
-
-
-def _clone_input(module, args):
-    return (args[0].clone(),) + tuple(args[1:]) if torch.is_grad_enabled() else None
+from .tensors import autograd_views, fingerprint, fingerprint_patches, norm_input_copies, normal_tensor
 
 
 def literal(text: str) -> str:
@@ -54,14 +50,8 @@ def text_encoder_session(clip, node: str):
     trained, note = trainable_clip(clip, node)
     trained.load_model()
     encoders = trained.cond_stage_model
-    norms = [m for m in encoders.modules() if isinstance(m, torch.nn.LayerNorm) or type(m).__name__.endswith("LayerNorm")]
-    hooks = [m.register_forward_pre_hook(_clone_input) for m in norms]
-    try:
-        with torch.inference_mode(False), autograd_views(encoders):
-            yield TrainingTarget(trained, encoders, note)
-    finally:
-        for h in hooks:
-            h.remove()
+    with norm_input_copies(encoders), torch.inference_mode(False), autograd_views(encoders):
+        yield TrainingTarget(trained, encoders, note)
 
 
 def text_encoder_names(clip) -> list[str]:
@@ -349,3 +339,42 @@ class SD3TextConditioning(TextConditioning):
             return entries
         dropped = [sd3.drop_encoders(e["context"], e["y"], self.layout, self.dropout, self.rng) for e in entries]
         return [{"context": c, "y": y} for c, y in dropped]
+
+
+class FluxTextConditioning(TextConditioning):
+    """FLUX.1 / Chroma, as kohya's flux_train_network conditions them: context = the CLIP's hidden states (a Flux
+    CLIP's T5-XXL, cut or padded to ``t5_tokens``, kohya's t5xxl_max_token_length; a CLIP-L alone gives its own 77),
+    y = CLIP-L's pooled output (``pooled``: Chroma reads none), and guidance = the run's guidance_scale for every
+    sample: never the 3.5 ComfyUI puts in a conditioning that has none (flux.py)."""
+
+    def __init__(self, clip, t5_tokens: int, guidance: float, pooled: bool = True):
+        super().__init__(clip)
+        self.t5_tokens, self.guidance, self.pooled = t5_tokens, guidance, pooled
+
+    def settings(self) -> str:
+        return f"{super().settings()}|flux|{self.t5_tokens}"
+
+    def tokens(self, text: str) -> dict:
+        tokens = self.clip.tokenize(text, tokenizer_options={"t5xxl_min_length": self.t5_tokens})
+        if "l" in tokens:
+            tokens["l"] = tokens["l"][:1]  # kohya encodes one 77-token CLIP-L chunk
+        if "t5xxl" in tokens:
+            t5 = [p for chunk in tokens["t5xxl"] for p in chunk]
+            if len(t5) > self.t5_tokens:  # cut like a max_length tokenizer: keep the end token last
+                t5 = t5[:self.t5_tokens - 1] + [(self.clip.tokenizer.t5xxl.end_token,) + tuple(t5[-1][1:])]
+            tokens["t5xxl"] = [t5]
+        return tokens
+
+    def token_count(self, text: str) -> int | None:
+        return None  # kohya's Flux cuts CLIP-L at 77 and T5 at t5xxl_max_token_length; max_token_length is not read
+
+    def _entry(self, tokens: dict, cond: torch.Tensor, pooled) -> dict[str, torch.Tensor]:
+        entry = {"context": cond[0].float()}
+        if self.pooled and pooled is not None:
+            entry["y"] = pooled[0].float()
+        return entry
+
+    def __call__(self, captions: list[str], train: bool = False, geometries=None) -> dict[str, torch.Tensor]:
+        out = super().__call__(captions, train, geometries)
+        out["guidance"] = torch.full((len(captions),), float(self.guidance))
+        return out

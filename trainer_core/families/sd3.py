@@ -1,6 +1,6 @@
 """SD3 / SD3.5: rectified flow on the MMDiT, with kohya's timestep sampling, loss weighting and LoRA layout.
 
-Objective (kohya's sd3_train_network, itself the diffusers SD3 recipe):
+Objective (kohya's sd3_train_network, itself the diffusers SD3 recipe; flow.FlowObjective with SD3's draw):
   u ~ weighting_scheme (uniform | logit_normal(logit_mean, logit_std) | mode(mode_scale)), shifted by
   training_shift as u·s / (1 + (s−1)·u); t = ⌊u·(t_max − t_min) + t_min⌋, σ = t / 1000;
   x_t = (1 − σ)·x0 + σ·ε. The network predicts the velocity ε − x0; like kohya the loss compares the
@@ -11,22 +11,18 @@ LoRA layout: kohya's lora_sd3 names (``lora_unet_`` + MMDiT module path), per-la
 """
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..errors import KilnError
 from ..lora.network_args import block_selection, bool_arg, int_arg, int_list_arg
 from ..lora.targets import TargetRule
-from ..maths.losses import huber_threshold
-from .common import NoisyBatch
+from .flow import WEIGHTING_SCHEMES, FlowObjective, loss_weight, per_mille, sample_u, shift_u  # noqa: F401
 
 UNET_PREFIX = "lora_unet"
 TE_PREFIXES = {"clip_l": "lora_te1", "clip_g": "lora_te2", "t5xxl": "lora_te3"}  # kohya's lora_sd3 names
-WEIGHTING_SCHEMES = ("uniform", "logit_normal", "mode", "cosmap", "sigma_sqrt")
 
 # network_args this family reads (kohya's lora_sd3 keys), with what they do
 NETWORK_ARGS = {
@@ -112,70 +108,28 @@ def modelspec_architecture(mmdit: nn.Module) -> str:
 
 # --- objective ------------------------------------------------------------------------------------
 
-def sample_u(scheme: str, n: int, generator: torch.Generator, logit_mean: float = 0.0, logit_std: float = 1.0,
-             mode_scale: float = 1.29) -> torch.Tensor:
-    """Timestep density in [0, 1] (diffusers' compute_density_for_timestep_sampling)."""
-    if scheme == "logit_normal":
-        return torch.sigmoid(torch.randn(n, generator=generator, dtype=torch.float64) * logit_std + logit_mean)
-    u = torch.rand(n, generator=generator, dtype=torch.float64)
-    if scheme == "mode":
-        return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-    return u
+def draw_sigma(scheme: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
+               training_shift: float = 1.0, min_timestep: int = 0, max_timestep: int = 1000):
+    """kohya's SD3 draw: u from the weighting scheme's density, shifted, onto an integer timestep in
+    [min_timestep, max_timestep); σ = t / 1000."""
+    def draw(n: int, generator: torch.Generator, shape: tuple) -> torch.Tensor:
+        u = shift_u(sample_u(scheme, n, generator, logit_mean, logit_std, mode_scale), training_shift)
+        return (u * (max_timestep - min_timestep) + min_timestep).long().double() / 1000
+    return draw
 
 
-def loss_weight(scheme: str, sigma: torch.Tensor) -> torch.Tensor:
-    """Per-sample loss weight (diffusers' compute_loss_weighting_for_sd3)."""
-    if scheme == "sigma_sqrt":
-        return sigma.clamp_min(1e-3) ** -2.0
-    if scheme == "cosmap":
-        return 2 / (math.pi * (1 - 2 * sigma + 2 * sigma ** 2))
-    return torch.ones_like(sigma)
-
-
-def shift_u(u: torch.Tensor, shift: float) -> torch.Tensor:
-    """kohya's training_shift: > 1 moves timesteps to the noisy side, < 1 to the clean side."""
-    return u * shift / (1 + (shift - 1) * u)
-
-
-class SD3Objective:
-    num_timesteps = 1000
+class SD3Objective(FlowObjective):
+    """SD3's flow objective (kohya's sd3_train_network): the implied x0 = x_t − σ·v̂ compared with x0, weighted per
+    sample by cosmap or sigma_sqrt; the network called with ComfyUI's timestep for σ (σ·1000 for SD3)."""
 
     def __init__(self, weighting_scheme: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
-                 mode_scale: float = 1.29, training_shift: float = 1.0, min_timestep: int = 0, max_timestep: int = 1000):
+                 mode_scale: float = 1.29, training_shift: float = 1.0, min_timestep: int = 0, max_timestep: int = 1000,
+                 timestep=per_mille):
         if weighting_scheme not in WEIGHTING_SCHEMES:
             raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {weighting_scheme!r}")
-        self.scheme = weighting_scheme
-        self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
-        self.shift = training_shift
-        self.min_t, self.max_t = min_timestep, max_timestep
-
-    def sample(self, x0: torch.Tensor, generator: torch.Generator) -> NoisyBatch:
-        b = x0.shape[0]
-        u = shift_u(sample_u(self.scheme, b, generator, self.logit_mean, self.logit_std, self.mode_scale), self.shift)
-        t = (u * (self.max_t - self.min_t) + self.min_t).long()
-        noise = torch.randn(x0.shape, generator=generator)
-        return self.at(x0, t, noise.to(x0.device, x0.dtype))
-
-    def at(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> NoisyBatch:
-        sigma = (t.double() / 1000).to(x0.device)
-        s = sigma.to(x0.dtype).view(-1, 1, 1, 1)
-        x_t = (1 - s) * x0 + s * noise
-        snr = ((1 - sigma) / sigma.clamp_min(1e-3)) ** 2
-        return NoisyBatch(x_t, t.to(x0.device).float(), x0, snr.float(), loss_weight(self.scheme, sigma).float(), s)
-
-    def huber_c(self, nb: NoisyBatch, schedule: str, c: float, scale: float) -> torch.Tensor:
-        return huber_threshold(schedule, c, scale, nb.timesteps, self.num_timesteps)
-
-    def min_snr_weight(self, snr: torch.Tensor, gamma: float) -> torch.Tensor:
-        raise KilnError("min_snr_gamma does not apply to SD3 (rectified flow); use weighting_scheme.")
-
-    def loss_weight(self, snr: torch.Tensor, loss) -> None:
-        """None: kohya's SNR post-weights are DDPM's; SD3 weights samples by its weighting_scheme (``nb.weight``)."""
-        return None
-
-    def output(self, pred: torch.Tensor, nb: NoisyBatch) -> torch.Tensor:
-        """Velocity prediction -> implied x0 (kohya's preconditioning), compared with x0."""
-        return nb.x_t.float() - nb.sigma.float() * pred.float()
+        super().__init__(draw_sigma(weighting_scheme, logit_mean, logit_std, mode_scale, training_shift, min_timestep,
+                                    max_timestep), timestep, target="x0", prediction="sigma_scaled",
+                         weighting=weighting_scheme)
 
 
 # --- text-encoder outputs -------------------------------------------------------------------------

@@ -37,8 +37,11 @@ PRECISION = {"no": "fp32", "fp32": "fp32", "float": "fp32", "fp16": "fp16", "bf1
 
 # kohya key -> Train node input (same value), from the option registry; SD3's own widgets apart
 WIDGET_KEYS = kohya_widget_keys()
-SD3_KEYS = tuple(k for k, name in WIDGET_KEYS.items() if WIDGETS[name].families == ("sd3",))
-TRAIN_KEYS = {k: name for k, name in WIDGET_KEYS.items() if k not in SD3_KEYS}
+SD3_KEYS = tuple(k for k, name in WIDGET_KEYS.items() if set(WIDGETS[name].families) <= {"sd3", "flux"}
+                 and "sd3" in WIDGETS[name].families)  # the flow families' own widgets that SD3 has
+# the Flux node's own widgets: not read from kohya configs yet
+FLUX_KEYS = tuple(k for k, name in WIDGET_KEYS.items() if WIDGETS[name].families == ("flux",))
+TRAIN_KEYS = {k: name for k, name in WIDGET_KEYS.items() if k not in SD3_KEYS + FLUX_KEYS}
 HANDLED = {"pretrained_model_name_or_path", "text_encoder_lr1", "text_encoder_lr2", "text_encoder_lr3", "clip_l", "clip_g",
            "t5xxl", "dataset_config", "output_dir", "output_name", "save_precision",
            "network_module", "network_dim", "network_alpha", "network_dropout", "network_args", "unet_lr",
@@ -136,8 +139,8 @@ REFUSED = {
 }
 # a refused key at these values asks for nothing (kohya's defaults that are not off/empty/0)
 HARMLESS = {"token_warmup_min": 1, "resize_interpolation": "area", "dataset_repeats": 1}
-# flux_train_network.py's own keys: the Flux family is not in this version of Kiln
-FLUX_KEYS = frozenset(("ae", "controlnet_model_name_or_path", "discrete_flow_shift", "guidance_scale",
+# flux_train_network.py's own keys: Train LoRA (Flux) trains Flux in a workflow; the CLI does not map them yet
+FLUX_SCRIPT_KEYS = frozenset(("ae", "controlnet_model_name_or_path", "discrete_flow_shift", "guidance_scale",
                        "model_prediction_type", "model_type", "sigmoid_scale", "split_mode", "timestep_sampling"))
 # kohya's old optimizer switches (train_util.get_optimizer): each names an optimizer_type
 OPTIMIZER_SWITCHES = {"use_8bit_adam": "AdamW8bit", "use_lion_optimizer": "Lion"}
@@ -341,10 +344,10 @@ def graph_from_config(config: str | dict, path: str, family: str) -> tuple[dict,
     dreambooth = "network_module" not in cfg  # kohya's train_db.py
     known = known_keys(dreambooth)
     unknown = sorted(k for k in cfg if k not in known)
-    flux = [k for k in unknown if k in FLUX_KEYS]
+    flux = [k for k in unknown if k in FLUX_SCRIPT_KEYS]
     if flux:
-        raise KilnError(f"{path}: {flux[0]} is a flux_train_network.py option; this version of Kiln has no Flux "
-                        f"trainer (it trains SD 1.x/2.x, SDXL and SD3).")
+        raise KilnError(f"{path}: {flux[0]} is a flux_train_network.py option; cli.py does not run Flux configs yet: "
+                        f"train Flux with the Train LoRA (Flux) node in a workflow (cli.py --workflow).")
     others = [script for script, (_, flags) in SCRIPTS.items() if unknown and unknown[0] in flags]
     if others:
         this = "train_db.py (DreamBooth: no network_module)" if dreambooth else "LoRA (train_network.py)"

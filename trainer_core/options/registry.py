@@ -12,14 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ..families.sd3 import WEIGHTING_SCHEMES
+from ..families.flow import PREDICTION_TYPES, WEIGHTING_SCHEMES
+from ..families.flux import TIMESTEP_SAMPLING
 from ..maths.losses import HUBER_SCHEDULES, LOSS_TYPES
 from ..maths.optim import OPTIMIZERS, SCHEDULERS
 from ..kohya.sample_prompts import SAMPLERS
 
-FAMILIES = ("sd1", "sdxl", "sd3")
+FAMILIES = ("sd1", "sdxl", "sd3", "flux")
 DDPM = ("sd1", "sdxl")  # noise and loss options kohya applies to the DDPM families only
-NODE_KINDS = ("sd1", "sdxl", "sd3", "dreambooth")  # the Train nodes: three LoRA families and DreamBooth (SD1/SD2)
+FLOW = ("sd3", "flux")  # rectified flow (families/flow.py)
+NODE_KINDS = ("sd1", "sdxl", "sd3", "flux", "dreambooth")  # Train nodes: four LoRA families, DreamBooth (SD1/SD2)
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -129,7 +131,7 @@ OPTIONS: tuple[Option, ...] = (
     _w("sample_steps", "int", 20, "Sampling steps of each preview (a prompt's --s overrides it).", low=1, high=150,
        config=False),
     _w("sample_cfg", "float", 7.0, "CFG scale of the previews (a prompt's --l overrides it).", low=0.0, high=30.0,
-       step=0.5, config=False, variants={"sd3": {"default": 5.0}}),
+       step=0.5, config=False, variants={"sd3": {"default": 5.0}, "flux": {"default": 1.0}}),
     _w("sample_negative", "text", "", "Negative prompt of the sample previews.", optional=True, config=False),
     _w("save_every_n_steps", "int", 0, "Also write the LoRA (and a .kiln-state file to resume from) every N steps, the "
        "last step too (as kohya), as <save_name>-stepNNNNNNNN.safetensors in models/loras. 0 = off.", low=0,
@@ -148,23 +150,28 @@ OPTIONS: tuple[Option, ...] = (
        kohya=("cache_text_encoder_outputs_to_disk",), config=False),
     # --- SD3's widgets: kohya's sd3_train_network options, same names ---
     _w("weighting_scheme", "choice", "uniform", "Timestep density (uniform, logit_normal, mode) or loss weighting "
-       "(cosmap, sigma_sqrt).", choices=WEIGHTING_SCHEMES, families=("sd3",), kohya=("weighting_scheme",),
+       "(cosmap, sigma_sqrt). Flux: the density of timestep_sampling=sigma, and the loss weight of "
+       "model_prediction_type=sigma_scaled (kohya).", choices=WEIGHTING_SCHEMES, families=FLOW,
+       kohya=("weighting_scheme",),
        metadata=("weighting_scheme",), config=False),
     _w("logit_mean", "float", 0.0, "weighting_scheme logit_normal: mean of the normal the timesteps are drawn "
        "through (kohya's 0 = centred; below 0 cleaner, above noisier).", low=-10.0, high=10.0, step=0.1,
-       families=("sd3",), kohya=("logit_mean",), metadata=("logit_mean",), config=False),
+       families=FLOW, kohya=("logit_mean",), metadata=("logit_mean",), config=False),
     _w("logit_std", "float", 1.0, "weighting_scheme logit_normal: its standard deviation (kohya's 1).", low=0.01,
-       high=10.0, step=0.1, families=("sd3",), kohya=("logit_std",), metadata=("logit_std",), config=False),
+       high=10.0, step=0.1, families=FLOW, kohya=("logit_std",), metadata=("logit_std",), config=False),
     _w("mode_scale", "float", 1.29, "weighting_scheme mode: how strongly the timesteps gather at the middle "
-       "(kohya's 1.29).", low=-10.0, high=10.0, step=0.01, families=("sd3",), kohya=("mode_scale",),
+       "(kohya's 1.29).", low=-10.0, high=10.0, step=0.01, families=FLOW, kohya=("mode_scale",),
        metadata=("mode_scale",), config=False),
     _w("training_shift", "float", 1.0, ">1 samples noisier timesteps (structure), <1 cleaner ones (detail).",
        low=0.01, high=100.0, step=0.1, families=("sd3",), kohya=("training_shift",), config=False),
     _w("t5xxl_max_token_length", "int", 256, "T5-XXL tokens per caption (kohya's 256); longer captions are "
-       "cut.", low=1, high=512, families=("sd3",), kohya=("t5xxl_max_token_length",), config=False),
+       "cut.", low=1, high=512, families=FLOW, kohya=("t5xxl_max_token_length",), config=False,
+       variants={"flux": {"default": 0, "low": 0, "help": "T5-XXL tokens (cut or padded to this); 0 = kohya's "
+                          "default: 512 for dev and Chroma, 256 for schnell. ComfyUI's own encode pads to 256 at "
+                          "least."}}),
     _w("apply_lg_attn_mask", "bool", False, "Zero CLIP-L/G outputs at padding tokens.", families=("sd3",),
        kohya=("apply_lg_attn_mask",), metadata=("apply_lg_attn_mask",), config=False),
-    _w("apply_t5_attn_mask", "bool", False, "Zero T5 outputs at padding tokens.", families=("sd3",),
+    _w("apply_t5_attn_mask", "bool", False, "Zero T5 outputs at padding tokens.", families=FLOW,
        kohya=("apply_t5_attn_mask",), metadata=("apply_t5_attn_mask",), config=False),
     _w("clip_l_dropout_rate", "float", 0.0, "Chance per caption that CLIP-L's output is zeroed for the step "
        "(kohya's clip_l_dropout_rate), so the model also learns without it.", low=0.0, high=1.0, step=0.01,
@@ -177,6 +184,25 @@ OPTIONS: tuple[Option, ...] = (
        config=False),
     _w("pos_emb_random_crop_rate", "float", 0.0, "SD3.5: probability of a random (not centred) position-embedding "
        "crop per step.", low=0.0, high=1.0, step=0.01, families=("sd3",), kohya=("pos_emb_random_crop_rate",),
+       config=False),
+    # --- Flux's widgets: kohya's flux_train_network options, same names, meaning and defaults ---
+    _w("timestep_sampling", "choice", "sigma", "How sigma is drawn: sigma (weighting_scheme's density on the shifted "
+       "1000-step schedule), uniform, sigmoid (of sigmoid_scale x N(0,1)), shift (sigmoid, then discrete_flow_shift), "
+       "flux_shift (sigmoid, then FLUX.1's resolution-dependent shift).", choices=TIMESTEP_SAMPLING,
+       families=("flux",), kohya=("timestep_sampling",), metadata=("timestep_sampling",), config=False),
+    _w("sigmoid_scale", "float", 1.0, "Scale of the normal draw of the sigmoid, shift and flux_shift samplings.",
+       low=0.01, high=100.0, step=0.1, families=("flux",), kohya=("sigmoid_scale",), metadata=("sigmoid_scale",),
+       config=False),
+    _w("discrete_flow_shift", "float", 3.0, "Shift of timestep_sampling sigma and shift (>1: noisier).", low=0.01,
+       high=100.0, step=0.01, families=("flux",), kohya=("discrete_flow_shift",), metadata=("discrete_flow_shift",),
+       config=False),
+    _w("model_prediction_type", "choice", "sigma_scaled", "How the prediction is compared with noise - latents: raw, "
+       "additive (+ noisy input) or sigma_scaled (noisy input - sigma x prediction, weighted by weighting_scheme).",
+       choices=PREDICTION_TYPES, families=("flux",), kohya=("model_prediction_type",),
+       metadata=("model_prediction_type",), config=False),
+    _w("guidance_scale", "float", 3.5, "The guidance FLUX.1 dev is called with while training (kohya's; kohya "
+       "recommends 1.0 for dev; Chroma requires 0; schnell ignores it). The conditioning's guidance is not used.",
+       low=0.0, high=100.0, step=0.1, families=("flux",), kohya=("guidance_scale",), metadata=("guidance_scale",),
        config=False),
     # --- text-encoder learning rates (LoRA nodes; the CLI maps kohya's text_encoder_lr list onto them) ---
     _te_lr("text_encoder_lr", "text encoder", dreambooth={
@@ -221,9 +247,9 @@ OPTIONS: tuple[Option, ...] = (
     _ta("zero_terminal_snr", "bool", False, "rescale the noise schedule to zero terminal SNR", families=DDPM,
         metadata=("zero_terminal_snr",), group="noise"),
     _ta("min_timestep", "int", None, "lowest training timestep (0-999)", 0, 999, metadata=("min_timestep",),
-        group="noise"),
+        group="noise", families=("sd1", "sdxl", "sd3")),  # kohya's Flux draws sigma by timestep_sampling alone
     _ta("max_timestep", "int", None, "highest training timestep, exclusive (1-1000)", 1, 1000,
-        metadata=("max_timestep",), group="noise"),
+        metadata=("max_timestep",), group="noise", families=("sd1", "sdxl", "sd3")),
     # loss
     _ta("huber_schedule", "choice", "snr", "huber_c over timesteps (loss_type huber/smooth_l1)",
         choices=HUBER_SCHEDULES, metadata=("huber_schedule",), group="loss"),
@@ -287,7 +313,10 @@ OPTIONS: tuple[Option, ...] = (
     # memory (block_swap.py; the base weights' dtype is ComfyUI's to choose when it loads them)
     _ta("blocks_to_swap", "int", 0, "keep the weights of the network's last N blocks in host memory; each visits "
         "the device only for its forward and backward (SD3: joint blocks; SD1/SDXL: the UNet's ResBlocks, "
-        "transformers and resamplers)", 0, group="memory"),
+        "transformers and resamplers; Flux: as kohya, N // 2 double blocks and 2 x (N - N // 2) single blocks)", 0,
+        group="memory"),
+    _ta("split_mode", "bool", False, "kohya's obsolete Flux option: refused; use blocks_to_swap (kohya sets 18 for it)",
+        families=("flux",), group="memory"),
     _ta("cpu_offload_checkpointing", "bool", False, "with gradient_checkpointing: keep each checkpointed block's "
         "saved inputs in host memory until its backward (not with blocks_to_swap)", group="memory"),
     _ta("fp8_base", "bool", False, "kohya's fp8 base model: requires a MODEL whose weights ComfyUI loaded as fp8 (Load "
@@ -334,12 +363,16 @@ _SAVES = ("save_every_n_steps", "save_name", "resume_from")
 _SD3 = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "training_shift", "t5xxl_max_token_length",
         "apply_lg_attn_mask", "apply_t5_attn_mask", "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate",
         "pos_emb_random_crop_rate")
+_FLUX = ("timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type", "guidance_scale",
+         "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "t5xxl_max_token_length", "apply_t5_attn_mask")
 # each Train node's widgets, in the order saved workflows hold their values: append only
 LAYOUTS: dict[str, tuple[str, ...]] = {
     "sd1": _LORA_COMMON + ("text_encoder_lr", "training_args"),
     "sdxl": _LORA_COMMON + ("text_encoder_lr1", "text_encoder_lr2", "training_args"),
     "sd3": tuple(n for n in _LORA_COMMON if n != "min_snr_gamma") + _SD3
     + ("text_encoder_lr1", "text_encoder_lr2", "text_encoder_lr3", "training_args"),
+    "flux": tuple(n for n in _LORA_COMMON if n != "min_snr_gamma") + _FLUX
+    + ("text_encoder_lr1", "text_encoder_lr3", "training_args"),
     "dreambooth": tuple(n for n in _LORA_COMMON if n not in _SAVES)
     + ("text_encoder_lr", "stop_text_encoder_training", "fused_backward_pass") + _SAVES + ("training_args",),
 }

@@ -1,8 +1,8 @@
 """What the training loop asks of what it trains and of the family it trains for.
 
 Two networks train through one loop: LoRA adapters over a frozen model (lora.network.LoRANetwork) and a model's
-own weights (full.FullNetwork, DreamBooth); each family's objective (families.sd1.SD1Objective, which SDXL
-shares, and families.sd3.SD3Objective) turns clean latents into a noised batch and scores a prediction. The
+own weights (full.FullNetwork, DreamBooth); each family's objective (made by families/layer.py from
+ComfyUI's model sampling: sd1.SD1Objective for DDPM, flow.FlowObjective for SD3 and Flux) turns clean latents into a noised batch and scores a prediction. The
 members are the whole contract: the loop probes for nothing else.
 """
 from __future__ import annotations
