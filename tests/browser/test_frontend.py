@@ -143,8 +143,9 @@ def test_workflow_opens_queues_and_draws_the_loss_chart(ready_server):
     left, top, right, bottom = chart["box"]
     assert right - left >= 200 and bottom - top >= 100, chart["box"]
     assert len(chart["ticks"]) >= 4 and chart["ticks"][-1] <= steps and {str(t) for t in chart["ticks"]} <= set(chart["labels"])
-    # the data: a save after step 6, validation every 4 steps, cosine lr rising over the warmup then falling
-    assert chart["saves"] == [6] and {4, 8, 12} <= set(chart["val"])  # (and at epoch ends, as kohya)
+    # the data: saves after steps 6 and 12 (kohya also writes the last step's), validation every 4 steps, cosine lr
+    # rising over the warmup then falling
+    assert chart["saves"] == [6, 12] and {4, 8, 12} <= set(chart["val"])  # (and at epoch ends, as kohya)
     lrs = chart["lrs"]
     assert lrs[0] < lrs[2] and lrs[2] > lrs[-1] and len(lrs) == steps
     # and their pixels (distance in RGB to the mark's colour; 0 = exact, anti-aliased lines a little off)
