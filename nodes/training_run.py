@@ -354,8 +354,9 @@ def run_clock(progress: Progress, tcfg: TrainConfig, opts: dict, per_epoch: int,
     """The Train node's phases and ETA: its previews (sample_every / sample_every_n_epochs) and intermediate saves
     (save_every_n_steps, save_every_n_epochs) planned from the settings."""
     samples, saving = tcfg.samples.sample_every_n_epochs, tcfg.saving.save_every_n_epochs
-    saves = set(planned_steps(tcfg.save_every, None, per_epoch, tcfg.steps)) | \
-        set(planned_steps(0, saving, per_epoch, tcfg.steps))
+    every = tcfg.save_every  # step saves include the last step's (kohya); epoch saves stop before the last epoch
+    saves = set(range(every, tcfg.steps + 1, every) if every else ()) | set(planned_steps(0, saving, per_epoch,
+                                                                                          tcfg.steps))
     return RunClock(progress.send, tcfg.steps, planned_steps(opts["sample_every"], samples, per_epoch, tcfg.steps),
                     saves, sum(p.steps for p in previews))
 

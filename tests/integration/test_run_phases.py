@@ -26,10 +26,12 @@ def test_a_run_reports_its_phases_and_an_eta_with_previews_and_saves(comfy, sd1_
     phases = [(d["phase"], d["done"], d["total"]) for e, d in events if e == "kiln.phase"]
     assert phases[0] == ("caching", None, None) and ("caching", 1, phases[1][2]) == phases[1], phases
     assert ("preparing", None, None) in phases
-    # a preview after step 2 (two prompts), a save after step 2, the final preview, then the outputs
+    # a preview after step 2 (two prompts), saves after steps 2 and 4 (kohya's step saves include the last step;
+    # the clock names the end once that last save is written), the final preview, then the outputs
     order = [p for p in phases if p[0] in ("sampling", "saving", "finishing")]
     assert order == [("sampling", 0, 2), ("sampling", 1, 2), ("sampling", 2, 2), ("saving", None, None),
-                     ("sampling", 0, 2), ("sampling", 1, 2), ("sampling", 2, 2), ("finishing", None, None)], order
+                     ("saving", None, None), ("finishing", None, None), ("sampling", 0, 2), ("sampling", 1, 2),
+                     ("sampling", 2, 2), ("finishing", None, None)], "\n".join(map(str, order))
     losses = [d for e, d in events if e == "kiln.loss"]
     assert [d["step"] for d in losses] == [1, 2, 3, 4]
     assert all(0 < d["train_seconds"] <= d["seconds"] + 1e-6 for d in losses), losses
