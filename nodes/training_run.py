@@ -31,6 +31,7 @@ from ..trainer_core.errors import KilnError
 from ..trainer_core.families import layer
 from ..trainer_core.kohya.metadata import training_metadata
 from ..trainer_core.data.latent_store import DiskStore
+from ..trainer_core.training.events import planned_previews, planned_saves, preview_due
 from ..trainer_core.training.loop import StepInfo, TrainConfig, TrainResult, train
 from ..trainer_core.lora.blocks import BlockPlan
 from ..trainer_core.lora.io import DTYPES
@@ -343,22 +344,10 @@ def caption_conditioning(cond: TextConditioning, dataset: KilnDataset, te_train:
     return conditioning, seen
 
 
-def planned_steps(every_steps: int, every_epochs: int | None, per_epoch: int, total: int) -> list[int]:
-    """The steps before the last after which something every N steps (or every N epochs: kohya's epoch option
-    overrides the step one) happens."""
-    every = every_epochs * per_epoch if every_epochs else every_steps
-    return list(range(every, total, every)) if every else []
-
-
 def run_clock(progress: Progress, tcfg: TrainConfig, opts: dict, per_epoch: int, previews: list) -> RunClock:
-    """The Train node's phases and ETA: its previews (sample_every / sample_every_n_epochs) and intermediate saves
-    (save_every_n_steps, save_every_n_epochs) planned from the settings."""
-    samples, saving = tcfg.samples.sample_every_n_epochs, tcfg.saving.save_every_n_epochs
-    every = tcfg.save_every  # step saves include the last step's (kohya); epoch saves stop before the last epoch
-    saves = set(range(every, tcfg.steps + 1, every) if every else ()) | set(planned_steps(0, saving, per_epoch,
-                                                                                          tcfg.steps))
-    return RunClock(progress.send, tcfg.steps, planned_steps(opts["sample_every"], samples, per_epoch, tcfg.steps),
-                    saves, sum(p.steps for p in previews))
+    """The Train node's phases and ETA: its previews and intermediate saves planned by the loop's own rules."""
+    return RunClock(progress.send, tcfg.steps, planned_previews(tcfg, opts["sample_every"], per_epoch),
+                    planned_saves(tcfg, per_epoch), sum(p.steps for p in previews))
 
 
 def step_reporter(progress: Progress, tcfg: TrainConfig, opts: dict, epochs: int, preview: Callable[..., object],
@@ -372,9 +361,7 @@ def step_reporter(progress: Progress, tcfg: TrainConfig, opts: dict, epochs: int
     def on_step(info: StepInfo) -> None:
         image = None
         train_seconds = clock.on_step(info.step, info.seconds)
-        by_epoch = tcfg.samples.sample_every_n_epochs  # kohya: overrides the step interval
-        due = (info.epoch_end and info.epoch % by_epoch == 0) if by_epoch else (every and info.step % every == 0)
-        if due and info.step < info.total:
+        if preview_due(tcfg, every, info.step, info.epoch, info.epoch_end):
             # with EMA on, the preview shows the average, as the saves hold it
             with info.averaged(), clock.timed("sampling", prompts) as done:
                 image = preview(done)

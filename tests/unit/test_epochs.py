@@ -10,6 +10,7 @@ from trainer_core.training.epochs import (batches_per_epoch, epoch_save_to_remov
 from trainer_core.families.sd1 import SD1Objective
 from trainer_core.lora.network import LoRANetwork
 from trainer_core.lora.targets import TargetRule
+from trainer_core.training.events import planned_previews, planned_saves, preview_due
 from trainer_core.training.loop import TrainConfig, train
 
 
@@ -49,3 +50,14 @@ def test_steps_end_at_epoch_boundaries_and_epoch_saves():
     assert cfg.steps == 9 and len(infos) == 9
     assert [(i.step, i.epoch) for i in infos if i.epoch_end] == [(3, 1), (6, 2), (9, 3)]
     assert saves == [(3, 1), (6, 2)]  # not after the last epoch: the node's output is the final LoRA
+    # the node's clock plans the same saves and previews ahead, by the loop's own rules
+    assert planned_saves(cfg, 3) == [3, 6]
+    assert planned_previews(cfg, 0, 3) == [] and planned_previews(cfg, 4, 3) == [4, 8]
+    cfg.samples.sample_every_n_epochs = 1
+    assert planned_previews(cfg, 4, 3) == [i.step for i in infos if preview_due(cfg, 4, i.step, i.epoch, i.epoch_end)]
+    assert planned_previews(cfg, 4, 3) == [3, 6]  # kohya: the epoch option overrides the step one; none after the last
+
+
+def test_planned_step_saves_include_the_last_step_with_epoch_saves_beside():
+    cfg = TrainConfig(steps=12, save_every=4, save_every_n_epochs=2, learning_rate=1e-3)
+    assert planned_saves(cfg, 5) == [4, 8, 10, 12]  # epochs end at 5, 10 (12 ends the 3rd and last: the output)

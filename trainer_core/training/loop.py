@@ -24,6 +24,7 @@ from ..memory.checkpointing import gradient_checkpointing
 from .contracts import Objective, TrainableNetwork
 from ..maths.ema import EMA
 from .epochs import BatchStream, epoch_batches, resolve_epochs, steps_per_epoch
+from .events import saves_due, validation_due
 from ..errors import KilnError
 from .eval_loss import optimizer_mode, probe_batch, probe_loss, validation_loss
 from ..lora import max_norm
@@ -69,21 +70,6 @@ def check_trainable(network: TrainableNetwork, cache: LatentCache, cfg: TrainCon
         raise KilnError("diff_output_preservation: no trigger → class pairs were given.")
     if cfg.optim.scale_weight_norms:
         max_norm.check(network, cfg.optim.scale_weight_norms)
-
-
-def validation_due(cfg: TrainConfig, step: int, epoch: int, epoch_end: bool) -> bool:
-    """Every validate_every_n_steps steps, and at the end of every validate_every_n_epochs-th epoch (default 1)."""
-    return bool((cfg.validation.validate_every_n_steps and step % cfg.validation.validate_every_n_steps == 0) or
-                (epoch_end and epoch % (cfg.validation.validate_every_n_epochs or 1) == 0))
-
-
-def saves_due(cfg: TrainConfig, step: int, epoch: int, epoch_end: bool, num_epochs: int) -> tuple[bool, int | None]:
-    """(a step save is due, the epoch whose end is saved now or None), as kohya saves: every save_every_n_steps-th
-    step, the last one included (NAME-step00000008 beside NAME, the run's output), and the end of every
-    save_every_n_epochs-th epoch but the last, which is the output."""
-    save_epoch = epoch if (epoch_end and cfg.saving.save_every_n_epochs and epoch % cfg.saving.save_every_n_epochs == 0
-                           and epoch < num_epochs) else None
-    return bool(cfg.save_every and step % cfg.save_every == 0), save_epoch
 
 
 def train(network: TrainableNetwork, objective: Objective, forward: Callable, conditioning: Callable[..., dict],
