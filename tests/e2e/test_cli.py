@@ -8,8 +8,8 @@ import pytest
 from safetensors import safe_open
 
 from fixtures.datasets import make_dataset
-from fixtures.kohya import (SD3_COMMAND, SD3_EXAMPLE, SDXL_COMMAND, SDXL_EXAMPLE, TRAIN_DB_FOLDERS_COMMAND,
-                            TRAIN_NETWORK_COMMAND, command_args, with_keys, write_dataset_config)
+from fixtures.kohya import (SD3_COMMAND, SDXL_COMMAND, TRAIN_DB_FOLDERS_COMMAND, TRAIN_NETWORK_COMMAND, command_args,
+                            write_dataset_config)
 from test_sd1_workflow import REPO
 
 pytestmark = pytest.mark.e2e
@@ -127,59 +127,6 @@ cache_latents = true
     assert int(meta["ss_num_reg_images"]) > 0 and meta["ss_fused_backward_pass"] == "True"
     assert float(meta["kiln_probe_loss_end"]) < float(meta["kiln_probe_loss_start"])
     assert (tmp_path / "out" / "db_kohya-step00000004.safetensors").is_file()
-
-
-def run_example_config(kiln_env, base, tmp_path, config: str, output_name: str):
-    """kohya's docs' examples point at a dataset config of the demo images (64², batch 2, 1 repeat): write it and
-    ``config``, run ``cli.py --config`` without previews; (the run, the final LoRA's metadata and keys)."""
-    write_dataset_config(tmp_path / "dataset.toml", base / "input" / "kiln_demo" / "train" / "5_kiln toy")
-    (tmp_path / "train.toml").write_text(with_keys(config, dataset_config="dataset.toml", output_dir="out",
-                                                   output_name=output_name))
-    pytest.importorskip("bitsandbytes")  # both examples use AdamW8bit
-    run = cli_config(kiln_env, base, tmp_path / "train.toml", "--set", "6.sample_every=0", timeout=900)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    with safe_open(str(tmp_path / "out" / f"{output_name}.safetensors"), "pt") as f:
-        return run, f.metadata(), list(f.keys())
-
-
-@pytest.mark.slow
-def test_cli_runs_the_sdxl_example_config_of_kohyas_docs(kiln_env, base, tiny_sdxl_path, tmp_path):
-    """sd-scripts docs/sdxl_train_network.md's example command as a --config_file, on the SDXL fixture: every key
-    as the docs write it, but 2 epochs instead of 10, 64² images, and network_train_unet_only, which kohya's
-    sdxl_train_network.py itself requires together with cache_text_encoder_outputs."""
-    run, meta, keys = run_example_config(kiln_env, base, tmp_path, with_keys(
-        SDXL_EXAMPLE, pretrained_model_name_or_path=tiny_sdxl_path, max_train_epochs=2, network_train_unet_only=True),
-        "my_sdxl_lora")
-    assert "a sdxl run of KilnTrainSDXL" in run.stdout and "epoch 2/2" in run.stdout
-    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_mixed_precision"]) == ("32", "16.0", "bf16")
-    assert meta["ss_optimizer"].endswith("AdamW8bit") and meta["ss_lr_scheduler"] == "constant"
-    assert meta["ss_gradient_checkpointing"] == "True" and meta["modelspec.architecture"].startswith("stable-diffusion-xl")
-    assert int(meta["ss_steps"]) == 2 * int(meta["ss_num_batches_per_epoch"]) and meta["ss_epoch"] == "2"
-    assert keys and all(k.startswith("lora_unet_") for k in keys)
-    assert (tmp_path / "out" / "my_sdxl_lora-000001.safetensors").is_file()
-
-
-@pytest.mark.slow
-def test_cli_runs_the_sd3_example_config_of_kohyas_docs(kiln_env, base, tiny_sd3_split, tmp_path):
-    """sd-scripts docs/sd3_train_network.md's example command as a --config_file: a checkpoint without text
-    encoders plus separate --clip_l/--clip_g files (loaded by ComfyUI's DualCLIPLoader), 2 epochs instead of 10,
-    64² images, blocks_to_swap 2 (the fixture's every joint block; the doc's 32 is for SD3.5 Large's 38); left out:
-    t5xxl (no T5-XXL fixture fits a test run, see tiny_models.build_sd3_split_files); added:
-    network_train_unet_only, because text-encoder LoRA through the fixture's
-    full-size CLIP-G costs about a minute a step on 2 CPU cores (measured: 62-73 s vs 1-2 s without)."""
-    run, meta, keys = run_example_config(kiln_env, base, tmp_path, with_keys(
-        SD3_EXAMPLE, pretrained_model_name_or_path=tiny_sd3_split["model"], clip_l=tiny_sd3_split["clip_l"],
-        clip_g=tiny_sd3_split["clip_g"], t5xxl=None, max_train_epochs=2, blocks_to_swap=2,
-        network_train_unet_only=True), "my_sd3_lora")
-    assert "a sd3 run of KilnTrainSD3" in run.stdout and "epoch 2/2" in run.stdout
-    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_mixed_precision"]) == ("16", "1.0", "fp16")
-    assert meta["ss_optimizer"].endswith("AdamW8bit") and meta["ss_weighting_scheme"] == "uniform"
-    assert int(meta["ss_steps"]) == 2 * int(meta["ss_num_batches_per_epoch"]) and meta["ss_epoch"] == "2"
-    assert keys and all(k.startswith("lora_unet_") for k in keys)
-    # the separate encoder files were loaded by ComfyUI's DualCLIPLoader (the checkpoint has none)
-    assert "running node 3 DualCLIPLoader" in run.stdout
-    assert "blocks_to_swap 2: 2 of 2 blocks kept in host memory" in run.stdout
-    assert (tmp_path / "out" / "my_sd3_lora-000001.safetensors").is_file()
 
 
 def test_cli_lycoris_config_then_network_weights_with_dim_from_weights(kiln_env, base, tiny_sd1_path, tmp_path):
@@ -354,21 +301,27 @@ def test_cli_kohya_command_refuses_what_kohya_would_before_loading_anything(kiln
 
 @pytest.mark.slow
 def test_cli_runs_kohyas_sdxl_command(kiln_env, base, tiny_sdxl_path, tmp_path):
-    """docs/sdxl_train_network.md's command as written, 1 epoch, with --network_train_unet_only, which kohya itself
-    requires together with --cache_text_encoder_outputs (without it the command is refused, as kohya refuses it)."""
+    """docs/sdxl_train_network.md's command as written, 2 epochs instead of 10, with --network_train_unet_only, which
+    kohya itself requires together with --cache_text_encoder_outputs (without it the command is refused, as kohya
+    refuses it). The same text as a --config_file maps to the same graph (tests/unit/test_kohya_command_line.py), so
+    this one run covers both."""
     pytest.importorskip("bitsandbytes")
     images = base / "input" / "kiln_demo" / "train" / "5_kiln toy"
     write_dataset_config(tmp_path / "my_sdxl_dataset_config.toml", images)
-    args = command_args(SDXL_COMMAND, pretrained_model_name_or_path=tiny_sdxl_path, max_train_epochs=1)
+    args = command_args(SDXL_COMMAND, pretrained_model_name_or_path=tiny_sdxl_path, max_train_epochs=2)
     refused = cli_kohya(kiln_env, base, args, tmp_path)
     assert refused.returncode != 0 and "add network_train_unet_only = true" in refused.stderr
     run = cli_kohya(kiln_env, base, args + ["--network_train_unet_only"], tmp_path)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    assert "sdxl_train_network.py: a sdxl run of KilnTrainSDXL" in run.stdout
+    assert "sdxl_train_network.py: a sdxl run of KilnTrainSDXL" in run.stdout and "epoch 2/2" in run.stdout
     with safe_open(str(tmp_path / "out" / "my_sdxl_lora.safetensors"), "pt") as f:
         meta, keys = f.metadata(), list(f.keys())
     assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_mixed_precision"]) == ("32", "16.0", "bf16")
+    assert meta["ss_optimizer"].endswith("AdamW8bit") and meta["ss_lr_scheduler"] == "constant"
+    assert meta["ss_gradient_checkpointing"] == "True" and meta["modelspec.architecture"].startswith("stable-diffusion-xl")
+    assert int(meta["ss_steps"]) == 2 * int(meta["ss_num_batches_per_epoch"]) and meta["ss_epoch"] == "2"
     assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert (tmp_path / "out" / "my_sdxl_lora-000001.safetensors").is_file()
     # the script fixes the family: the SDXL checkpoint under train_network.py is refused, naming the right script
     wrong = cli_kohya(kiln_env, base, ["train_network.py", f"--pretrained_model_name_or_path={tiny_sdxl_path}",
                                        "--dataset_config=my_sdxl_dataset_config.toml", "--output_dir=out",
@@ -378,20 +331,30 @@ def test_cli_runs_kohyas_sdxl_command(kiln_env, base, tiny_sdxl_path, tmp_path):
 
 @pytest.mark.slow
 def test_cli_runs_kohyas_sd3_command(kiln_env, base, tiny_sd3_split, tmp_path):
-    """docs/sd3_train_network.md's command: 1 epoch, the fixture's separate CLIP-L/G files, no t5xxl (no T5-XXL
-    fixture fits a test run), blocks_to_swap 2 (the fixture's every joint block) and --network_train_unet_only
-    (text-encoder LoRA through the fixture's full-size CLIP-G costs about a minute a step on 2 CPU cores)."""
+    """docs/sd3_train_network.md's command: a checkpoint without text encoders plus separate --clip_l/--clip_g files
+    (loaded by ComfyUI's DualCLIPLoader), 2 epochs instead of 10, 64² images, blocks_to_swap 2 (the fixture's every
+    joint block; the doc's 32 is for SD3.5 Large's 38); left out: t5xxl (no T5-XXL fixture fits a test run, see
+    tiny_models.build_sd3_split_files); added: --network_train_unet_only, because text-encoder LoRA through the
+    fixture's full-size CLIP-G costs about a minute a step on 2 CPU cores (measured: 62-73 s vs 1-2 s without). The
+    same text as a --config_file maps to the same graph (tests/unit/test_kohya_command_line.py)."""
     pytest.importorskip("bitsandbytes")
     write_dataset_config(tmp_path / "my_sd3_dataset_config.toml", base / "input" / "kiln_demo" / "train" / "5_kiln toy")
     args = command_args(SD3_COMMAND, pretrained_model_name_or_path=tiny_sd3_split["model"],
                         clip_l=tiny_sd3_split["clip_l"], clip_g=tiny_sd3_split["clip_g"], t5xxl=None,
-                        max_train_epochs=1, blocks_to_swap=2, network_train_unet_only=True)
+                        max_train_epochs=2, blocks_to_swap=2, network_train_unet_only=True)
     run = cli_kohya(kiln_env, base, args, tmp_path)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    assert "sd3_train_network.py: a sd3 run of KilnTrainSD3" in run.stdout and "DualCLIPLoader" in run.stdout
+    assert "sd3_train_network.py: a sd3 run of KilnTrainSD3" in run.stdout and "epoch 2/2" in run.stdout
     with safe_open(str(tmp_path / "out" / "my_sd3_lora.safetensors"), "pt") as f:
-        meta = f.metadata()
-    assert (meta["ss_network_dim"], meta["ss_weighting_scheme"]) == ("16", "uniform")
+        meta, keys = f.metadata(), list(f.keys())
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_mixed_precision"]) == ("16", "1.0", "fp16")
+    assert meta["ss_optimizer"].endswith("AdamW8bit") and meta["ss_weighting_scheme"] == "uniform"
+    assert int(meta["ss_steps"]) == 2 * int(meta["ss_num_batches_per_epoch"]) and meta["ss_epoch"] == "2"
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    # the separate encoder files were loaded by ComfyUI's DualCLIPLoader (the checkpoint has none)
+    assert "running node 3 DualCLIPLoader" in run.stdout
+    assert "blocks_to_swap 2: 2 of 2 blocks kept in host memory" in run.stdout
+    assert (tmp_path / "out" / "my_sd3_lora-000001.safetensors").is_file()
 
 
 @pytest.mark.slow
