@@ -1,5 +1,5 @@
-"""Train LoRA (SD1 / SDXL / SD3 / Flux / any model): each node states its family's plan (objective, conditioning, target rules,
-kohya names); the run skeleton (training_run.py) and the LoRA trainable (lora_training.py) do the rest."""
+"""Train LoRA (SD1 / SDXL / SD3 / Flux / any model): each node states its family's plan (objective, conditioning,
+target rules, kohya names); the run skeleton (training_run.py) and the LoRA trainable (lora_training.py) do the rest."""
 from __future__ import annotations
 
 import logging
@@ -221,7 +221,7 @@ class KilnTrainAnyModel(TrainNode):
             note += f"; {fam} has a preset: {preset} trains it with kohya's names and options"
         log.info("kiln: %s: %s", node, note)
         plan = FamilyPlan(
-            node=node, rules=lambda n: rules, namer=lambda n: ANY_NAMER,
+            node=node, rules=lambda n: rules, namer=lambda n: comfy_module_name,
             checkpoint_blocks=lambda n: [b for p in lists for b in n.get_submodule(p)],
             architecture=lambda n: f"comfyui-{fam}/lora", version=fam,
             objective=layer.objective(layer.FAMILIES[registry.ANY], sampling, tcfg, opts),
@@ -234,7 +234,7 @@ class KilnTrainAnyModel(TrainNode):
         return trainable.outputs(run, fam)
 
 
-def ANY_NAMER(path: str) -> str:
+def comfy_module_name(path: str) -> str:
     """ComfyUI's own name of a module: the key its LoRA loader maps for any model (comfy/lora.py)."""
     return f"diffusion_model.{path}"
 

@@ -170,6 +170,9 @@ def training_session(model, node: str, private: bool = False, copy_norm_inputs: 
         yield TrainingTarget(patcher, unet, note)
 
 
+CONST_COND = "const:"  # cond key prefix: a CONDConstant's number carried as a 0-d tensor (text.ModelConditioning)
+
+
 def unet_forward(model, unet, dtype: torch.dtype | None = None):
     """fn(x_t, t, cond) for the diffusion network (compvis UNet, MMDiT, Flux): the call ComfyUI's _apply_model
     makes, with ``t`` in the model's own timestep units (DDPM index, or σ·1000 for flow models). Inputs go in
@@ -179,11 +182,11 @@ def unet_forward(model, unet, dtype: torch.dtype | None = None):
     def forward(x_t, timesteps, cond):
         # every other cond is a keyword of the forward (SDXL/SD3/Flux: y, Flux: guidance; any model: what its
         # extra_conds gave), cast as ComfyUI's _apply_model casts them (floats to the compute dtype, integers kept);
-        # c_concat goes onto the latents' channels, a constant (text.CONST) back to its number
+        # c_concat goes onto the latents' channels, a constant (CONST_COND) back to its number
         extra = {}
         for k, v in cond.items():
-            if k.startswith("const:"):
-                extra[k[len("const:"):]] = v.item()
+            if k.startswith(CONST_COND):
+                extra[k[len(CONST_COND):]] = v.item()
             elif k not in ("context", "c_concat"):
                 extra[k] = v.to(dtype) if v.is_floating_point() else v
         x = torch.cat([x_t, cond["c_concat"].to(x_t)], dim=1) if "c_concat" in cond else x_t

@@ -15,7 +15,7 @@ from ...trainer_core.errors import KilnError
 from ...trainer_core.families import sd3, sdxl
 from ...trainer_core.data.token_windows import WINDOW, joined_positions, kohya_windows, windows_for
 from . import compat
-from .model import TrainingTarget
+from .model import CONST_COND, TrainingTarget
 from .private import private_patcher
 from .tensors import autograd_views, fingerprint, fingerprint_patches, norm_input_copies, normal_tensor
 
@@ -380,9 +380,6 @@ class FluxTextConditioning(TextConditioning):
         return out
 
 
-CONST = "const:"  # a cond key prefix: a CONDConstant's number, carried as a 0-d tensor (model.unet_forward reads it)
-
-
 class ModelConditioning(TextConditioning):
     """Train LoRA (any model): a caption encoded as CLIPTextEncode encodes it (ComfyUI's own tokenizer, chunking and
     ``encode_from_tokens`` with every output the CLIP returns: pooled, attention masks, ...), then turned into what the
@@ -446,7 +443,7 @@ class ModelConditioning(TextConditioning):
             if torch.is_tensor(value):
                 out[name] = value.float() if value.is_floating_point() else value
             elif isinstance(value, (bool, int, float)):
-                out[CONST + name] = torch.tensor(value)
+                out[CONST_COND + name] = torch.tensor(value)
             else:
                 raise KilnError(f"Train LoRA (any model): this model's conditioning {key!r} is a "
                                 f"{type(c).__name__} Kiln cannot batch (e.g. reference latents of an edit model); "
@@ -458,10 +455,11 @@ class ModelConditioning(TextConditioning):
         batch = {}
         for key in rows[0]:
             values = [r[key] for r in rows]
-            if key.startswith(CONST):
+            if key.startswith(CONST_COND):
                 if any(not torch.equal(v, values[0]) for v in values):
-                    raise KilnError(f"Train LoRA (any model): the model's {key[len(CONST):]!r} differs between the "
-                                    f"captions of one batch (ComfyUI passes it once per batch); set batch_size 1.")
+                    name = key[len(CONST_COND):]
+                    raise KilnError(f"Train LoRA (any model): the model's {name!r} differs between the captions of "
+                                    f"one batch (ComfyUI passes it once per batch); set batch_size 1.")
                 batch[key] = values[0]
             else:
                 batch[key] = torch.cat(values)

@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from fixtures.kiln_nodes import DATASET, kiln_error, lora_config
+from fixtures.kiln_nodes import diffusion_model_parts, kiln_error, lora_config, sample_once
 from test_train_sd1 import TRAIN
 
 ANY_OPTS = dict(timestep_sampling="shift", sigmoid_scale=1.0, discrete_flow_shift=0.0, model_prediction_type="raw",
@@ -26,18 +26,11 @@ BLOCK_LINEARS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_
 def pixart(comfy, pixart_model_name, sd1_checkpoint, sd3_checkpoint, dataset_dir):
     """(MODEL, CLIP, cached dataset): PixArt-Sigma by Load Diffusion Model, the SD3 fixture's CLIP, latents cached
     through the SD1 fixture's VAE."""
-    model = comfy.run_node("UNETLoader", unet_name=pixart_model_name, weight_dtype="default")[0]
-    clip = comfy.run_node("CheckpointLoaderSimple", ckpt_name=sd3_checkpoint)[1]
-    vae = comfy.run_node("CheckpointLoaderSimple", ckpt_name=sd1_checkpoint)[2]
-    ds = comfy.run_node("KilnLoadDataset", folder=str(dataset_dir["train_dir"]), **(DATASET | PIXART_SIZES))[0]
-    return model, clip, comfy.run_node("KilnCacheLatents", dataset=ds, vae=vae, batch_size=4)[0]
+    return diffusion_model_parts(comfy, pixart_model_name, sd3_checkpoint, sd1_checkpoint, dataset_dir, **PIXART_SIZES)
 
 
 def sample(comfy, model, clip):
-    pos = comfy.run_node("CLIPTextEncode", clip=clip, text="a kiln toy")[0]
-    latent = comfy.run_node("EmptyLatentImage", width=384, height=384, batch_size=1)[0]
-    return comfy.run_node("KSampler", model=model, seed=5, steps=2, cfg=1.0, sampler_name="euler", scheduler="normal",
-                          positive=pos, negative=pos, latent_image=latent, denoise=1.0)[0]["samples"].clone()
+    return sample_once(comfy, model, clip, 384, "EmptyLatentImage", "normal")
 
 
 def test_fixture_is_a_family_without_a_preset(pixart):
