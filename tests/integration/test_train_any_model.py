@@ -15,7 +15,7 @@ from test_train_sd1 import TRAIN
 
 ANY_OPTS = dict(timestep_sampling="shift", sigmoid_scale=1.0, discrete_flow_shift=0.0, model_prediction_type="raw",
                 weighting_scheme="uniform", logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
-ANY_TRAIN = TRAIN | dict(steps=6, learning_rate=1e-2, sample_every=0, sample_steps=1, sample_cfg=1.0, seed=3)
+ANY_TRAIN = TRAIN | dict(steps=8, learning_rate=3e-3, sample_every=0, sample_steps=1, sample_cfg=1.0, seed=3)
 # PixArt's position table divides by round(mean latent side / 64) (Python rounds 0.5 to 0): latents of 48 (384 px)
 PIXART_SIZES = dict(batch_size=1, resolution=384, min_bucket_reso=384, max_bucket_reso=384, bucket_reso_steps=64)
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj", "mlp.fc1",
