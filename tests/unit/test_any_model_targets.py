@@ -69,3 +69,24 @@ def test_comfyui_module_names_save_and_load_and_train():
         again = LoRANetwork(net, rules, lambda path: f"diffusion_model.{path}", seed=2)
     again.load_kohya_state_dict(lora.kohya_state_dict())
     assert all(torch.equal(again.kohya_state_dict()[k], v) for k, v in lora.kohya_state_dict().items())
+
+
+FLOW_OPTS = dict(timestep_sampling="shift", sigmoid_scale=1.0, discrete_flow_shift=0.0, model_prediction_type="raw",
+                 weighting_scheme="uniform", logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
+
+
+def test_any_objective_follows_the_models_own_sampling():
+    from trainer_core.families import flux, layer, sd1
+    from trainer_core.training.config import TrainConfig
+    fam, cfg = layer.FAMILIES["any"], TrainConfig()
+    sigmas = torch.linspace(0.03, 14.6, 1000, dtype=torch.float64)
+    assert isinstance(layer.objective(fam, layer.Sampling("eps", sigmas=sigmas), cfg, FLOW_OPTS), sd1.SD1Objective)
+    # flow: the velocity target; discrete_flow_shift 0 = the shift ComfyUI samples the model with
+    flow = layer.objective(fam, layer.Sampling("flow", multiplier=1.0, shift=3.0), cfg, FLOW_OPTS)
+    shifted = flux.objective(FLOW_OPTS | dict(discrete_flow_shift=3.0), lambda s: s)
+    x0 = torch.randn(64, 4, 8, 8)
+    a, b = flow.sample(x0, torch.Generator().manual_seed(0)), shifted.sample(x0, torch.Generator().manual_seed(0))
+    assert flow.target == "velocity" and torch.equal(a.timesteps, b.timesteps) and torch.equal(a.target, b.target)
+    assert torch.allclose(a.timesteps.float(), a.sigma.view(-1).float())  # FLUX.1-like multiplier 1: t = σ
+    unshifted = layer.objective(fam, layer.Sampling("flow", shift=3.0), cfg, FLOW_OPTS | dict(discrete_flow_shift=1.0))
+    assert unshifted.sample(x0, torch.Generator().manual_seed(0)).sigma.mean() < a.sigma.mean()
