@@ -49,6 +49,7 @@ def test_any_model_trains_pixart_in_place_and_stock_lora_loader_applies_every_ke
         out = comfy.run_node("KilnTrainAnyModel", model=model, clip=clip, dataset=cached,
                              lora_config=lora_config(comfy), **ANY_TRAIN, **ANY_OPTS)
     model_out, lora, samples, _plot, _clip = out
+    print(out.ui["text"][0].splitlines()[0])  # the run's figures (steps, s/step, probe loss), shown with -rP
     meta = lora.metadata
     assert float(meta["kiln_probe_loss_end"]) < float(meta["kiln_probe_loss_start"])
     # the line saying no preset applied, and what was targeted, in the log and the node's text
@@ -78,6 +79,7 @@ def test_any_model_trains_pixart_in_place_and_stock_lora_loader_applies_every_ke
     assert samples.shape == (1, 384, 384, 3)
 
 
+@pytest.mark.slow
 def test_any_model_refuses_ddpm_keys_on_a_flow_model_by_name(comfy, sd3_checkpoint, dataset_dir):
     from test_train_sd1 import load_and_cache
     model, clip, cached = load_and_cache(comfy, sd3_checkpoint, dataset_dir)  # SD3: flow (it has a preset too)
@@ -89,6 +91,7 @@ def test_any_model_refuses_ddpm_keys_on_a_flow_model_by_name(comfy, sd3_checkpoi
     out = comfy.run_node("KilnTrainAnyModel", model=model, clip=clip, dataset=cached, lora_config=lora_config(comfy),
                          **(ANY_TRAIN | dict(steps=2)), **ANY_OPTS)
     lora = out[1]
+    print(out.ui["text"][0].splitlines()[0])
     assert comfy.pack_module("nodes.comfy.model").unmapped_lora_keys(model, lora.state_dict) == []
     assert any(k.startswith("diffusion_model.joint_blocks.0.x_block.attn.qkv.") for k in lora.state_dict)
     assert not any("adaLN_modulation" in k for k in lora.state_dict)
