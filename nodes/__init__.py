@@ -9,10 +9,11 @@ from .export_nodes import KilnExportRun
 from .dataset_nodes import KilnCacheLatents, KilnDatasetFromImages, KilnLoadDataset, KilnMaskSource
 from .lora_nodes import KilnLoraConfig, KilnSaveLora
 from .reg_images_nodes import KilnMakeRegImages
-from .train_nodes import KilnTrainFlux, KilnTrainSD1, KilnTrainSD3, KilnTrainSDXL
+from .train_nodes import KilnTrainAnyModel, KilnTrainFlux, KilnTrainSD1, KilnTrainSD3, KilnTrainSDXL
 
 NODES: list[type[io.ComfyNode]] = [KilnLoadDataset, KilnDatasetFromImages, KilnMaskSource, KilnCacheLatents, KilnLoraConfig,
-                                 KilnTrainSD1, KilnTrainSDXL, KilnTrainSD3, KilnTrainFlux, KilnSaveLora,
+                                 KilnTrainSD1, KilnTrainSDXL, KilnTrainSD3, KilnTrainFlux, KilnTrainAnyModel,
+                                 KilnSaveLora,
                                  KilnTrainDreamBooth,
                                  KilnSaveCheckpoint, KilnMakeRegImages, KilnCompareLoras, KilnExportRun]
 

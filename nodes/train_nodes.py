@@ -1,6 +1,8 @@
-"""Train LoRA (SD1 / SDXL / SD3 / Flux): each node states its family's plan (objective, conditioning, target rules,
-kohya names); the run skeleton (training_run.py) and the LoRA trainable (lora_training.py) do the rest."""
+"""Train LoRA (SD1 / SDXL / SD3 / Flux / any model): each node states its family's plan (objective, conditioning,
+target rules, kohya names); the run skeleton (training_run.py) and the LoRA trainable (lora_training.py) do the rest."""
 from __future__ import annotations
+
+import logging
 
 from comfy_api.latest import io
 
@@ -12,13 +14,16 @@ from ..trainer_core.training.loop import TrainConfig
 from ..trainer_core.lora.blocks import NETWORK_ARGS as BLOCK_ARGS
 from ..trainer_core.lora.config import LoraConfig
 from ..trainer_core.lora.network_args import bool_arg, parse_network_args
+from ..trainer_core.lora.targets import block_linear_rules, repeated_block_lists, select_targets
 from .comfy import model as cmodel
-from .comfy.text import FluxTextConditioning, SD3TextConditioning, SDXLTextConditioning, TextConditioning, \
-    with_clip_skip
+from .comfy.text import FluxTextConditioning, ModelConditioning, SD3TextConditioning, SDXLTextConditioning, \
+    TextConditioning, with_clip_skip
 from .lora_training import LORAPLUS_ARGS, VERBOSE, LoraTrainable, unet_blocks, unet_conv_rank
 from .train_inputs import train_schema
 from .training_run import FamilyPlan, prepare, run_training, validate_saving
 from .types import KilnDataset
+
+log = logging.getLogger("kiln")
 
 
 def family_objective(model, key: str, tcfg: TrainConfig, opts: dict | None = None):
@@ -183,3 +188,66 @@ def check_flux_options(fam: str, opts: dict, tcfg: TrainConfig, node: str) -> No
     if fam == "Chroma" and opts["guidance_scale"] != 0:
         raise KilnError(f"{node}: Chroma is not guidance-distilled: kohya requires guidance_scale 0 for it (ComfyUI "
                         f"samples Chroma with guidance 0). Set guidance_scale to 0.")
+
+
+class KilnTrainAnyModel(TrainNode):
+    @classmethod
+    def define_schema(cls):
+        return train_schema(
+            "KilnTrainAnyModel", "Train LoRA (any model)",
+            "Trains a LoRA on a loaded model whose family has no preset (PixArt, HiDream, Lumina 2, ...) in place: the "
+            "target from ComfyUI's model sampling, conditioning from the model's own extra_conds, LoRA on the "
+            "attention and MLP layers of its repeated blocks, saved under ComfyUI's module names.", registry.ANY)
+
+    @classmethod
+    def execute(cls, model, clip, dataset: KilnDataset, lora_config: LoraConfig, **opts) -> io.NodeOutput:
+        node = "Train LoRA (any model)"
+        fam, tcfg = prepare(model, dataset, opts, None, node, cls, registry.ANY, LoraTrainable)
+        sampling = cmodel.sampling(model, node)
+        check_any_options(sampling.prediction, tcfg, node)
+        net = model.model.diffusion_model
+        lists = repeated_block_lists(net)
+        lc = lora_config
+        rules = block_linear_rules(lists, lc.rank, lc.alpha)
+        count = len(select_targets(net, rules))
+        if not count:
+            raise KilnError(f"{node}: found no attention or MLP Linear layers in repeated blocks of this {fam} model "
+                            f"({type(net).__name__}); it needs a family preset.")
+        preset = cmodel.preset_node(model)
+        note = (f"no family preset applied ({fam}, {type(net).__name__}, {sampling.prediction}): LoRA on {count} "
+                f"attention/MLP Linear layers of {', '.join(f'{p} ({len(net.get_submodule(p))})' for p in lists)}, "
+                f"saved as diffusion_model.<module path>")
+        if preset:
+            note += f"; {fam} has a preset: {preset} trains it with kohya's names and options"
+        log.info("kiln: %s: %s", node, note)
+        plan = FamilyPlan(
+            node=node, rules=lambda n: rules, namer=lambda n: comfy_module_name,
+            checkpoint_blocks=lambda n: [b for p in lists for b in n.get_submodule(p)],
+            architecture=lambda n: f"comfyui-{fam}/lora", version=fam,
+            objective=layer.objective(layer.FAMILIES[registry.ANY], sampling, tcfg, opts),
+            conditioning=ModelConditioning(clip, model), copy_norm_inputs=True,
+            network_args={**VERBOSE, **LORAPLUS_ARGS},
+            metadata=registry.widget_metadata(opts, registry.ANY) if sampling.prediction == "flow" else {})
+        trainable = LoraTrainable(lc, plan)
+        run = run_training(model, clip, dataset, tcfg, plan, opts, cls.hidden.unique_id, trainable)
+        run.notes.insert(0, note)
+        return trainable.outputs(run, fam)
+
+
+def comfy_module_name(path: str) -> str:
+    """ComfyUI's own name of a module: the key its LoRA loader maps for any model (comfy/lora.py)."""
+    return f"diffusion_model.{path}"
+
+
+def check_any_options(prediction: str, tcfg: TrainConfig, node: str) -> None:
+    """Options the model's parameterisation does not read, refused by name: the DDPM noise/loss keys on a flow
+    model (the flow widgets are the flow draw), and huber's snr schedule there (kohya's needs a DDPM schedule)."""
+    if prediction != "flow":
+        return
+    ddpm_only = [k for k in tcfg.training_args if "flux" not in registry.BY_NAME[k].families]
+    if ddpm_only:
+        raise KilnError(f"{node}: training_args {ddpm_only[0]} applies to DDPM (eps/v) models here; this model samples "
+                        f"as flow (timestep_sampling, discrete_flow_shift and the other flow inputs set its draw). "
+                        f"Remove it.")
+    if "huber_schedule" not in tcfg.training_args:
+        tcfg.loss.huber_schedule = "constant"  # kohya's snr schedule needs DDPM timesteps

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 NODES_PAGE = REPO / "docs" / "nodes.md"
 ARGS_PAGE = REPO / "docs" / "training-args.md"
 WIDTH = 116
-FAMILY_NAMES = {"sd1": "SD1/SD2", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux"}
+FAMILY_NAMES = {"sd1": "SD1/SD2", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux", "any": "any model"}
 
 
 def wrap(text: str, first: str, indent: str = "  ") -> list[str]:
@@ -123,7 +123,8 @@ def training_arg_rows(comfy) -> tuple[list[dict], list[dict]]:
     return [row(o) for o in registry.TRAINING_ARGS.values()], [row(o) for o in registry.WIDGETS.values()]
 
 
-NODE_NAMES = {"sd1": "SD1", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux", "dreambooth": "DreamBooth"}
+NODE_NAMES = {"sd1": "SD1", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux", "dreambooth": "DreamBooth",
+              "any": "any model"}
 
 
 def render_training_args(rows: list[dict], widgets: list[dict]) -> str:

@@ -134,6 +134,14 @@ def tiny_flux_paths(kiln_env, fixture_cache):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_pixart_path(kiln_env, fixture_cache) -> Path:
+    """The tiny PixArt-Sigma diffusion model in the cache (Train LoRA (any model)'s family without a preset; built on
+    first use: ~2 s, ~115 MB)."""
+    _import_comfy_core(kiln_env.comfyui)
+    return Path(tiny_models.build_pixart_model(str(fixture_cache / tiny_models.default_name("pixart-sigma"))))
+
+
 def _link_pack(custom_nodes: Path) -> None:
     """Expose only this repo to ComfyUI's custom-node loader, under the name users install it as."""
     custom_nodes.mkdir(parents=True, exist_ok=True)
@@ -345,6 +353,12 @@ def flux_model_name(comfy, tiny_flux_paths):
     """A factory: variant -> the file name (for Load Diffusion Model's unet_name) of the tiny Flux/Chroma model,
     linked into comfy's models/diffusion_models."""
     return lambda variant: comfy.install_checkpoint(tiny_flux_paths(variant), "diffusion_models")
+
+
+@pytest.fixture(scope="session")
+def pixart_model_name(comfy, tiny_pixart_path) -> str:
+    """File name (for Load Diffusion Model's unet_name) of the tiny PixArt-Sigma model."""
+    return comfy.install_checkpoint(tiny_pixart_path, "diffusion_models")
 
 
 @pytest.fixture(scope="session")

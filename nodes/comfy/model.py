@@ -42,11 +42,16 @@ def model_family(model) -> str:
     return type(model.model.model_config).__name__
 
 
-def require_family(model, allowed: tuple[str, ...], node: str) -> str:
+def preset_node(model) -> str | None:
+    """The Train node whose family preset covers this MODEL, if any."""
+    return NODE_FOR_FAMILY.get(model_family(model))
+
+
+def require_family(model, allowed: tuple[str, ...] | None, node: str) -> str:
     fam = model_family(model)
-    if fam not in allowed:
+    if allowed is not None and fam not in allowed:  # None: any family (Train LoRA (any model))
         hint = NODE_FOR_FAMILY.get(fam)
-        use = f"use the {hint} node instead" if hint else "Kiln does not train this model family yet"
+        use = f"use the {hint} node instead" if hint else "it has no preset yet: use Train LoRA (any model)"
         raise KilnError(f"{node} got a {fam} model: {use}. ({node} trains {', '.join(allowed[:3])} models.)")
     return fam
 
@@ -165,6 +170,9 @@ def training_session(model, node: str, private: bool = False, copy_norm_inputs: 
         yield TrainingTarget(patcher, unet, note)
 
 
+CONST_COND = "const:"  # cond key prefix: a CONDConstant's number carried as a 0-d tensor (text.ModelConditioning)
+
+
 def unet_forward(model, unet, dtype: torch.dtype | None = None):
     """fn(x_t, t, cond) for the diffusion network (compvis UNet, MMDiT, Flux): the call ComfyUI's _apply_model
     makes, with ``t`` in the model's own timestep units (DDPM index, or σ·1000 for flow models). Inputs go in
@@ -172,8 +180,17 @@ def unet_forward(model, unet, dtype: torch.dtype | None = None):
     dtype = dtype or model.model.manual_cast_dtype or model.model.get_dtype()
 
     def forward(x_t, timesteps, cond):
-        extra = {k: cond[k].to(dtype) for k in ("y", "guidance") if k in cond}  # Flux: pooled CLIP-L, guidance
-        return unet(x_t.to(dtype), timesteps, context=cond["context"].to(dtype), **extra)
+        # every other cond is a keyword of the forward (SDXL/SD3/Flux: y, Flux: guidance; any model: what its
+        # extra_conds gave), cast as ComfyUI's _apply_model casts them (floats to the compute dtype, integers kept);
+        # c_concat goes onto the latents' channels, a constant (CONST_COND) back to its number
+        extra = {}
+        for k, v in cond.items():
+            if k.startswith(CONST_COND):
+                extra[k[len(CONST_COND):]] = v.item()
+            elif k not in ("context", "c_concat"):
+                extra[k] = v.to(dtype) if v.is_floating_point() else v
+        x = torch.cat([x_t, cond["c_concat"].to(x_t)], dim=1) if "c_concat" in cond else x_t
+        return unet(x.to(dtype), timesteps, context=cond["context"].to(dtype), **extra)
     return forward
 
 

@@ -15,7 +15,7 @@ from ...trainer_core.errors import KilnError
 from ...trainer_core.families import sd3, sdxl
 from ...trainer_core.data.token_windows import WINDOW, joined_positions, kohya_windows, windows_for
 from . import compat
-from .model import TrainingTarget
+from .model import CONST_COND, TrainingTarget
 from .private import private_patcher
 from .tensors import autograd_views, fingerprint, fingerprint_patches, norm_input_copies, normal_tensor
 
@@ -378,3 +378,89 @@ class FluxTextConditioning(TextConditioning):
         out = super().__call__(captions, train, geometries)
         out["guidance"] = torch.full((len(captions),), float(self.guidance))
         return out
+
+
+class ModelConditioning(TextConditioning):
+    """Train LoRA (any model): a caption encoded as CLIPTextEncode encodes it (ComfyUI's own tokenizer, chunking and
+    ``encode_from_tokens`` with every output the CLIP returns: pooled, attention masks, ...), then turned into what the
+    network's forward takes by the model's own ``extra_conds``, with each sample's size, as ComfyUI's sampler does
+    (``samplers.encode_model_conds``): ``c_crossattn`` becomes the forward's ``context``, every other cond a keyword.
+    No kohya windows and no family knowledge: the model says what it needs."""
+
+    SKIP = ("crossattn_controlnet",)  # what ComfyUI hands to ControlNets, not to the model
+
+    def __init__(self, clip, model):
+        super().__init__(clip)
+        self.model = model
+
+    def settings(self) -> str:
+        return f"{super().settings()}|extra_conds"
+
+    def tokens(self, text: str) -> dict:
+        return self.clip.tokenize(self.caption_text(text))
+
+    def token_count(self, text: str) -> int | None:
+        return None  # ComfyUI's own chunking: no kohya max_token_length
+
+    def _encode(self, text: str, preview: bool = False) -> tuple:
+        self.encodes += 1
+        tokens = self.preview_tokens(text) if preview else self.tokens(text)
+        with contextlib.nullcontext() if self.live else torch.no_grad():
+            out = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+        cond, pooled = out.pop("cond"), out.pop("pooled_output", None)
+        return tokens, cond, pooled, out
+
+    def _entry(self, tokens: dict, cond: torch.Tensor, pooled, extra: dict | None = None) -> dict[str, torch.Tensor]:
+        entry = {"context": cond[0].float()}
+        if torch.is_tensor(pooled):
+            entry["pooled_output"] = pooled[0].float()
+        entry.update({k: v[0] for k, v in (extra or {}).items() if torch.is_tensor(v) and v.dim() and v.shape[0] == 1})
+        return entry
+
+    def comfy_conditioning(self, text: str):
+        if self.live or text not in self.raw:
+            with torch.no_grad():
+                _, cond, pooled, extra = self._encode(text, preview=True)
+            self.raw[text] = (None, cond, pooled, extra)
+        _, cond, pooled, extra = self.raw[text]
+        return [[cond, {"pooled_output": pooled, **extra}]]
+
+    def model_conds(self, entry: dict, geometry) -> dict[str, torch.Tensor]:
+        """One sample's forward keywords from the model's own extra_conds (its size: the bucket it trains at)."""
+        base = self.model.model
+        width, height = geometry.bucket
+        latent = base.latent_format
+        noise = torch.zeros((1, latent.latent_channels, height // 8, width // 8))
+        kwargs = {k: v[None] for k, v in entry.items() if k != "context"}
+        conds = base.extra_conds(cross_attn=entry["context"][None], width=width, height=height, noise=noise,
+                                 device=noise.device, prompt_type="positive", **kwargs)
+        out = {}
+        for key, c in conds.items():
+            if key in self.SKIP:
+                continue
+            value = getattr(c, "cond", None)
+            name = "context" if key == "c_crossattn" else key
+            if torch.is_tensor(value):
+                out[name] = value.float() if value.is_floating_point() else value
+            elif isinstance(value, (bool, int, float)):
+                out[CONST_COND + name] = torch.tensor(value)
+            else:
+                raise KilnError(f"Train LoRA (any model): this model's conditioning {key!r} is a "
+                                f"{type(c).__name__} Kiln cannot batch (e.g. reference latents of an edit model); "
+                                f"this family needs a preset.")
+        return out
+
+    def __call__(self, captions: list[str], train: bool = False, geometries=None) -> dict[str, torch.Tensor]:
+        rows = [self.model_conds(self.entry(c), g) for c, g in zip(captions, geometries)]
+        batch = {}
+        for key in rows[0]:
+            values = [r[key] for r in rows]
+            if key.startswith(CONST_COND):
+                if any(not torch.equal(v, values[0]) for v in values):
+                    name = key[len(CONST_COND):]
+                    raise KilnError(f"Train LoRA (any model): the model's {name!r} differs between the captions of "
+                                    f"one batch (ComfyUI passes it once per batch); set batch_size 1.")
+                batch[key] = values[0]
+            else:
+                batch[key] = torch.cat(values)
+        return batch

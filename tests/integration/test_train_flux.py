@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from fixtures.kiln_nodes import DATASET, kiln_error, lora_config
+from fixtures.kiln_nodes import diffusion_model_parts, kiln_error, lora_config, sample_once
 from test_train_sd1 import TRAIN
 
 FLUX_OPTS = dict(timestep_sampling="sigma", sigmoid_scale=1.0, discrete_flow_shift=3.0,
@@ -24,18 +24,11 @@ FLUX_TRAIN = {k: v for k, v in TRAIN.items() if k != "min_snr_gamma"} | dict(
 def flux_parts(comfy, name, sd1_checkpoint, sd3_checkpoint, dataset_dir):
     """(MODEL, CLIP, cached dataset): the Flux model by Load Diffusion Model, the SD1 fixture's CLIP-L, latents
     cached through the SD3 fixture's 16-channel VAE."""
-    model = comfy.run_node("UNETLoader", unet_name=name, weight_dtype="default")[0]
-    clip = comfy.run_node("CheckpointLoaderSimple", ckpt_name=sd1_checkpoint)[1]
-    vae = comfy.run_node("CheckpointLoaderSimple", ckpt_name=sd3_checkpoint)[2]
-    ds = comfy.run_node("KilnLoadDataset", folder=str(dataset_dir["train_dir"]), **(DATASET | dict(batch_size=1)))[0]
-    return model, clip, comfy.run_node("KilnCacheLatents", dataset=ds, vae=vae, batch_size=4)[0]
+    return diffusion_model_parts(comfy, name, sd1_checkpoint, sd3_checkpoint, dataset_dir, batch_size=1)
 
 
 def sample(comfy, model, clip):
-    pos = comfy.run_node("CLIPTextEncode", clip=clip, text="a kiln toy")[0]
-    latent = comfy.run_node("EmptySD3LatentImage", width=64, height=64, batch_size=1)[0]
-    return comfy.run_node("KSampler", model=model, seed=5, steps=2, cfg=1.0, sampler_name="euler", scheduler="simple",
-                          positive=pos, negative=pos, latent_image=latent, denoise=1.0)[0]["samples"].clone()
+    return sample_once(comfy, model, clip)
 
 
 @pytest.fixture(scope="module")

@@ -71,6 +71,16 @@ def flux_objective(sampling: Sampling, cfg, opts: dict):
     return flux.objective(opts, sampling.network_timestep())
 
 
+def any_objective(sampling: Sampling, cfg, opts: dict):
+    """Train LoRA (any model): the objective the model's own sampling implies. DDPM (eps/v): the SD1 objective on
+    its σ table; flow (ComfyUI's CONST): velocity ε − x0 as for Flux, σ drawn by kohya's timestep_sampling with
+    ``discrete_flow_shift`` 0 meaning the shift ComfyUI samples the model with."""
+    if sampling.prediction == "flow":
+        shift = opts["discrete_flow_shift"] or sampling.shift
+        return flux.objective({**opts, "discrete_flow_shift": shift}, sampling.network_timestep())
+    return ddpm_objective(sampling, cfg, opts)
+
+
 FAMILIES: dict[str, Family] = {f.key: f for f in (
     Family("sd1", "Train LoRA (SD1)",
            ("SD15", "SD15_instructpix2pix", "SD20", "SD21UnclipL", "SD21UnclipH", "SD_X4Upscaler", "LotusD"),
@@ -83,6 +93,9 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
     Family("flux", "Train LoRA (Flux)", ("Flux", "FluxSchnell", "Chroma"), ("flow",), ("context", "y", "guidance"),
            flux_objective, flux.TE_PREFIXES, "networks.lora_flux", inplace_residuals=True,
            defaults={"huber_schedule": "constant"}),
+    # no preset: whatever model ComfyUI loaded, conditioned through its own extra_conds (nodes/comfy/text.py)
+    Family("any", "Train LoRA (any model)", (), ("eps", "v", "flow"), ("context", "extra_conds"), any_objective,
+           network_module="networks.lora"),
 )}
 NODE_FOR_MODEL_CONFIG = {c: f.node for f in FAMILIES.values() for c in f.model_configs}
 

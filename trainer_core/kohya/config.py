@@ -14,7 +14,7 @@ import tomllib
 
 from ..errors import KilnError
 from ..maths.optim import OPTIMIZERS, SCHEDULERS
-from ..options.registry import TRAINING_ARGS, WIDGETS, kohya_widget_keys
+from ..options.registry import ANY, TRAINING_ARGS, WIDGETS, kohya_widget_keys
 from ..options.training_args import format_value, parse_training_args
 from .dataset_flags import DATASET_FLAGS, FOLDERS
 from .flags import SCRIPTS
@@ -37,10 +37,17 @@ PRECISION = {"no": "fp32", "fp32": "fp32", "float": "fp32", "fp16": "fp16", "bf1
 
 # kohya key -> Train node input (same value), from the option registry; SD3's own widgets apart
 WIDGET_KEYS = kohya_widget_keys()
-SD3_KEYS = tuple(k for k, name in WIDGET_KEYS.items() if set(WIDGETS[name].families) <= {"sd3", "flux"}
+
+
+def _preset_families(name: str) -> set[str]:
+    """The kohya families a widget belongs to (Train LoRA (any model) borrows the flow widgets; no kohya script)."""
+    return set(WIDGETS[name].families) - {ANY}
+
+
+SD3_KEYS = tuple(k for k, name in WIDGET_KEYS.items() if _preset_families(name) <= {"sd3", "flux"}
                  and "sd3" in WIDGETS[name].families)  # the flow families' own widgets that SD3 has
 # the Flux node's own widgets: not read from kohya configs yet
-FLUX_KEYS = tuple(k for k, name in WIDGET_KEYS.items() if WIDGETS[name].families == ("flux",))
+FLUX_KEYS = tuple(k for k, name in WIDGET_KEYS.items() if _preset_families(name) == {"flux"})
 TRAIN_KEYS = {k: name for k, name in WIDGET_KEYS.items() if k not in SD3_KEYS + FLUX_KEYS}
 HANDLED = {"pretrained_model_name_or_path", "text_encoder_lr1", "text_encoder_lr2", "text_encoder_lr3", "clip_l", "clip_g",
            "t5xxl", "dataset_config", "output_dir", "output_name", "save_precision",

@@ -30,6 +30,33 @@ def file_algorithm(sd: dict, name: str) -> str | None:
     return next((algo for key, algo in _SIGNATURES if f"{name}.{key}" in sd), None)
 
 
+class Adapters(nn.ModuleDict):
+    """Adapters by file name. A name may hold dots (Train LoRA (any model) names modules as ComfyUI does,
+    ``diffusion_model.blocks.0.attn.qkv``), which torch forbids in a submodule's name: stored with ``:`` instead."""
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace(".", ":")
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return super().__getitem__(self._key(name))
+
+    def __setitem__(self, name: str, module: nn.Module) -> None:
+        super().__setitem__(self._key(name), module)
+
+    def __contains__(self, name) -> bool:
+        return super().__contains__(self._key(name))
+
+    def __iter__(self):
+        return (k.replace(":", ".") for k in super().__iter__())
+
+    def keys(self):
+        return list(self)
+
+    def items(self):
+        return [(k.replace(":", "."), m) for k, m in super().items()]
+
+
 class LoRANetwork(nn.Module):
     """All adapters of one training run. ``name_of(path)`` turns a host module path into a kohya
     name (e.g. ``lora_unet_down_blocks_0_attentions_0_proj_in``)."""
@@ -49,7 +76,7 @@ class LoRANetwork(nn.Module):
         self.rank_of = rank_of      # (name, is 3x3 conv, rank, alpha) -> (rank, alpha): kohya's block_dims
         self.block_lr = None        # UNet name -> (block label, lr multiplier): kohya's *_lr_weight
         self.plus: dict[str, float] = {}  # "unet" / "text_encoder" -> LoRA+ ratio
-        self.adapters = nn.ModuleDict()
+        self.adapters = Adapters()
         self.paths: dict[str, str] = {}  # kohya name -> host module path
         self.groups: dict[str, str] = {}  # kohya name -> "unet" or a text encoder (own learning rate)
         self.add(root, rules, name_of, "unet")

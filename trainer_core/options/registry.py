@@ -18,10 +18,12 @@ from ..maths.losses import HUBER_SCHEDULES, LOSS_TYPES
 from ..maths.optim import OPTIMIZERS, SCHEDULERS
 from ..kohya.sample_prompts import SAMPLERS
 
-FAMILIES = ("sd1", "sdxl", "sd3", "flux")
-DDPM = ("sd1", "sdxl")  # noise and loss options kohya applies to the DDPM families only
-FLOW = ("sd3", "flux")  # rectified flow (families/flow.py)
-NODE_KINDS = ("sd1", "sdxl", "sd3", "flux", "dreambooth")  # Train nodes: four LoRA families, DreamBooth (SD1/SD2)
+ANY = "any"  # Train LoRA (any model): a model without a preset, DDPM (eps/v) or flow, as ComfyUI samples it
+FAMILIES = ("sd1", "sdxl", "sd3", "flux", ANY)
+DDPM = ("sd1", "sdxl", ANY)  # noise and loss options kohya applies to the DDPM families only (any: eps/v models)
+FLOW = ("sd3", "flux", ANY)  # rectified flow (families/flow.py) (any: flow models)
+NODE_KINDS = ("sd1", "sdxl", "sd3", "flux", "dreambooth", ANY)  # Train nodes: four LoRA families, DreamBooth
+#                                                                  (SD1/SD2), the generic one
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -165,13 +167,13 @@ OPTIONS: tuple[Option, ...] = (
     _w("training_shift", "float", 1.0, ">1 samples noisier timesteps (structure), <1 cleaner ones (detail).",
        low=0.01, high=100.0, step=0.1, families=("sd3",), kohya=("training_shift",), config=False),
     _w("t5xxl_max_token_length", "int", 256, "T5-XXL tokens per caption (kohya's 256); longer captions are "
-       "cut.", low=1, high=512, families=FLOW, kohya=("t5xxl_max_token_length",), config=False,
+       "cut.", low=1, high=512, families=("sd3", "flux"), kohya=("t5xxl_max_token_length",), config=False,
        variants={"flux": {"default": 0, "low": 0, "help": "T5-XXL tokens (cut or padded to this); 0 = kohya's "
                           "default: 512 for dev and Chroma, 256 for schnell. ComfyUI's own encode pads to 256 at "
                           "least."}}),
     _w("apply_lg_attn_mask", "bool", False, "Zero CLIP-L/G outputs at padding tokens.", families=("sd3",),
        kohya=("apply_lg_attn_mask",), metadata=("apply_lg_attn_mask",), config=False),
-    _w("apply_t5_attn_mask", "bool", False, "Zero T5 outputs at padding tokens.", families=FLOW,
+    _w("apply_t5_attn_mask", "bool", False, "Zero T5 outputs at padding tokens.", families=("sd3", "flux"),
        kohya=("apply_t5_attn_mask",), metadata=("apply_t5_attn_mask",), config=False),
     _w("clip_l_dropout_rate", "float", 0.0, "Chance per caption that CLIP-L's output is zeroed for the step "
        "(kohya's clip_l_dropout_rate), so the model also learns without it.", low=0.0, high=1.0, step=0.01,
@@ -189,17 +191,24 @@ OPTIONS: tuple[Option, ...] = (
     _w("timestep_sampling", "choice", "sigma", "How sigma is drawn: sigma (weighting_scheme's density on the shifted "
        "1000-step schedule), uniform, sigmoid (of sigmoid_scale x N(0,1)), shift (sigmoid, then discrete_flow_shift), "
        "flux_shift (sigmoid, then FLUX.1's resolution-dependent shift).", choices=TIMESTEP_SAMPLING,
-       families=("flux",), kohya=("timestep_sampling",), metadata=("timestep_sampling",), config=False),
+       families=("flux", ANY), kohya=("timestep_sampling",), metadata=("timestep_sampling",), config=False,
+       variants={ANY: {"default": "shift", "help": "Flow models: how sigma is drawn (kohya's timestep_sampling): shift "
+                       "(sigmoid of sigmoid_scale x N(0,1), then discrete_flow_shift), sigma, uniform, sigmoid, "
+                       "flux_shift. DDPM (eps/v) models draw timesteps uniformly and ignore it."}}),
     _w("sigmoid_scale", "float", 1.0, "Scale of the normal draw of the sigmoid, shift and flux_shift samplings.",
-       low=0.01, high=100.0, step=0.1, families=("flux",), kohya=("sigmoid_scale",), metadata=("sigmoid_scale",),
+       low=0.01, high=100.0, step=0.1, families=("flux", ANY), kohya=("sigmoid_scale",), metadata=("sigmoid_scale",),
        config=False),
     _w("discrete_flow_shift", "float", 3.0, "Shift of timestep_sampling sigma and shift (>1: noisier).", low=0.01,
-       high=100.0, step=0.01, families=("flux",), kohya=("discrete_flow_shift",), metadata=("discrete_flow_shift",),
-       config=False),
+       high=100.0, step=0.01, families=("flux", ANY), kohya=("discrete_flow_shift",), metadata=("discrete_flow_shift",),
+       config=False, variants={ANY: {"default": 0.0, "low": 0.0, "help": "Flow models: the shift of timestep_sampling "
+                                     "sigma and shift (>1: noisier); 0 = the shift ComfyUI samples this model with "
+                                     "(its model sampling)."}}),
     _w("model_prediction_type", "choice", "sigma_scaled", "How the prediction is compared with noise - latents: raw, "
        "additive (+ noisy input) or sigma_scaled (noisy input - sigma x prediction, weighted by weighting_scheme).",
-       choices=PREDICTION_TYPES, families=("flux",), kohya=("model_prediction_type",),
-       metadata=("model_prediction_type",), config=False),
+       choices=PREDICTION_TYPES, families=("flux", ANY), kohya=("model_prediction_type",),
+       metadata=("model_prediction_type",), config=False,
+       variants={ANY: {"default": "raw", "help": "Flow models: how the prediction is compared with the target noise - "
+                       "latents: raw (the velocity, as ComfyUI samples it), additive or sigma_scaled (kohya's)."}}),
     _w("guidance_scale", "float", 3.5, "The guidance FLUX.1 dev is called with while training (kohya's; kohya "
        "recommends 1.0 for dev; Chroma requires 0; schnell ignores it). The conditioning's guidance is not used.",
        low=0.0, high=100.0, step=0.1, families=("flux",), kohya=("guidance_scale",), metadata=("guidance_scale",),
@@ -247,9 +256,9 @@ OPTIONS: tuple[Option, ...] = (
     _ta("zero_terminal_snr", "bool", False, "rescale the noise schedule to zero terminal SNR", families=DDPM,
         metadata=("zero_terminal_snr",), group="noise"),
     _ta("min_timestep", "int", None, "lowest training timestep (0-999)", 0, 999, metadata=("min_timestep",),
-        group="noise", families=("sd1", "sdxl", "sd3")),  # kohya's Flux draws sigma by timestep_sampling alone
+        group="noise", families=("sd1", "sdxl", "sd3", ANY)),  # kohya's Flux draws sigma by timestep_sampling alone
     _ta("max_timestep", "int", None, "highest training timestep, exclusive (1-1000)", 1, 1000,
-        metadata=("max_timestep",), group="noise", families=("sd1", "sdxl", "sd3")),
+        metadata=("max_timestep",), group="noise", families=("sd1", "sdxl", "sd3", ANY)),
     # loss
     _ta("huber_schedule", "choice", "snr", "huber_c over timesteps (loss_type huber/smooth_l1)",
         choices=HUBER_SCHEDULES, metadata=("huber_schedule",), group="loss"),
@@ -297,7 +306,7 @@ OPTIONS: tuple[Option, ...] = (
         metadata=("max_validation_steps",), group="validation"),
     # text encoders (SD1/SD2, SDXL)
     _ta("max_token_length", "int", None, "caption tokens trained: 75, 150 or 225 (kohya's 1-3 windows of 75; "
-        "longer captions are cut, with a warning)", 75, 225, families=DDPM, metadata=("max_token_length",),
+        "longer captions are cut, with a warning)", 75, 225, families=("sd1", "sdxl"), metadata=("max_token_length",),
         group="text"),
     _ta("clip_skip", "int", None, "train (and preview) with the CLIP's Nth layer from the end, 2 = penultimate, "
         "as CLIP Set Last Layer -N; SD1/SD2 (kohya ignores it for SDXL)", 1, 12, families=("sd1",),
@@ -373,6 +382,8 @@ LAYOUTS: dict[str, tuple[str, ...]] = {
     + ("text_encoder_lr1", "text_encoder_lr2", "text_encoder_lr3", "training_args"),
     "flux": tuple(n for n in _LORA_COMMON if n != "min_snr_gamma") + _FLUX
     + ("text_encoder_lr1", "text_encoder_lr3", "training_args"),
+    ANY: _LORA_COMMON + ("timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
+                         "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "training_args"),
     "dreambooth": tuple(n for n in _LORA_COMMON if n not in _SAVES)
     + ("text_encoder_lr", "stop_text_encoder_training", "fused_backward_pass") + _SAVES + ("training_args",),
 }
