@@ -1,7 +1,7 @@
 """kohya's training --config_file mapped onto Kiln's graph (what the headless CLI runs)."""
 import pytest
 
-from fixtures.kohya import SD3_EXAMPLE, SDXL_EXAMPLE
+from fixtures.kohya import FLUX_EXAMPLE, SD3_EXAMPLE, SDXL_EXAMPLE, with_keys
 from trainer_core.errors import KilnError
 from trainer_core.kohya.config import graph_from_config
 
@@ -327,40 +327,11 @@ def test_a_folder_dataset_resume_and_flux_keys():
         graph_from_config(BASE.replace('dataset_config = "dataset.toml"', ""), "t.toml", "sd1")
 
 
-# kohya's docs/flux_train_network.md example command, as a --config_file (its recommended dev settings added)
-FLUX_EXAMPLE = '''
-pretrained_model_name_or_path = "flux1-dev.safetensors"
-clip_l = "clip_l.safetensors"
-t5xxl = "t5xxl_fp16.safetensors"
-ae = "ae.safetensors"
-dataset_config = "my_flux_dataset_config.toml"
-output_dir = "out"
-output_name = "my_flux_lora"
-save_model_as = "safetensors"
-network_module = "networks.lora_flux"
-network_dim = 16
-network_alpha = 1
-learning_rate = 1e-4
-optimizer_type = "AdamW8bit"
-lr_scheduler = "constant"
-sdpa = true
-max_train_epochs = 10
-save_every_n_epochs = 1
-mixed_precision = "fp16"
-gradient_checkpointing = true
-guidance_scale = 1.0
-timestep_sampling = "shift"
-discrete_flow_shift = 3.1582
-model_prediction_type = "raw"
-blocks_to_swap = 18
-cache_text_encoder_outputs = true
-cache_latents = true
-network_train_unet_only = true
-'''
+FLUX_CONFIG = with_keys(FLUX_EXAMPLE, network_train_unet_only=True)  # kohya requires it with cached TE outputs
 
 
 def test_kohyas_flux_example_maps_onto_train_lora_flux():
-    prompt, notes = graph_from_config(FLUX_EXAMPLE, "t.toml", "flux")
+    prompt, notes = graph_from_config(FLUX_CONFIG, "t.toml", "flux")
     train = prompt["6"]["inputs"]
     assert prompt["6"]["class_type"] == "KilnTrainFlux"
     # the files as flux_train_network loads them: the diffusion model, CLIP-L + T5-XXL, ae
@@ -379,7 +350,7 @@ def test_kohyas_flux_example_maps_onto_train_lora_flux():
 
 
 def test_flux_text_encoder_rates_files_and_model_type():
-    base = FLUX_EXAMPLE.replace("network_train_unet_only = true\n", "").replace(
+    base = FLUX_CONFIG.replace("network_train_unet_only = true\n", "").replace(
         "cache_text_encoder_outputs = true\n", "")
     # kohya's lora_flux: text_encoder_lr = [CLIP-L, T5-XXL]; T5 trains only with train_t5xxl
     p, _ = graph_from_config(base + "text_encoder_lr = [1e-5, 2e-5]\n", "t.toml", "flux")
