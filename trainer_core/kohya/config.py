@@ -23,8 +23,6 @@ from .flags import SCRIPTS
 TRAIN_NODE = {"sd1": "KilnTrainSD1", "sdxl": "KilnTrainSDXL", "sd3": "KilnTrainSD3", "flux": "KilnTrainFlux"}
 NETWORK_MODULES = {"networks.lora": ("sd1", "sdxl"), "networks.lora_sd3": ("sd3",), "networks.lora_flux": ("flux",),
                    "lycoris.kohya": ("sd1", "sdxl", "sd3")}
-# kohya's LoRA module per family, for messages and kohya's own examples that write networks.lora
-FAMILY_MODULE = {"sd3": "networks.lora_sd3", "flux": "networks.lora_flux"}
 # LyCORIS's algo= values Kiln trains (LoRA Config algorithm); DoRA is LyCORIS's lora/locon with dora_wd=True
 LYCORIS_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}
 LYCORIS_OTHER_ALGOS = ("glora", "ia3", "boft", "diag-oft", "oft", "dylora", "full", "tlora", "norms")
@@ -141,13 +139,11 @@ REFUSED = {
     "such argument. Set the text-encoder learning rate to 0, or network_train_unet_only = true",
     "no_token_padding": "it is a train_db.py (DreamBooth) option; kohya's train_network.py (LoRA) has no such "
     "argument, and LoRA training pads captions as kohya does",
+    "controlnet_model_name_or_path": "kohya's flux_train_network trains a LoRA with a ControlNet's residuals added "
+    "to the model's blocks, which Kiln does not do; remove it (ControlNets apply at sampling time in ComfyUI)",
 }
 # a refused key at these values asks for nothing (kohya's defaults that are not off/empty/0)
 HARMLESS = {"token_warmup_min": 1, "resize_interpolation": "area", "dataset_repeats": 1}
-REFUSED.update({
-    "controlnet_model_name_or_path": "kohya's flux_train_network trains a LoRA with a ControlNet's residuals added "
-    "to the model's blocks, which Kiln does not do; remove it (ControlNets apply at sampling time in ComfyUI)",
-})
 # kohya's old optimizer switches (train_util.get_optimizer): each names an optimizer_type
 OPTIMIZER_SWITCHES = {"use_8bit_adam": "AdamW8bit", "use_lion_optimizer": "Lion"}
 # keys the CLI itself reads: the dataset the flags describe (dataset_flags.py), a resume, the VAE batch size
@@ -191,8 +187,8 @@ def flux_files_check(cfg: dict, path: str) -> list[str]:
         raise KilnError(f"{path}: model_type {cfg['model_type']!r}: kohya's choices are flux and chroma.")
     chroma = cfg.get("model_type") == "chroma"
     if not cfg.get("t5xxl") and not cfg.get("clip_l"):
-        raise KilnError(f"{path}: a Flux run needs its text encoders: t5xxl and " + ("(FLUX.1) clip_l" if not chroma
-                        else "no clip_l (Chroma has none)") + ", as kohya's flux_train_network loads them.")
+        raise KilnError(f"{path}: a Flux run needs its text encoder files, as kohya's flux_train_network loads them: "
+                        f"t5xxl" + ("" if chroma else " and clip_l") + ".")
     if chroma and cfg.get("clip_l"):
         raise KilnError(f"{path}: model_type = \"chroma\" with clip_l: Chroma has no CLIP-L (kohya leaves it out); "
                         f"remove clip_l.")
@@ -220,7 +216,8 @@ def te_rates(cfg: dict, family: str) -> dict[str, float]:
     for name in names:  # sdxl/sd3_train_network's text_encoder_lr1/2/3 win over text_encoder_lr
         if name in cfg and name != "text_encoder_lr":
             out[name] = float(cfg[name])
-    if family in ("sd3", "flux") and "train_t5xxl=true" not in [a.replace(" ", "").lower() for a in cfg.get("network_args", [])]:
+    args = [a.replace(" ", "").lower() for a in cfg.get("network_args", [])]
+    if family in ("sd3", "flux") and "train_t5xxl=true" not in args:
         out["text_encoder_lr3"] = 0.0
     return out
 
