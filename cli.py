@@ -1,12 +1,13 @@
 """Run a Kiln workflow headless: ComfyUI's own validator and executor in this process, no server, no browser.
 
     python custom_nodes/comfyui-kiln/cli.py --workflow my_lora.json [--set 6.steps=2000 ...] [-- COMFYUI ARGS]
-    python custom_nodes/comfyui-kiln/cli.py --config kohya_train.toml [--family auto|sd1|sdxl|sd3] [...]
+    python custom_nodes/comfyui-kiln/cli.py --config kohya_train.toml [--family auto|sd1|sdxl|sd3|flux] [...]
 
 ``--config`` takes kohya's training ``--config_file`` (trainer_core/kohya/config.py maps its keys onto Load
 Dataset → Cache Latents → LoRA Config → Train → Save LoRA, or, for a train_db.py config (no network_module),
 onto Train DreamBooth → Save Checkpoint (Kiln); every input it does not set keeps the node's default); the
-family is read from the checkpoint's keys unless given.
+family is read from the checkpoint's keys unless given (a Flux file is the diffusion model alone, with clip_l,
+t5xxl and ae beside it, as flux_train_network.py takes them).
 
 The workflow is an API-format file (ComfyUI's "Export (API)", or example_workflows/api/*.json). ``--set``
 changes one input before running: ``NODE.INPUT=VALUE`` where NODE is the node id or its class_type (all nodes
@@ -74,8 +75,23 @@ def apply_overrides(prompt: dict, overrides: list[str]) -> None:
 
 
 def family_of(checkpoint: str) -> str:
-    """sd1 / sdxl / sd3 from the checkpoint's key names (reads the safetensors header only). A .ckpt (pickle) is
-    not opened here: finding its family would mean unpickling it, so --family must say it."""
+    """sd1 / sdxl / sd3 / flux from the checkpoint's key names (reads the safetensors header only). A .ckpt (pickle)
+    is not opened here: finding its family would mean unpickling it, so --family must say it."""
+    keys = list(header_shapes(checkpoint))
+    if any(k.startswith(FLUX_PREFIXES) for k in keys):
+        return "flux"
+    if any(".joint_blocks." in k for k in keys):
+        return "sd3"
+    if any(k.startswith(("conditioner.embedders.1.", "model.diffusion_model.label_emb.")) for k in keys):
+        return "sdxl"
+    return "sd1"
+
+
+FLUX_PREFIXES = ("double_blocks.", "model.diffusion_model.double_blocks.")  # BFL's layout, bare or in a checkpoint
+
+
+def header_shapes(checkpoint: str) -> dict[str, list[int]]:
+    """Each tensor's shape from a safetensors header (no weights read)."""
     from safetensors import SafetensorError, safe_open
 
     if not checkpoint.lower().endswith(".safetensors"):
@@ -84,14 +100,25 @@ def family_of(checkpoint: str) -> str:
                  f"it), or convert it to .safetensors.")
     try:
         with safe_open(checkpoint, framework="pt") as f:
-            keys = list(f.keys())
+            return {k: f.get_slice(k).get_shape() for k in f.keys()}
     except (SafetensorError, OSError) as e:
         sys.exit(f"kiln: {checkpoint} cannot be read as safetensors ({e}); check the file, or pass --family.")
-    if any(".joint_blocks." in k for k in keys):
-        return "sd3"
-    if any(k.startswith(("conditioner.embedders.1.", "model.diffusion_model.label_emb.")) for k in keys):
-        return "sdxl"
-    return "sd1"
+
+
+def check_flux_file(path: str, model: str, flat: dict) -> None:
+    """kohya's model_type against the file (Chroma has distilled_guidance_layer), and a run without t5xxl against
+    the model's context width (txt_in): only a Flux made for CLIP-L's 768-wide states takes CLIP-L alone."""
+    shapes = header_shapes(model)
+    prefix = next(p[:-len("double_blocks.")] for p in FLUX_PREFIXES if any(k.startswith(p) for k in shapes))
+    chroma = any(k.startswith(prefix + "distilled_guidance_layer.") for k in shapes)
+    if chroma != (flat.get("model_type") == "chroma"):
+        sys.exit(f"kiln: {path}: {model} is a {'Chroma' if chroma else 'FLUX.1'} model, but model_type is "
+                 f"{flat.get('model_type', 'flux (the default)')}: set model_type = \"{'chroma' if chroma else 'flux'}\""
+                 f", as kohya's flux_train_network needs.")
+    width = shapes.get(prefix + "txt_in.weight", [0, 0])[1]
+    if not flat.get("t5xxl") and width != 768:
+        sys.exit(f"kiln: {path}: {model} takes a {width}-wide context (T5-XXL's): give t5xxl, as kohya's "
+                 f"flux_train_network needs.")
 
 
 def read_kohya_config(path: str) -> dict:
@@ -125,9 +152,12 @@ def prompt_from_kohya_config(path: str, flat: dict, config_dir: str, family: str
                      f"checkpoint ComfyUI's Load Checkpoint reads (.safetensors, or .ckpt with --family); Diffusers "
                      f"folders are not loaded. Convert it to a single file (diffusers' "
                      f"convert_diffusers_to_original_stable_diffusion.py / ..._sdxl.py) and name that file.")
-        ckpt_file = resolve(ckpt) if ckpt and os.path.isfile(resolve(ckpt)) else folder_paths.get_full_path("checkpoints", ckpt)
+        folders = {"flux": ["diffusion_models"], "auto": ["checkpoints", "diffusion_models"]}.get(family, ["checkpoints"])
+        ckpt_file = resolve(ckpt) if ckpt and os.path.isfile(resolve(ckpt)) else next(
+            filter(None, (folder_paths.get_full_path(f, ckpt) for f in folders)), None)
         if not ckpt_file:
-            sys.exit(f"kiln: {path}: pretrained_model_name_or_path {ckpt!r} is neither a file nor in models/checkpoints.")
+            sys.exit(f"kiln: {path}: pretrained_model_name_or_path {ckpt!r} is neither a file nor in "
+                     f"models/{' or models/'.join(folders)}.")
         fam = family if family != "auto" else family_of(ckpt_file)
         if script and ckpt_file.lower().endswith(".safetensors") and family_of(ckpt_file) != fam:
             from trainer_core.kohya.flags import SCRIPTS
@@ -136,6 +166,8 @@ def prompt_from_kohya_config(path: str, flat: dict, config_dir: str, family: str
             sys.exit(f"kiln: {script} trains {fam} models, but {ckpt} is a {found} checkpoint: run "
                      f"{' or '.join(fits)} instead, as kohya would need.")
         prompt, notes = graph_from_config(flat, path, fam)
+        if fam == "flux" and ckpt_file.lower().endswith(".safetensors"):
+            check_flux_file(path, ckpt_file, flat)
         dataset_file = resolve(flat.get("dataset_config", ""))
         if os.path.isfile(dataset_file):
             from trainer_core.kohya.config import check_dataset_masks
@@ -143,8 +175,12 @@ def prompt_from_kohya_config(path: str, flat: dict, config_dir: str, family: str
     except KilnError as e:
         sys.exit(f"kiln: {e}")
     train = node_of(prompt, "train")
-    folder_paths.add_model_folder_path("checkpoints", os.path.dirname(ckpt_file))
-    node_of(prompt, "checkpoint")["inputs"]["ckpt_name"] = os.path.basename(ckpt_file)
+    if fam == "flux":  # the diffusion model alone, as Load Diffusion Model lists it
+        folder_paths.add_model_folder_path("diffusion_models", os.path.dirname(ckpt_file))
+        node_of(prompt, "checkpoint")["inputs"]["unet_name"] = os.path.basename(ckpt_file)
+    else:
+        folder_paths.add_model_folder_path("checkpoints", os.path.dirname(ckpt_file))
+        node_of(prompt, "checkpoint")["inputs"]["ckpt_name"] = os.path.basename(ckpt_file)
     dataset = node_of(prompt, "dataset")["inputs"]
     dataset["folder"] = resolve(dataset["folder"])
     try:
@@ -159,11 +195,12 @@ def prompt_from_kohya_config(path: str, flat: dict, config_dir: str, family: str
         train["inputs"]["resume_from"] = register_resume(path, resolve(flat["resume"]), train["class_type"])
     if train["inputs"].get("sample_prompts"):  # kohya's prompt file, relative to the config like the rest
         train["inputs"]["sample_prompts"] = resolve(train["inputs"]["sample_prompts"])
-    if flat.get("vae"):  # kohya's --vae: a separate VAE file, loaded by ComfyUI's VAELoader
+    vae_key = "ae" if fam == "flux" else "vae"
+    if flat.get(vae_key):  # kohya's --vae (Flux: --ae): a separate VAE file, loaded by ComfyUI's VAELoader
         loader = node_of(prompt, "vae")["inputs"]
         vae = resolve(loader["vae_name"])
         if not os.path.isfile(vae):
-            sys.exit(f"kiln: {path}: vae {flat.get('vae')!r} is not a file.")
+            sys.exit(f"kiln: {path}: {vae_key} {flat.get(vae_key)!r} is not a file.")
         folder_paths.add_model_folder_path("vae", os.path.dirname(vae))
         loader["vae_name"] = os.path.basename(vae)
     encoders = node_of(prompt, "text_encoders")["inputs"] if any(flat.get(k) for k in TE_FILES) else {}
@@ -323,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     source = ap.add_mutually_exclusive_group(required=command is None)
     source.add_argument("--workflow", help="API-format workflow JSON")
     source.add_argument("--config", help="kohya training config TOML (--config_file)")
-    ap.add_argument("--family", choices=("auto", "sd1", "sdxl", "sd3"), default="auto")
+    ap.add_argument("--family", choices=("auto", "sd1", "sdxl", "sd3", "flux"), default="auto")
     ap.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE")
     ap.add_argument("--comfyui", default=None, help="the ComfyUI folder (with main.py)")
     opts = ap.parse_args(own)
@@ -375,12 +412,12 @@ def prompt_from_kohya_command(command, base: str) -> dict:
         sys.exit(f"kiln: {script} fine-tunes the whole model (DreamBooth), but network_module is set (in "
                  f"{command.config_file or 'the command'}): run train_network.py for a LoRA, or remove it.")
     if not command.dreambooth and "network_module" not in flat:
-        sys.exit(f"kiln: {script} needs --network_module (networks.lora, networks.lora_sd3 or lycoris.kohya), as "
-                 f"in kohya, where the script stops without it.")
+        sys.exit(f"kiln: {script} needs --network_module (networks.lora, networks.lora_sd3, networks.lora_flux or "
+                 f"lycoris.kohya), as in kohya, where the script stops without it.")
     if command.family not in TRAIN_NODE:
         sys.exit(f"kiln: {script}: cli.py does not run {command.family} commands yet (train it with its Train node "
                  f"in a workflow, cli.py --workflow); it runs SD 1.x/2.x (train_network.py, train_db.py), SDXL "
-                 f"(sdxl_train_network.py) and SD3 (sd3_train_network.py).")
+                 f"(sdxl_train_network.py), SD3 (sd3_train_network.py) and Flux (flux_train_network.py).")
     return prompt_from_kohya_config(script, flat, base, command.family, script=script)
 
 

@@ -7,7 +7,7 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const TRAIN_NODES = new Set(["KilnTrainSD1", "KilnTrainSDXL", "KilnTrainSD3", "KilnTrainDreamBooth"]);
+const TRAIN_NODES = new Set(["KilnTrainSD1", "KilnTrainSDXL", "KilnTrainSD3", "KilnTrainFlux", "KilnTrainDreamBooth"]);
 const HEIGHT = 190;
 // the same colours as trainer_core/plot.py (the loss_plot IMAGE), so the live chart and the image read alike
 const C = {background: "#18181c", frame: "#50505a", grid: "#2c2c34", text: "#dcdcdc", label: "#aaaaaa",

@@ -164,6 +164,7 @@ class KilnTrainFlux(TrainNode):
             node=node, rules=lambda net: rules, namer=lambda net: flux.unet_namer,
             checkpoint_blocks=flux.checkpoint_blocks, swap_blocks=flux.swap_blocks,
             architecture=lambda net: flux.modelspec_architecture(fam), version=flux.base_model_version(fam),
+            implementation=flux.modelspec_implementation(fam),
             network_module=layer.FAMILIES["flux"].network_module,
             copy_norm_inputs=layer.FAMILIES["flux"].inplace_residuals,
             objective=family_objective(model, "flux", tcfg, opts),
@@ -179,12 +180,9 @@ class KilnTrainFlux(TrainNode):
 def check_flux_options(fam: str, opts: dict, tcfg: TrainConfig, node: str) -> None:
     """kohya's Flux options Kiln refuses, each with the reason and what to use instead."""
     if tcfg.memory.split_mode:
-        raise KilnError(f"{node}: training_args split_mode is obsolete in kohya's flux_train_network: use "
-                        f"blocks_to_swap instead (kohya sets blocks_to_swap=18 for it).")
+        raise KilnError(f"{node}: training_args split_mode: {flux.REFUSED['split_mode']}.")
     if opts["apply_t5_attn_mask"]:
-        raise KilnError(f"{node}: apply_t5_attn_mask is not supported for Flux yet: kohya masks T5's padding in the "
-                        f"T5 encode and in the double blocks' attention, and ComfyUI's Flux text encoder encodes T5 "
-                        f"without a mask. Turn it off.")
+        raise KilnError(f"{node}: apply_t5_attn_mask: {flux.REFUSED['apply_t5_attn_mask']}.")
     if fam == "Chroma" and opts["guidance_scale"] != 0:
         raise KilnError(f"{node}: Chroma is not guidance-distilled: kohya requires guidance_scale 0 for it (ComfyUI "
                         f"samples Chroma with guidance 0). Set guidance_scale to 0.")

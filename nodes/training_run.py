@@ -34,7 +34,7 @@ from ..trainer_core.data.latent_store import DiskStore
 from ..trainer_core.training.events import planned_previews, planned_saves, preview_due
 from ..trainer_core.training.loop import StepInfo, TrainConfig, TrainResult, train
 from ..trainer_core.lora.blocks import BlockPlan
-from ..trainer_core.lora.io import DTYPES
+from ..trainer_core.lora.io import DTYPES, KOHYA
 from ..trainer_core.report.plot import loss_plot
 from ..trainer_core.maths.preservation import pairs_from
 from ..trainer_core.files.resume import SUFFIX, state_path
@@ -79,6 +79,7 @@ class FamilyPlan:
     is_sdxl: bool = False                        # which block numbering ``blocks`` uses
     metadata: dict = field(default_factory=dict)  # ss_* keys kohya's trainer for this family adds (update_metadata)
     network_module: str = "networks.lora"        # kohya's module for this family (ss_network_module)
+    implementation: str = KOHYA                  # modelspec.implementation
     copy_norm_inputs: bool = False               # the network adds residuals in place (layer.Family.inplace_residuals)
     swap_blocks: Callable[[nn.Module, int], list] | None = None  # blocks_to_swap N -> the blocks it swaps (default:
     #                                              the last N of checkpoint_blocks); Flux splits N as kohya does
@@ -562,7 +563,8 @@ def run_metadata(run: Run, lora_config=None, result: TrainResult | None = None, 
     plan = run.plan
     return training_metadata(plan.version, plan.architecture(run.target.network), run.dataset.dataset,
                              run.dataset.cache, lora_config, run.tcfg, result or run.result, "",
-                             run.epochs if epoch is None else epoch, plan.metadata, plan.network_module)
+                             run.epochs if epoch is None else epoch, plan.metadata, plan.network_module,
+                             plan.implementation)
 
 
 def run_summary(head: str, details: str, result, tcfg: TrainConfig, notes: list[str]) -> str:

@@ -118,11 +118,18 @@ FAMILY_VALUES = {
             "off or 1e-5; batch 1-2 with gradient_checkpointing; steps 2000-3000.",
     "sd3": "SD3: resolution 1024, buckets 512-1536 (step 64); LoRA rank 16; learning_rate 5e-5 to 1e-4; batch 1-2 "
            "with gradient_checkpointing and cached text encoder outputs; steps 1500-3000.",
+    "flux": "FLUX.1 dev (kohya's recommended settings): resolution 1024, buckets 256-2048 (step 64), batch 1; LoRA "
+            "rank 16, alpha 1; learning_rate 1e-4; timestep_sampling shift, discrete_flow_shift 3.1582, "
+            "model_prediction_type raw, guidance_scale 1.0 (Chroma: sigmoid, guidance_scale 0); "
+            "gradient_checkpointing; under 24 GB: weight_dtype fp8_e4m3fn with training_args fp8_base=true; "
+            "steps 1000-2000.",
     "dreambooth": "Full fine-tune (SD1.5): resolution 512; learning_rate 1e-6 to 5e-6; steps 800-2000; about 200 "
                   "class images in the regularization folder, prior_loss_weight 1.0; saves a whole checkpoint.",
 }
 CHECKPOINT = {"sd1": "your SD1.5 checkpoint", "dreambooth": "your SD1.5 checkpoint",
-              "sdxl": "your SDXL checkpoint", "sd3": "your SD3/3.5 checkpoint (with its text encoders)"}
+              "sdxl": "your SDXL checkpoint", "sd3": "your SD3/3.5 checkpoint (with its text encoders)",
+              "flux": "flux1-dev.safetensors (or schnell, Chroma) in models/diffusion_models"}
+LOADER = {"flux": "Load Diffusion Model"}  # the node that loads the model, where it is not Load Checkpoint
 TEMPLATES = {  # name: (title, one-line description, family, what Load Checkpoint should load if not CHECKPOINT's)
     "sd1_lora": ("Train a LoRA (SD1)", "The quick start: a LoRA on a captioned image folder, with a live loss "
                  "chart, samples and a loss plot.", "sd1", ""),
@@ -146,7 +153,13 @@ TEMPLATES = {  # name: (title, one-line description, family, what Load Checkpoin
     "sd3_lora_separate_te": ("SD3 LoRA, separate text encoders", "SD3 as kohya's guide loads it: the model file "
                              "plus CLIP-L and CLIP-G files (DualCLIPLoader).", "sd3",
                              "the SD3 model file; DualCLIPLoader: clip_l and clip_g from models/text_encoders"),
+    "flux_lora": ("Train a LoRA (FLUX.1)", "A LoRA on FLUX.1 dev as kohya's flux_train_network guide trains it: "
+                  "the model, CLIP-L + T5-XXL and the ae VAE from separate files, kohya's recommended settings.",
+                  "flux", ""),
 }
+# examples that name the real model files (no tiny twin the demo makes): their tests swap the tiny fixtures in
+REAL_MODELS = {"flux_lora": "flux1-dev.safetensors in models/diffusion_models; clip_l.safetensors and "
+                            "t5xxl_fp16.safetensors in models/text_encoders; ae.safetensors in models/vae"}
 
 
 DATA_LINE = {"sd1_images_lora": "- Load Image-Text (from Folder): folder (under input/); Dataset from Images: "
@@ -158,15 +171,17 @@ def note_text(name: str) -> str:
     title, description, family, checkpoint = TEMPLATES[name]
     demo = ("bash scripts/demo.sh --examples makes the tiny SDXL and SD3 test models this example names"
             if family in ("sdxl", "sd3") else "bash scripts/demo.sh makes the tiny test model and images it names")
+    opens = (f"As it opens it loads the real files: {REAL_MODELS[name]}." if name in REAL_MODELS
+             else f"As it opens it runs on test data: {demo}.")
     return "\n".join([
         title, description, "",
         "For a real run, change:",
-        f"- Load Checkpoint: {checkpoint or CHECKPOINT[family]}",
+        f"- {LOADER.get(family, 'Load Checkpoint')}: {checkpoint or CHECKPOINT[family]}",
         DATA_LINE.get(name, "- Load Dataset: folder (under ComfyUI's input/), resolution and buckets"),
         "- Train: learning_rate, steps, sample_prompts (your trigger word)",
         "- Save: filename", "",
         "Typical values: " + FAMILY_VALUES[family], "",
-        f"As it opens it runs on test data: {demo}."])
+        opens])
 
 
 # --- layout ------------------------------------------------------------------------------------------------

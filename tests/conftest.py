@@ -142,6 +142,14 @@ def tiny_pixart_path(kiln_env, fixture_cache) -> Path:
     return Path(tiny_models.build_pixart_model(str(fixture_cache / tiny_models.default_name("pixart-sigma"))))
 
 
+@pytest.fixture(scope="session")
+def tiny_flux_side_files(kiln_env, fixture_cache) -> dict[str, Path]:
+    """kohya's --clip_l and --ae for the tiny Flux: {"clip_l", "ae"} paths in the cache (built on first use: a few
+    seconds, 250 MiB, nearly all of it ComfyUI's fixed-size CLIP-L)."""
+    _import_comfy_core(kiln_env.comfyui)
+    return {k: Path(v) for k, v in tiny_models.build_flux_side_files(str(fixture_cache)).items()}
+
+
 def _link_pack(custom_nodes: Path) -> None:
     """Expose only this repo to ComfyUI's custom-node loader, under the name users install it as."""
     custom_nodes.mkdir(parents=True, exist_ok=True)

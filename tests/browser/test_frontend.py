@@ -211,7 +211,7 @@ def test_train_nodes_show_a_dozen_inputs_and_the_rest_one_click_away(ready_serve
     """A new Train node shows the registry's SHOWN widgets (+ seed's control widget); one click on its button shows
     every input; a saved workflow keeps every widget value in its position and shows what it sets away from the
     defaults."""
-    nodes = ("KilnTrainSD1", "KilnTrainSDXL", "KilnTrainSD3", "KilnTrainDreamBooth")
+    nodes = ("KilnTrainSD1", "KilnTrainSDXL", "KilnTrainSD3", "KilnTrainFlux", "KilnTrainDreamBooth")
 
     async def run():
         out = {}

@@ -150,3 +150,6 @@ def test_names_and_metadata():
     assert [flux.modelspec_architecture(c) for c in ("Flux", "FluxSchnell", "Chroma")] == \
         ["flux-1-dev/lora", "flux-1-schnell/lora", "chroma/lora"]
     assert [flux.base_model_version(c) for c in ("Flux", "FluxSchnell", "Chroma")] == ["flux1", "flux1", "chroma"]
+    # kohya's sai_model_spec names the model's own code as modelspec.implementation for Flux and Chroma
+    assert [flux.modelspec_implementation(c) for c in ("Flux", "FluxSchnell", "Chroma")] == \
+        ["https://github.com/black-forest-labs/flux"] * 2 + ["https://huggingface.co/lodestones/Chroma"]

@@ -1,7 +1,7 @@
 """kohya's training --config_file mapped onto Kiln's graph (what the headless CLI runs)."""
 import pytest
 
-from fixtures.kohya import SD3_EXAMPLE, SDXL_EXAMPLE
+from fixtures.kohya import FLUX_EXAMPLE, SD3_EXAMPLE, SDXL_EXAMPLE, with_keys
 from trainer_core.errors import KilnError
 from trainer_core.kohya.config import graph_from_config
 
@@ -321,7 +321,71 @@ def test_a_folder_dataset_resume_and_flux_keys():
     assert p["6"]["inputs"]["resume_from"] == "out/mine-000002-state" and any("resume:" in n for n in notes)
     with pytest.raises(KilnError, match="resume and network_weights both"):
         graph_from_config(BASE + 'resume = "r"\nnetwork_weights = "w.safetensors"\n', "t.toml", "sd1")
-    with pytest.raises(KilnError, match="guidance_scale is a flux_train_network.py option"):
+    with pytest.raises(KilnError, match="guidance_scale is a flux_train_network.py option; this is a sd1 model"):
         graph_from_config(BASE + "guidance_scale = 1.0\n", "t.toml", "sd1")
     with pytest.raises(KilnError, match="has no dataset: give dataset_config"):
         graph_from_config(BASE.replace('dataset_config = "dataset.toml"', ""), "t.toml", "sd1")
+
+
+FLUX_CONFIG = with_keys(FLUX_EXAMPLE, network_train_unet_only=True)  # kohya requires it with cached TE outputs
+
+
+def test_kohyas_flux_example_maps_onto_train_lora_flux():
+    prompt, notes = graph_from_config(FLUX_CONFIG, "t.toml", "flux")
+    train = prompt["6"]["inputs"]
+    assert prompt["6"]["class_type"] == "KilnTrainFlux"
+    # the files as flux_train_network loads them: the diffusion model, CLIP-L + T5-XXL, ae
+    assert prompt["1"] == {"class_type": "UNETLoader",
+                           "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}}
+    assert prompt["3"] == {"class_type": "DualCLIPLoader", "inputs": {
+        "clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors", "type": "flux"}}
+    assert prompt["10"] == {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}}
+    assert prompt["4"]["inputs"]["vae"] == ["10", 0] and train["clip"] == ["3", 0] and train["model"] == ["1", 0]
+    assert (train["timestep_sampling"], train["discrete_flow_shift"], train["model_prediction_type"],
+            train["guidance_scale"]) == ("shift", 3.1582, "raw", 1.0)
+    assert (train["text_encoder_lr1"], train["text_encoder_lr3"]) == (0.0, 0.0) and "text_encoder_lr2" not in train
+    assert "blocks_to_swap=18" in train["training_args"] and train["gradient_checkpointing"] is True
+    assert prompt["5"]["inputs"]["rank"] == 16 and prompt["5"]["inputs"]["alpha"] == 1.0
+    assert any(n.startswith("sdpa: no effect") for n in notes)
+
+
+def test_flux_text_encoder_rates_files_and_model_type():
+    base = FLUX_CONFIG.replace("network_train_unet_only = true\n", "").replace(
+        "cache_text_encoder_outputs = true\n", "")
+    # kohya's lora_flux: text_encoder_lr = [CLIP-L, T5-XXL]; T5 trains only with train_t5xxl
+    p, _ = graph_from_config(base + "text_encoder_lr = [1e-5, 2e-5]\n", "t.toml", "flux")
+    assert (p["6"]["inputs"]["text_encoder_lr1"], p["6"]["inputs"]["text_encoder_lr3"]) == (1e-5, 0.0)
+    p, _ = graph_from_config(base + 'text_encoder_lr = [1e-5, 2e-5]\nnetwork_args = ["train_t5xxl=True"]\n', "t.toml",
+                             "flux")
+    assert (p["6"]["inputs"]["text_encoder_lr1"], p["6"]["inputs"]["text_encoder_lr3"]) == (1e-5, 2e-5)
+    # Chroma: T5-XXL alone (ComfyUI's CLIPLoader type chroma), guidance 0
+    chroma = base.replace('clip_l = "clip_l.safetensors"\n', "") + 'model_type = "chroma"\n'
+    p, _ = graph_from_config(chroma.replace("guidance_scale = 1.0", "guidance_scale = 0.0"), "t.toml", "flux")
+    assert p["3"] == {"class_type": "CLIPLoader", "inputs": {"clip_name": "t5xxl_fp16.safetensors", "type": "chroma"}}
+    # no t5xxl: CLIP-L's plain encode, said in a note (cli.py checks the model's context width)
+    p, notes = graph_from_config(base.replace('t5xxl = "t5xxl_fp16.safetensors"\n', ""), "t.toml", "flux")
+    assert p["3"]["class_type"] == "CLIPLoader" and p["3"]["inputs"]["type"] == "stable_diffusion"
+    assert any(n.startswith("no t5xxl") for n in notes)
+    for change, error in [
+        (lambda c: c.replace('ae = "ae.safetensors"\n', ""), "needs ae"),
+        (lambda c: c.replace('clip_l = "clip_l.safetensors"\n', ""), "FLUX.1 needs clip_l"),
+        (lambda c: c + 'model_type = "chroma"\n', "Chroma has no CLIP-L"),
+        (lambda c: c + 'model_type = "sd3"\n', "model_type 'sd3'"),
+        (lambda c: c + 'clip_g = "g.safetensors"\n', "clip_g names a text-encoder file of another family"),
+        (lambda c: c + "text_encoder_lr2 = 1e-5\n", "text_encoder_lr2 does not exist for flux"),
+        (lambda c: c.replace("networks.lora_flux", "networks.lora_sd3"), "does not train a flux model"),
+        (lambda c: c + "training_shift = 3.0\n", "training_shift is an SD3 option"),
+        (lambda c: c + "min_snr_gamma = 5\n", "min_snr_gamma does not apply to flux"),
+        (lambda c: c + "v_parameterization = true\n", "v_parameterization does not apply to FLUX"),
+        (lambda c: c + "split_mode = true\n", "split_mode is refused: it is obsolete.*use blocks_to_swap"),
+        (lambda c: c + "apply_t5_attn_mask = true\n", "apply_t5_attn_mask is refused"),
+        (lambda c: c + 'controlnet_model_name_or_path = "cn.safetensors"\n', "ControlNet"),
+    ]:
+        with pytest.raises(KilnError, match=error):
+            graph_from_config(change(base), "t.toml", "flux")
+    with pytest.raises(KilnError, match="ae is a flux_train_network.py option; this is a sdxl model"):
+        graph_from_config(BASE + 'ae = "ae.safetensors"\n', "t.toml", "sdxl")
+    # SD3 has apply_t5_attn_mask: Flux's refusal is Flux's alone
+    p, _ = graph_from_config(BASE.replace("networks.lora", "networks.lora_sd3") + "apply_t5_attn_mask = true\n",
+                             "t.toml", "sd3")
+    assert p["6"]["inputs"]["apply_t5_attn_mask"] is True

@@ -66,16 +66,14 @@ def test_every_train_node_layout_names_declared_widgets_once_and_has_training_ar
 
 
 def test_kohya_config_reads_every_registry_kohya_key():
-    # FLUX_KEYS: the Flux node's own widgets, which cli --config does not map yet (no flux_train_network configs)
-    known = set(kohya_config.TRAIN_KEYS) | set(kohya_config.SD3_KEYS) | set(kohya_config.TRAINING_ARGS)
+    known = set(kohya_config.TRAIN_KEYS) | set(kohya_config.SD3_KEYS) | set(kohya_config.FLUX_KEYS) \
+        | set(kohya_config.TRAINING_ARGS)
     for o in registry.OPTIONS:
-        assert set(o.kohya) <= known | set(kohya_config.FLUX_KEYS), o.name
+        assert set(o.kohya) <= known, o.name
     assert kohya_config.TRAIN_KEYS["max_train_steps"] == "steps"
-    # Train LoRA (any model) borrows flow widgets; no kohya script reads them for it
-    assert set(kohya_config.SD3_KEYS) == {o.name for o in registry.OPTIONS if o.widget and "sd3" in o.families
-                                          and set(o.families) - {registry.ANY} <= {"sd3", "flux"}}
-    assert set(kohya_config.FLUX_KEYS) == {o.name for o in registry.OPTIONS if o.widget
-                                           and set(o.families) - {registry.ANY} == {"flux"}}
+    for family in ("sd3", "flux"):  # each flow family's own widgets, the ones they share in both
+        assert set(kohya_config.FLOW_KEYS[family]) == {o.name for o in registry.OPTIONS if o.widget and family in
+                                                       o.families and set(o.families) - {registry.ANY} <= {"sd3", "flux"}}
 
 
 def test_resumable_settings_and_precisions_come_from_the_registry():

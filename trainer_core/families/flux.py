@@ -53,6 +53,15 @@ NETWORK_ARGS = {
                  "False)",
 }
 
+# kohya Flux options Kiln refuses, with the reason and what to use (the Train node and cli.py --config say the same)
+REFUSED = {
+    "split_mode": "it is obsolete in kohya's flux_train_network: use blocks_to_swap instead (kohya sets "
+                  "blocks_to_swap=18 for it)",
+    "apply_t5_attn_mask": "it is not supported for Flux yet: kohya masks T5's padding in the T5 encode and in the "
+                          "double blocks' attention, and ComfyUI's Flux text encoder encodes T5 without a mask. Turn "
+                          "it off",
+}
+
 
 # --- objective ------------------------------------------------------------------------------------
 
@@ -177,6 +186,13 @@ def base_model_version(model_config: str) -> str:
 def model_type(model_config: str) -> str:
     """kohya's ss_model_type (--model_type): flux or chroma."""
     return "chroma" if model_config == "Chroma" else "flux"
+
+
+def modelspec_implementation(model_config: str) -> str:
+    """kohya's library/sai_model_spec.py names the model's own code for Flux: BFL's repository for FLUX.1 dev and
+    schnell, lodestones' for Chroma."""
+    return ("https://huggingface.co/lodestones/Chroma" if model_config == "Chroma"
+            else "https://github.com/black-forest-labs/flux")
 
 
 def modelspec_architecture(model_config: str) -> str:

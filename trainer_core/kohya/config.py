@@ -13,14 +13,15 @@ import difflib
 import tomllib
 
 from ..errors import KilnError
+from ..families import flux
 from ..maths.optim import OPTIMIZERS, SCHEDULERS
 from ..options.registry import ANY, TRAINING_ARGS, WIDGETS, kohya_widget_keys
 from ..options.training_args import format_value, parse_training_args
 from .dataset_flags import DATASET_FLAGS, FOLDERS
 from .flags import SCRIPTS
 
-TRAIN_NODE = {"sd1": "KilnTrainSD1", "sdxl": "KilnTrainSDXL", "sd3": "KilnTrainSD3"}
-NETWORK_MODULES = {"networks.lora": ("sd1", "sdxl"), "networks.lora_sd3": ("sd3",),
+TRAIN_NODE = {"sd1": "KilnTrainSD1", "sdxl": "KilnTrainSDXL", "sd3": "KilnTrainSD3", "flux": "KilnTrainFlux"}
+NETWORK_MODULES = {"networks.lora": ("sd1", "sdxl"), "networks.lora_sd3": ("sd3",), "networks.lora_flux": ("flux",),
                    "lycoris.kohya": ("sd1", "sdxl", "sd3")}
 # LyCORIS's algo= values Kiln trains (LoRA Config algorithm); DoRA is LyCORIS's lora/locon with dora_wd=True
 LYCORIS_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}
@@ -35,19 +36,12 @@ LYCORIS_REFUSED = {"use_tucker": "Tucker/CP decomposition", "use_cp": "Tucker/CP
                    "constraint": "OFT constraints", "block_size": "OFT blocks", "rescaled": "OFT rescaling"}
 PRECISION = {"no": "fp32", "fp32": "fp32", "float": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
-# kohya key -> Train node input (same value), from the option registry; SD3's own widgets apart
+# kohya key -> Train node input (same value), from the option registry; the flow families' own widgets apart
 WIDGET_KEYS = kohya_widget_keys()
-
-
-def _preset_families(name: str) -> set[str]:
-    """The kohya families a widget belongs to (Train LoRA (any model) borrows the flow widgets; no kohya script)."""
-    return set(WIDGETS[name].families) - {ANY}
-
-
-SD3_KEYS = tuple(k for k, name in WIDGET_KEYS.items() if _preset_families(name) <= {"sd3", "flux"}
-                 and "sd3" in WIDGETS[name].families)  # the flow families' own widgets that SD3 has
-# the Flux node's own widgets: not read from kohya configs yet
-FLUX_KEYS = tuple(k for k, name in WIDGET_KEYS.items() if _preset_families(name) == {"flux"})
+# Train LoRA (any model) borrows the flow widgets (registry.ANY); no kohya script reads them for it
+FLOW_KEYS = {fam: tuple(k for k, name in WIDGET_KEYS.items() if set(WIDGETS[name].families) - {ANY} <= {"sd3", "flux"}
+                        and fam in WIDGETS[name].families) for fam in ("sd3", "flux")}
+SD3_KEYS, FLUX_KEYS = FLOW_KEYS["sd3"], FLOW_KEYS["flux"]  # each family's own widgets (shared ones in both)
 TRAIN_KEYS = {k: name for k, name in WIDGET_KEYS.items() if k not in SD3_KEYS + FLUX_KEYS}
 HANDLED = {"pretrained_model_name_or_path", "text_encoder_lr1", "text_encoder_lr2", "text_encoder_lr3", "clip_l", "clip_g",
            "t5xxl", "dataset_config", "output_dir", "output_name", "save_precision",
@@ -88,7 +82,10 @@ NO_EFFECT = {
 }
 # train_db.py's own keys (a config without network_module: DreamBooth, the whole model trains)
 DREAMBOOTH_KEYS = {"learning_rate_te", "stop_text_encoder_training", "no_token_padding", "use_safetensors"}
-TE_FILES = ("clip_l", "clip_g", "t5xxl")  # kohya's separate SD3 text-encoder files -> ComfyUI's CLIP loaders
+TE_FILES = ("clip_l", "clip_g", "t5xxl")  # kohya's separate text-encoder files -> ComfyUI's CLIP loaders
+FAMILY_TE_FILES = {"sd3": TE_FILES, "flux": ("clip_l", "t5xxl")}
+# flux_train_network.py's own keys beside its widgets (FLUX_KEYS): the files and the model type
+FLUX_FILE_KEYS = frozenset(("ae", "model_type"))
 # why latents that are always cached rule an option out, and what Kiln offers instead
 _CACHED = ("it needs new pixels every epoch, and Kiln always trains from cached latents (kohya refuses it together "
            "with cache_latents too)")
@@ -143,12 +140,11 @@ REFUSED = {
     "such argument. Set the text-encoder learning rate to 0, or network_train_unet_only = true",
     "no_token_padding": "it is a train_db.py (DreamBooth) option; kohya's train_network.py (LoRA) has no such "
     "argument, and LoRA training pads captions as kohya does",
+    "controlnet_model_name_or_path": "kohya's flux_train_network trains a LoRA with a ControlNet's residuals added "
+    "to the model's blocks, which Kiln does not do; remove it (ControlNets apply at sampling time in ComfyUI)",
 }
 # a refused key at these values asks for nothing (kohya's defaults that are not off/empty/0)
 HARMLESS = {"token_warmup_min": 1, "resize_interpolation": "area", "dataset_repeats": 1}
-# flux_train_network.py's own keys: Train LoRA (Flux) trains Flux in a workflow; the CLI does not map them yet
-FLUX_SCRIPT_KEYS = frozenset(("ae", "controlnet_model_name_or_path", "discrete_flow_shift", "guidance_scale",
-                       "model_prediction_type", "model_type", "sigmoid_scale", "split_mode", "timestep_sampling"))
 # kohya's old optimizer switches (train_util.get_optimizer): each names an optimizer_type
 OPTIMIZER_SWITCHES = {"use_8bit_adam": "AdamW8bit", "use_lion_optimizer": "Lion"}
 # keys the CLI itself reads: the dataset the flags describe (dataset_flags.py), a resume, the VAE batch size
@@ -176,11 +172,40 @@ def flatten(cfg: dict) -> dict:
     return flat
 
 
+# the Train node's text-encoder learning rates per family (kohya's text_encoder_lr list, in order)
+TE_LRS = {"sd1": (), "sdxl": ("text_encoder_lr1", "text_encoder_lr2"),
+          "sd3": ("text_encoder_lr1", "text_encoder_lr2", "text_encoder_lr3"),
+          "flux": ("text_encoder_lr1", "text_encoder_lr3")}
+
+
+def flux_files_check(cfg: dict, path: str) -> list[str]:
+    """What kohya's flux_train_network needs besides the model, checked before anything loads: ae (the VAE) and
+    the text encoders (clip_l and t5xxl; Chroma: t5xxl). Returns the notes to print."""
+    if not cfg.get("ae"):
+        raise KilnError(f"{path}: a Flux run needs ae (the FLUX.1 VAE file, ae.safetensors), as kohya's "
+                        f"flux_train_network does.")
+    if cfg.get("model_type", "flux") not in ("flux", "chroma"):
+        raise KilnError(f"{path}: model_type {cfg['model_type']!r}: kohya's choices are flux and chroma.")
+    chroma = cfg.get("model_type") == "chroma"
+    if not cfg.get("t5xxl") and not cfg.get("clip_l"):
+        raise KilnError(f"{path}: a Flux run needs its text encoder files, as kohya's flux_train_network loads them: "
+                        f"t5xxl" + ("" if chroma else " and clip_l") + ".")
+    if chroma and cfg.get("clip_l"):
+        raise KilnError(f"{path}: model_type = \"chroma\" with clip_l: Chroma has no CLIP-L (kohya leaves it out); "
+                        f"remove clip_l.")
+    if not chroma and not cfg.get("clip_l"):
+        raise KilnError(f"{path}: FLUX.1 needs clip_l (its pooled vector comes from CLIP-L) beside t5xxl.")
+    if not cfg.get("t5xxl"):
+        return ["no t5xxl: the context is CLIP-L's hidden states (ComfyUI's CLIP-L encode), which only a Flux "
+                "made for a 768-wide context takes (cli.py checks the model's txt_in); FLUX.1 needs t5xxl"]
+    return []
+
+
 def te_rates(cfg: dict, family: str) -> dict[str, float]:
     """kohya's text-encoder learning rates per Train node input: text_encoder_lr (one number or a list; absent:
-    learning_rate), 0 with network_train_unet_only; SD3 trains T5 only when asked (train_t5xxl)."""
-    names = {"sd1": ["text_encoder_lr"], "sdxl": ["text_encoder_lr1", "text_encoder_lr2"],
-             "sd3": ["text_encoder_lr1", "text_encoder_lr2", "text_encoder_lr3"]}[family]
+    learning_rate), 0 with network_train_unet_only; SD3 and Flux train T5 only when asked (train_t5xxl); Flux's
+    list is (CLIP-L, T5-XXL), as kohya's lora_flux reads it."""
+    names = list(TE_LRS[family]) or ["text_encoder_lr"]
     if cfg.get("network_train_unet_only"):
         return {n: 0.0 for n in names}
     lr = cfg.get("text_encoder_lr")
@@ -192,7 +217,8 @@ def te_rates(cfg: dict, family: str) -> dict[str, float]:
     for name in names:  # sdxl/sd3_train_network's text_encoder_lr1/2/3 win over text_encoder_lr
         if name in cfg and name != "text_encoder_lr":
             out[name] = float(cfg[name])
-    if family == "sd3" and "train_t5xxl=true" not in [a.replace(" ", "").lower() for a in cfg.get("network_args", [])]:
+    args = [a.replace(" ", "").lower() for a in cfg.get("network_args", [])]
+    if family in ("sd3", "flux") and "train_t5xxl=true" not in args:
         out["text_encoder_lr3"] = 0.0
     return out
 
@@ -313,7 +339,8 @@ def read_config(text: str, path: str) -> dict:
 
 def known_keys(dreambooth: bool = True) -> set[str]:
     """Every key the mapping reads, refuses with a reason or reports as having no effect."""
-    known = set(TRAIN_KEYS) | set(SD3_KEYS) | HANDLED | set(NO_EFFECT) | set(TRAINING_ARGS) | set(REFUSED)
+    known = set(TRAIN_KEYS) | set(SD3_KEYS) | set(FLUX_KEYS) | FLUX_FILE_KEYS | HANDLED | set(NO_EFFECT) \
+        | set(TRAINING_ARGS) | set(REFUSED)
     known |= DATASET_KEYS | CLI_KEYS | set(OPTIMIZER_SWITCHES)
     return known | DREAMBOOTH_KEYS if dreambooth else known
 
@@ -345,16 +372,14 @@ def node_of(prompt: dict, role: str) -> dict:
 
 
 def graph_from_config(config: str | dict, path: str, family: str) -> tuple[dict, list[str]]:
-    """(API-format prompt with only the inputs the config sets, notes) for ``family`` in sd1/sdxl/sd3, from the
-    config's text or its read_config keys. Each node's id is its role's (ROLES)."""
+    """(API-format prompt with only the inputs the config sets, notes) for ``family`` in sd1/sdxl/sd3/flux, from
+    the config's text or its read_config keys. Each node's id is its role's (ROLES). A Flux model loads as kohya's
+    flux_train_network loads it: the diffusion model (Load Diffusion Model), clip_l and t5xxl (ComfyUI's CLIP
+    loaders) and ae (Load VAE)."""
     cfg = read_config(config, path) if isinstance(config, str) else dict(config)
     dreambooth = "network_module" not in cfg  # kohya's train_db.py
     known = known_keys(dreambooth)
     unknown = sorted(k for k in cfg if k not in known)
-    flux = [k for k in unknown if k in FLUX_SCRIPT_KEYS]
-    if flux:
-        raise KilnError(f"{path}: {flux[0]} is a flux_train_network.py option; cli.py does not run Flux configs yet: "
-                        f"train Flux with the Train LoRA (Flux) node in a workflow (cli.py --workflow).")
     others = [script for script, (_, flags) in SCRIPTS.items() if unknown and unknown[0] in flags]
     if others:
         this = "train_db.py (DreamBooth: no network_module)" if dreambooth else "LoRA (train_network.py)"
@@ -370,10 +395,11 @@ def graph_from_config(config: str | dict, path: str, family: str) -> tuple[dict,
     if not cfg.get("dataset_config") and not cfg.get("train_data_dir"):
         raise KilnError(f"{path} has no dataset: give dataset_config (a kohya dataset TOML) or train_data_dir (a "
                         f"folder of N_name sub-folders), as kohya needs one of them.")
-    refused = [k for k in cfg if k in REFUSED and not (dreambooth and k in DREAMBOOTH_KEYS)
+    refusals = {**REFUSED, **(flux.REFUSED if family == "flux" else {})}  # Flux's own: the Train node says the same
+    refused = [k for k in cfg if k in refusals and not (dreambooth and k in DREAMBOOTH_KEYS)
                and asks_for_something(k, cfg[k])]
     if refused:
-        raise KilnError(f"{path}: {refused[0]} is refused: {REFUSED[refused[0]]}.")
+        raise KilnError(f"{path}: {refused[0]} is refused: {refusals[refused[0]]}.")
     cfg = optimizer_from_switches(cfg, path)
     notes = []
     if dreambooth:
@@ -385,32 +411,44 @@ def graph_from_config(config: str | dict, path: str, family: str) -> tuple[dict,
             notes.append("network_module networks.lora on an SD3 model: trained as networks.lora_sd3 (kohya's SD3 LoRA)")
         if family not in NETWORK_MODULES.get(module, ()):
             raise KilnError(f"{path}: network_module {module!r} does not train a {family} model with Kiln (use "
-                            f"networks.lora for SD1/SDXL, networks.lora_sd3 for SD3, or lycoris.kohya).")
+                            f"networks.lora for SD1/SDXL, networks.lora_sd3 for SD3, networks.lora_flux for "
+                            f"FLUX.1/Chroma, or lycoris.kohya for SD1/SDXL/SD3).")
     if cfg.get("save_model_as") not in (None, "", "safetensors"):
         raise KilnError(f"{path}: save_model_as {cfg['save_model_as']!r} is refused: Kiln writes .safetensors only "
                         f"(a LoRA in kohya's format, train_db a single-file checkpoint), which ComfyUI, A1111 and "
                         f"kohya load; .ckpt/.pt are pickles that can run code when loaded, and Diffusers folders are "
                         f"not ComfyUI's format. Use save_model_as = \"safetensors\" or leave it out.")
 
-    if family != "sd3" and any(k in cfg for k in SD3_KEYS):
-        raise KilnError(f"{path}: {next(k for k in SD3_KEYS if k in cfg)} is an SD3 option; this is a {family} model.")
-    if family == "sd3" and "min_snr_gamma" in cfg:
-        raise KilnError(f"{path}: min_snr_gamma does not apply to SD3 (rectified flow); use weighting_scheme.")
+    own = FLOW_KEYS.get(family, ())
+    for other, what in (("sd3", "an SD3 option (sd3_train_network.py)"), ("flux", "a flux_train_network.py option")):
+        if family != other and any(k in cfg and k not in own for k in FLOW_KEYS[other]):
+            key = next(k for k in FLOW_KEYS[other] if k in cfg and k not in own)
+            raise KilnError(f"{path}: {key} is {what}; this is a {family} model.")
+    if family != "flux" and any(k in cfg for k in FLUX_FILE_KEYS):
+        raise KilnError(f"{path}: {next(k for k in FLUX_FILE_KEYS if k in cfg)} is a flux_train_network.py option; "
+                        f"this is a {family} model.")
+    if family in FLOW_KEYS and "min_snr_gamma" in cfg:
+        raise KilnError(f"{path}: min_snr_gamma does not apply to {family} (rectified flow); use weighting_scheme.")
     if cfg.get("lr_scheduler", "constant") not in SCHEDULERS:
         raise KilnError(f"{path}: lr_scheduler {cfg['lr_scheduler']!r} is not one of {', '.join(SCHEDULERS)}; give "
                         f"another as lr_scheduler_type (a class path) with lr_scheduler_args.")
     te_keys = [k for k in ("text_encoder_lr1", "text_encoder_lr2", "text_encoder_lr3") if k in cfg]
-    allowed = {"sd1": 0, "sdxl": 2, "sd3": 3}[family]
-    if any(int(k[-1]) > allowed for k in te_keys):
-        raise KilnError(f"{path}: {next(k for k in te_keys if int(k[-1]) > allowed)} does not exist for {family} "
-                        f"(use text_encoder_lr{'' if family == 'sd1' else '1/2'}).")
-    if family != "sd3" and any(k in cfg for k in TE_FILES):
-        raise KilnError(f"{path}: {next(k for k in TE_FILES if k in cfg)} names an SD3 text-encoder file; this is a "
-                        f"{family} model (its encoders come from the checkpoint).")
+    allowed = TE_LRS[family]
+    if any(k not in allowed for k in te_keys):
+        raise KilnError(f"{path}: {next(k for k in te_keys if k not in allowed)} does not exist for {family} "
+                        f"(use {', '.join(allowed) or 'text_encoder_lr'}).")
+    te_files = FAMILY_TE_FILES.get(family, ())
+    if any(k in cfg and k not in te_files for k in TE_FILES):
+        key = next(k for k in TE_FILES if k in cfg and k not in te_files)
+        raise KilnError(f"{path}: {key} names a text-encoder file of another family; this is a {family} model "
+                        + ("(its encoders are clip_l and t5xxl)." if family == "flux"
+                           else "(its encoders come from the checkpoint)."))
+    if family == "flux":
+        notes += flux_files_check(cfg, path)
     notes += [f"{k}: no effect in Kiln ({NO_EFFECT[k]})" for k in cfg if k in NO_EFFECT]
 
     train = {TRAIN_KEYS[k]: v for k, v in cfg.items() if k in TRAIN_KEYS}
-    train.update({k: v for k, v in cfg.items() if k in SD3_KEYS})
+    train.update({k: v for k, v in cfg.items() if k in own})
     if cfg.get("dim_from_weights") and "network_weights" not in cfg:
         raise KilnError(f"{path}: dim_from_weights needs network_weights (the file to read the ranks from).")
     if cfg.get("resume"):  # the CLI finds the save (and its .kiln-state) that kohya's state folder stands for
@@ -467,7 +505,7 @@ def graph_from_config(config: str | dict, path: str, family: str) -> tuple[dict,
         train["training_args"] = args
     if cfg.get("save_every_n_steps") or cfg.get("save_every_n_epochs"):
         train["save_name"] = cfg.get("output_name", "last")  # kohya: <output_name>-000001, -step00000500
-    files = [cfg[k] for k in TE_FILES if cfg.get(k)]
+    files = [cfg[k] for k in TE_FILES if cfg.get(k)]  # in kohya's order: clip_l, clip_g, t5xxl
     prompt: dict[str, dict] = {}
 
     def add(role: str, class_type: str, **inputs) -> dict:
@@ -477,7 +515,10 @@ def graph_from_config(config: str | dict, path: str, family: str) -> tuple[dict,
     def out(role: str, index: int) -> list:
         return [ROLES[role], index]
 
-    add("checkpoint", "CheckpointLoaderSimple", ckpt_name=cfg["pretrained_model_name_or_path"])
+    if family == "flux":  # kohya's Flux file is the diffusion model alone (the VAE is ae, the encoders separate)
+        add("checkpoint", "UNETLoader", unet_name=cfg["pretrained_model_name_or_path"], weight_dtype="default")
+    else:
+        add("checkpoint", "CheckpointLoaderSimple", ckpt_name=cfg["pretrained_model_name_or_path"])
     # the dataset TOML, or train_data_dir, which the CLI turns into the TOML kohya's dataset flags describe
     add("dataset", "KilnLoadDataset", folder=cfg.get("dataset_config") or cfg["train_data_dir"])
     cache = add("cache", "KilnCacheLatents", dataset=out("dataset", 0), vae=out("checkpoint", 2),
@@ -499,12 +540,12 @@ def graph_from_config(config: str | dict, path: str, family: str) -> tuple[dict,
             precision=PRECISION.get(str(cfg.get("save_precision", "fp32")), "fp32"))
     train = prompt[ROLES["train"]]["inputs"]
     if cfg.get("v_parameterization"):  # kohya trusts the flag: the model is trained (and sampled) as v-prediction
-        if family == "sd3":
-            raise KilnError(f"{path}: v_parameterization does not apply to SD3 (rectified flow).")
+        if family in FLOW_KEYS:
+            raise KilnError(f"{path}: v_parameterization does not apply to {family.upper()} (rectified flow).")
         add("v_prediction", "ModelSamplingDiscrete", model=out("checkpoint", 0), sampling="v_prediction", zsnr=False)
         train["model"] = out("v_prediction", 0)
-    if cfg.get("vae"):  # kohya's --vae: latents and previews use this VAE, not the checkpoint's
-        add("vae", "VAELoader", vae_name=cfg["vae"])
+    if cfg.get("vae") or family == "flux":  # kohya's --vae (Flux: --ae): latents and previews use this VAE
+        add("vae", "VAELoader", vae_name=cfg.get("ae") if family == "flux" else cfg["vae"])
         cache["vae"] = out("vae", 0)
     if cfg.get("alpha_mask"):  # kohya's --alpha_mask: every subset's loss masked by its images' alpha channel
         add("mask", "KilnMaskSource", dataset=out("dataset", 0), mode="alpha", mask_folder="",
@@ -514,7 +555,13 @@ def graph_from_config(config: str | dict, path: str, family: str) -> tuple[dict,
         add("samples", "SaveImage", images=out("train", 2), filename_prefix=f"{cfg.get('output_name', 'last')}_sample")
     if files:  # separate encoder files, as kohya's --clip_l/--clip_g/--t5xxl: ComfyUI's own CLIP loaders
         names = {f"clip_name{i + 1}": f for i, f in enumerate(files)}
-        if len(files) == 3:
+        if family == "flux":  # FLUX.1: CLIP-L + T5-XXL; Chroma: T5-XXL alone; CLIP-L alone: its plain encode
+            if len(files) == 2:
+                add("text_encoders", "DualCLIPLoader", **names, type="flux")
+            else:
+                add("text_encoders", "CLIPLoader", clip_name=files[0],
+                    type="chroma" if cfg.get("t5xxl") else "stable_diffusion")
+        elif len(files) == 3:
             add("text_encoders", "TripleCLIPLoader", **names)
         elif len(files) == 2:
             add("text_encoders", "DualCLIPLoader", **names, type="sd3")

@@ -14,7 +14,7 @@ from ..data.cache import LatentCache
 from ..data.dataset import Dataset
 from ..training.epochs import batches_per_epoch, steps_per_epoch
 from ..lora.config import LoraConfig
-from ..lora.io import build_metadata
+from ..lora.io import KOHYA, build_metadata
 from ..training.loop import TrainConfig
 from ..maths.optim import kohya_optimizer_name
 
@@ -94,10 +94,11 @@ def kohya_training_metadata(tcfg: TrainConfig, cache: LatentCache) -> dict[str, 
 
 def training_metadata(family_version: str, arch: str, ds: Dataset, cache: LatentCache, lcfg: LoraConfig | None,
                       tcfg: TrainConfig, result, model_name: str, epoch: int = 1, family_meta: dict | None = None,
-                      lora_module: str = "networks.lora") -> dict[str, str]:
+                      lora_module: str = "networks.lora", implementation: str = KOHYA) -> dict[str, str]:
     """kohya's ss_* keys and modelspec for a LoRA (``lcfg``) or, without one, a fully fine-tuned model.
     ``family_meta``: what kohya's trainer for the family adds; ``lora_module``: the family's kohya LoRA module (e.g.
-    networks.lora_sd3), while LyCORIS algorithms are written by lycoris.kohya whatever the family."""
+    networks.lora_sd3), while LyCORIS algorithms are written by lycoris.kohya whatever the family;
+    ``implementation``: modelspec.implementation."""
     reg = sum(1 for i in ds.items if ds.subsets[i.subset].is_reg)
     tags = tag_frequency(ds)
     network = {} if lcfg is None else {
@@ -126,7 +127,8 @@ def training_metadata(family_version: str, arch: str, ds: Dataset, cache: Latent
                          "img_count": sum(1 for i in ds.items if i.subset == k)} for k, s in enumerate(ds.subsets)},
         **dataset_metadata(ds), **(family_meta or {}),
     }
-    meta = build_metadata(arch, base, model_name or ("kiln lora" if lcfg else "kiln model"), lora=lcfg is not None)
+    meta = build_metadata(arch, base, model_name or ("kiln lora" if lcfg else "kiln model"), lora=lcfg is not None,
+                          implementation=implementation)
     # which encoder trained at which rate (kohya's ss_text_encoder_lr does not say; lr1 = CLIP-L, lr2 = CLIP-G, lr3 = T5)
     meta["kiln_text_encoder_lrs"] = json.dumps(tcfg.group_lrs)
     meta["kiln_probe_loss_start"] = repr(result.probe_loss_start)

@@ -51,9 +51,14 @@ def metadata_value(v: object) -> str:
     return str(v)
 
 
-def build_metadata(family_arch: str, base: dict[str, object], title: str, lora: bool = True) -> dict[str, str]:
+KOHYA = "https://github.com/kohya-ss/sd-scripts"
+
+
+def build_metadata(family_arch: str, base: dict[str, object], title: str, lora: bool = True,
+                   implementation: str = KOHYA) -> dict[str, str]:
     """``ss_*`` training facts and ``modelspec.*`` identity (safetensors metadata is str -> str); ``lora`` False
-    for a fully fine-tuned model (no ss_network_module)."""
+    for a fully fine-tuned model (no ss_network_module); ``implementation``: modelspec.implementation (kohya names
+    the model's own code for Flux and Chroma)."""
     now = datetime.datetime.now(datetime.timezone.utc)
     meta = {f"ss_{k}": metadata_value(v) for k, v in base.items()
             if not (k == "network_args" and not v)}  # kohya omits empty network args
@@ -63,7 +68,7 @@ def build_metadata(family_arch: str, base: dict[str, object], title: str, lora: 
         "ss_training_finished_at": str(now.timestamp()),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": family_arch,
-        "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts",
+        "modelspec.implementation": implementation,
         "modelspec.title": title,
         "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.resolution": "x".join(map(str, res)) if isinstance(res := base.get("resolution", ""), tuple) else str(res),
