@@ -7,7 +7,8 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const TRAIN_NODES = new Set(["KilnTrainSD1", "KilnTrainSDXL", "KilnTrainSD3", "KilnTrainFlux", "KilnTrainDreamBooth"]);
+// every Train node (SD1, SDXL, SD3, Flux, any model, DreamBooth) carries the chart: a new family needs no entry here
+const isTrainNode = (name) => name.startsWith("KilnTrain");
 const HEIGHT = 190;
 // the same colours as trainer_core/plot.py (the loss_plot IMAGE), so the live chart and the image read alike
 const C = {background: "#18181c", frame: "#50505a", grid: "#2c2c34", text: "#dcdcdc", label: "#aaaaaa",
@@ -324,7 +325,7 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const r = created?.apply(this, arguments);
       if (advanced) addAdvancedToggle(this, defaults);
-      if (TRAIN_NODES.has(nodeData.name)) addChart(this);
+      if (isTrainNode(nodeData.name)) addChart(this);
       addTextBox(this);
       if (advanced) fitHeight(this);
       return r;
