@@ -2,7 +2,11 @@
 
 With ``offload`` (kohya's cpu_offload_checkpointing) the tensors each checkpointed block keeps for its backward
 (its inputs) wait in host memory instead of on the device. Not torch's save_on_cpu, which keeps a tensor already on
-the host as it is: here every input is copied wherever it lives, so the CPU test runs the path a GPU takes."""
+the host as it is: here every input is copied wherever it lives, so the CPU test runs the path a GPU takes.
+
+A checkpointed block computes on copies of its tensor inputs: ComfyUI's Flux blocks add their residuals into their
+inputs in place (``img += ...``, ``x += ...``), which would change the inputs the checkpoint keeps for the recompute
+(autograd refuses: "modified by an inplace operation"). The copies live only while the block runs."""
 from __future__ import annotations
 
 import contextlib
@@ -22,6 +26,13 @@ def _back(packed) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
+def _on_copies(f, *args, **kwargs):
+    """``f`` on copies of its tensor arguments (see the module docstring)."""
+    def copy(a):
+        return a.clone() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+    return f(*map(copy, args), **{k: copy(v) for k, v in kwargs.items()})
+
+
 @contextlib.contextmanager
 def gradient_checkpointing(blocks: list[nn.Module], enabled: bool = True, offload: bool = False):
     if not enabled:
@@ -36,7 +47,7 @@ def gradient_checkpointing(blocks: list[nn.Module], enabled: bool = True, offloa
         def fwd(*args, _f=original, **kwargs):
             saved = torch.autograd.graph.saved_tensors_hooks(_on_host, _back) if offload else contextlib.nullcontext()
             with saved:
-                return torch.utils.checkpoint.checkpoint(_f, *args, use_reentrant=False, **kwargs)
+                return torch.utils.checkpoint.checkpoint(_on_copies, _f, *args, use_reentrant=False, **kwargs)
         m.forward = fwd
         wrapped.append(m)
     try:
