@@ -10,15 +10,19 @@ timestep sampling, loss, LoRA forward/backward, gradient clipping, AdamW, LR sch
 optimizer steps after a warm-up. Both run on the same module, inputs and precision in the same process.
 
 On a CUDA GPU: the real architecture shapes with random weights (SDXL base UNet at 1024², SD3-medium MMDiT at
-1024²), bf16, batch 1, rank 32; it/s and peak VRAM (torch.cuda.max_memory_allocated) for each, with and
+1024², FLUX.1 dev's 19 double + 38 single blocks at 1024² with 512 T5 tokens), bf16, batch 1, rank 32; it/s and peak VRAM (torch.cuda.max_memory_allocated) for each, with and
 without gradient checkpointing. Targets (H100): overhead ≤ 10 % over the raw step; SDXL ≥ 3.3 it/s without
 checkpointing; peak VRAM ≤ 8 GB with checkpointing. Without a GPU the same comparison runs on the CPU in
-fp32 on the test fixtures' shapes (SD1 UNet, KOALA-shaped SDXL UNet, 2-block MMDiT) at 64², where the
-ratio, not the it/s, is the figure.
+fp32 on the test fixtures' shapes (SD1 UNet, KOALA-shaped SDXL UNet, 2-block MMDiT, the 1 + 1-block Flux at
+the width this ComfyUI detects: 3072 on 0.3.75, 256 on newer) at 64², where the ratio, not the it/s, is the figure.
+Flux runs as the Train node runs it: ComfyUI's in_training flag set and its norms handed input copies (its blocks
+add residuals in place), in both the raw and Kiln's step.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -46,7 +50,7 @@ def setup_comfy(cpu: bool) -> None:
 
 def build(family: str, real: bool, device, dtype) -> tuple[torch.nn.Module, dict, int]:
     """(network, conditioning for batch 1, latent channels) with random weights of the family's shapes
-    ("sd35l": SD3.5 Large's MMDiT, real shapes only)."""
+    ("sd35l": SD3.5 Large's MMDiT, real shapes only; "flux": FLUX.1 dev)."""
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -63,7 +67,13 @@ def build(family: str, real: bool, device, dtype) -> tuple[torch.nn.Module, dict
         cfg = dict(tm.SD3_MMDIT_CONFIG, depth=38, num_patches=192 * 192, pos_embed_max_size=192, qk_norm="rms",
                    context_embedder_config={"target": "torch.nn.Linear",
                                             "params": {"in_features": 4096, "out_features": 2432}})
-    if family in ("sd3", "sd35l"):
+    if family == "flux":  # FLUX.1 dev: 19 double + 38 single blocks, 3072 wide, T5-XXL context (512 tokens)
+        net = tm._flux_module("flux-dev", 3072, 19, 38, 4096) if real else \
+            tm._flux_module("flux-dev", tm.flux_width("flux-dev"))
+        cond = {"context": torch.randn(1, 512 if real else 77, 4096 if real else tm.FLUX_CONTEXT),
+                "y": torch.randn(1, 768), "guidance": torch.ones(1)}
+        channels = 16
+    elif family in ("sd3", "sd35l"):
         with torch.device("meta"):
             net = OpenAISignatureMMDITWrapper(**cfg, operations=ops)
         cond = {"context": torch.randn(1, 154 if real else 77, 4096), "y": torch.randn(1, 2048)}
@@ -86,7 +96,7 @@ def build(family: str, real: bool, device, dtype) -> tuple[torch.nn.Module, dict
     with torch.no_grad():
         for name, p in net.named_parameters():
             if p.dim() == 1:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
+                p.fill_(1.0 if name.endswith(("weight", "scale")) else 0.0)  # norms (Flux's RMSNorm: scale)
             else:
                 p.normal_(0, 1 / math.sqrt(max(1, p[0].numel())))
         for name, b in net.named_buffers():
@@ -112,17 +122,44 @@ class Setup:
     def forward(self, x, timesteps, c):
         gpu = self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=gpu):
-            return self.net(x.to(self.dtype), timesteps, context=c["context"], **({"y": c["y"]} if "y" in c else {}))
+            return self.net(x.to(self.dtype), timesteps, context=c["context"], **{k: c[k] for k in ("y", "guidance")
+                                                                                   if k in c})
+
+    def training(self):
+        """What the Train node wraps a training network in (nodes/comfy/model.py training_session): for Flux,
+        ComfyUI's in_training flag (backward-safe kernels) and input copies for its norms (in-place residuals)."""
+        if self.family != "flux":
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(_pack_file("nodes/comfy/compat.py").in_training())
+        stack.enter_context(_pack_file("nodes/comfy/tensors.py").norm_input_copies(self.net))
+        return stack
+
+    @property
+    def timestep(self) -> torch.Tensor:
+        """A mid-schedule timestep in the network's units: σ for Flux, the DDPM index / σ·1000 for the others."""
+        return torch.tensor([0.5 if self.family == "flux" else 500.0], device=self.device)
 
     @property
     def params_m(self) -> float:
         return sum(p.numel() for p in self.net.parameters()) / 1e6
 
 
+def _pack_file(path: str):
+    """One of the pack's dependency-free modules (nodes/comfy/compat.py, tensors.py) loaded by its path, as cli.py
+    loads compat.py: importing ``nodes`` here would find ComfyUI's own nodes.py."""
+    name = f"kiln_bench_{Path(path).stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / path)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
 def prepare(family: str, real: bool | None = None, resolution: int | None = None) -> Setup:
     """The family's network on the GPU in bf16 (real shapes, 1024²) or on the CPU in fp32 (fixture shapes, 64²)
     unless told otherwise, with a batch-1 latent and conditioning."""
-    from trainer_core.families import sd1, sd3
+    from trainer_core.families import flux, sd1, sd3
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
@@ -132,7 +169,8 @@ def prepare(family: str, real: bool | None = None, resolution: int | None = None
     net, cond, channels = build(family, real, device, dtype)
     cond = {k: v.to(device, dtype) for k, v in cond.items()}
     x0 = torch.randn(1, channels, res // 8, res // 8, device=device, dtype=dtype)
-    blocks = sd3.checkpoint_blocks(net) if family in ("sd3", "sd35l") else sd1.checkpoint_blocks(net)
+    blocks = sd3.checkpoint_blocks(net) if family in ("sd3", "sd35l") else \
+        flux.checkpoint_blocks(net) if family == "flux" else sd1.checkpoint_blocks(net)
     return Setup("sd3" if family == "sd35l" else family, net, cond, x0, blocks, device, dtype, precision, real)
 
 
@@ -163,7 +201,7 @@ def raw_step(b: Setup, t, steps, warmup, checkpointing) -> float:
     """Seconds per forward + backward of the frozen network (gradient to the input only)."""
     from trainer_core.memory.checkpointing import gradient_checkpointing
 
-    with gradient_checkpointing(b.blocks, checkpointing):
+    with b.training(), gradient_checkpointing(b.blocks, checkpointing):
         for i in range(warmup + steps):
             if i == warmup:
                 sync(b.device)
@@ -179,7 +217,7 @@ def step_bench_args(doc: str) -> argparse.Namespace:
     """The options of the scripts that time loop.train variants against each other (algorithms.py,
     better_loras.py), parsed, with the CPU thread count applied."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    ap.add_argument("--family", default="sd1", choices=("sd1", "sdxl", "sd3"))
+    ap.add_argument("--family", default="sd1", choices=("sd1", "sdxl", "sd3", "flux"))
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
@@ -199,13 +237,21 @@ def kiln_step(b: Setup, rank, steps, warmup, checkpointing=False, clock=time.per
     from trainer_core.memory.block_swap import block_swap
     from trainer_core.data.cache import CachedSample, LatentCache
     from trainer_core.data.transforms import plan_geometry
-    from trainer_core.families import sd1, sd3
+    from trainer_core.families import flux, sd1, sd3
+    from trainer_core.options import registry
     from trainer_core.lora.network import LoRANetwork
     from trainer_core.training.loop import TrainConfig, train
 
+    swapped = b.blocks
     if b.family == "sd3":
         rules, name = sd3.SD3LayerRanks.from_args({}, rank, sd3.depth_of(b.net)).rules(rank), sd3.unet_namer
         objective = sd3.SD3Objective("logit_normal")
+    elif b.family == "flux":  # kohya's flux_train_network defaults (the Train node's widgets), σ as the timestep
+        rules, name = flux.rules({}, rank, rank, *flux.check_shape(b.net), "bench"), flux.unet_namer
+        objective = flux.objective({o.name: o.default for o in registry.widgets("flux")}, lambda sigma: sigma)
+        if swap:
+            swapped = flux.swap_blocks(b.net, swap)
+            swap = len(swapped)
     else:
         rules, name = sd1.unet_rules(rank, rank), (lambda p: "lora_unet_" + p.replace(".", "_"))
         objective = sd1.SD1Objective(torch.linspace(0.9991, 0.0047, 1000, dtype=torch.float64))
@@ -222,7 +268,7 @@ def kiln_step(b: Setup, rank, steps, warmup, checkpointing=False, clock=time.per
         sync(b.device)
         stamps.append(clock())
 
-    with network.attached(), block_swap(b.blocks, swap, b.device):
+    with network.attached(), b.training(), block_swap(swapped, swap, b.device):
         train(network, objective, b.forward, lambda caps, train=False, geometries=None: b.cond, cache, lambda z: z,
               cfg, b.device, b.blocks, on_step)
     return (stamps[-1] - stamps[warmup - 1]) / steps, network
@@ -230,7 +276,8 @@ def kiln_step(b: Setup, rank, steps, warmup, checkpointing=False, clock=time.per
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--families", default=None, help="comma list of sd1, sdxl, sd3 (default: sdxl,sd3 on GPU, all on CPU)")
+    ap.add_argument("--families", default=None,
+                    help="comma list of sd1, sdxl, sd3, flux (default: sdxl,sd3 on GPU, sd1,sdxl,sd3 on CPU)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rank", type=int, default=32)
@@ -248,7 +295,7 @@ def main() -> None:
     for family in families:
         b = prepare(family, args.shape == "real" if args.shape else None, args.resolution)
         res = b.x0.shape[-1] * 8
-        t = torch.tensor([500.0], device=b.device)
+        t = b.timestep
         for ckpt in modes:
             peak_memory_reset(b.device)
             raw = raw_step(b, t, args.steps, args.warmup, ckpt)

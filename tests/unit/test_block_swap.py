@@ -128,3 +128,28 @@ def test_cpu_offload_checkpointing_keeps_the_inputs_in_a_copy_of_their_own():
     reference = [p.grad.clone() for p in [*net.down, *net.up]]
     assert all(torch.equal(a, b) for a, b in zip(step(True), reference))
     assert not all(torch.equal(a, b) for a, b in zip(step(False), reference))  # read the changed input
+
+
+class InPlaceBlock(Block):
+    """As ComfyUI's Flux blocks: the residual is added into the block's input in place (``x += ...``)."""
+
+    def forward(self, x):
+        x += self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x.clone()))))
+        return x
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_checkpointed_blocks_that_add_into_their_inputs_give_the_same_gradients(offload):
+    torch.manual_seed(0)
+    blocks = [InPlaceBlock(8) for _ in range(3)]
+    lora = nn.Parameter(torch.randn(8, 8) * 0.1)
+
+    def grad(checkpoint):
+        lora.grad = None
+        with gradient_checkpointing(blocks, checkpoint, offload):
+            x = torch.randn(2, 8, generator=torch.Generator().manual_seed(3)) @ lora
+            for b in blocks:
+                x = b(x)
+            (x ** 2).mean().backward()
+        return lora.grad.clone()
+    assert torch.equal(grad(True), grad(False))
