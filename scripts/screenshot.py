@@ -65,7 +65,7 @@ async def photograph(url: str, steps: int) -> tuple[bytes, list[float]]:
         await b.send("Emulation.setDeviceMetricsOverride", width=1400, height=1800, deviceScaleFactor=1, mobile=False)
         await b.open_app(url)
         await b.wait_for("app.extensions.some(e => e.name === 'kiln.training')", 30)
-        await b.evaluate(f"app.loadGraphData({json.dumps(ui)})")
+        await b.load_graph(ui)
         await b.evaluate(f"(() => {{ const n = app.graph.getNodeById({TRAIN}); const s = {json.dumps(settings(steps))}; "
                          "for (const [k, v] of Object.entries(s)) n.widgets.find(w => w.name === k).value = v; })()")
         await b.evaluate("app.queuePrompt(0, 1)")

@@ -315,7 +315,7 @@ async def open_frontend(b, server: str) -> None:
 
 async def load(b, ui: dict) -> None:
     """As the template browser loads it (fit to view when the file has no saved view), and one frame drawn."""
-    await b.evaluate(f"app.loadGraphData({json.dumps(ui)})")
+    await b.load_graph(ui)
     await asyncio.sleep(0.6)
 
 

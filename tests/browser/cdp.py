@@ -99,9 +99,31 @@ class Browser:
             f.write(base64.b64decode(data))
 
     async def open_app(self, url: str) -> None:
-        """ComfyUI's frontend at ``url``, loaded with its extensions (Kiln's among them)."""
+        """ComfyUI's frontend at ``url``, loaded with its extensions (Kiln's among them), and with the workflow it
+        opens by itself at start (its default graph) in place, so that a graph loaded next is not replaced by it:
+        newer frontends (1.49, ComfyUI 0.33) open that one a while after ``app.graph`` exists."""
         await self.navigate(url)
         await self.wait_for("window.app && window.app.graph && window.app.extensionManager !== undefined", 90)
+        try:
+            await self.wait_for("app.graph._nodes.length > 0", 20)
+        except TimeoutError:
+            pass  # a frontend that starts with an empty graph
+
+    async def load_graph(self, ui, *args) -> None:
+        """``app.loadGraphData(ui, *args)``, checked: the graph then holds exactly ``ui``'s nodes (loaded again if
+        the frontend's own start-up workflow replaced it meanwhile)."""
+        ui = json.loads(ui) if isinstance(ui, str) else ui
+        ids = sorted(str(n["id"]) for n in ui["nodes"])  # newer frontends keep ids as strings
+        extra = "".join(f", {json.dumps(a)}" for a in args)
+        wanted = json.dumps(json.dumps(ids, separators=(",", ":")))  # as JSON.stringify writes it, as a JS string
+        same = f"JSON.stringify(app.graph._nodes.map(n => String(n.id)).sort()) === {wanted}"
+        for _ in range(5):
+            await self.evaluate(f"app.loadGraphData({json.dumps(ui)}{extra})")
+            await asyncio.sleep(0.5)
+            if await self.evaluate(same):
+                return
+        raise RuntimeError(f"the frontend did not keep the loaded graph (nodes {ids}); it shows "
+                           f"{await self.evaluate('app.graph._nodes.map(n => n.id)')}")
 
     async def screenshot_node(self, node_id: int, path, dx: int = 40, dy: int = 60) -> None:
         """A screenshot at scale 1 with node ``node_id`` near the top left (once its image element has loaded)."""

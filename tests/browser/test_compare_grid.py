@@ -32,7 +32,7 @@ def test_compare_loras_example_shows_its_grid_on_the_node(comfy_server, server_s
     async def run():
         async with Browser(free_port()) as b:
             await b.open_app(comfy_server.url)
-            await b.evaluate(f"app.loadGraphData({json.dumps(ui)})")
+            await b.load_graph(ui)
             await b.evaluate("app.queuePrompt(0, 1)")
             # what the frontend draws a node's images from (ComfyUI 0.3.75's frontend and 0.33's alike)
             await b.wait_for("(app.nodeOutputs?.['10']?.images?.length ?? 0) > 0", 600, 1.0)

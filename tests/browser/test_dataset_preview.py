@@ -62,7 +62,7 @@ def test_dataset_nodes_show_their_preview_grid(ready_server):
     async def run():
         async with Browser(free_port()) as b:
             await b.open_app(ready_server.url)
-            await b.evaluate(f"app.loadGraphData({json.dumps(ui)})")
+            await b.load_graph(ui)
             await b.evaluate("app.queuePrompt(0, 1)")
             ids = [4, 6, 7, 5, 8]
             # what the frontend draws a node's images from (node.imgs in older frontends are loaded from it)

@@ -75,7 +75,7 @@ def test_examples_open_readable_with_no_overlaps(layout_server):
             await b.wait_for("app.extensions.some(e => e.name === 'kiln.training')", 60)
             for name in NAMES:
                 ui = (REPO / "example_workflows" / f"{name}.json").read_text()
-                await b.evaluate(f"app.loadGraphData({ui}, true, true, {json.dumps(name)})")  # as Templates does
+                await b.load_graph(ui, True, True, name)  # as Templates does
                 await asyncio.sleep(0.8)
                 opened = await b.evaluate(OPENED)
                 opened["sizes"] = await b.evaluate("app.graph.nodes.map(n => ({id: n.id, type: n.type, rect: "

@@ -85,7 +85,7 @@ def test_workflow_opens_queues_and_draws_the_loss_chart(ready_server):
         async with Browser(free_port()) as b:
             await b.open_app(ready_server.url)
             await b.wait_for("app.extensions.some(e => e.name === 'kiln.training')", 30)
-            await b.evaluate(f"app.loadGraphData({json.dumps(UI)})")
+            await b.load_graph(UI)
             prompt = await b.evaluate("app.graphToPrompt().then(p => p.output)")
             assert strip_meta(prompt) == strip_meta(API), "the UI workflow does not convert to its API twin in the real frontend"
             widgets = await b.evaluate("app.graph.getNodeById(6).widgets.map(w => w.name)")
@@ -167,7 +167,7 @@ def test_every_example_workflow_opens_and_converts_to_its_twin(ready_server):
             await b.wait_for("app.extensions.some(e => e.name === 'kiln.training')", 30)
             for name in names:
                 ui = json.loads((REPO / "example_workflows" / name).read_text())
-                await b.evaluate(f"app.loadGraphData({json.dumps(ui)})")
+                await b.load_graph(ui)
                 prompt = await b.evaluate("app.graphToPrompt().then(p => p.output)")
                 charts = await b.evaluate("app.graph._nodes.filter(n => n.type.startsWith('KilnTrain'))"
                                           ".map(n => n.widgets.some(w => w.name === 'kiln_loss'))")
@@ -226,7 +226,7 @@ def test_train_nodes_show_a_dozen_inputs_and_the_rest_one_click_away(ready_serve
                 total = await b.evaluate(f"app.graph.getNodeById({before['id']}).widgets.filter(w => !['kiln_loss', "
                                          f"'kiln_text'].includes(w.name) && w.type !== 'button').length")
                 out[node] = (before, after, total)
-            await b.evaluate(f"app.loadGraphData({json.dumps(UI)})")
+            await b.load_graph(UI)
             saved = await b.evaluate("app.graph.serialize().nodes.filter(n => n.type === 'KilnTrainSD1')"
                                      ".map(n => n.widgets_values)[0]")
             shown = await b.evaluate(f"{VISIBLE}(6)")
