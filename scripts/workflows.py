@@ -354,7 +354,16 @@ def build(api: dict, object_info: dict, sizes: dict[int, list[float]] | None, na
     return layout(api_to_ui(api, object_info), sizes, note_text(name) if name in TEMPLATES else None)
 
 
+def skip_first_run_dialog(server: str) -> None:
+    """Marks the frontend's tour done on the server (a setting, as the browser tests do): its first-run templates
+    dialog would cover the graph in the thumbnails."""
+    req = urllib.request.Request(server + "/settings/Comfy.TutorialCompleted", data=b"true", method="POST",
+                                 headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=30).close()
+
+
 async def regenerate(server: str, object_info: dict, names: list[str]) -> None:
+    skip_first_run_dialog(server)
     Browser, free_port = browser_modules()
     async with Browser(free_port()) as b:
         await open_frontend(b, server)
