@@ -1,5 +1,5 @@
 // Kiln's example workflows in ComfyUI's template browser: the frontend (1.32 to 1.49 at least) titles a custom
-// node's template by its file name and repeats the name as its description, with no field for either. Each
+// node's template by its file name (0.3.75's frontend repeats it as the description), with no field for either. Each
 // example's Note starts with its title and a one-line description (scripts/workflows.py writes them): this puts
 // them on the template cards, found by their thumbnail; nothing changes when the dialog differs.
 import { app } from "../../scripts/app.js";
@@ -24,7 +24,8 @@ async function loadTexts() {
 }
 
 // the card's text nodes that show the file name (as title, and as description with - and _ as spaces); the card's
-// thumbnail has the template's name as its alt text (its src is a cached blob: URL)
+// thumbnail has the template's name as its alt text (its src is a cached blob: URL). Frontend 1.49 shows no
+// description on a card (only the title, in an element of its own): the description goes in a line of ours below it.
 function relabel(img) {
   const name = img.getAttribute("alt");
   if (!texts.has(name)) return;
@@ -38,12 +39,25 @@ function relabel(img) {
       else if (t.nodeValue.trim() === plain) hits.push([t, description]);
     }
     if (!hits.length) continue;
+    const heading = hits.length === 1 && hits[0][1] === title ? hits[0][0].parentElement : null;
     for (const [t, text] of hits) {
       t.nodeValue = text;  // the node's own value: Vue keeps it until the template itself changes
       if (t.parentElement?.title) t.parentElement.title = text;
     }
+    if (heading?.childNodes.length === 1 && heading.parentElement && !card.querySelector(".kiln-description"))
+      heading.after(descriptionLine(description));
     return;
   }
+}
+
+function descriptionLine(text) {
+  const p = document.createElement("p");
+  p.className = "kiln-description";
+  p.title = text;
+  p.textContent = text;
+  Object.assign(p.style, {margin: "0", fontSize: "0.75rem", lineHeight: "1rem", opacity: "0.7", overflow: "hidden",
+                          display: "-webkit-box", webkitLineClamp: "2", webkitBoxOrient: "vertical"});
+  return p;
 }
 
 app.registerExtension({

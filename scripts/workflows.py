@@ -200,6 +200,10 @@ PREVIEW_SIZE = [380, 290]  # a Preview Image node: the 400x240 loss plot nearly 
 NOTE_SIZE = [360, 470]
 MIN_WIDTH = 320  # every node at least this wide: columns line up
 TRAIN_WIDTH = 400  # the Train node's loss chart: step ticks every ~80 px, labels apart
+# a node measured wider than MIN_WIDTH is as wide as its title, and a newer frontend (1.49) measures a title wider
+# than 0.3.75's does (358 -> 378 px) and widens the node to it: such a node is saved this much wider, so that the
+# newer frontend draws it at the saved width and the next column stays clear
+TITLE_ROOM = 1.1
 TITLE = 30  # LiteGraph.NODE_TITLE_HEIGHT
 GAP, GROUP_PAD, GROUP_TITLE = 24, 12, 40
 MAX_COLUMN = 1250  # a stage's column (rooms included) wraps below this height
@@ -242,9 +246,11 @@ def layout(ui: dict, sizes: dict[int, list[float]] | None = None, note: str | No
     by_stage: dict[str, list[dict]] = {s: [] for s in STAGES}
     for node in ui["nodes"]:  # ui["nodes"] is in depth order already
         w, h = sizes.get(node["id"], node["size"])
+        wide = TRAIN_WIDTH if node["type"].startswith("KilnTrain") else MIN_WIDTH
+        if node["id"] in sizes and w > wide:
+            w *= TITLE_ROOM
         if node["type"] == "PreviewImage":
             w, h = max(w, PREVIEW_SIZE[0]), max(h, PREVIEW_SIZE[1])
-        wide = TRAIN_WIDTH if node["type"].startswith("KilnTrain") else MIN_WIDTH
         node["size"] = [round(max(w, wide)), round(h)]
         by_stage[stage[node["id"]]].append(node)
     if note is not None:
@@ -363,7 +369,16 @@ def build(api: dict, object_info: dict, sizes: dict[int, list[float]] | None, na
     return layout(api_to_ui(api, object_info), sizes, note_text(name) if name in TEMPLATES else None)
 
 
+def skip_first_run_dialog(server: str) -> None:
+    """Marks the frontend's tour done on the server (a setting, as the browser tests do): its first-run templates
+    dialog would cover the graph in the thumbnails."""
+    req = urllib.request.Request(server + "/settings/Comfy.TutorialCompleted", data=b"true", method="POST",
+                                 headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=30).close()
+
+
 async def regenerate(server: str, object_info: dict, names: list[str]) -> None:
+    skip_first_run_dialog(server)
     Browser, free_port = browser_modules()
     async with Browser(free_port()) as b:
         await open_frontend(b, server)

@@ -108,6 +108,8 @@ class Browser:
             await self.wait_for("app.graph._nodes.length > 0", 20)
         except TimeoutError:
             pass  # a frontend that starts with an empty graph
+        # 1.49's splash screen covers the page a while longer: a click before it goes lands on it
+        await self.wait_for("!document.getElementById('splash-loader')?.checkVisibility()", 30)
 
     async def load_graph(self, ui, *args) -> None:
         """``app.loadGraphData(ui, *args)``, checked: the graph then holds exactly ``ui``'s nodes (loaded again if

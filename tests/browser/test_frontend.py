@@ -63,7 +63,9 @@ CHART_CHECK = """(() => {
 RECORD_HEADERS = """(() => { window.kilnHeaders = [];
   app.api.addEventListener("kiln.phase", () => setTimeout(() => {
     window.kilnHeaders.push(app.graph.getNodeById(6).kiln.layout.header); }, 0)); })()"""
-RUN_BUTTON = """(() => { const r = document.querySelector('[data-testid="queue-button"] button').getBoundingClientRect();
+# the Run button: inside the element with the test id, or (frontend 1.49) the button itself
+RUN_BUTTON = """(() => { const r = document.querySelector(
+  '[data-testid="queue-button"] button, button[data-testid="queue-button"]').getBoundingClientRect();
   return [r.left + r.width / 2, r.top + r.height / 2]; })()"""
 NODE_TEXT = """(() => { const t = app.graph.getNodeById(NID).kilnText, r = t.box.getBoundingClientRect();
   const warn = [...t.box.children].find((d) => d.textContent.startsWith("⚠"));
